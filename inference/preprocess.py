@@ -1,0 +1,299 @@
+"""Turn raw inputs into the model's tensors, exactly as ``inference.contract`` defines them.
+
+Two pure functions families (numpy only, no DICOM or FHIR parsing here):
+
+* images: decoded slices + their DICOM geometry -> a volume on the contract's physical grid;
+* vitals: timestamped samples in canonical units -> the regular time grid with masks and deltas.
+
+Training (``inference.synth``/``train``) and the engine call the same functions, so what the
+model saw in training is what it sees in production.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from inference import contract as C
+
+
+class PreprocessError(ValueError):
+    """Input that cannot be turned into a tensor; ``code`` names the reason for the record."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ======================================================================================
+# Images
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One decoded image plane in physical units (HU for CT after rescale; raw for MR).
+
+    ``pixels`` is (rows, cols). Geometry is DICOM's: ImagePositionPatient (mm, LPS),
+    ImageOrientationPatient (row direction cosines, then column direction cosines) and
+    PixelSpacing as (spacing between rows, spacing between columns).
+    """
+
+    pixels: np.ndarray
+    position: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    pixel_spacing: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A stack of parallel slices: voxels[k, i, j] sits at origin + k*dz*normal + i*dr*col + j*dc*row."""
+
+    voxels: np.ndarray  # (n_slices, rows, cols) float32
+    origin: np.ndarray  # (3,) position of voxel [0, 0, 0]
+    row_dir: np.ndarray  # (3,) direction of increasing column index j
+    col_dir: np.ndarray  # (3,) direction of increasing row index i
+    normal: np.ndarray  # (3,) direction of increasing slice index k
+    spacing: tuple[float, float, float]  # (slice, row, col) mm
+
+    @property
+    def centre(self) -> np.ndarray:
+        n, r, c = self.voxels.shape
+        dz, dr, dc = self.spacing
+        return (
+            self.origin
+            + (n - 1) / 2 * dz * self.normal
+            + (r - 1) / 2 * dr * self.col_dir
+            + (c - 1) / 2 * dc * self.row_dir
+        )
+
+
+def stack_slices(slices: Sequence[Slice], *, spacing_tolerance: float = 0.1) -> Volume:
+    """Order slices along the slice normal (never by file or instance order) and stack them.
+
+    Raises PreprocessError for mixed orientations or sizes, duplicate positions, or gaps:
+    slice spacing must agree with the median within ``spacing_tolerance`` (fraction).
+    """
+    if len(slices) < 2:
+        raise PreprocessError("too_few_slices", f"need at least 2 slices, got {len(slices)}")
+    first = slices[0]
+    orient = np.asarray(first.orientation, dtype=np.float64)
+    row_dir, col_dir = orient[:3], orient[3:]
+    normal = np.cross(row_dir, col_dir)
+    norm = np.linalg.norm(normal)
+    if norm < 1e-6:
+        raise PreprocessError("bad_geometry", "ImageOrientationPatient rows and columns are parallel")
+    normal = normal / norm
+    shape = first.pixels.shape
+    for s in slices:
+        if s.pixels.shape != shape:
+            raise PreprocessError("inconsistent_geometry", f"slice sizes differ: {shape} vs {s.pixels.shape}")
+        if not np.allclose(s.orientation, first.orientation, atol=1e-3):
+            raise PreprocessError("inconsistent_geometry", "slices have different orientations")
+        if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-3):
+            raise PreprocessError("inconsistent_geometry", "slices have different pixel spacing")
+
+    positions = np.asarray([s.position for s in slices], dtype=np.float64)  # (n, 3)
+    along = positions @ normal  # (n,)
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    gaps = np.diff(along)
+    if np.any(gaps < 1e-3):
+        raise PreprocessError("duplicate_slices", "two or more slices share a position along the normal")
+    dz = float(np.median(gaps))
+    if np.any(np.abs(gaps - dz) > spacing_tolerance * dz):
+        raise PreprocessError(
+            "inconsistent_spacing",
+            f"slice spacing varies from {gaps.min():.2f} to {gaps.max():.2f} mm (median {dz:.2f} mm)",
+        )
+    # In-plane drift between slices means gantry tilt or a mixed series; we do not shear-correct.
+    drift = positions[order] - positions[order][0] - np.outer(along - along[0], normal)
+    if np.abs(drift).max() > 0.5 * max(first.pixel_spacing):
+        raise PreprocessError("inconsistent_geometry", "slice positions are not along the slice normal (tilt?)")
+
+    voxels = np.stack([np.asarray(slices[i].pixels, dtype=np.float32) for i in order])  # (n, rows, cols)
+    return Volume(
+        voxels=voxels,
+        origin=positions[order][0],
+        row_dir=row_dir,
+        col_dir=col_dir,
+        normal=normal,
+        spacing=(dz, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
+    )
+
+
+def _box_downsample(volume: Volume, target_mm: float) -> Volume:
+    """Average blocks of voxels so no source axis is much finer than the target grid (anti-aliasing)."""
+    factors = tuple(max(1, int(target_mm // s)) for s in volume.spacing)
+    if factors == (1, 1, 1):
+        return volume
+    v = volume.voxels
+    n, r, c = (v.shape[a] // factors[a] * factors[a] for a in range(3))
+    if min(n, r, c) == 0:
+        return volume
+    v = v[:n, :r, :c].reshape(n // factors[0], factors[0], r // factors[1], factors[1], c // factors[2], factors[2])
+    v = v.mean(axis=(1, 3, 5), dtype=np.float32)
+    dz, dr, dc = (volume.spacing[a] * factors[a] for a in range(3))
+    origin = (
+        volume.origin
+        + (factors[0] - 1) / 2 * volume.spacing[0] * volume.normal
+        + (factors[1] - 1) / 2 * volume.spacing[1] * volume.col_dir
+        + (factors[2] - 1) / 2 * volume.spacing[2] * volume.row_dir
+    )
+    return Volume(v, origin, volume.row_dir, volume.col_dir, volume.normal, (dz, dr, dc))
+
+
+def contract_grid_points(centre: np.ndarray) -> np.ndarray:
+    """World (LPS, mm) coordinates of every contract voxel, shape (D, H, W, 3), grid centred on ``centre``.
+
+    Output axes: z increases superior, y increases posterior, x increases to the patient's left.
+    """
+    d, h, w = C.VOLUME_SHAPE
+    sz, sy, sx = C.VOLUME_SPACING_MM
+    z = (np.arange(d) - (d - 1) / 2) * sz
+    y = (np.arange(h) - (h - 1) / 2) * sy
+    x = (np.arange(w) - (w - 1) / 2) * sx
+    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    return np.stack([xx, yy, zz], axis=-1) + centre  # (D, H, W, 3) as (x, y, z)
+
+
+def _trilinear(voxels: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``voxels`` at continuous indices idx (..., 3) -> (values, inside-mask)."""
+    shape = np.asarray(voxels.shape)
+    inside = np.all((idx >= -0.5) & (idx <= shape - 0.5), axis=-1)
+    idx = np.clip(idx, 0, shape - 1)
+    lo = np.floor(idx).astype(np.int64)
+    lo = np.minimum(lo, np.maximum(shape - 2, 0))
+    frac = (idx - lo).astype(np.float32)
+    hi = np.minimum(lo + 1, shape - 1)
+    out = np.zeros(idx.shape[:-1], dtype=np.float32)
+    for dk in (0, 1):
+        k = hi[..., 0] if dk else lo[..., 0]
+        wk = frac[..., 0] if dk else 1 - frac[..., 0]
+        for di in (0, 1):
+            i = hi[..., 1] if di else lo[..., 1]
+            wi = frac[..., 1] if di else 1 - frac[..., 1]
+            for dj in (0, 1):
+                j = hi[..., 2] if dj else lo[..., 2]
+                wj = frac[..., 2] if dj else 1 - frac[..., 2]
+                out += voxels[k, i, j] * (wk * wi * wj)
+    return out, inside
+
+
+def resample_to_contract(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a volume onto the contract grid. Returns (values (D,H,W) float32, inside-FOV mask)."""
+    vol = _box_downsample(volume, min(C.VOLUME_SPACING_MM))
+    points = contract_grid_points(volume.centre)  # (D, H, W, 3)
+    rel = points - vol.origin
+    dz, dr, dc = vol.spacing
+    idx = np.stack([rel @ vol.normal / dz, rel @ vol.col_dir / dr, rel @ vol.row_dir / dc], axis=-1)
+    return _trilinear(vol.voxels, idx)
+
+
+def normalise_ct(hu: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    lo, hi = C.CT_WINDOW_HU
+    out = np.clip((hu - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
+    out[~inside] = C.VOLUME_PAD_VALUE
+    return out
+
+
+def normalise_mr(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Robust z-score over the head (voxels above a fraction of the 99th percentile)."""
+    data = values[inside]
+    if data.size == 0:
+        raise PreprocessError("empty_volume", "no voxel of the series falls inside the brain grid")
+    p99 = float(np.percentile(data, 99))
+    head = data[data > 0.1 * p99] if p99 > 0 else data
+    if head.size < 100:
+        raise PreprocessError("empty_volume", "MR volume has almost no signal")
+    lo, hi = np.percentile(head, [1, 99])
+    clipped = np.clip(head, lo, hi)
+    mean, std = float(clipped.mean()), float(clipped.std()) or 1.0
+    z = np.clip((values - mean) / std, -C.MR_CLIP_Z, C.MR_CLIP_Z) / C.MR_CLIP_Z
+    out = z.astype(np.float32)
+    out[~inside] = C.VOLUME_PAD_VALUE
+    return out
+
+
+def volume_tensor(volume: Volume, modality: str) -> np.ndarray:
+    """Volume -> the contract's ``image`` tensor for one patient, shape (1, D, H, W) float32."""
+    values, inside = resample_to_contract(volume)
+    if modality == "CT":
+        out = normalise_ct(values, inside)
+    elif modality == "MR":
+        out = normalise_mr(values, inside)
+    else:
+        raise PreprocessError("unsupported_modality", f"modality {modality!r} is neither CT nor MR")
+    return out[None]  # (1, D, H, W)
+
+
+def series_tensor(slices: Sequence[Slice], modality: str) -> np.ndarray:
+    return volume_tensor(stack_slices(slices), modality)
+
+
+# ======================================================================================
+# Vitals
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class VitalSample:
+    """One observed value in the feature's canonical unit, ``hours_before_end`` >= 0."""
+
+    feature: int  # index into contract.VITAL_FEATURES
+    hours_before_end: float
+    value: float
+
+
+def vitals_tensors(samples: Sequence[VitalSample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples -> (vitals, vitals_mask, vitals_delta), each (N_STEPS, N_FEATURES) float32.
+
+    Step t covers hours [end - (N_STEPS - t) * STEP, end - (N_STEPS - t - 1) * STEP); the last step
+    ends at the window end. Several samples in a step are averaged. Values are z-scored with the
+    contract's constants and carried forward; before the first observation they are 0 (the mean).
+    The delta is the time since the last observation up to the step's end, divided by the window;
+    1.0 where nothing has been observed yet. Samples outside the window are ignored.
+    """
+    T, F = C.N_STEPS, C.N_FEATURES
+    sums = np.zeros((T, F), dtype=np.float64)
+    counts = np.zeros((T, F), dtype=np.int64)
+    last_seen = np.full((T, F), np.nan)  # hours before end of the most recent sample inside each step
+    for s in samples:
+        if not (0.0 <= s.hours_before_end < C.WINDOW_HOURS):
+            continue
+        step = T - 1 - int(s.hours_before_end // C.STEP_HOURS)
+        feat = C.VITAL_FEATURES[s.feature]
+        sums[step, s.feature] += (s.value - feat.mean) / feat.std
+        counts[step, s.feature] += 1
+        prev = last_seen[step, s.feature]
+        if np.isnan(prev) or s.hours_before_end < prev:
+            last_seen[step, s.feature] = s.hours_before_end
+
+    mask = (counts > 0).astype(np.float32)
+    values = np.zeros((T, F), dtype=np.float32)
+    delta = np.ones((T, F), dtype=np.float32)
+    carry = np.zeros(F, dtype=np.float64)
+    last = np.full(F, np.nan)  # hours-before-end of the latest observation so far
+    for t in range(T):
+        step_end = (T - 1 - t) * C.STEP_HOURS  # hours before window end at this step's end
+        seen = counts[t] > 0
+        carry[seen] = sums[t, seen] / counts[t, seen]
+        last[seen] = last_seen[t, seen]
+        values[t] = carry
+        known = ~np.isnan(last)
+        delta[t, known] = np.minimum((last[known] - step_end) / C.WINDOW_HOURS, 1.0)
+    return values, mask, delta
+
+
+def demographics_tensor(age_years: float | None, sex: str | None) -> np.ndarray:
+    """(age, sex) -> the contract's ``demographics`` vector; unknown age is the mean, unknown sex 0.5."""
+    age = C.AGE_MEAN if age_years is None else float(age_years)
+    s = {"male": 1.0, "female": 0.0}.get((sex or "").lower(), 0.5)
+    return np.asarray([(age - C.AGE_MEAN) / C.AGE_STD, s], dtype=np.float32)
+
+
+def empty_image() -> np.ndarray:
+    """The ``image`` tensor when no study is available (``image_present`` = 0)."""
+    return np.zeros((1, *C.VOLUME_SHAPE), dtype=np.float32)

@@ -1,0 +1,127 @@
+"""Value objects shared by the domain, the ports and the services. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """Named, recorded outcomes. Every failure a user can see maps to one of these."""
+
+    # studies / series
+    NO_ELIGIBLE_SERIES = "no_eligible_series"  # nothing CT/MR brain with enough slices
+    NOT_IMAGE = "not_image"
+    NOT_BRAIN = "not_brain"
+    TOO_FEW_SLICES = "too_few_slices"
+    INCONSISTENT_GEOMETRY = "inconsistent_geometry"
+    INCONSISTENT_SPACING = "inconsistent_spacing"
+    CORRUPT_PIXEL_DATA = "corrupt_pixel_data"
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+    # patients / vitals
+    UNMATCHED_PATIENT = "unmatched_patient"  # held; retried when the Patient appears
+    AMBIGUOUS_PATIENT = "ambiguous_patient"
+    INSUFFICIENT_DATA = "insufficient_data"
+    IMPLAUSIBLE_VALUE = "implausible_value"
+    MISSING_UNIT = "missing_unit"
+    UNKNOWN_UNIT = "unknown_unit"
+    # peers
+    PACS_UNAVAILABLE = "pacs_unavailable"
+    EHR_UNAVAILABLE = "ehr_unavailable"
+    EHR_REJECTED = "ehr_rejected"  # 4xx other than 408/429: not retried
+    MODEL_UNAVAILABLE = "model_unavailable"
+    MODEL_MISMATCH = "model_mismatch"
+    INTERNAL_ERROR = "internal_error"
+
+
+#: Outcomes worth retrying automatically (the peer may come back / the data may appear).
+RETRYABLE: frozenset[Outcome] = frozenset(
+    {
+        Outcome.UNMATCHED_PATIENT,
+        Outcome.PACS_UNAVAILABLE,
+        Outcome.EHR_UNAVAILABLE,
+        Outcome.MODEL_UNAVAILABLE,
+    }
+)
+
+
+class DomainError(Exception):
+    """An input or peer problem with a named outcome; services record it and move on."""
+
+    def __init__(self, outcome: Outcome, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.outcome in RETRYABLE
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """A study as the PACS lists it (QIDO-RS study-level attributes)."""
+
+    study_uid: str
+    patient_id: str  # DICOM PatientID (PHI: never log it raw)
+    issuer: str | None  # IssuerOfPatientID
+    study_datetime: datetime | None = None
+    modalities: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """A series with the attributes series selection needs (QIDO-RS series level + one instance)."""
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    n_instances: int
+    body_part: str = ""
+    series_description: str = ""
+    study_description: str = ""
+    sop_class_uid: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesDecision:
+    series: SeriesRef
+    eligible: bool
+    reason: str  # human-readable, recorded for every series
+    score: float = 0.0  # higher is preferred among eligible series
+
+
+@dataclass(frozen=True)
+class PatientInfo:
+    """The FHIR Patient the DICOM PatientID maps to."""
+
+    fhir_id: str
+    birth_date: str | None = None  # FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)
+    gender: str | None = None
+
+
+@dataclass(frozen=True)
+class VitalValue:
+    """One accepted vital-sign value in the contract's canonical unit."""
+
+    feature: str  # contract VitalFeature.key
+    value: float
+    effective: datetime  # timezone-aware
+    observation_id: str  # FHIR logical id (for RiskAssessment.basis)
+
+
+@dataclass(frozen=True)
+class RejectedValue:
+    observation_id: str
+    outcome: Outcome
+    reason: str
+
+
+@dataclass
+class ParsedObservations:
+    accepted: list[VitalValue] = field(default_factory=list)
+    rejected: list[RejectedValue] = field(default_factory=list)
+    ignored: int = 0  # not a vital we use (other code), or status excluded
