@@ -7,6 +7,7 @@ output to a log file in its work directory, so a failed start can say why.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -159,10 +160,8 @@ def pid_alive(pid: int, expect_in_cmdline: str | None = None) -> bool:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):  # not our child: its own parent (or init) reaps it
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # not our child: its own parent (or init) reaps it
 
 
 def stop_pid(pid: int, expect_in_cmdline: str | None = None, timeout: float = 10.0) -> bool:

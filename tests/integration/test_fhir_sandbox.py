@@ -44,7 +44,9 @@ def transaction(*entries: dict[str, Any]) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
 
 
-def post_entry(resource: dict[str, Any], full_url: str | None = None, if_none_exist: str | None = None) -> dict[str, Any]:
+def post_entry(
+    resource: dict[str, Any], full_url: str | None = None, if_none_exist: str | None = None
+) -> dict[str, Any]:
     entry: dict[str, Any] = {"resource": resource, "request": {"method": "POST", "url": resource["resourceType"]}}
     if full_url:
         entry["fullUrl"] = full_url
