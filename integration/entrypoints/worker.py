@@ -1,0 +1,215 @@
+"""Celery app, tasks and beat schedule. Tasks take ids, are idempotent, acknowledge late, and delegate.
+
+Run: ``celery -A integration.entrypoints.worker:app worker -B`` (``strokewatch run`` does it for you).
+Queues per stage: detect, ingest, vitals, assess, publish. Retries of transient failures are not kept in
+the broker: the service records ``retry`` + ``next_attempt_at`` in the database and the ``sweep`` task
+re-enqueues due work, so a lost message, a restarted broker or a killed worker loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from functools import wraps
+from typing import Any, TypeVar
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import transport as kombu_transport
+from kombu.transport import sqlalchemy as kombu_sqla
+
+from inference import contract as C
+from integration.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+QUEUES = ("detect", "ingest", "vitals", "assess", "publish")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class FastSqlaTransport(kombu_sqla.Transport):
+    """kombu's SQLAlchemy transport polls its table once a second; every task hop would cost up to 1 s."""
+
+    polling_interval = 0.05
+
+
+# The embedded broker URL stays the documented ``sqla+sqlite:///...``; only the poll interval changes.
+kombu_transport.TRANSPORT_ALIASES["sqla"] = f"{__name__}:FastSqlaTransport"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "broker_url": settings.celery_broker_url,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_soft_time_limit": max(10, settings.task_time_limit_s - 30),
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": "ingest",
+        "task_routes": {f"strokewatch.{q}": {"queue": q} for q in QUEUES},
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "detect": {"task": "strokewatch.detect", "schedule": timedelta(seconds=settings.pacs.poll_seconds)},
+            "poll-ehr": {"task": "strokewatch.poll_ehr", "schedule": timedelta(seconds=settings.ehr.poll_seconds)},
+            "sweep": {"task": "strokewatch.sweep", "schedule": timedelta(seconds=5)},
+        },
+        "beat_schedule_filename": str((settings.data_dir / "celerybeat-schedule").resolve()),
+        "timezone": "UTC",
+    }
+    if settings.embedded_broker:
+        conf["broker_transport_options"] = {"connect_args": {"timeout": 30}}
+    return conf
+
+
+app = Celery("strokewatch")
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(get_settings()))
+
+
+_engine: Any = None
+
+
+def engine() -> Any:
+    """The per-process Engine (adapters, store, services), built on first use after fork."""
+    global _engine
+    if _engine is None:
+        from integration.bootstrap import bootstrap
+
+        _engine = bootstrap(migrate=False, enqueue=enqueue)
+    return _engine
+
+
+@worker_process_init.connect
+def _reset_after_fork(**_: Any) -> None:
+    global _engine
+    _engine = None
+
+
+def enqueue(stage: str, ids: list[str]) -> None:
+    """Hand follow-up work to the queue (assess takes the whole batch in one task)."""
+    if not ids:
+        return
+    if stage == "assess":
+        app.send_task("strokewatch.assess", args=[list(ids)])
+        return
+    for item in ids:
+        app.send_task(f"strokewatch.{stage}", args=[item])
+
+
+def stage_task(name: str, **opts: Any) -> Callable[[F], F]:
+    """One decorator for every task: name, queue, late ack, time limits, logging, no crash on bad input."""
+
+    def wrap(fn: F) -> F:
+        @wraps(fn)
+        def run(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except Exception:
+                # Services record named outcomes themselves; anything reaching here is a bug or a peer
+                # failure outside a service. Log and let the sweeper retry: the worker keeps going.
+                log.exception("task %s failed", name)
+                return None
+
+        return app.task(name=f"strokewatch.{name}", bind=False, acks_late=True, **opts)(run)  # type: ignore[no-any-return]
+
+    return wrap
+
+
+@stage_task("detect")
+def detect() -> int:
+    from integration.services.studies import detect_studies
+
+    new = detect_studies(engine().services)
+    enqueue("ingest", new)
+    return len(new)
+
+
+@stage_task("ingest")
+def ingest(study_uid: str) -> str:
+    from integration.services.studies import ingest_study
+
+    return ingest_study(engine().services, study_uid).status
+
+
+@stage_task("vitals")
+def vitals(patient_fhir_id: str) -> int:
+    from integration.domain.types import DomainError
+    from integration.services.vitals import sync_vitals
+
+    try:
+        return sync_vitals(engine().services, patient_fhir_id).changed
+    except DomainError:
+        # Recorded by the service; the patient stays due, and poll_ehr/sweep try again later.
+        engine().store.mark_needs_assessment(patient_fhir_id)
+        return 0
+
+
+@stage_task("assess")
+def assess(patient_ids: list[str]) -> int:
+    from integration.services.assess import assess_patients
+
+    svc = engine().services
+    # Opportunistic batching: take other due patients along, up to the contract's max batch.
+    batch = list(dict.fromkeys(patient_ids))
+    if len(batch) < C.MAX_BATCH:
+        batch += [p for p in svc.store.patients_due(svc.clock.now(), C.MAX_BATCH) if p not in batch]
+    results = assess_patients(svc, batch[: C.MAX_BATCH])
+    rest = batch[C.MAX_BATCH :]
+    if rest:
+        enqueue("assess", rest)
+    return sum(r.status == "scored" for r in results)
+
+
+@stage_task("publish")
+def publish(identifier: str) -> str:
+    from integration.services.assess import publish as publish_service
+
+    return publish_service(engine().services, identifier)
+
+
+@stage_task("poll_ehr")
+def poll_ehr() -> int:
+    ids: list[str] = engine().store.all_patient_ids()
+    enqueue("vitals", ids)
+    return len(ids)
+
+
+@stage_task("sweep")
+def sweep() -> dict[str, int]:
+    """Release dead claims and re-enqueue everything whose retry time has come."""
+    eng = engine()
+    svc, store = eng.services, eng.store
+    now = svc.clock.now()
+    released = store.release_stale_claims(now - timedelta(seconds=eng.settings.stale_claim_s))
+    studies = store.studies_due(now)
+    enqueue("ingest", studies)
+    patients = store.patients_due(now, 1000)
+    for start in range(0, len(patients), C.MAX_BATCH):
+        enqueue("assess", patients[start : start + C.MAX_BATCH])
+    pubs = store.assessments_due(now)
+    enqueue("publish", pubs)
+    return {"released": released, "studies": len(studies), "patients": len(patients), "publish": len(pubs)}
+
+
+def worker_argv(settings: Settings, *, beat: bool = True, concurrency: int | None = None) -> list[str]:
+    """The command line `strokewatch run` uses to start a worker process."""
+    argv = [
+        "celery", "-A", f"{__name__}:app", "worker",
+        "--loglevel", settings.log_level,
+        "--concurrency", str(concurrency or settings.worker_concurrency),
+        "-Q", ",".join(QUEUES),
+        "--hostname", f"strokewatch-{os.getpid()}@%h",
+        "--without-gossip", "--without-mingle",
+    ]
+    if beat:
+        argv.append("-B")
+    return argv
+

@@ -1,0 +1,255 @@
+"""Use cases: score patients (batched through the RiskModel port) and publish RiskAssessments to the EHR."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from inference import contract as C
+from inference.preprocess import VitalSample, demographics_tensor, empty_image, vitals_tensors
+from inference.runtime import ModelContractError, ModelInputs, ModelUnavailableError
+from integration.domain.assessment import (
+    DEVICE_IDENTIFIER_SYSTEM,
+    AssessmentFacts,
+    build_device,
+    build_risk_assessment,
+    device_identifier,
+)
+from integration.domain.identity import assessment_identifier, pseudonym
+from integration.domain.retry import backoff_at
+from integration.domain.types import DomainError, Outcome, VitalValue
+from integration.services.context import Services
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    patient_fhir_id: str
+    identifier: str
+    inputs: ModelInputs
+    study_uid: str | None
+    modality: str | None
+    window_end: datetime
+    vitals: list[VitalValue]
+    image_used: bool
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class AssessResult:
+    patient_fhir_id: str
+    status: str  # scored | unchanged | insufficient_data | retry | failed | skipped
+    identifier: str | None = None
+    probability: float | None = None
+    reason: str | None = None
+
+
+def _age_at(birth_date: str | None, when: datetime) -> float | None:
+    if not birth_date:
+        return None
+    parts = [int(p) for p in birth_date.split("-")]
+    born = date(parts[0], parts[1] if len(parts) > 1 else 7, parts[2] if len(parts) > 2 else 1)
+    return (when.date() - born).days / 365.25
+
+
+def prepare(svc: Services, patient_fhir_id: str, model_version: str) -> Prepared:
+    """Gather the latest eligible study + the vitals window and build the contract tensors."""
+    patient = svc.store.get_patient(patient_fhir_id)
+    if patient is None:
+        raise DomainError(Outcome.INTERNAL_ERROR, "patient not in the database")
+    now = svc.clock.now()
+    study = svc.store.latest_ready_study(patient_fhir_id)
+    image, image_used = empty_image(), False
+    if study is not None and study.volume_path and Path(study.volume_path).is_file():
+        image, image_used = np.load(study.volume_path), True
+    anchor = study.study_datetime or study.detected_at if study is not None else None
+    last_vital = svc.store.latest_vital_time(patient_fhir_id, now)
+    candidates = [t for t in (anchor, last_vital) if t is not None]
+    if not candidates:
+        raise DomainError(Outcome.INSUFFICIENT_DATA, "no study and no vital signs for this patient")
+    window_end = min(max(candidates), now).replace(microsecond=0)
+    vitals = svc.store.vitals_between(patient_fhir_id, window_end - timedelta(hours=C.WINDOW_HOURS), window_end)
+    if len(vitals) < svc.policy.min_vital_samples and not (image_used and svc.policy.image_only_when_no_vitals):
+        raise DomainError(
+            Outcome.INSUFFICIENT_DATA,
+            f"{len(vitals)} vital-sign values in the {C.WINDOW_HOURS // 24}-day window and "
+            + ("no usable image" if not image_used else "the policy does not score on the image alone"),
+        )
+    if not image_used and not vitals:
+        raise DomainError(Outcome.INSUFFICIENT_DATA, "no usable image and no vital signs in the window")
+    samples = [
+        VitalSample(C.FEATURE_INDEX[v.feature], (window_end - v.effective).total_seconds() / 3600.0, v.value)
+        for v in vitals
+    ]
+    values, mask, delta = vitals_tensors(samples)
+    inputs = ModelInputs(
+        image=image.astype(np.float32),
+        image_present=np.asarray([1.0 if image_used else 0.0], dtype=np.float32),
+        vitals=values,
+        vitals_mask=mask,
+        vitals_delta=delta,
+        demographics=demographics_tensor(_age_at(patient.birth_date, window_end), patient.gender),
+    )
+    study_uid = study.study_uid if study is not None else None
+    digest = hashlib.sha256()
+    for name in C.INPUT_NAMES:
+        digest.update(np.ascontiguousarray(getattr(inputs, name)).tobytes())
+    return Prepared(
+        patient_fhir_id=patient_fhir_id,
+        identifier=assessment_identifier(patient_fhir_id, study_uid, window_end, model_version),
+        inputs=inputs,
+        study_uid=study_uid,
+        modality=study.modality if study is not None else None,
+        window_end=window_end,
+        vitals=vitals,
+        image_used=image_used,
+        fingerprint=digest.hexdigest(),
+    )
+
+
+def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]:
+    """Score every claimable patient in ``patient_ids`` in one model call; enqueue publishing."""
+    now = svc.clock.now()
+    claimed = [pid for pid in dict.fromkeys(patient_ids) if svc.store.claim_patient(pid, now)]
+    results: list[AssessResult] = []
+    if not claimed:
+        return [AssessResult(pid, "skipped", reason="not due or already being assessed") for pid in patient_ids]
+    try:
+        model = svc.model()
+        version = model.model_version
+    except (ModelUnavailableError, ModelContractError) as err:
+        return [_model_failed(svc, pid, err) for pid in claimed]
+
+    ready: list[Prepared] = []
+    for pid in claimed:
+        try:
+            prep = prepare(svc, pid, version)
+        except DomainError as err:
+            svc.store.record_failure("assess", pid, err.outcome, err.message, err.retryable)
+            svc.store.release_patient(pid, outcome=err.outcome.value, reason=err.message)
+            results.append(AssessResult(pid, err.outcome.value, reason=err.message))
+            continue
+        existing = svc.store.get_assessment(prep.identifier)
+        if existing is not None:  # same inputs, same model: already scored (replay, re-sent study)
+            svc.store.release_patient(pid)
+            if existing.status != "published":
+                svc.enqueue("publish", [existing.identifier])
+            results.append(AssessResult(pid, "unchanged", existing.identifier, existing.probability))
+            continue
+        ready.append(prep)
+    if not ready:
+        return results
+
+    try:
+        predictions = model.predict([p.inputs for p in ready])
+    except (ModelUnavailableError, ModelContractError) as err:
+        return results + [_model_failed(svc, p.patient_fhir_id, err) for p in ready]
+
+    to_publish: list[str] = []
+    for prep, pred in zip(ready, predictions, strict=True):
+        previous = svc.store.latest_assessment(prep.patient_fhir_id)
+        facts = AssessmentFacts(
+            identifier_system=svc.assessment_identifier_system,
+            identifier=prep.identifier,
+            patient_fhir_id=prep.patient_fhir_id,
+            window_end=prep.window_end,
+            probability=pred.probability,
+            model_version=pred.model_version,
+            trained=model.trained,
+            runtime=pred.runtime,
+            study_uid=prep.study_uid,
+            modality=prep.modality,
+            observation_ids=sorted({v.observation_id for v in prep.vitals}),
+            image_used=prep.image_used,
+        )
+        resource = build_risk_assessment(facts, svc.policy)
+        fields = dict(
+            identifier=prep.identifier,
+            patient_fhir_id=prep.patient_fhir_id,
+            study_uid=prep.study_uid,
+            window_end=prep.window_end,
+            model_version=pred.model_version,
+            runtime=pred.runtime,
+            trained=model.trained,
+            probability=pred.probability,
+            band=svc.policy.band(pred.probability),
+            input_fingerprint=prep.fingerprint,
+            n_vitals=len(prep.vitals),
+            resource=resource,
+            supersedes_identifier=previous.identifier if previous and previous.identifier != prep.identifier else None,
+        )
+        svc.store.add_assessment(fields)
+        svc.store.release_patient(prep.patient_fhir_id)
+        svc.store.resolve_failures("assess", prep.patient_fhir_id, svc.clock.now())
+        to_publish.append(prep.identifier)
+        log.info("assessed %s: p=%.3f (%s)", pseudonym(prep.patient_fhir_id), pred.probability, fields["band"])
+        results.append(AssessResult(prep.patient_fhir_id, "scored", prep.identifier, pred.probability))
+    svc.enqueue("publish", to_publish)
+    return results
+
+
+def _model_failed(svc: Services, pid: str, err: Exception) -> AssessResult:
+    outcome = Outcome.MODEL_MISMATCH if isinstance(err, ModelContractError) else Outcome.MODEL_UNAVAILABLE
+    patient = svc.store.get_patient(pid)
+    attempts = patient.attempts if patient else 1
+    # Nothing is lost: the patient stays due and is tried again (a mismatch needs an operator; slow retries).
+    base = svc.retry_backoff_s * (12 if outcome is Outcome.MODEL_MISMATCH else 1)
+    retry_at = backoff_at(svc.clock.now(), attempts, base, cap_s=900)
+    svc.store.record_failure("assess", pid, outcome, str(err), True)
+    svc.store.release_patient(pid, retry_at=retry_at, outcome=outcome.value, reason=str(err))
+    log.warning("assessment of %s deferred: %s: %s", pseudonym(pid), outcome.value, err)
+    return AssessResult(pid, "retry", reason=f"{outcome.value}: {err}")
+
+
+_device_ids: dict[tuple[int, str], str] = {}
+
+
+def _device_id(svc: Services, model_version: str, trained: bool) -> str:
+    key = (id(svc.ehr), model_version)
+    if key not in _device_ids:
+        device_id, _ = svc.ehr.conditional_create(
+            build_device(model_version, trained), DEVICE_IDENTIFIER_SYSTEM, device_identifier(model_version)
+        )
+        _device_ids[key] = device_id
+    return _device_ids[key]
+
+
+def publish(svc: Services, identifier: str) -> str:
+    """Write one scored assessment to the EHR with a conditional create. Returns the row's new status."""
+    now = svc.clock.now()
+    if not svc.store.claim_assessment(identifier, now):
+        row = svc.store.get_assessment(identifier)
+        return "unknown" if row is None else row.status
+    row = svc.store.get_assessment(identifier)
+    resource = dict(row.resource)
+    try:
+        resource["performer"] = {"reference": f"Device/{_device_id(svc, row.model_version, row.trained)}"}
+        if row.supersedes_identifier:
+            prev = svc.store.get_assessment(row.supersedes_identifier)
+            if prev is not None and prev.fhir_id:
+                link = {"reference": f"RiskAssessment/{prev.fhir_id}", "display": "superseded assessment"}
+                resource["basis"] = [*resource.get("basis", []), link]
+        fhir_id, created = svc.ehr.conditional_create(resource, svc.assessment_identifier_system, identifier)
+    except DomainError as err:
+        retry = err.retryable and row.attempts < svc.max_retries
+        svc.store.record_failure("publish", identifier, err.outcome, err.message, err.retryable)
+        svc.store.update_assessment(
+            identifier,
+            status="retry" if retry else "failed",
+            outcome=err.outcome.value,
+            reason=err.message,
+            next_attempt_at=backoff_at(now, row.attempts, svc.retry_backoff_s, err.retry_after) if retry else None,
+        )
+        log.warning("publish %s: %s", identifier, err.outcome.value)
+        return "retry" if retry else "failed"
+    svc.store.update_assessment(identifier, status="published", fhir_id=fhir_id, published_at=svc.clock.now(),
+                                outcome=None, reason=None)
+    svc.store.resolve_failures("publish", identifier, svc.clock.now())
+    log.info("published RiskAssessment/%s (%s)", fhir_id, "created" if created else "already there")
+    return "published"

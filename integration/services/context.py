@@ -1,0 +1,38 @@
+"""What every service function needs, built once by integration.bootstrap (fakes in unit tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from integration.domain.policy import RiskPolicy
+from integration.domain.series import SeriesRules
+from integration.ports import ChangeFeed, Ehr, Pacs, RiskModel
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass
+class Services:
+    store: Any  # integration.adapters.db.store.SqlStore (or a test double with the same methods)
+    pacs: Pacs
+    ehr: Ehr
+    model: Callable[[], RiskModel]  # lazily built: workers that never assess never load the model
+    volumes_dir: Path
+    policy: RiskPolicy = field(default_factory=RiskPolicy)
+    rules: SeriesRules = field(default_factory=SeriesRules)
+    feed: ChangeFeed | None = None
+    clock: Any = field(default_factory=SystemClock)
+    identifier_system_for: Callable[[str | None], str | None] = lambda issuer: None
+    assessment_identifier_system: str = "urn:strokewatch:risk-assessment"
+    lookback_hours: float = 24.0
+    retry_backoff_s: float = 5.0
+    max_retries: int = 8
+    #: Called with (stage, ids) to hand follow-up work to the queue; the worker wires Celery here.
+    enqueue: Callable[[str, list[str]], None] = lambda stage, ids: None

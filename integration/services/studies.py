@@ -1,0 +1,180 @@
+"""Use cases on the imaging side: detect new studies, ingest one (select, retrieve, preprocess, match)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+
+from inference.preprocess import PreprocessError, stack_slices, volume_tensor
+from integration.domain.identity import pseudonym
+from integration.domain.retry import backoff_at
+from integration.domain.series import choose
+from integration.domain.types import DomainError, Outcome
+from integration.services.context import Services
+
+log = logging.getLogger(__name__)
+
+ORTHANC_CURSOR = "orthanc_changes"
+QIDO_CURSOR = "qido_last_poll"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    study_uid: str
+    status: str  # ready | held | failed | retry | skipped
+    outcome: str | None = None
+    reason: str | None = None
+    patient_fhir_id: str | None = None
+
+
+def detect_studies(svc: Services) -> list[str]:
+    """Find studies not seen before; record them as 'detected'. Returns their UIDs (to enqueue).
+
+    Orthanc: its /changes feed (StableStudy) from a persisted cursor. Any DICOMweb PACS: QIDO-RS over a
+    moving date window (lookback), de-duplicated by StudyInstanceUID against the database.
+    """
+    now = svc.clock.now()
+    new: list[str] = []
+    if svc.feed is not None:
+        cursor = int(svc.store.get_cursor(ORTHANC_CURSOR) or 0)
+        while True:
+            uids, cursor, done = svc.feed.stable_studies(cursor, 200)
+            for uid in dict.fromkeys(uids):
+                ref = svc.pacs.get_study(uid)
+                if ref is not None and svc.store.add_study(ref, "orthanc-changes"):
+                    new.append(uid)
+            svc.store.set_cursor(ORTHANC_CURSOR, str(cursor))
+            if done:
+                break
+    else:
+        last = svc.store.get_cursor(QIDO_CURSOR)
+        since = datetime.fromisoformat(last) if last else now - timedelta(hours=svc.lookback_hours)
+        since = min(since, now - timedelta(hours=svc.lookback_hours))
+        refs = svc.pacs.find_studies(since, now)
+        known = svc.store.known_studies(r.study_uid for r in refs)
+        for ref in refs:
+            if ref.study_uid not in known and svc.store.add_study(ref, "qido"):
+                new.append(ref.study_uid)
+        svc.store.set_cursor(QIDO_CURSOR, now.isoformat())
+    if new:
+        log.info("detected %d new stud%s", len(new), "y" if len(new) == 1 else "ies")
+    return new
+
+
+def register_study(svc: Services, study_uid: str, source: str = "api") -> bool:
+    """Record a study announced from outside (webhook, C-STORE SCP, CLI). False if unknown to the PACS."""
+    ref = svc.pacs.get_study(study_uid)
+    if ref is None:
+        return False
+    svc.store.add_study(ref, source)
+    return True
+
+
+_PREPROCESS_OUTCOMES = {
+    "too_few_slices": Outcome.TOO_FEW_SLICES,
+    "inconsistent_spacing": Outcome.INCONSISTENT_SPACING,
+    "duplicate_slices": Outcome.INCONSISTENT_GEOMETRY,
+    "inconsistent_geometry": Outcome.INCONSISTENT_GEOMETRY,
+    "bad_geometry": Outcome.INCONSISTENT_GEOMETRY,
+    "unsupported_modality": Outcome.NOT_IMAGE,
+    "empty_volume": Outcome.CORRUPT_PIXEL_DATA,
+}
+
+
+def ingest_study(svc: Services, study_uid: str) -> IngestResult:
+    """Claim the study, choose its series, build the volume tensor, match the patient. Idempotent."""
+    now = svc.clock.now()
+    if not svc.store.claim_study(study_uid, now):
+        row = svc.store.get_study(study_uid)
+        return IngestResult(study_uid, "skipped", reason="unknown study" if row is None else f"status {row.status}")
+    row = svc.store.get_study(study_uid)
+    try:
+        result = _ingest_claimed(svc, study_uid)
+    except DomainError as err:
+        return _study_failed(svc, study_uid, row.attempts, err)
+    except Exception as exc:  # a bug or an unforeseen input: record it, never lose the study
+        log.exception("ingest of study %s crashed", study_uid)
+        return _study_failed(svc, study_uid, row.attempts, DomainError(Outcome.INTERNAL_ERROR, repr(exc)))
+    svc.store.resolve_failures("ingest", study_uid, svc.clock.now())
+    return result
+
+
+def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
+    row = svc.store.get_study(study_uid)
+    if row.volume_path is None:
+        series = svc.pacs.list_series(study_uid)
+        chosen, decisions = choose(series, svc.rules)
+        svc.store.record_series_decisions(study_uid, decisions, chosen.series.series_uid if chosen else None)
+        if chosen is None:
+            reasons = "; ".join(d.reason for d in decisions) or "the study has no series"
+            raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"no eligible brain CT/MR series: {reasons}")
+        modality, slices = svc.pacs.retrieve_series(study_uid, chosen.series.series_uid)
+        try:
+            image = volume_tensor(stack_slices(slices), modality)
+        except PreprocessError as err:
+            raise DomainError(_PREPROCESS_OUTCOMES.get(err.code, Outcome.CORRUPT_PIXEL_DATA), str(err)) from err
+        if not np.isfinite(image).all():
+            raise DomainError(Outcome.CORRUPT_PIXEL_DATA, "volume contains non-finite values")
+        path = svc.volumes_dir / f"{study_uid}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, image)
+        tmp.replace(path)  # atomic: a reader never sees half a volume
+        svc.store.update_study(
+            study_uid,
+            volume_path=str(path),
+            volume_sha256=hashlib.sha256(image.tobytes()).hexdigest(),
+            chosen_series_uid=chosen.series.series_uid,
+            modality=modality,
+        )
+        row = svc.store.get_study(study_uid)
+
+    # Patient matching: DICOM PatientID (+ IssuerOfPatientID) -> FHIR Patient.identifier.
+    if not row.dicom_patient_id:
+        raise DomainError(Outcome.UNMATCHED_PATIENT, "the study has no PatientID")
+    system = svc.identifier_system_for(row.issuer)
+    patient = svc.ehr.find_patient(system, row.dicom_patient_id)
+    if patient is None:
+        raise DomainError(
+            Outcome.UNMATCHED_PATIENT,
+            f"no FHIR Patient with identifier system {system or '(any)'} and the study's PatientID "
+            f"({pseudonym(row.dicom_patient_id)}); held until the Patient appears",
+        )
+    svc.store.upsert_patient(patient.fhir_id, patient.birth_date, patient.gender)
+    svc.store.update_study(
+        study_uid, status="ready", outcome=None, reason=None, patient_fhir_id=patient.fhir_id, next_attempt_at=None
+    )
+    svc.store.mark_needs_assessment(patient.fhir_id)
+    log.info("study %s ready for patient %s", study_uid, pseudonym(patient.fhir_id))
+    svc.enqueue("vitals", [patient.fhir_id])
+    return IngestResult(study_uid, "ready", patient_fhir_id=patient.fhir_id)
+
+
+def _study_failed(svc: Services, study_uid: str, attempts: int, err: DomainError) -> IngestResult:
+    now = svc.clock.now()
+    svc.store.record_failure("ingest", study_uid, err.outcome, err.message, err.retryable)
+    if err.outcome is Outcome.UNMATCHED_PATIENT:
+        # Held, not failed: retried on a slow schedule and as soon as vitals sync sees the Patient.
+        status, retry_at = "held", backoff_at(now, attempts, max(svc.retry_backoff_s, 30.0), cap_s=3600)
+    elif err.retryable and attempts < svc.max_retries:
+        status, retry_at = "retry", backoff_at(now, attempts, svc.retry_backoff_s, err.retry_after)
+    else:
+        status, retry_at = "failed", None
+    svc.store.update_study(study_uid, status=status, outcome=err.outcome.value, reason=err.message,
+                           next_attempt_at=retry_at, claimed_at=None)
+    log.warning("study %s: %s (%s): %s", study_uid, status, err.outcome.value, err.message)
+    return IngestResult(study_uid, status, err.outcome.value, err.message)
+
+
+def retry_study(svc: Services, study_uid: str) -> bool:
+    """Operator action: put a failed/held study back in the queue now."""
+    row = svc.store.get_study(study_uid)
+    if row is None or row.status in ("processing",):
+        return False
+    svc.store.update_study(study_uid, status="retry", next_attempt_at=None, attempts=0)
+    return True
+
