@@ -109,8 +109,9 @@ def _orthanc_root(settings: Settings) -> str | None:
     return None
 
 
-def bootstrap(settings: Settings | None = None, *, migrate: bool = True,
-              enqueue: Callable[[str, list[str]], None] | None = None) -> Engine:
+def bootstrap(
+    settings: Settings | None = None, *, migrate: bool = True, enqueue: Callable[[str, list[str]], None] | None = None
+) -> Engine:
     from integration.adapters.db.session import make_engine, upgrade
     from integration.adapters.db.store import SqlStore
     from integration.adapters.dicomweb import DicomWebPacs

@@ -53,7 +53,9 @@ class Ehr(Protocol):
         """Raw Observation resources (JSON dicts) for the patient, all pages followed."""
         ...
 
-    def conditional_create(self, resource: dict[str, Any], identifier_system: str, identifier_value: str) -> tuple[str, bool]:
+    def conditional_create(
+        self, resource: dict[str, Any], identifier_system: str, identifier_value: str
+    ) -> tuple[str, bool]:
         """Create unless a resource with that identifier exists. Returns (logical id, created)."""
         ...
 

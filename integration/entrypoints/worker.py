@@ -202,14 +202,21 @@ def sweep() -> dict[str, int]:
 def worker_argv(settings: Settings, *, beat: bool = True, concurrency: int | None = None) -> list[str]:
     """The command line `strokewatch run` uses to start a worker process."""
     argv = [
-        "celery", "-A", f"{__name__}:app", "worker",
-        "--loglevel", settings.log_level,
-        "--concurrency", str(concurrency or settings.worker_concurrency),
-        "-Q", ",".join(QUEUES),
-        "--hostname", f"strokewatch-{os.getpid()}@%h",
-        "--without-gossip", "--without-mingle",
+        "celery",
+        "-A",
+        f"{__name__}:app",
+        "worker",
+        "--loglevel",
+        settings.log_level,
+        "--concurrency",
+        str(concurrency or settings.worker_concurrency),
+        "-Q",
+        ",".join(QUEUES),
+        "--hostname",
+        f"strokewatch-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
     ]
     if beat:
         argv.append("-B")
     return argv
-

@@ -248,8 +248,9 @@ def publish(svc: Services, identifier: str) -> str:
         )
         log.warning("publish %s: %s", identifier, err.outcome.value)
         return "retry" if retry else "failed"
-    svc.store.update_assessment(identifier, status="published", fhir_id=fhir_id, published_at=svc.clock.now(),
-                                outcome=None, reason=None)
+    svc.store.update_assessment(
+        identifier, status="published", fhir_id=fhir_id, published_at=svc.clock.now(), outcome=None, reason=None
+    )
     svc.store.resolve_failures("publish", identifier, svc.clock.now())
     log.info("published RiskAssessment/%s (%s)", fhir_id, "created" if created else "already there")
     return "published"

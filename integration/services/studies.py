@@ -164,8 +164,14 @@ def _study_failed(svc: Services, study_uid: str, attempts: int, err: DomainError
         status, retry_at = "retry", backoff_at(now, attempts, svc.retry_backoff_s, err.retry_after)
     else:
         status, retry_at = "failed", None
-    svc.store.update_study(study_uid, status=status, outcome=err.outcome.value, reason=err.message,
-                           next_attempt_at=retry_at, claimed_at=None)
+    svc.store.update_study(
+        study_uid,
+        status=status,
+        outcome=err.outcome.value,
+        reason=err.message,
+        next_attempt_at=retry_at,
+        claimed_at=None,
+    )
     log.warning("study %s: %s (%s): %s", study_uid, status, err.outcome.value, err.message)
     return IngestResult(study_uid, status, err.outcome.value, err.message)
 
@@ -177,4 +183,3 @@ def retry_study(svc: Services, study_uid: str) -> bool:
         return False
     svc.store.update_study(study_uid, status="retry", next_attempt_at=None, attempts=0)
     return True
-

@@ -57,8 +57,9 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
         raise
     parsed = parse_observations(resources)
     for rej in parsed.rejected:
-        svc.store.record_failure("vitals", rej.observation_id, rej.outcome, rej.reason, False,
-                                 {"patient": patient_fhir_id})
+        svc.store.record_failure(
+            "vitals", rej.observation_id, rej.outcome, rej.reason, False, {"patient": patient_fhir_id}
+        )
     accepted_ids = {v.observation_id for v in parsed.accepted}
     removed = {str(r.get("id")) for r in resources if r.get("id") and str(r.get("id")) not in accepted_ids}
     changed = svc.store.replace_vitals(patient_fhir_id, parsed.accepted, removed)
@@ -73,7 +74,11 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
         svc.enqueue("assess", [patient_fhir_id])
     log.info(
         "vitals for %s: %d fetched, %d accepted, %d rejected, %d changed",
-        pseudonym(patient_fhir_id), len(resources), len(parsed.accepted), len(parsed.rejected), changed,
+        pseudonym(patient_fhir_id),
+        len(resources),
+        len(parsed.accepted),
+        len(parsed.rejected),
+        changed,
     )
     return VitalsResult(patient_fhir_id, len(resources), len(parsed.accepted), len(parsed.rejected), changed)
 

@@ -18,7 +18,6 @@ from integration.adapters.db.models import (
     SeriesDecisionRow,
     Study,
     VitalRow,
-    utcnow,
 )
 from integration.domain.types import Outcome, SeriesDecision, StudyRef, VitalValue
 
@@ -89,9 +88,13 @@ class SqlStore:
 
     def record_series_decisions(self, uid: str, decisions: list[SeriesDecision], chosen_uid: str | None) -> None:
         with self.sessions.begin() as s:
-            existing = {r.series_uid: r for r in s.scalars(select(SeriesDecisionRow).where(SeriesDecisionRow.study_uid == uid))}
+            existing = {
+                r.series_uid: r for r in s.scalars(select(SeriesDecisionRow).where(SeriesDecisionRow.study_uid == uid))
+            }
             for d in decisions:
-                row = existing.get(d.series.series_uid) or SeriesDecisionRow(study_uid=uid, series_uid=d.series.series_uid)
+                row = existing.get(d.series.series_uid) or SeriesDecisionRow(
+                    study_uid=uid, series_uid=d.series.series_uid
+                )
                 row.modality = d.series.modality
                 row.n_instances = d.series.n_instances
                 row.eligible = d.eligible
@@ -206,8 +209,9 @@ class SqlStore:
             )
             return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
-    def release_patient(self, fhir_id: str, *, retry_at: datetime | None = None, outcome: str | None = None,
-                        reason: str | None = None) -> None:
+    def release_patient(
+        self, fhir_id: str, *, retry_at: datetime | None = None, outcome: str | None = None, reason: str | None = None
+    ) -> None:
         values: dict[str, Any] = {"status": "idle", "claimed_at": None, "outcome": outcome, "reason": reason}
         if retry_at is not None:
             values.update(needs_assessment=True, next_attempt_at=retry_at)
@@ -245,8 +249,13 @@ class SqlStore:
             for v in values:
                 row = existing.get((v.observation_id, v.feature))
                 if row is None:
-                    row = VitalRow(patient_fhir_id=fhir_id, observation_id=v.observation_id, feature=v.feature,
-                                   value=v.value, effective=v.effective)
+                    row = VitalRow(
+                        patient_fhir_id=fhir_id,
+                        observation_id=v.observation_id,
+                        feature=v.feature,
+                        value=v.value,
+                        effective=v.effective,
+                    )
                     s.add(row)
                     existing[(v.observation_id, v.feature)] = row
                     changed += 1
@@ -329,11 +338,26 @@ class SqlStore:
             return list(s.scalars(q))
 
     # -- failures ---------------------------------------------------------------------
-    def record_failure(self, stage: str, subject: str, outcome: Outcome, message: str, retryable: bool,
-                       details: dict[str, Any] | None = None) -> None:
+    def record_failure(
+        self,
+        stage: str,
+        subject: str,
+        outcome: Outcome,
+        message: str,
+        retryable: bool,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         with self.sessions.begin() as s:
-            s.add(Failure(stage=stage, subject=subject, outcome=outcome.value, message=message,
-                          retryable=retryable, details=details))
+            s.add(
+                Failure(
+                    stage=stage,
+                    subject=subject,
+                    outcome=outcome.value,
+                    message=message,
+                    retryable=retryable,
+                    details=details,
+                )
+            )
 
     def resolve_failures(self, stage: str, subject: str, now: datetime) -> None:
         with self.sessions.begin() as s:
@@ -347,8 +371,11 @@ class SqlStore:
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         with self.sessions() as s:
-            for name, col in (("studies", Study.status), ("patients", Patient.status),
-                              ("assessments", Assessment.status)):
+            for name, col in (
+                ("studies", Study.status),
+                ("patients", Patient.status),
+                ("assessments", Assessment.status),
+            ):
                 rows = s.execute(select(col, func.count()).group_by(col)).all()
                 out[name] = {str(k): int(v) for k, v in rows}
             rows = s.execute(
@@ -356,4 +383,3 @@ class SqlStore:
             ).all()
             out["open_failures"] = {str(k): int(v) for k, v in rows}
         return out
-

@@ -1,0 +1,285 @@
+"""`strokewatch`: the command line. Commands parse options, call one service or runner, and render results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="StrokeWatch: stroke-risk assessments from your PACS and EHR, written back as FHIR.", no_args_is_help=True
+)
+sandbox_app = typer.Typer(help="A local sandbox PACS (Orthanc) and FHIR R4 server on 127.0.0.1.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+model_app = typer.Typer(help="Train, evaluate, export and explain the fusion model.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(db_app, name="db")
+app.add_typer(model_app, name="model")
+console = Console()
+
+SANDBOX_DIR = Path(os.environ.get("STROKEWATCH_SANDBOX_DIR", "var/sandbox"))
+StateDir = Annotated[Path, typer.Option(help="Where the sandbox keeps its state and data.")]
+
+
+def _settings(**overrides: Any) -> Any:
+    """Settings from env/config; with no PACS/EHR configured, a running sandbox is used (embedded default)."""
+    from integration.config import Settings
+    from integration.entrypoints.processes import sandbox_env
+    from integration.sandbox.state import status
+
+    if not os.environ.get("STROKEWATCH_PACS__DICOMWEB_URL") and not os.environ.get("STROKEWATCH_CONFIG"):
+        st = status(SANDBOX_DIR)
+        if st is not None and st.healthy:
+            os.environ.update(sandbox_env(st.info))
+    try:
+        return Settings(**overrides)
+    except Exception as err:  # pydantic ValidationError: show it plainly and stop
+        console.print(f"[red]Configuration error:[/red] {err}")
+        raise typer.Exit(2) from err
+
+
+def _logging(level: str = "WARNING") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------------------------------------
+# sandbox
+# ---------------------------------------------------------------------------------------------
+@sandbox_app.command("up")
+def sandbox_up(
+    state_dir: StateDir = SANDBOX_DIR,
+    triton: Annotated[bool, typer.Option(help="Also start a local Triton server.")] = False,
+) -> None:
+    """Start Orthanc (+DICOMweb) and the FHIR sandbox in the background."""
+    from integration.sandbox.state import start_detached
+
+    with console.status("Starting Orthanc and the FHIR sandbox..."):
+        info = start_detached(state_dir)
+    console.print(
+        f"PACS  (Orthanc) : {info.orthanc_url}   DICOMweb: {info.dicomweb_url}   "
+        f"DIMSE: {info.orthanc_aet}@127.0.0.1:{info.orthanc_dicom_port}"
+    )
+    console.print(f"EHR   (FHIR R4) : {info.fhir_base_url}")
+    if triton:
+        from integration.sandbox.triton import start_detached as start_triton
+
+        with console.status("Starting Triton..."):
+            url = start_triton(state_dir)
+        console.print(f"Triton          : {url}   (export STROKEWATCH_TRITON_URL={url})")
+
+
+@sandbox_app.command("down")
+def sandbox_down(state_dir: StateDir = SANDBOX_DIR) -> None:
+    """Stop the sandbox peers."""
+    from integration.sandbox.state import stop
+
+    try:
+        from integration.sandbox.triton import stop_detached as stop_triton
+
+        stop_triton(state_dir)
+    except ImportError:
+        pass
+    console.print("sandbox stopped" if stop(state_dir) else "no sandbox was running")
+
+
+@sandbox_app.command("status")
+def sandbox_status(state_dir: StateDir = SANDBOX_DIR) -> None:
+    """Is the sandbox running, and where?"""
+    from integration.sandbox.state import status
+
+    st = status(state_dir)
+    if st is None:
+        console.print("no sandbox recorded")
+        raise typer.Exit(1)
+    console.print(f"Orthanc {st.info.orthanc_url}: {'up' if st.orthanc_running else 'DOWN'}")
+    console.print(f"FHIR    {st.info.fhir_base_url}: {'up' if st.fhir_running else 'DOWN'}")
+    if not st.healthy:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# running the engine
+# ---------------------------------------------------------------------------------------------
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database schema to the latest revision."""
+    from integration.adapters.db.session import upgrade
+
+    settings = _settings()
+    upgrade(settings.db_url)
+    console.print("database is at the latest schema revision")
+
+
+@app.command()
+def run() -> None:
+    """Run the engine in the foreground: API + worker + scheduler (Ctrl-C stops all)."""
+    from integration.adapters.db.session import upgrade
+    from integration.entrypoints.processes import start_engine, stop_pids
+
+    _logging("INFO")
+    settings = _settings()
+    upgrade(settings.db_url)
+    env = {k: v for k, v in os.environ.items() if k.startswith("STROKEWATCH_")}
+    procs, children = start_engine(settings, env, detached=False)
+    console.print(f"StrokeWatch is running. API: {procs.api_url}  (docs: {procs.api_url}/docs)  logs: {procs.log_dir}")
+    try:
+        while all(c.poll() is None for c in children):
+            time.sleep(1)
+        console.print("[red]a child process exited; stopping[/red]")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping...")
+    finally:
+        stop_pids([c.pid for c in children])
+
+
+@app.command()
+def stop(
+    data_dir: Annotated[Path, typer.Option(help="The engine's data directory.")] = Path("var/demo"),
+    state_dir: StateDir = SANDBOX_DIR,
+) -> None:
+    """Stop a background engine started by `demo`, and the sandbox."""
+    from integration.entrypoints.processes import stop_engine
+    from integration.sandbox.state import stop as stop_sandbox
+
+    console.print("engine stopped" if stop_engine(data_dir) else "no background engine recorded")
+    console.print("sandbox stopped" if stop_sandbox(state_dir) else "no sandbox recorded")
+
+
+@app.command()
+def status() -> None:
+    """Counts of studies, patients, assessments and open failures from the database."""
+    from integration.adapters.db.session import make_engine
+    from integration.adapters.db.store import SqlStore
+
+    settings = _settings()
+    store = SqlStore(make_engine(settings.db_url))
+    counts = store.counts()
+    table = Table("what", "status", "count", title=f"StrokeWatch ({settings.db_url.split('///')[-1]})")
+    for what, by_status in counts.items():
+        for st, n in sorted(by_status.items()):
+            table.add_row(what, st, str(n))
+    console.print(table)
+
+
+@app.command()
+def doctor() -> None:
+    """Check configuration, database, broker, PACS, EHR and model; say exactly what is wrong."""
+    from integration.services.doctor import run_checks
+
+    settings = _settings()
+    results = run_checks(settings)
+    table = Table("check", "ok", "detail")
+    for r in results:
+        detail = r.detail + (f"\n[yellow]fix: {r.hint}[/yellow]" if (not r.ok and r.hint) else "")
+        table.add_row(r.name, "[green]ok[/green]" if r.ok else "[red]FAIL[/red]", detail)
+    console.print(table)
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def assess(patient: Annotated[str, typer.Option("--patient", help="FHIR Patient id.")]) -> None:
+    """One-off: sync the patient's vitals, score and publish now, in this process."""
+    from integration.bootstrap import bootstrap
+    from integration.services.assess import assess_patients, publish
+    from integration.services.vitals import sync_vitals
+
+    _logging()
+    engine = bootstrap(_settings())
+    try:
+        svc = engine.services
+        if svc.store.get_patient(patient) is None:
+            info = engine.ehr.search("Patient", {"_id": patient})
+            if not info:
+                console.print(f"[red]no Patient/{patient} in the EHR[/red]")
+                raise typer.Exit(1)
+            svc.store.upsert_patient(patient, info[0].get("birthDate"), info[0].get("gender"))
+        sync_vitals(svc, patient)
+        svc.store.mark_needs_assessment(patient)
+        results = assess_patients(svc, [patient])
+        for r in results:
+            if r.identifier:
+                state = publish(svc, r.identifier)
+                row = svc.store.get_assessment(r.identifier)
+                console.print(
+                    f"{patient}: p={row.probability:.3f} band={row.band} -> {state} RiskAssessment/{row.fhir_id or '-'}"
+                )
+            else:
+                console.print(f"[yellow]{patient}: {r.status}: {r.reason}[/yellow]")
+                raise typer.Exit(1)
+    finally:
+        engine.close()
+
+
+@app.command()
+def demo(
+    patients: Annotated[int, typer.Option(help="How many synthetic patients to load.")] = 8,
+    seed: Annotated[int, typer.Option(help="Cohort seed.")] = 2026,
+    data_dir: Annotated[Path, typer.Option(help="The demo engine's data directory (recreated).")] = Path("var/demo"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for all assessments.")] = 600,
+    keep_running: Annotated[bool, typer.Option(help="Leave the API + worker running afterwards.")] = True,
+) -> None:
+    """Sandbox PACS + EHR, a demo cohort, the engine detecting and scoring it by itself, and a summary."""
+    from integration.entrypoints.demo import run_demo
+
+    _logging()
+    code = run_demo(
+        console,
+        patients=patients,
+        seed=seed,
+        data_dir=data_dir,
+        sandbox_dir=SANDBOX_DIR,
+        timeout=timeout,
+        keep_running=keep_running,
+    )
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+@model_app.command("train")
+def model_train(seed: int = 0, n: int = 4000, out: Path = Path("runs/train")) -> None:
+    """Train the fusion model (and the single-modality baselines) on a synthetic cohort."""
+    from inference import train
+
+    _logging("INFO")
+    console.print(f"trained model written to {train.run(seed=seed, n=n, out_dir=out)}")
+
+
+@model_app.command("evaluate")
+def model_evaluate(seed: int = 12345, n: int = 2000, report: Path | None = None, json_out: bool = False) -> None:
+    """Evaluate on a fresh cohort from any seed; print metrics (and write a report)."""
+    import json
+
+    from inference import evaluate
+
+    metrics = evaluate.run(seed=seed, n=n, report_dir=report)
+    console.print_json(json.dumps(metrics)) if json_out else console.print(metrics)
+
+
+@model_app.command("export")
+def model_export(weights: Path = Path("inference/weights"), out: Path | None = None) -> None:
+    """Export trained weights to ONNX in triton_models/ and regenerate config.pbtxt."""
+    from inference import export
+
+    console.print(f"exported {export.run(weights, out) if out else export.run(weights)}")
+
+
+@model_app.command("explain")
+def model_explain(seed: int = 7, index: int = 0, out: Path = Path("var/explain")) -> None:
+    """Explain one synthetic patient's score: top drivers and an image heat-map."""
+    from inference import explain
+
+    console.print(explain.cli_explain(seed=seed, index=index, out_dir=out))
+
+
+if __name__ == "__main__":
+    app()
