@@ -84,6 +84,17 @@ class SeriesRef:
     series_description: str = ""
     study_description: str = ""
     sop_class_uid: str = ""
+    # From one instance of the series (QIDO-RS instance level); empty/None when the PACS does not say.
+    image_type: tuple[str, ...] = ()  # e.g. ("ORIGINAL", "PRIMARY", "AXIAL")
+    slice_thickness: float | None = None  # mm
+    convolution_kernel: str = ""  # CT reconstruction kernel
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (6 direction cosines)
+    frames_per_instance: int = 1  # NumberOfFrames (Enhanced CT/MR hold a whole volume in one instance)
+
+    @property
+    def n_slices(self) -> int:
+        """Image planes in the series: instances x frames (multi-frame objects count their frames)."""
+        return self.n_instances * max(1, self.frames_per_instance)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class SeriesDecision:
     eligible: bool
     reason: str  # human-readable, recorded for every series
     score: float = 0.0  # higher is preferred among eligible series
+    outcome: Outcome | None = None  # why it was rejected (None when eligible)
 
 
 @dataclass(frozen=True)
