@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs everything StrokeWatch needs on a fresh Debian 12 machine (idempotent; re-runs are quick):
+#   Debian: Orthanc + DICOMweb plugin, dcmtk            (the sandbox PACS and DIMSE tools)
+#   Python: .venv with the engine, the model stack (torch pinned CPU build) and test tools
+#   Node:   the FHIR sandbox's packages (deploy/fhir-sandbox)
+#   --triton: also the Triton server's own venv (.venv-triton, numpy<2), used by tests and `sandbox up --triton`
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+WITH_TRITON=0
+for arg in "$@"; do [ "$arg" = "--triton" ] && WITH_TRITON=1; done
+PY=${PYTHON:-python3}
+
+need_apt=()
+for pkg in orthanc orthanc-dicomweb dcmtk; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> apt-get install ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need_apt[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.strokewatch-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "==> pip install (torch pinned to the CPU build 2.13.0)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q "torch==2.13.0"
+  .venv/bin/pip install -q -e ".[model,triton,dev]"
+  touch "$stamp"
+fi
+
+if [ ! -d deploy/fhir-sandbox/node_modules/@medplum/fhir-router ]; then
+  echo "==> npm ci (FHIR sandbox)"
+  npm ci --prefix deploy/fhir-sandbox --no-audit --no-fund --loglevel=error
+fi
+
+if [ "$WITH_TRITON" = 1 ]; then
+  bash deploy/triton/setup_venv.sh
+fi
+echo "==> setup complete"
