@@ -150,6 +150,8 @@ def bootstrap(
     model = LazyModel(lambda: build_model(settings))
     policy = RiskPolicy(**settings.policy.model_dump())
     rules = SeriesRules(min_slices=settings.pacs.min_slices)
+    if settings.pacs.head_pattern:
+        rules = SeriesRules(min_slices=settings.pacs.min_slices, head_pattern=settings.pacs.head_pattern)
     services = Services(
         store=store,
         pacs=pacs,
@@ -163,6 +165,7 @@ def bootstrap(
         assessment_identifier_system=settings.assessment_identifier_system,
         lookback_hours=settings.pacs.lookback_hours,
         retry_backoff_s=settings.retry_backoff_s,
+        held_retry_s=settings.held_retry_s,
         max_retries=settings.max_task_retries,
     )
     if enqueue is not None:

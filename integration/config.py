@@ -55,7 +55,8 @@ class PacsSettings(BaseModel):
     poll_seconds: float = 30.0
     lookback_hours: float = 24.0  # QIDO window for generic polling
     min_slices: int = 16
-    body_part_pattern: str = r"HEAD|BRAIN|SKULL|CRAN|CEREBR|NEURO|STROKE"
+    #: Regex over BodyPartExamined / study / series descriptions that marks a head study (None: built-in).
+    head_pattern: str | None = None
     verify_tls: bool = True
 
 
@@ -121,6 +122,8 @@ class Settings(BaseSettings):
     task_time_limit_s: int = 300
     max_task_retries: int = 8
     retry_backoff_s: float = 5.0
+    #: Studies whose patient is not (yet) in the EHR are retried this often (doubling, capped at 1 h).
+    held_retry_s: float = 60.0
     #: Reaper: claims older than this are considered dead and released.
     stale_claim_s: int = 600
     worker_concurrency: int = 2

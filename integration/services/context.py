@@ -33,6 +33,7 @@ class Services:
     assessment_identifier_system: str = "urn:strokewatch:risk-assessment"
     lookback_hours: float = 24.0
     retry_backoff_s: float = 5.0
+    held_retry_s: float = 60.0
     max_retries: int = 8
     #: Called with (stage, ids) to hand follow-up work to the queue; the worker wires Celery here.
     enqueue: Callable[[str, list[str]], None] = lambda stage, ids: None

@@ -159,7 +159,7 @@ def _study_failed(svc: Services, study_uid: str, attempts: int, err: DomainError
     svc.store.record_failure("ingest", study_uid, err.outcome, err.message, err.retryable)
     if err.outcome is Outcome.UNMATCHED_PATIENT:
         # Held, not failed: retried on a slow schedule and as soon as vitals sync sees the Patient.
-        status, retry_at = "held", backoff_at(now, attempts, max(svc.retry_backoff_s, 30.0), cap_s=3600)
+        status, retry_at = "held", backoff_at(now, attempts, svc.held_retry_s, cap_s=3600)
     elif err.retryable and attempts < svc.max_retries:
         status, retry_at = "retry", backoff_at(now, attempts, svc.retry_backoff_s, err.retry_after)
     else:
