@@ -111,17 +111,45 @@ class ImageBranch(nn.Module):
 
 
 class VitalsBranch(nn.Module):
-    """LSTM over [values, mask, delta] per time step -> last hidden state + masked mean of outputs."""
+    """LSTM over [values, mask, delta] per time step, plus masked summary statistics per feature.
+
+    The LSTM reads the temporal pattern; the statistics (mean, SD, trend, successive-difference
+    variability, share of steps observed) are computed over observed steps only and hand the head the
+    quantities clinicians read from a chart (labile or rising BP, an irregular heart rate) without
+    the LSTM having to rediscover them from a few thousand patients.
+    """
+
+    N_STATS = 5
 
     def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()
         self.lstm = nn.LSTM(3 * cfg.n_features, cfg.lstm_hidden, batch_first=True)
-        self.proj = nn.Linear(2 * cfg.lstm_hidden, cfg.lstm_hidden)
+        self.proj = nn.Linear(2 * cfg.lstm_hidden + self.N_STATS * cfg.n_features, cfg.lstm_hidden)
+
+    @staticmethod
+    def masked_stats(vitals: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per feature over observed steps: mean, SD, slope per window, RMS successive difference, coverage."""
+        steps = vitals.shape[1]
+        t = torch.linspace(0.0, 1.0, steps, dtype=vitals.dtype, device=vitals.device).view(1, -1, 1)  # (1, T, 1)
+        count = mask.sum(dim=1)  # (B, F)
+        denom = count.clamp(min=1.0)  # (B, F)
+        mean = (vitals * mask).sum(dim=1) / denom  # (B, F)
+        centred = (vitals - mean.unsqueeze(1)) * mask  # (B, T, F)
+        sd = torch.sqrt((centred * centred).sum(dim=1) / denom + 1e-6)  # (B, F)
+        t_mean = (t * mask).sum(dim=1) / denom  # (B, F)
+        t_centred = (t - t_mean.unsqueeze(1)) * mask  # (B, T, F)
+        slope = (t_centred * centred).sum(dim=1) / ((t_centred * t_centred).sum(dim=1) + 1e-3)  # (B, F)
+        # values are carried forward, so at an observed step the step-to-step change is the change since
+        # the previous observation; the first step has no predecessor.
+        diff = (vitals[:, 1:] - vitals[:, :-1]) * mask[:, 1:]  # (B, T-1, F)
+        rmssd = torch.sqrt((diff * diff).sum(dim=1) / mask[:, 1:].sum(dim=1).clamp(min=1.0) + 1e-6)  # (B, F)
+        coverage = count / steps  # (B, F)
+        return torch.cat([mean, sd, slope, rmssd, coverage], dim=1)  # (B, 5F)
 
     def forward(self, vitals: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         x = torch.cat([vitals, mask, delta], dim=2)  # (B, T, 3F)
         out, (h_n, _) = self.lstm(x)  # out (B, T, H); h_n (1, B, H)
-        summary = torch.cat([h_n[-1], out.mean(dim=1)], dim=1)  # (B, 2H)
+        summary = torch.cat([h_n[-1], out.mean(dim=1), self.masked_stats(vitals, mask)], dim=1)  # (B, 2H + 5F)
         return F.relu(self.proj(summary))  # (B, H)
 
 

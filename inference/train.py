@@ -1,0 +1,225 @@
+"""Train the fusion model and its single-modality baselines on the synthetic cohort.
+
+One command reproduces the shipped weights (the cohort, the split, the initialisation, the
+batch order and the modality dropout all follow from ``--seed``):
+
+    python -m inference.train --seed 0 --n 4000 --variant all --out inference/weights
+
+Per variant, ``<out>/<variant>/`` receives ``weights.pt`` and ``config.json`` (the FusionConfig,
+including the calibration temperature and a training summary). A GPU is used when present.
+
+Modality dropout: in each fusion batch a random share of patients have their image withheld
+(zeros, ``image_present`` = 0) or their vitals withheld (values 0, mask 0, delta 1: what
+``inference.preprocess.vitals_tensors`` returns for no samples). The head therefore learns to
+score a patient honestly from whatever modality is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference import contract as C
+from inference.calibrate import binary_metrics, fit_temperature, log_loss, sigmoid
+from inference.model import VARIANTS, FusionConfig, FusionModel, Variant, count_parameters, save
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "weights"
+Modality = Literal["image", "vitals"]
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 5  # epochs without validation improvement before stopping
+    val_fraction: float = 0.2
+    image_dropout: float = 0.15  # fusion only: share of patients per batch with the image withheld
+    vitals_dropout: float = 0.15  # fusion only: share with the vitals withheld (never both)
+    threads: int = 2
+
+
+def cohort_inputs(cohort: Any) -> Arrays:
+    """The contract inputs of a cohort object (``inference.synth.CohortArrays`` or anything alike)."""
+    return {spec.name: np.asarray(getattr(cohort, spec.name), dtype=np.float32) for spec in C.INPUTS}
+
+
+def make_cohort(n: int, seed: int) -> Any:
+    from inference.synth import make_arrays
+
+    log.info("generating synthetic cohort n=%d seed=%d", n, seed)
+    return make_arrays(n, seed)
+
+
+def withhold(inputs: Mapping[str, np.ndarray], modality: Modality, rows: np.ndarray | None = None) -> Arrays:
+    """A copy of ``inputs`` with one modality removed for ``rows`` (all rows when None), as the engine sends it."""
+    out = {k: v.copy() for k, v in inputs.items()}
+    sel = slice(None) if rows is None else rows
+    if modality == "image":
+        out["image"][sel] = 0.0
+        out["image_present"][sel] = 0.0
+    else:
+        out["vitals"][sel] = 0.0
+        out["vitals_mask"][sel] = 0.0
+        out["vitals_delta"][sel] = 1.0
+    return out
+
+
+def _to_device(batch: Mapping[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+
+
+def predict_logits(model: FusionModel, inputs: Mapping[str, np.ndarray], batch_size: int = 128) -> np.ndarray:
+    """Uncalibrated logits (N,) of ``model`` in eval mode, batched."""
+    device = next(model.parameters()).device
+    model.eval()
+    n = len(inputs["image"])
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            chunk = {k: v[start : start + batch_size] for k, v in inputs.items()}
+            out.append(model.forward_dict(_to_device(chunk, device)).squeeze(1).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def predict_proba(model: FusionModel, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Calibrated probabilities (N,) using the model's stored temperature."""
+    return sigmoid(predict_logits(model, inputs) / model.cfg.temperature)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _dropout_batch(batch: Arrays, settings: TrainSettings, rng: np.random.Generator) -> Arrays:
+    u = rng.random(len(batch["image"]))
+    drop_image = np.flatnonzero(u < settings.image_dropout)
+    drop_vitals = np.flatnonzero((u >= settings.image_dropout) & (u < settings.image_dropout + settings.vitals_dropout))
+    if drop_image.size:
+        batch = withhold(batch, "image", drop_image)
+    if drop_vitals.size:
+        batch = withhold(batch, "vitals", drop_vitals)
+    return batch
+
+
+def fit(
+    inputs: Arrays, outcome: np.ndarray, variant: Variant, seed: int, settings: TrainSettings, info: dict[str, object]
+) -> FusionModel:
+    """Train one variant with early stopping, then fit its temperature on the validation split."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = FusionModel(FusionConfig(variant=variant)).to(device)
+    log.info("%s: %d parameters on %s", variant, count_parameters(model), device)
+    train_idx, val_idx = split_indices(len(outcome), settings.val_fraction, seed)
+    val_inputs = {k: v[val_idx] for k, v in inputs.items()}
+    y_val = outcome[val_idx]
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs)
+    best_loss, best_state, best_epoch, stale = np.inf, copy.deepcopy(model.state_dict()), 0, 0
+    use_dropout = variant == "fusion"
+    started = time.monotonic()
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        order = rng.permutation(train_idx)
+        losses = []
+        for start in range(0, len(order), settings.batch_size):
+            rows = np.sort(order[start : start + settings.batch_size])
+            batch = {k: v[rows] for k, v in inputs.items()}
+            if use_dropout:
+                batch = _dropout_batch(batch, settings, rng)
+            target = torch.from_numpy(outcome[rows].astype(np.float32)).to(device).unsqueeze(1)  # (B, 1)
+            logit = model.forward_dict(_to_device(batch, device))  # (B, 1)
+            loss = F.binary_cross_entropy_with_logits(logit, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+        val_loss = log_loss(predict_logits(model, val_inputs), y_val)
+        log.info("%s epoch %d: train loss %.4f, val loss %.4f (%.0fs)", variant, epoch, np.mean(losses), val_loss,
+                 time.monotonic() - started)
+        if val_loss < best_loss - 1e-4:
+            best_loss, best_state, best_epoch, stale = val_loss, copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            stale += 1
+            if stale >= settings.patience:
+                log.info("%s: early stop after epoch %d (best %d)", variant, epoch, best_epoch)
+                break
+    model.load_state_dict(best_state)
+    val_logits = predict_logits(model, val_inputs)
+    model.cfg.temperature = fit_temperature(val_logits, y_val)
+    val_metrics = binary_metrics(sigmoid(val_logits / model.cfg.temperature), y_val)
+    model.cfg.info = {
+        **info,
+        "best_epoch": best_epoch,
+        "train_seconds": round(time.monotonic() - started, 1),
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+        "val_metrics": {k: round(v, 4) for k, v in val_metrics.items()},
+        "modality_dropout": [settings.image_dropout, settings.vitals_dropout] if use_dropout else [0.0, 0.0],
+    }
+    log.info("%s: temperature %.3f, validation %s", variant, model.cfg.temperature, model.cfg.info["val_metrics"])
+    return model.cpu().eval()
+
+
+def run(
+    seed: int = 0,
+    n: int = 4000,
+    out_dir: Path = DEFAULT_OUT,
+    variants: tuple[Variant, ...] = VARIANTS,
+    settings: TrainSettings | None = None,
+    cohort: Any = None,
+) -> Path:
+    """Train ``variants`` on one cohort (generated from ``seed`` unless given) into ``out_dir/<variant>/``."""
+    settings = settings or TrainSettings()
+    torch.set_num_threads(settings.threads)
+    cohort = cohort if cohort is not None else make_cohort(n, seed)
+    inputs = cohort_inputs(cohort)
+    outcome = np.asarray(cohort.outcome, dtype=np.float64)
+    info = {"model_version": C.MODEL_VERSION, "seed": seed, "n": int(len(outcome)), "cohort": f"inference.synth.make_arrays(n={len(outcome)}, seed={seed})",
+            "prevalence": round(float(outcome.mean()), 4)}
+    for variant in variants:
+        model = fit(inputs, outcome, variant, seed, settings, info)
+        save(model, out_dir / variant)
+        log.info("saved %s", out_dir / variant)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=4000, help="cohort size (train + validation)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--variant", choices=[*VARIANTS, "all"], default="all")
+    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
+    parser.add_argument("--patience", type=int, default=TrainSettings.patience)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument("--threads", type=int, default=TrainSettings.threads)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = TrainSettings(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                             threads=args.threads)
+    variants = VARIANTS if args.variant == "all" else (args.variant,)
+    run(args.seed, args.n, args.out, variants, settings)
+
+
+if __name__ == "__main__":
+    main()

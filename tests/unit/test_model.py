@@ -1,0 +1,162 @@
+"""The fusion network: shapes, gating by presence, the single-modality variants, save/load, training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference import contract as C
+from inference.calibrate import expected_calibration_error, fit_temperature, sigmoid
+from inference.model import CalibratedModel, FusionConfig, FusionModel, load, save
+from inference.train import TrainSettings, cohort_inputs, predict_logits, withhold
+from inference.train import run as train_run
+
+
+@dataclass
+class ToyCohort:
+    """Contract-shaped random patients whose outcome depends on a planted bright blob and on SBP lability."""
+
+    image: np.ndarray
+    image_present: np.ndarray
+    vitals: np.ndarray
+    vitals_mask: np.ndarray
+    vitals_delta: np.ndarray
+    demographics: np.ndarray
+    outcome: np.ndarray
+    true_probability: np.ndarray
+    finding_mask: np.ndarray
+
+
+def toy_cohort(n: int, seed: int) -> ToyCohort:
+    rng = np.random.default_rng(seed)
+    D, H, W = C.VOLUME_SHAPE
+    T, Fn = C.N_STEPS, C.N_FEATURES
+    image = (0.1 * rng.standard_normal((n, 1, D, H, W))).astype(np.float32)
+    finding = np.zeros((n, D, H, W), dtype=bool)
+    has_finding = rng.random(n) < 0.4
+    for i in np.flatnonzero(has_finding):
+        z, y, x = rng.integers(4, D - 8), rng.integers(8, H - 12), rng.integers(8, W - 12)
+        finding[i, z : z + 4, y : y + 6, x : x + 6] = True
+    image[:, 0][finding] = 1.0
+    mask = (rng.random((n, T, Fn)) < 0.3).astype(np.float32)
+    labile = rng.random(n) < 0.4
+    vitals = (rng.standard_normal((n, T, Fn)) * np.where(labile, 1.5, 0.3)[:, None, None]).astype(np.float32) * mask
+    delta = np.where(mask > 0, 0.0, 0.5).astype(np.float32)
+    demographics = rng.standard_normal((n, 2)).astype(np.float32)
+    logit = -2.5 + 3.5 * has_finding + 3.0 * labile
+    prob = 1.0 / (1.0 + np.exp(-logit))
+    return ToyCohort(image, np.ones((n, 1), np.float32), vitals, mask, delta, demographics,
+                     (rng.random(n) < prob).astype(np.float64), prob, finding)
+
+
+def random_batch(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {spec.name: torch.randn(batch, *spec.dims, generator=gen) for spec in C.INPUTS}
+    out["image_present"] = torch.ones(batch, 1)
+    out["vitals_mask"] = (out["vitals_mask"] > 0).float()
+    return out
+
+
+@pytest.mark.parametrize("variant", ["fusion", "image", "vitals"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forward_returns_one_logit_per_patient(variant: str, batch: int) -> None:
+    model = FusionModel(FusionConfig(variant=variant)).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        logit = model.forward_dict(random_batch(batch))
+    assert logit.shape == (batch, 1)
+    assert torch.isfinite(logit).all()
+
+
+def test_wrong_input_shape_is_rejected_with_the_tensor_name() -> None:
+    model = FusionModel(FusionConfig()).eval()
+    inputs = random_batch(2)
+    inputs["vitals"] = inputs["vitals"][:, :10]
+    with pytest.raises(AssertionError, match="vitals"):
+        model.forward_dict(inputs)
+
+
+def test_absent_image_content_is_ignored() -> None:
+    """With image_present = 0 the volume's voxels cannot change the score (the engine may send garbage)."""
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig()).eval()
+    a = random_batch(2, seed=1)
+    a["image_present"] = torch.zeros(2, 1)
+    b = dict(a, image=torch.randn_like(a["image"]) * 5)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_dict(a), model.forward_dict(b))
+        present = dict(b, image_present=torch.ones(2, 1))
+        assert not torch.allclose(model.forward_dict(a), model.forward_dict(present))
+
+
+def test_all_masked_vitals_score_like_no_vitals() -> None:
+    """No observed vitals: values behind an all-zero mask must not move the score."""
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig()).eval()
+    a = random_batch(2, seed=2)
+    a["vitals_mask"] = torch.zeros_like(a["vitals_mask"])
+    a["vitals_delta"] = torch.ones_like(a["vitals_delta"])
+    b = dict(a, vitals=torch.randn_like(a["vitals"]))
+    with torch.no_grad():
+        assert torch.allclose(model.forward_dict(a), model.forward_dict(b))
+
+
+def test_calibrated_model_divides_logit_by_temperature() -> None:
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig(temperature=2.0)).eval()
+    inputs = random_batch(3)
+    with torch.no_grad():
+        raw = model.forward_dict(inputs)
+        prob, logit = CalibratedModel(model)(*(inputs[n] for n in C.INPUT_NAMES))
+    assert torch.allclose(logit, raw / 2.0)
+    assert torch.allclose(prob, torch.sigmoid(raw / 2.0))
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig(variant="vitals", temperature=1.3, info={"seed": 7})).eval()
+    loaded = load(save(model, tmp_path / "vitals"))
+    assert loaded.cfg == model.cfg
+    inputs = random_batch(2)
+    with torch.no_grad():
+        assert torch.equal(model.forward_dict(inputs), loaded.forward_dict(inputs))
+
+
+def test_withhold_matches_what_preprocessing_sends_for_missing_data() -> None:
+    from inference.preprocess import empty_image, vitals_tensors
+
+    cohort = toy_cohort(3, seed=0)
+    inputs = cohort_inputs(cohort)
+    no_image = withhold(inputs, "image")
+    assert np.array_equal(no_image["image"][0], empty_image()) and no_image["image_present"].sum() == 0
+    no_vitals = withhold(inputs, "vitals", np.array([1]))
+    values, mask, delta = vitals_tensors([])
+    assert np.array_equal(no_vitals["vitals"][1], values) and np.array_equal(no_vitals["vitals_mask"][1], mask)
+    assert np.array_equal(no_vitals["vitals_delta"][1], delta)
+    assert np.array_equal(no_vitals["vitals"][0], inputs["vitals"][0]), "only the selected rows change"
+
+
+def test_temperature_recovers_an_overconfident_scale() -> None:
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 1.5, 20000)
+    y = (rng.random(20000) < sigmoid(true_logit)).astype(float)
+    t = fit_temperature(true_logit * 3.0, y)
+    assert 2.7 < t < 3.3
+    assert expected_calibration_error(sigmoid(true_logit * 3.0 / t), y) < 0.02
+
+
+def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path) -> None:
+    cohort = toy_cohort(240, seed=0)
+    settings = TrainSettings(epochs=8, batch_size=32, patience=8, lr=3e-3)
+    out = train_run(seed=0, n=240, out_dir=tmp_path, variants=("fusion", "vitals"), settings=settings, cohort=cohort)
+    fusion = load(out / "fusion")
+    assert (out / "vitals" / "weights.pt").is_file()
+    assert fusion.cfg.info["seed"] == 0 and fusion.cfg.temperature > 0
+    test = toy_cohort(200, seed=1)
+    from sklearn.metrics import roc_auc_score
+
+    auroc = roc_auc_score(test.outcome, predict_logits(fusion, cohort_inputs(test)))
+    assert auroc > 0.7, f"fusion did not learn the planted signal (AUROC {auroc:.3f})"
