@@ -1,0 +1,138 @@
+"""End-to-end figures for the embedded default (SQLite state, SQLite broker, ONNX Runtime in-process).
+
+1. Latency: time from a study's last instance stored in Orthanc (STOW-RS answered) to its RiskAssessment
+   readable in the FHIR server; median and p95 over --latency-studies studies sent one at a time.
+2. Throughput: a backlog of --backlog patients stored before the worker starts; studies per minute until every
+   RiskAssessment is readable.
+
+Run: .venv/bin/python bench/bench_e2e.py [--latency-studies 20] [--backlog 50]
+Orthanc's StableAge (2 s here, 60 s by default) is part of the latency: the engine waits for a study to be
+complete before reading it. It prints figures; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from inference import synth  # noqa: E402
+from integration.sandbox.cohort import post_transaction, stow  # noqa: E402
+from integration.sandbox.fhir import FhirPeer  # noqa: E402
+from integration.sandbox.orthanc import OrthancPeer  # noqa: E402
+
+SYSTEM = "urn:strokewatch:bench"
+MRN = "urn:oid:1.2.36.146.595.217.0.1"
+
+
+def assessments_by_study(fhir: str) -> dict[str, float]:
+    """study UID -> first time seen, for every RiskAssessment in the FHIR server."""
+    out: dict[str, float] = {}
+    url: str | None = f"{fhir}/RiskAssessment?identifier={SYSTEM}|&_count=500"
+    with httpx.Client(timeout=30) as client:
+        while url:
+            bundle = client.get(url).raise_for_status().json()
+            for e in bundle.get("entry", []):
+                for b in e["resource"].get("basis", []):
+                    ident = (b.get("identifier") or {}).get("value", "")
+                    if ident.startswith("urn:oid:"):
+                        out[ident[8:]] = time.monotonic()
+            url = next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None)
+    return out
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    from integration.config import Settings
+    from integration.entrypoints.worker import worker_argv
+
+    argv = worker_argv(Settings(), concurrency=2)
+    return subprocess.Popen([sys.executable, "-m", *argv], env={**os.environ, **env}, cwd=ROOT,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def prepare(n: int, seed: int, work: Path, fhir: str) -> list[tuple[str, list[Path]]]:
+    """Write the patients' FHIR data now, and their DICOM files to disk (sent later)."""
+    end = datetime.now(UTC).replace(microsecond=0)
+    studies = []
+    for i, p in enumerate(synth.iter_cohort(n, seed)):
+        post_transaction(fhir, synth.transaction_bundle(synth.fhir_resources(p, identifier_system=MRN, window_end=end)))
+        files = synth.write_dicom(p, work / f"p{i}", window_end=end)
+        import pydicom
+
+        studies.append((str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files))
+    return studies
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency-studies", type=int, default=20)
+    ap.add_argument("--backlog", type=int, default=50)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sw-bench-") as tmp:
+        work = Path(tmp)
+        with OrthancPeer(work / "orthanc", stable_age=2) as pacs, FhirPeer(work / "fhir") as ehr:
+            env = {
+                "STROKEWATCH_SANDBOX": "true", "STROKEWATCH_DATA_DIR": str(work / "data"),
+                "STROKEWATCH_PACS__DICOMWEB_URL": pacs.dicomweb_url, "STROKEWATCH_PACS__ORTHANC_URL": pacs.url,
+                "STROKEWATCH_PACS__KIND": "orthanc", "STROKEWATCH_PACS__POLL_SECONDS": "0.5",
+                "STROKEWATCH_EHR__BASE_URL": ehr.base_url, "STROKEWATCH_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN,
+                "STROKEWATCH_ASSESSMENT_IDENTIFIER_SYSTEM": SYSTEM, "STROKEWATCH_LOG_LEVEL": "WARNING",
+            }
+            # -- latency ---------------------------------------------------------------------------
+            studies = prepare(args.latency_studies, 101, work / "lat", ehr.base_url)
+            worker = start_worker(env, work / "worker1.log")
+            time.sleep(5)  # worker up
+            lat = []
+            try:
+                for uid, files in studies:
+                    stow(pacs.dicomweb_url, files)
+                    t0 = time.monotonic()
+                    while uid not in assessments_by_study(ehr.base_url):
+                        if time.monotonic() - t0 > 180:
+                            raise SystemExit(f"study {uid} not assessed in 180 s; see {work / 'worker1.log'}")
+                        time.sleep(0.05)
+                    lat.append(time.monotonic() - t0)
+            finally:
+                os.killpg(worker.pid, signal.SIGTERM)
+                worker.wait(30)
+            lat.sort()
+            p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
+            print(f"latency, stored -> RiskAssessment readable (n={len(lat)}, Orthanc StableAge 2 s): "
+                  f"median {statistics.median(lat):.2f} s, p95 {p95:.2f} s, min {lat[0]:.2f} s, max {lat[-1]:.2f} s")
+
+            # -- throughput on a backlog ---------------------------------------------------------------
+            backlog = prepare(args.backlog, 202, work / "backlog", ehr.base_url)
+            for _uid, files in backlog:
+                stow(pacs.dicomweb_url, files)
+            time.sleep(3)  # let Orthanc mark them stable: the backlog is complete before the engine starts
+            env2 = {**env, "STROKEWATCH_DATA_DIR": str(work / "data2")}
+            want = {uid for uid, _ in backlog}
+            t0 = time.monotonic()
+            worker = start_worker(env2, work / "worker2.log")
+            try:
+                while not want <= set(assessments_by_study(ehr.base_url)):
+                    if time.monotonic() - t0 > 1800:
+                        raise SystemExit("backlog not done in 30 min")
+                    time.sleep(0.5)
+            finally:
+                os.killpg(worker.pid, signal.SIGTERM)
+                worker.wait(30)
+            dt = time.monotonic() - t0
+            print(f"throughput, backlog of {len(want)} patients (worker start included): {dt:.1f} s, "
+                  f"{len(want) / dt * 60:.1f} studies/min")
+
+
+if __name__ == "__main__":
+    main()
