@@ -62,12 +62,13 @@ class Volume:
     def centre(self) -> np.ndarray:
         n, r, c = self.voxels.shape
         dz, dr, dc = self.spacing
-        return (
+        centre: np.ndarray = (
             self.origin
             + (n - 1) / 2 * dz * self.normal
             + (r - 1) / 2 * dr * self.col_dir
             + (c - 1) / 2 * dc * self.row_dir
         )
+        return centre
 
 
 def stack_slices(slices: Sequence[Slice], *, spacing_tolerance: float = 0.1) -> Volume:
@@ -156,7 +157,8 @@ def contract_grid_points(centre: np.ndarray) -> np.ndarray:
     y = (np.arange(h) - (h - 1) / 2) * sy
     x = (np.arange(w) - (w - 1) / 2) * sx
     zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
-    return np.stack([xx, yy, zz], axis=-1) + centre  # (D, H, W, 3) as (x, y, z)
+    points: np.ndarray = np.stack([xx, yy, zz], axis=-1) + centre  # (D, H, W, 3) as (x, y, z)
+    return points
 
 
 def _trilinear(voxels: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -102,8 +102,8 @@ class OnnxRuntimeModel:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         meta = self._session.get_modelmeta().custom_metadata_map
-        self._version = meta.get(META_VERSION, "unknown")
-        self._trained = meta.get(META_TRAINED, "false").lower() == "true"
+        self._version: str = str(meta.get(META_VERSION, "unknown"))
+        self._trained: bool = str(meta.get(META_TRAINED, "false")).lower() == "true"
         self.info: dict[str, object] = json.loads(meta.get(META_INFO, "{}"))
         self.path = path
         check_onnx_signature(self._session)
