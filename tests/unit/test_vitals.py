@@ -65,7 +65,13 @@ def obs(
 
 
 def bp_panel(
-    oid: str, sys_v: Any, dia_v: Any, *, panel: str = "85354-9", when: str = "2024-05-01T10:00:00Z", unit: str = "mm[Hg]"
+    oid: str,
+    sys_v: Any,
+    dia_v: Any,
+    *,
+    panel: str = "85354-9",
+    when: str = "2024-05-01T10:00:00Z",
+    unit: str = "mm[Hg]",
 ) -> dict:
     def component(code: str, v: Any) -> dict:
         return {"code": {"coding": [{"system": LOINC, "code": code}]}, "valueQuantity": quantity(v, unit, "mmHg")}
@@ -165,7 +171,10 @@ def test_other_codes_and_the_vital_signs_panel_without_values_are_ignored() -> N
 @pytest.mark.parametrize("panel", ["85354-9", "55284-4"])
 def test_bp_panel_components_give_systolic_and_diastolic(panel: str) -> None:
     parsed = parse_observations([bp_panel("bp1", 142, 91, panel=panel)])
-    assert {(v.feature, v.value, v.observation_id) for v in parsed.accepted} == {("sbp", 142, "bp1"), ("dbp", 91, "bp1")}
+    assert {(v.feature, v.value, v.observation_id) for v in parsed.accepted} == {
+        ("sbp", 142, "bp1"),
+        ("dbp", 91, "bp1"),
+    }
 
 
 def test_bp_panel_ignores_other_components_and_absent_ones() -> None:
@@ -277,7 +286,9 @@ def test_values_outside_the_plausible_range_are_rejected(loinc: str, value: floa
 
 def test_plausible_limits_are_inclusive() -> None:
     low, high = C.VITAL_FEATURES[C.FEATURE_INDEX["spo2"]].plausible
-    parsed = parse_observations([obs("a", "59408-5", low, "%"), obs("b", "59408-5", high, "%", when="2024-05-01T11:00:00Z")])
+    parsed = parse_observations(
+        [obs("a", "59408-5", low, "%"), obs("b", "59408-5", high, "%", when="2024-05-01T11:00:00Z")]
+    )
     assert len(parsed.accepted) == 2
 
 
