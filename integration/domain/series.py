@@ -72,10 +72,12 @@ NON_IMAGE_MODALITIES: frozenset[str] = frozenset(
 DEFAULT_HEAD_PATTERN = (
     r"HEAD|BRAIN|SKULL|CRAN|CEREBR|NEURO|STROKE|ENCEPH|SCHAEDEL|SCHÄDEL|KOPF|CERVEAU|T[EÊ]TE|CABEZA|CEREBRO"
 )
+# "low dose" protocols are diagnostic, so only dose *reports* are excluded.
 # "3D" alone is not excluded: for MR it names a primary acquisition (3D T1, 3D FLAIR); 3D renderings are
 # caught by the words below and by ImageType DERIVED/SECONDARY.
 DEFAULT_EXCLUDE_PATTERN = (
-    r"SCOUT|LOCALI[SZ]ER|TOPOGRAM|SURVIEW|SCANOGRAM|PILOT|\bDOSE\b|SCREEN ?SAVE|\bMIP\b|MINIP|\bVRT?\b"
+    r"SCOUT|LOCALI[SZ]ER|TOPOGRAM|SURVIEW|SCANOGRAM|PILOT|DOSE ?(?:REPORT|INFO|SUMMARY|SHEET)|^\s*DOSE\s*$"
+    r"|SCREEN ?SAVE|\bMIP\b|MINIP|\bVRT?\b"
     r"|VOLUME ?RENDER|3D ?(?:RECON|RENDER|VR|MIP)|\bREPORT\b|PATIENT ?PROTOCOL|\bKEY ?IMAGES?\b"
 )
 DEFAULT_SOFT_KERNEL_PATTERN = r"SOFT|STANDARD|\bSTND\b|BRAIN|HEAD|\b[HJQ][RV]?[1-4]\d|\bFC[0-2]\d|\bU[AB]\b"

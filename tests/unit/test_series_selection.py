@@ -82,6 +82,11 @@ def test_head_label_may_come_from_descriptions_and_any_language() -> None:
     assert decide(ct(body_part="", series_description="Crane sans injection", study_description=""), RULES).eligible
 
 
+def test_low_dose_protocol_is_not_a_dose_report() -> None:
+    assert decide(ct(series_description="Low dose head 5mm"), RULES).eligible
+    assert decide(ct(series_description="DOSE"), RULES).outcome is Outcome.NOT_IMAGE
+
+
 def test_mr_3d_acquisition_is_not_mistaken_for_a_rendering() -> None:
     mr = ct(modality="MR", sop_class_uid=MR_IMAGE_STORAGE, series_description="3D T1 MPRAGE", n_instances=176,
             convolution_kernel="", body_part="BRAIN")
