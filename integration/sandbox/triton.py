@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from inference import contract as C
+from integration.sandbox._process import SandboxError, free_port, pid_alive, stop_pid
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SETUP_SCRIPT = REPO_ROOT / "deploy" / "triton" / "setup_venv.sh"
 
 
-class TritonPeerError(RuntimeError):
+class TritonPeerError(SandboxError):
     """The local Triton peer could not be set up, started or driven (the message says what to do)."""
 
 
@@ -68,12 +68,6 @@ def _server_home(venv: Path) -> Path:
     return matches[0].parent.parent
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class TritonPeer:
     """One tritonserver process on 127.0.0.1 (HTTP, gRPC, metrics on free ports kept across restarts)."""
 
@@ -83,6 +77,7 @@ class TritonPeer:
         *,
         load_models: Sequence[str] = (C.MODEL_NAME,),
         venv: Path | None = None,
+        workdir: Path | None = None,
         startup_timeout_s: float = 90.0,
         exit_timeout_s: int = 3,
         log_verbose: int = 0,
@@ -95,7 +90,10 @@ class TritonPeer:
         self.exit_timeout_s = exit_timeout_s
         self.log_verbose = log_verbose
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
-        self._workdir = Path(tempfile.mkdtemp(prefix="strokewatch-triton-"))
+        # Logs and the gathered backend live here; a directory we created is deleted by close().
+        self._owns_workdir = workdir is None
+        self._workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="strokewatch-triton-"))
+        self._workdir.mkdir(parents=True, exist_ok=True)
         self._backends: Path | None = None
         self._shm_prefix = ""
         self._proc: subprocess.Popen[bytes] | None = None
@@ -192,8 +190,22 @@ class TritonPeer:
     def close(self) -> None:
         """Stop and delete the work directory (logs included)."""
         self.stop()
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._owns_workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
         atexit.unregister(self.close)
+
+    def detach(self) -> tuple[int, str]:
+        """Leave the server running beyond this process: returns (pid, shm prefix) for stop_detached()."""
+        if self._proc is None or not self.running:
+            raise TritonPeerError("tritonserver is not running")
+        pid = self._proc.pid
+        self._proc.returncode = 0  # Popen must not warn about a child it no longer owns
+        self._proc = None
+        if self._log_file is not None:
+            self._log_file.close()  # type: ignore[attr-defined]
+            self._log_file = None
+        atexit.unregister(self.close)
+        return pid, self._shm_prefix
 
     def __enter__(self) -> TritonPeer:
         return self.start()
@@ -288,3 +300,60 @@ class TritonPeer:
         for region in glob.glob(f"/dev/shm/{self._shm_prefix}*"):
             with contextlib.suppress(OSError):
                 os.unlink(region)
+
+
+# ------------------------------------------------------------------ `strokewatch sandbox up --triton`
+STATE_FILE = "triton.json"
+
+
+def start_detached(state_dir: Path, onnx_path: Path | None = None) -> str:
+    """Start a background Triton serving model.onnx (python backend) and record it; returns its HTTP URL.
+
+    A healthy recorded server is reused. Its model repository and logs live in ``state_dir/triton``.
+    """
+    from inference.runtime import DEFAULT_MODEL_PATH
+    from inference.triton_pybackend import write_repository
+
+    state_dir = Path(state_dir).resolve()
+    state = _read_state(state_dir)
+    if state and pid_alive(int(state["pid"]), state["marker"]):
+        return str(state["http_url"])
+    stop_detached(state_dir)
+    home = state_dir / "triton"
+    repo = home / "models"
+    write_repository(repo, onnx_path or DEFAULT_MODEL_PATH)
+    peer = TritonPeer(repo, venv=ensure_venv(), workdir=home)
+    peer.start()
+    pid, shm_prefix = peer.detach()
+    state = {
+        "pid": pid,
+        "marker": str(peer.model_repository),  # in the process's command line: guards against pid reuse
+        "http_url": peer.http_url,
+        "grpc_url": peer.grpc_url,
+        "metrics_url": peer.metrics_url,
+        "shm_prefix": shm_prefix,
+        "log": str(peer.log_path),
+    }
+    (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    return peer.http_url
+
+
+def stop_detached(state_dir: Path) -> bool:
+    """Stop a recorded background Triton (SIGTERM, then SIGKILL) and free its shared memory."""
+    state = _read_state(Path(state_dir))
+    if state is None:
+        return False
+    stop_pid(int(state["pid"]), state["marker"], timeout=20.0)
+    for region in glob.glob(f"/dev/shm/{state['shm_prefix']}*"):
+        with contextlib.suppress(OSError):
+            os.unlink(region)
+    (Path(state_dir) / STATE_FILE).unlink(missing_ok=True)
+    return True
+
+
+def _read_state(state_dir: Path) -> dict[str, str] | None:
+    try:
+        data = json.loads((state_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and {"pid", "marker", "shm_prefix"} <= set(data) else None
