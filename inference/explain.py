@@ -112,26 +112,32 @@ def image_hotspot(attribution: np.ndarray, smooth_voxels: int = 3) -> tuple[int,
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(smoothed)), smoothed.shape))  # type: ignore[return-value]
 
 
-def describe_region(voxel: tuple[int, int, int]) -> str:
-    """An approximate anatomical name for a contract-grid voxel, assuming the head is centred in the grid.
+#: Where the grid centre sits in MNI space (mm): preprocessing centres the grid on the acquired volume,
+#: which for a head CT/MR is about the centre of the brain.
+GRID_CENTRE_MNI = np.array([0.0, -18.0, 5.0])
 
-    Contract axes are (z, y, x) in LPS; positions are taken relative to the grid centre and compared with
-    coarse vascular-territory boundaries in millimetres (anterior/middle/posterior cerebral artery and
-    posterior fossa). Approximate by design: the note says where to look, not a diagnosis.
+
+def describe_region(voxel: tuple[int, int, int]) -> str:
+    """An approximate anatomical name for a contract-grid voxel.
+
+    Contract axes are (z, y, x) in LPS. The voxel's offset from the grid centre is mapped to approximate MNI
+    millimetres (``GRID_CENTRE_MNI``) and compared with coarse vascular-territory boundaries (anterior,
+    middle, posterior cerebral artery, posterior fossa). Approximate by design: no registration is done, so
+    the note says where to look, not a diagnosis.
     """
     centre = (np.asarray(C.VOLUME_SHAPE) - 1) / 2.0
-    z, y_lps, x_lps = (np.asarray(voxel) - centre) * np.asarray(C.VOLUME_SPACING_MM)
-    side = "left" if x_lps > 0 else "right"  # LPS: +x is the patient's left
-    anterior = -y_lps  # RAS y
-    lateral = abs(x_lps)
-    if z < -20 and anterior < -35:
+    z_lps, y_lps, x_lps = (np.asarray(voxel) - centre) * np.asarray(C.VOLUME_SPACING_MM)
+    x, y, z = np.array([-x_lps, -y_lps, z_lps]) + GRID_CENTRE_MNI  # RAS / MNI mm
+    side = "left" if x < 0 else "right"
+    lateral = abs(x)
+    if z < -20 and y < -35:
         return "posterior fossa (vertebrobasilar territory)"
-    if lateral < 16 and anterior > -55 and z > 0:
+    if lateral < 16 and y > -55 and z > 0:
         return f"{side} ACA territory"
-    if anterior < -68 or (anterior < -25 and -30 < z < -5 and lateral > 12):
+    if y < -68 or (-68 <= y < -25 and -30 < z < -5 and lateral > 12):
         return f"{side} PCA territory"
     if lateral < 12:
-        return f"{side} deep / periventricular white matter"
+        return f"{side} deep grey / periventricular region"
     return f"{side} MCA territory"
 
 
