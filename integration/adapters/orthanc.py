@@ -4,7 +4,8 @@
 instance has arrived for the study during Orthanc's ``StableAge`` seconds, i.e. the study is complete.
 
 Delivery is at-least-once and the caller de-duplicates (the database, by StudyInstanceUID):
-* re-sending instances of a study fires ``StableStudy`` again (Orthanc 1.10);
+* a study that receives more instances after it was stable fires ``StableStudy`` again (so do re-sent
+  instances when Orthanc is configured to overwrite them);
 * a cursor beyond Orthanc's last sequence number means the change log was cleared or the PACS was
   rebuilt; the feed then returns Orthanc's ``Last`` (the cursor moves back) so new events are not skipped.
 A study deleted between its event and our lookup is dropped silently (there is nothing to fetch).

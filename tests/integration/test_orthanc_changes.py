@@ -1,0 +1,95 @@
+"""OrthancChangeFeed against a real Orthanc (StableAge 1 s): stable studies, the cursor, re-sends, detection."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from pydicom.uid import generate_uid
+
+from integration.adapters.orthanc import OrthancChangeFeed, is_orthanc, orthanc_root
+from integration.domain.types import DomainError, Outcome
+from integration.sandbox import OrthancPeer, free_port
+from tests.integration.test_dicomweb_orthanc import ct_series, store
+
+pytestmark = pytest.mark.peers
+
+WAIT_S = 30.0  # StableAge is 1 s; this only bounds a failing test
+
+
+def wait_for_stable(feed: OrthancChangeFeed, cursor: int, study_uid: str) -> tuple[int, list[str]]:
+    """Read the feed from ``cursor`` until ``study_uid`` shows up; returns (cursor after it, all uids seen)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        while True:
+            uids, cursor, done = feed.stable_studies(cursor, limit=5)
+            seen.extend(uids)
+            if done:
+                break
+        if study_uid in seen:
+            return cursor, seen
+        time.sleep(0.3)
+    raise AssertionError(f"no StableStudy event for {study_uid} within {WAIT_S} s (saw {seen})")
+
+
+def test_stable_study_is_reported_once_and_the_cursor_advances(orthanc_peer: OrthancPeer) -> None:
+    feed = OrthancChangeFeed(orthanc_peer.url)
+    start = feed.latest_cursor()
+    study = generate_uid()
+    series = ct_series(study, n=5)
+    store(orthanc_peer, series)
+
+    cursor, seen = wait_for_stable(feed, start, study)
+    assert cursor > start
+    assert seen.count(study) == 1  # one study, several instances/series events: one UID
+
+    uids, again, done = feed.stable_studies(cursor)
+    assert study not in uids and again >= cursor and done
+
+    # A late instance makes the study stable again: delivery is at-least-once, callers de-duplicate.
+    late = ct_series(study, n=1, series_uid=series[0].SeriesInstanceUID, seed=9)
+    store(orthanc_peer, late)
+    _, resent = wait_for_stable(feed, cursor, study)
+    assert study in resent
+    feed.close()
+
+
+def test_deleted_study_is_skipped(orthanc_peer: OrthancPeer) -> None:
+    feed = OrthancChangeFeed(orthanc_peer.url)
+    keep, gone = generate_uid(), generate_uid()
+    start = feed.latest_cursor()
+    store(orthanc_peer, ct_series(gone, n=2))
+    store(orthanc_peer, ct_series(keep, n=2))
+    cursor, seen = wait_for_stable(feed, start, keep)
+    if gone not in seen:  # its event may not have fired yet: make sure it has, then delete the study
+        cursor, seen = wait_for_stable(feed, start, gone)
+    found = httpx.post(f"{orthanc_peer.url}/tools/lookup", content=gone).json()
+    httpx.delete(f"{orthanc_peer.url}{found[0]['Path']}").raise_for_status()
+    uids = []
+    position, done = start, False
+    while not done:
+        page, position, done = feed.stable_studies(position, limit=5)
+        uids.extend(page)
+    assert keep in uids and gone not in uids
+
+
+def test_cursor_beyond_the_log_moves_back(orthanc_peer: OrthancPeer) -> None:
+    feed = OrthancChangeFeed(orthanc_peer.url)
+    last = feed.latest_cursor()
+    uids, cursor, done = feed.stable_studies(last + 10_000)
+    assert uids == [] and done and cursor == last  # a rebuilt PACS: read from its real end, skip nothing new
+
+
+def test_orthanc_is_detected_from_rest_or_dicomweb_root(orthanc_peer: OrthancPeer) -> None:
+    assert is_orthanc(orthanc_peer.url)
+    assert orthanc_root(orthanc_peer.dicomweb_url) == orthanc_peer.url
+    assert not is_orthanc(f"http://127.0.0.1:{free_port()}")
+
+
+def test_orthanc_down_is_pacs_unavailable() -> None:
+    feed = OrthancChangeFeed(f"http://127.0.0.1:{free_port()}", timeout=2.0)
+    with pytest.raises(DomainError) as err:
+        feed.stable_studies(0)
+    assert err.value.outcome is Outcome.PACS_UNAVAILABLE
