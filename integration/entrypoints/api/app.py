@@ -1,0 +1,78 @@
+"""The app factory. ``uvicorn --factory integration.entrypoints.api.app:create_app`` (``strokewatch run`` does it).
+
+The engine (adapters, store, services) is built once at start-up by ``integration.bootstrap`` and closed at
+shutdown; routes reach it through ``deps``. Follow-up work goes to the queue through ``enqueue``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from integration.bootstrap import Engine, bootstrap
+from integration.config import Settings, get_settings
+from integration.domain.types import DomainError
+from integration.entrypoints.api.deps import Enqueue
+from integration.entrypoints.api.routes import failures, health, metrics, patients, status, studies, webhooks
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings, Enqueue], Engine]
+
+
+def default_engine(settings: Settings, enqueue: Enqueue) -> Engine:
+    return bootstrap(settings, enqueue=enqueue)
+
+
+def celery_enqueue(stage: str, ids: list[str]) -> None:
+    from integration.entrypoints.worker import enqueue
+
+    enqueue(stage, ids)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine_factory: EngineFactory = default_engine,
+    enqueue: Enqueue | None = None,
+) -> FastAPI:
+    """``settings`` default to the environment (``get_settings()``); ``enqueue`` to the Celery queue.
+
+    Celery's broker comes from the environment's settings too, so pass ``enqueue`` when ``settings`` differ.
+    """
+    send: Enqueue = enqueue or celery_enqueue
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        resolved = settings or get_settings()
+        engine = engine_factory(resolved, send)
+        app.state.engine = engine
+        app.state.enqueue = send
+        app.state.metrics = metrics.registry_for(engine.store)
+        log.info("API ready (PACS %s, EHR %s)", resolved.pacs.dicomweb_url, resolved.ehr.base_url)
+        try:
+            yield
+        finally:
+            engine.close()
+
+    app = FastAPI(
+        title="StrokeWatch",
+        summary="Stroke risk from PACS images and EHR vitals, written back as FHIR RiskAssessments.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    for module in (health, status, patients, studies, failures, webhooks, metrics):
+        app.include_router(module.router)
+    app.add_exception_handler(DomainError, _domain_error)  # type: ignore[arg-type]
+    return app
+
+
+async def _domain_error(_: Request, err: DomainError) -> JSONResponse:
+    """A peer or input problem met while serving a request: named outcome; 503 when trying again may help."""
+    code = 503 if err.retryable else 422
+    headers = {"Retry-After": str(int(err.retry_after))} if err.retry_after else None
+    return JSONResponse({"outcome": err.outcome.value, "detail": err.message}, status_code=code, headers=headers)

@@ -1,0 +1,1 @@
+"""One router per concern; each route parses input, calls one query or service, maps the result."""

@@ -1,0 +1,44 @@
+"""Prometheus metrics: gauges read from the database at scrape time (so every process reports the same)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+router = APIRouter(tags=["metrics"])
+
+_FAMILIES = {
+    "studies": ("strokewatch_studies", "Studies by status", "status"),
+    "patients": ("strokewatch_patients", "Patients by status", "status"),
+    "assessments": ("strokewatch_assessments", "Assessments by status", "status"),
+    "open_failures": ("strokewatch_open_failures", "Unresolved failures by outcome", "outcome"),
+}
+
+
+class StoreCollector(Collector):
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.store.counts()
+        for key, (name, doc, label) in _FAMILIES.items():
+            family = GaugeMetricFamily(name, doc, labels=[label])
+            for value, n in sorted(counts.get(key, {}).items()):
+                family.add_metric([value], n)
+            yield family
+
+
+def registry_for(store: Any) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(store))
+    return registry
+
+
+@router.get("/metrics", summary="Prometheus text exposition", response_class=Response)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,144 @@
+"""Push alternatives to polling: Orthanc says a study is stable; a FHIR Subscription says vitals changed.
+
+Both answer 202 and hand the work to the queue; polling still runs, so a lost notification loses nothing.
+Bodies may hold PHI: never log them, only study UIDs and FHIR ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from integration.adapters.db import queries
+from integration.entrypoints.api.deps import EngineDep, EnqueueDep, ServicesDep, SessionsDep
+from integration.services.studies import register_study
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+
+class StableStudy(BaseModel):
+    """Either the DICOM StudyInstanceUID or Orthanc's own study ID (as Orthanc's Lua OnStableStudy sends)."""
+
+    model_config = ConfigDict(extra="allow")
+    StudyInstanceUID: str | None = None
+    ID: str | None = Field(None, description="Orthanc study ID")
+
+
+class StudyAccepted(BaseModel):
+    study_uid: str
+    enqueued: bool
+
+
+class NotificationAccepted(BaseModel):
+    patients: list[str]  # FHIR ids whose vitals sync was enqueued
+    ignored: list[str]  # referenced patients the engine does not follow
+
+
+def _orthanc_study_uid(engine: Any, orthanc_id: str) -> str | None:
+    feed = engine.feed
+    if feed is None:
+        raise HTTPException(422, "an Orthanc ID needs an Orthanc PACS (STROKEWATCH_PACS__KIND=orthanc or auto)")
+    resolve = getattr(feed, "study_uid", None) or feed._study_uid
+    uid = resolve(orthanc_id)
+    return str(uid) if uid else None
+
+
+@router.post(
+    "/orthanc/stable-study",
+    response_model=StudyAccepted,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="A study is complete on the PACS: record it and enqueue its ingestion",
+    responses={404: {"description": "The PACS does not know the study"}, 422: {"description": "No study named"}},
+)
+def stable_study(body: StableStudy, engine: EngineDep, services: ServicesDep, enqueue: EnqueueDep) -> StudyAccepted:
+    uid = body.StudyInstanceUID
+    if not uid and body.ID:
+        uid = _orthanc_study_uid(engine, body.ID)
+        if not uid:
+            raise HTTPException(404, f"Orthanc has no study {body.ID}")
+    if not uid:
+        raise HTTPException(422, "give StudyInstanceUID or ID (Orthanc study ID)")
+    if not register_study(services, uid, source="webhook"):
+        raise HTTPException(404, f"the PACS does not know study {uid}")
+    enqueue("ingest", [uid])
+    log.info("webhook: study %s enqueued", uid)
+    return StudyAccepted(study_uid=uid, enqueued=True)
+
+
+@router.post(
+    "/fhir/subscription",
+    response_model=NotificationAccepted,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="FHIR Subscription rest-hook notification: sync the vitals of the patients it references",
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "description": "A Bundle of the changed resources, a single resource, or nothing (payload: none)",
+            "content": {"application/fhir+json": {"schema": {"type": "object"}}},
+        }
+    },
+)
+async def fhir_subscription(request: Request, sessions: SessionsDep, enqueue: EnqueueDep) -> NotificationAccepted:
+    # Read the body ourselves: servers send application/fhir+json, and "payload: none" sends nothing at all.
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError as err:
+        raise HTTPException(400, "the notification body is not JSON") from err
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the notification body is not a FHIR resource")
+    referenced = list(dict.fromkeys(patient_ids(body)))
+    return await run_in_threadpool(_sync_known, sessions, enqueue, referenced)
+
+
+def _sync_known(sessions: Any, enqueue: Any, referenced: list[str]) -> NotificationAccepted:
+    known = [p for p in referenced if queries.is_known_patient(sessions, p)]
+    enqueue("vitals", known)
+    if known:
+        log.info("FHIR notification: vitals sync enqueued for %d patient(s)", len(known))
+    return NotificationAccepted(patients=known, ignored=[p for p in referenced if p not in known])
+
+
+_PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+
+
+def _patient_from_reference(ref: object) -> str | None:
+    if isinstance(ref, dict):
+        ref = ref.get("reference")
+    match = _PATIENT_REF.search(ref) if isinstance(ref, str) else None
+    return match.group(1) if match else None
+
+
+def patient_ids(resource: dict[str, Any]) -> Iterator[str]:
+    """Patient ids a notification references: a Bundle (history, subscription-notification, ...) of resources,
+    a single resource, or the SubscriptionStatus / Parameters of topic-based notifications (focus references)."""
+    rtype = resource.get("resourceType")
+    if rtype == "Bundle":
+        for entry in resource.get("entry") or []:
+            if isinstance(entry, dict):
+                if isinstance(entry.get("resource"), dict):
+                    yield from patient_ids(entry["resource"])
+                elif pid := _patient_from_reference(entry.get("fullUrl")):
+                    yield pid
+        return
+    if rtype == "Patient" and isinstance(resource.get("id"), str):
+        yield resource["id"]
+    for key in ("subject", "patient"):
+        if pid := _patient_from_reference(resource.get(key)):
+            yield pid
+    for event in resource.get("notificationEvent") or []:  # SubscriptionStatus (R4B/R5)
+        if isinstance(event, dict) and (pid := _patient_from_reference(event.get("focus"))):
+            yield pid
+    for param in resource.get("parameter") or []:  # Parameters (R4 Subscriptions Backport)
+        for part in (param or {}).get("part") or []:
+            pid = _patient_from_reference(part.get("valueReference")) if isinstance(part, dict) else None
+            if pid and part.get("name") == "focus":
+                yield pid
