@@ -1,0 +1,390 @@
+"""FhirEhr: the ``Ehr`` port over FHIR R4 REST (httpx), for any conformant server.
+
+Errors (issue 2): a 4xx other than 408/429 is ``DomainError(EHR_REJECTED)`` with the server's
+OperationOutcome diagnostics and is not retried. 408, 429, 5xx, timeouts and connection errors are
+retried here a few times with exponential backoff, honouring ``Retry-After`` (seconds or HTTP-date);
+when retries run out, or the server asks to wait longer than ``max_retry_after`` seconds, the result is
+``DomainError(EHR_UNAVAILABLE, retry_after=...)`` so the task layer can retry later. Every write is
+conditional (If-None-Exist, If-Match) or a PUT, so repeating one after a lost response is safe.
+
+Log lines and error messages carry the resource type and status, never query strings (they hold MRNs).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
+
+import httpx
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from integration.domain.types import DomainError, Outcome, PatientInfo
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+LOINC_SYSTEM = "http://loinc.org"
+RETRYABLE_STATUS = frozenset({408, 429})
+
+CreateMode = Literal["if-none-exist", "search-first"]
+
+
+class FhirRejected(DomainError):
+    """EHR_REJECTED from an HTTP 4xx answer; ``status`` says which."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(Outcome.EHR_REJECTED, message)
+        self.status = status
+
+
+class FhirEhr:
+    """A FHIR R4 server. ``create_mode="search-first"`` is for servers that ignore If-None-Exist:
+    it searches for the identifier before creating (still sending the header)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: httpx.Auth | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        page_size: int = 200,
+        client: httpx.Client | None = None,
+        max_retry_after: float = 30.0,
+        max_pages: int = 10_000,
+        create_mode: CreateMode = "if-none-exist",
+        verify: bool = True,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.page_size = page_size
+        self.max_retry_after = max_retry_after
+        self.max_pages = max_pages
+        self.create_mode = create_mode
+        self._sleep = sleep
+        self._owns_client = client is None
+        self._client = client or httpx.Client(timeout=timeout, verify=verify)
+        self._auth = auth
+        self._headers = {"Accept": FHIR_JSON, "User-Agent": "strokewatch"}
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+        close_auth = getattr(self._auth, "close", None)
+        if callable(close_auth):
+            close_auth()
+
+    def __enter__(self) -> FhirEhr:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------
+    # The Ehr port
+    # ------------------------------------------------------------------------------------------
+
+    def find_patient(self, system: str | None, value: str) -> PatientInfo | None:
+        token = f"{_escape(system)}|{_escape(value)}" if system else _escape(value)
+        bundle = self._get_json("Patient", {"identifier": token, "_count": "10"})
+        patients = [p for p in _matches(bundle) if p.get("resourceType") == "Patient"]
+        if len(patients) > 1:
+            # A merged record points at its survivor (link type replaced-by); inactive ones are not candidates.
+            live = [p for p in patients if p.get("active", True) and not _replaced(p)]
+            patients = live if live else patients
+        if len(patients) > 1:
+            raise DomainError(
+                Outcome.AMBIGUOUS_PATIENT,
+                f"{len(patients)} Patients carry the identifier"
+                + (f" in system {system}" if system else " (any system)")
+                + "; merge them in the EHR or configure the identifier system",
+            )
+        if not patients:
+            return None
+        p = patients[0]
+        return PatientInfo(str(p["id"]), p.get("birthDate"), p.get("gender"))
+
+    def search_observations(
+        self, patient_id: str, codes: Sequence[str], since: datetime | None, updated_since: datetime | None
+    ) -> list[dict[str, Any]]:
+        params: dict[str, str] = {"subject": f"Patient/{patient_id}"}
+        if codes:
+            params["code"] = ",".join(f"{LOINC_SYSTEM}|{_escape(c)}" for c in codes)
+        if since is not None:
+            params["date"] = f"ge{_instant(since)}"
+        if updated_since is not None:
+            params["_lastUpdated"] = f"gt{_instant(updated_since)}"
+        return self.search("Observation", params)
+
+    def search(self, resource_type: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """All matching resources, every page followed (works whether or not Bundle.total is sent)."""
+        query = {"_count": str(self.page_size), **params}
+        return [r for page in self._pages(resource_type, query) for r in _matches(page)]
+
+    def conditional_create(
+        self, resource: dict[str, Any], identifier_system: str, identifier_value: str
+    ) -> tuple[str, bool]:
+        rtype = _resource_type(resource)
+        _validate(resource)
+        token = f"{_escape(identifier_system)}|{_escape(identifier_value)}"
+        if self.create_mode == "search-first":
+            found = self._get_json(rtype, {"identifier": token, "_count": "2"})
+            existing = list(_matches(found))
+            if len(existing) == 1:
+                return str(existing[0]["id"]), False
+            if len(existing) > 1:
+                raise DomainError(Outcome.EHR_REJECTED, f"several {rtype} resources carry the same identifier")
+        response = self._send(
+            "POST",
+            f"{self.base_url}/{rtype}",
+            json=resource,
+            headers={"Content-Type": FHIR_JSON, "If-None-Exist": urlencode({"identifier": token})},
+        )
+        body = _json(response)
+        rid = body.get("id") if body.get("resourceType") == rtype else None
+        rid = rid or _id_from_location(response.headers.get("Location") or response.headers.get("Content-Location"))
+        if not rid:
+            raise DomainError(
+                Outcome.EHR_REJECTED, f"create {rtype}: server answered {response.status_code} without id"
+            )
+        return str(rid), response.status_code == 201
+
+    def update(self, resource: dict[str, Any]) -> None:
+        rtype = _resource_type(resource)
+        rid = resource.get("id")
+        if not rid:
+            raise DomainError(Outcome.INTERNAL_ERROR, f"update {rtype}: resource has no id")
+        _validate(resource)
+        headers = {"Content-Type": FHIR_JSON}
+        version = (resource.get("meta") or {}).get("versionId")
+        if version:
+            headers["If-Match"] = f'W/"{version}"'
+        self._send("PUT", f"{self.base_url}/{rtype}/{rid}", json=resource, headers=headers)
+
+    # ------------------------------------------------------------------------------------------
+    # Beyond the port
+    # ------------------------------------------------------------------------------------------
+
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        try:
+            return _json(self._send("GET", f"{self.base_url}/{resource_type}/{resource_id}"))
+        except DomainError as err:
+            if isinstance(err, FhirRejected) and err.status in (404, 410):
+                return None
+            raise
+
+    def capability(self) -> dict[str, Any]:
+        """The CapabilityStatement (GET /metadata), for `strokewatch doctor`."""
+        body = _json(self._send("GET", f"{self.base_url}/metadata"))
+        if body.get("resourceType") != "CapabilityStatement":
+            raise DomainError(
+                Outcome.EHR_REJECTED,
+                f"{self.base_url}/metadata is not a CapabilityStatement (got {body.get('resourceType')!r}): "
+                "is the base URL right?",
+            )
+        return body
+
+    # ------------------------------------------------------------------------------------------
+    # HTTP
+    # ------------------------------------------------------------------------------------------
+
+    def _get_json(self, resource_type: str, params: Mapping[str, str]) -> dict[str, Any]:
+        return _json(self._send("GET", f"{self.base_url}/{resource_type}", params=params))
+
+    def _pages(self, resource_type: str, params: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+        page = self._get_json(resource_type, params)
+        seen: set[str] = set()
+        for _ in range(self.max_pages):
+            yield page
+            link = _next_link(page)
+            if link is None:
+                return
+            url = self._same_origin(urljoin(self.base_url + "/", link))
+            if url in seen:
+                raise DomainError(Outcome.EHR_REJECTED, f"{resource_type} search: the server's next links loop")
+            seen.add(url)
+            page = _json(self._send("GET", url))
+        raise DomainError(Outcome.EHR_REJECTED, f"{resource_type} search: more than {self.max_pages} pages")
+
+    def _same_origin(self, url: str) -> str:
+        """Servers behind proxies often put their internal host in links; never send credentials elsewhere."""
+        base, link = urlsplit(self.base_url), urlsplit(url)
+        if (link.scheme, link.netloc) == (base.scheme, base.netloc):
+            return url
+        log.warning("FHIR next link names another origin (%s); following it on %s", link.netloc, base.netloc)
+        return urlunsplit((base.scheme, base.netloc, link.path, link.query, ""))
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        what = f"{method} {_describe(url, self.base_url)}"
+        for attempt in range(self.max_retries + 1):
+            retry_after: float | None = None
+            try:
+                response = self._client.request(
+                    method, url, params=params, json=json, headers={**self._headers, **(headers or {})}, auth=self._auth
+                )
+            except httpx.TimeoutException as exc:
+                problem = f"{what}: timed out ({type(exc).__name__})"
+            except httpx.TransportError as exc:
+                problem = f"{what}: cannot reach {urlsplit(self.base_url).netloc} ({type(exc).__name__})"
+            else:
+                status = response.status_code
+                if status < 400:
+                    log.debug("%s -> %d", what, status)
+                    return response
+                if status < 500 and status not in RETRYABLE_STATUS:
+                    raise _rejected(what, response)
+                retry_after = _retry_after(response.headers.get("Retry-After"))
+                problem = f"{what}: {status} {_diagnostics(response) or response.reason_phrase}"
+            wait = retry_after if retry_after is not None else self.backoff * 2**attempt * random.uniform(0.75, 1.0)
+            if attempt >= self.max_retries or wait > self.max_retry_after:
+                raise DomainError(
+                    Outcome.EHR_UNAVAILABLE,
+                    f"{problem} (after {attempt + 1} attempt{'s' if attempt else ''})",
+                    retry_after=retry_after,
+                )
+            log.info("%s; retry %d/%d in %.2f s", problem, attempt + 1, self.max_retries, wait)
+            self._sleep(wait)
+        raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _escape(value: str | None) -> str:
+    """FHIR search escaping: \\ , | and $ inside a token value are escaped with a backslash."""
+    text = value or ""
+    for ch in ("\\", ",", "|", "$"):
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _instant(moment: datetime) -> str:
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _matches(bundle: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    for entry in bundle.get("entry") or []:
+        mode = (entry.get("search") or {}).get("mode", "match")
+        resource = entry.get("resource")
+        if mode == "match" and isinstance(resource, dict):
+            yield resource
+
+
+def _next_link(bundle: Mapping[str, Any]) -> str | None:
+    for link in bundle.get("link") or []:
+        if link.get("relation") == "next" and link.get("url"):
+            return str(link["url"])
+    return None
+
+
+def _replaced(patient: Mapping[str, Any]) -> bool:
+    return any(link.get("type") == "replaced-by" for link in patient.get("link") or [])
+
+
+def _resource_type(resource: Mapping[str, Any]) -> str:
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str) or not rtype.isalpha():
+        raise DomainError(Outcome.INTERNAL_ERROR, "resource without a valid resourceType")
+    return rtype
+
+
+def _validate(resource: dict[str, Any]) -> None:
+    """Catch a malformed resource before the server does, with a message that names the field."""
+    try:
+        get_fhir_model_class(_resource_type(resource)).model_validate(resource)
+    except KeyError:
+        raise DomainError(
+            Outcome.INTERNAL_ERROR, f"unknown FHIR R4 resource type {resource['resourceType']!r}"
+        ) from None
+    except ValidationError as exc:
+        fields = "; ".join(".".join(str(p) for p in e["loc"]) + f": {e['msg']}" for e in exc.errors()[:5])
+        raise DomainError(Outcome.INTERNAL_ERROR, f"invalid {resource['resourceType']}: {fields}") from None
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    if not response.content:
+        return {}
+    try:
+        body = response.json()
+    except ValueError:
+        raise DomainError(
+            Outcome.EHR_REJECTED, f"{response.request.method} answered {response.status_code} with non-JSON content"
+        ) from None
+    return body if isinstance(body, dict) else {}
+
+
+def _diagnostics(response: httpx.Response) -> str:
+    """The OperationOutcome's diagnostics / details text, shortened."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return ""
+    texts = []
+    for issue in body.get("issue") or []:
+        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code")
+        where = ", ".join(issue.get("expression") or [])
+        if text:
+            texts.append(f"{text} ({where})" if where else str(text))
+    return "; ".join(texts)[:500]
+
+
+def _rejected(what: str, response: httpx.Response) -> FhirRejected:
+    status = response.status_code
+    hint = {401: " (check the EHR credentials)", 403: " (the client lacks permission)"}.get(status, "")
+    return FhirRejected(status, f"{what}: {status} {_diagnostics(response) or response.reason_phrase}{hint}")
+
+
+def _retry_after(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    raw = raw.strip()
+    if raw.isdigit():
+        return float(raw)
+    try:
+        moment = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+
+def _id_from_location(location: str | None) -> str | None:
+    """``.../Type/id/_history/v`` or ``Type/id`` -> id."""
+    if not location:
+        return None
+    parts = [p for p in urlsplit(location).path.split("/") if p]
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    return parts[-1] if len(parts) >= 2 else None
+
+
+def _describe(url: str, base_url: str) -> str:
+    """The resource type (and operation) of a URL, without ids' query strings."""
+    path = urlsplit(url).path
+    base_path = urlsplit(base_url).path
+    rel = path[len(base_path) :] if path.startswith(base_path) else path
+    return "/" + rel.strip("/").split("/")[0] if rel.strip("/") else "/"

@@ -1,0 +1,195 @@
+"""Authentication to a FHIR server as ``httpx.Auth``: HTTP Basic, a static bearer token, OAuth2 client credentials.
+
+Secrets and tokens never reach a log line or an error message: errors name the token endpoint and the
+OAuth error code only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+
+from integration.domain.types import DomainError, Outcome
+
+log = logging.getLogger(__name__)
+
+ClientAuthMethod = Literal["client_secret_basic", "client_secret_post"]
+
+
+class BasicAuth(httpx.BasicAuth):
+    """HTTP Basic (RFC 7617)."""
+
+    def __repr__(self) -> str:  # httpx's default repr is harmless, but keep secrets out of any repr
+        return "BasicAuth(***)"
+
+
+class BearerAuth(httpx.Auth):
+    """A static bearer token (RFC 6750), e.g. an API key issued by the EHR vendor."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("bearer token is empty")
+        self._header = f"Bearer {token}"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._header
+        yield request
+
+    def __repr__(self) -> str:
+        return "BearerAuth(***)"
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    refresh_at: float  # clock() time after which a new token is fetched
+
+
+class ClientCredentialsAuth(httpx.Auth):
+    """OAuth2 client credentials (RFC 6749 section 4.4) with a client secret.
+
+    The token is fetched on the first request, cached, and fetched again ``refresh_margin_s`` before it
+    expires (at most half its lifetime early, so short-lived tokens are still reused). A 401 from the
+    FHIR server discards the token and the request is sent once more with a fresh one. Safe to share
+    between threads: one lock serialises token fetches. Synchronous clients only.
+    """
+
+    requires_response_body = False
+
+    def __init__(
+        self,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        scope: str | None = None,
+        client_auth: ClientAuthMethod = "client_secret_basic",
+        refresh_margin_s: float = 60.0,
+        default_lifetime_s: float = 300.0,
+        timeout: float = 30.0,
+        verify: bool = True,
+        token_client: httpx.Client | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not (token_url and client_id and client_secret):
+            raise ValueError("OAuth2 client credentials need token_url, client_id and client_secret")
+        self.token_url = token_url
+        self.client_id = client_id
+        self._client_secret = client_secret
+        self.scope = scope
+        self.client_auth = client_auth
+        self.refresh_margin_s = refresh_margin_s
+        self.default_lifetime_s = default_lifetime_s
+        self._http = token_client or httpx.Client(timeout=timeout, verify=verify)
+        self._owns_http = token_client is None
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._token: _Token | None = None
+        #: How many tokens this object has fetched (for `strokewatch doctor` and tests).
+        self.tokens_fetched = 0
+
+    def __repr__(self) -> str:
+        return f"ClientCredentialsAuth(token_url={self.token_url!r}, client_id={self.client_id!r})"
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        token = self.access_token()
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if response.status_code == 401:
+            # Revoked or expired early (clock skew, server restart): one more try with a new token.
+            token = self.access_token(stale=token)
+            request.headers["Authorization"] = f"Bearer {token}"
+            yield request
+
+    async def async_auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
+        raise RuntimeError("ClientCredentialsAuth fetches tokens synchronously; use httpx.Client")
+        yield request  # pragma: no cover - makes this an async generator
+
+    def access_token(self, stale: str | None = None) -> str:
+        """A valid token: the cached one unless it is due for refresh or equals ``stale``."""
+        with self._lock:
+            current = self._token
+            if current is not None and current.value != stale and self._clock() < current.refresh_at:
+                return current.value
+            self._token = self._fetch()
+            return self._token.value
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._token = None
+
+    def _fetch(self) -> _Token:
+        form = {"grant_type": "client_credentials"}
+        if self.scope:
+            form["scope"] = self.scope
+        auth: httpx.Auth | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT
+        if self.client_auth == "client_secret_basic":
+            # RFC 6749 2.3.1: id and secret are form-urlencoded before they go into Basic credentials.
+            auth = httpx.BasicAuth(_form_encode(self.client_id), _form_encode(self._client_secret))
+        else:
+            form |= {"client_id": self.client_id, "client_secret": self._client_secret}
+        started = self._clock()
+        try:
+            response = self._http.post(self.token_url, data=form, auth=auth, headers={"Accept": "application/json"})
+        except httpx.HTTPError as exc:
+            raise DomainError(
+                Outcome.EHR_UNAVAILABLE, f"OAuth token endpoint {self.token_url} unreachable: {type(exc).__name__}"
+            ) from None
+        if response.status_code >= 500 or response.status_code in (408, 429):
+            raise DomainError(
+                Outcome.EHR_UNAVAILABLE,
+                f"OAuth token endpoint {self.token_url} answered {response.status_code}",
+                retry_after=_seconds(response.headers.get("Retry-After")),
+            )
+        body = _json_object(response)
+        if response.status_code != 200:
+            error = body.get("error", "no error code")
+            raise DomainError(
+                Outcome.EHR_REJECTED,
+                f"OAuth token endpoint {self.token_url} refused client {self.client_id!r}: "
+                f"{response.status_code} {error} (check client id, secret and scope)",
+            )
+        value = body.get("access_token")
+        token_type = str(body.get("token_type", "bearer"))
+        if not isinstance(value, str) or not value or token_type.lower() != "bearer":
+            raise DomainError(
+                Outcome.EHR_REJECTED,
+                f"OAuth token endpoint {self.token_url} returned no bearer access_token (token_type {token_type!r})",
+            )
+        lifetime = _seconds(body.get("expires_in")) or self.default_lifetime_s
+        margin = min(self.refresh_margin_s, lifetime / 2)
+        self.tokens_fetched += 1
+        log.info("OAuth token fetched from %s for client %s, valid %.0f s", self.token_url, self.client_id, lifetime)
+        return _Token(value, started + lifetime - margin)
+
+
+def _form_encode(text: str) -> str:
+    from urllib.parse import quote_plus
+
+    return quote_plus(text)
+
+
+def _json_object(response: httpx.Response) -> dict[str, object]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _seconds(raw: object) -> float | None:
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
