@@ -1,0 +1,139 @@
+"""Retrieve + decode + preprocess a 160x512x512 CT from a real Orthanc: DicomWebPacs vs dicomweb-client.
+
+    .venv/bin/python bench/bench_retrieve.py [--slices 160] [--size 512] [--repeats 5] [--syntax explicit|rle|j2k]
+
+Starts its own Orthanc (integration.sandbox.OrthancPeer) in a temporary directory, stores one synthetic
+CT series, then times (median of --repeats, same process, alternating) the whole path to the model's
+image tensor:
+
+* engine:   DicomWebPacs.retrieve_series (httpx, own multipart split, in-place pixels) + volume_tensor
+* baseline: dicomweb-client retrieve_series + pydicom pixel_array + rescale + volume_tensor
+
+Prints figures and the ratio; asserts nothing about time (figures vary with the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inference.preprocess import Slice, stack_slices, volume_tensor  # noqa: E402
+from integration.adapters.dicomweb import DicomWebPacs  # noqa: E402
+from integration.sandbox import OrthancPeer  # noqa: E402
+
+SYNTAXES = {"explicit": None, "rle": RLELossless, "j2k": JPEG2000Lossless}
+
+
+def make_series(n: int, size: int, syntax: str) -> tuple[str, str, list[bytes]]:
+    study, series = generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    head = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.4 * size) ** 2
+    blobs: list[bytes] = []
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.StudyDate, ds.Modality, ds.BodyPartExamined = "BENCH", "20240101", "CT", "HEAD"
+        ds.InstanceNumber = n - k
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-size * 0.25, -size * 0.25, -80.0 + k * 1.0]
+        ds.PixelSpacing = [0.5, 0.5]
+        noise = rng.normal(0, 5, (size, size))
+        pixels = np.where(head, 1024 + 35 + noise, 24 + noise).clip(0, 4095).astype(np.uint16)
+        ds.PixelData = pixels.tobytes()
+        if SYNTAXES[syntax] is not None:
+            ds.compress(SYNTAXES[syntax])
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        blobs.append(buf.getvalue())
+    return study, series, blobs
+
+
+def engine_path(pacs: DicomWebPacs, study: str, series: str) -> np.ndarray:
+    modality, slices = pacs.retrieve_series(study, series)
+    return volume_tensor(stack_slices(slices), modality)
+
+
+def baseline_path(url: str, study: str, series: str) -> np.ndarray:
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url)
+    datasets = client.retrieve_series(study, series)
+    slices = [
+        Slice(
+            ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept),
+            tuple(float(v) for v in ds.ImagePositionPatient),  # type: ignore[arg-type]
+            tuple(float(v) for v in ds.ImageOrientationPatient),  # type: ignore[arg-type]
+            tuple(float(v) for v in ds.PixelSpacing),  # type: ignore[arg-type]
+        )
+        for ds in datasets
+    ]
+    return volume_tensor(stack_slices(slices), str(datasets[0].Modality))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=160)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--syntax", choices=sorted(SYNTAXES), default="explicit")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as tmp, OrthancPeer(Path(tmp)) as peer:
+        study, series, blobs = make_series(args.slices, args.size, args.syntax)
+        with httpx.Client(timeout=60) as http:
+            for blob in blobs:
+                http.post(f"{peer.url}/instances", content=blob).raise_for_status()
+        mib = sum(len(b) for b in blobs) / 2**20
+        print(f"series: {args.slices} x {args.size}x{args.size} CT, {args.syntax}, {mib:.1f} MiB stored in Orthanc")
+
+        with DicomWebPacs(peer.dicomweb_url) as pacs:
+            ours = engine_path(pacs, study, series)  # warm-up, and the two paths must agree
+            theirs = baseline_path(peer.dicomweb_url, study, series)
+            np.testing.assert_allclose(ours, theirs, atol=1e-5)
+            t_retrieve, t_engine, t_base = [], [], []
+            for _ in range(args.repeats):
+                t_retrieve.append(timed(lambda: pacs.retrieve_series(study, series)))
+                t_engine.append(timed(lambda: engine_path(pacs, study, series)))
+                t_base.append(timed(lambda: baseline_path(peer.dicomweb_url, study, series)))
+
+    engine, base = statistics.median(t_engine), statistics.median(t_base)
+    print(f"engine   retrieve+decode (DicomWebPacs):            median {statistics.median(t_retrieve) * 1e3:7.1f} ms")
+    print(f"engine   retrieve+decode+volume_tensor:             median {engine * 1e3:7.1f} ms  "
+          f"(min {min(t_engine) * 1e3:.1f})")
+    print(f"baseline dicomweb-client+pixel_array+volume_tensor: median {base * 1e3:7.1f} ms  "
+          f"(min {min(t_base) * 1e3:.1f})")
+    print(f"ratio baseline/engine: {base / engine:.2f}x   ({args.repeats} runs each, same process, alternating)")
+
+
+if __name__ == "__main__":
+    main()
