@@ -1,0 +1,12 @@
+"""Synthetic cohort with known ground truth: head CT/MR, four weeks of vitals, and an outcome.
+
+The generating process (anatomy, tissue values, findings, vitals processes, the outcome model and its
+coefficients) is documented in ``inference/SYNTH.md``. The same patients come out three ways:
+``make_arrays`` (training tensors via ``inference.preprocess``), ``write_dicom`` (real DICOM series) and
+``fhir_resources`` / ``transaction_bundle`` (FHIR R4 Patient + vital-sign Observations).
+"""
+
+from inference.synth.arrays import CohortArrays, make_arrays
+from inference.synth.patient import SynthPatient, generate_patient, iter_cohort
+
+__all__ = ["CohortArrays", "SynthPatient", "generate_patient", "iter_cohort", "make_arrays"]

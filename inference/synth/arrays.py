@@ -1,0 +1,144 @@
+"""The cohort as training arrays, built with the engine's own preprocessing functions.
+
+Images: the patient's head is rendered on a coarse grid over the same field of view as its DICOM series
+(``patient.ARRAY_SIZE`` pixels of ``ARRAY_PIXEL_MM``) and turned into the contract tensor by
+``inference.preprocess.volume_tensor``. Vitals: the raw EHR record is reduced to canonical samples
+(``vitals.canonical_samples``: valid status, value present, UCUM conversion, plausibility, de-duplication)
+and gridded by ``inference.preprocess.vitals_tensors``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from inference import contract as C
+from inference import preprocess
+from inference.synth import patient as P
+from inference.synth.vitals import canonical_samples
+
+
+@dataclass
+class CohortArrays:
+    """Arrays keyed by the contract's input names, plus ground truth. N patients along axis 0."""
+
+    image: np.ndarray  # (N, 1, D, H, W) float32
+    image_present: np.ndarray  # (N, 1) float32
+    vitals: np.ndarray  # (N, T, F) float32
+    vitals_mask: np.ndarray  # (N, T, F) float32
+    vitals_delta: np.ndarray  # (N, T, F) float32
+    demographics: np.ndarray  # (N, 2) float32
+    outcome: np.ndarray  # (N,) int64
+    true_probability: np.ndarray  # (N,) float64, the generating model's probability
+    image_only_probability: np.ndarray  # (N,) oracle given findings + age/sex (Monte Carlo over vitals)
+    vitals_only_probability: np.ndarray  # (N,) oracle given vital traits + age/sex (Monte Carlo over findings)
+    finding_mask: np.ndarray  # (N, D, H, W) bool, planted findings on the contract grid
+    vitals_signal_mask: np.ndarray  # (N, T, F) bool, features/steps carrying planted vitals risk
+    modality: np.ndarray  # (N,) str "CT" | "MR"
+    patient_ids: np.ndarray  # (N,) str (the MRN)
+
+    def __len__(self) -> int:
+        return int(self.outcome.shape[0])
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The model inputs only, keyed exactly as ``contract.INPUT_NAMES``."""
+        return {name: getattr(self, name) for name in C.INPUT_NAMES}
+
+    def subset(self, index: np.ndarray | slice) -> CohortArrays:
+        return CohortArrays(**{k: v[index] for k, v in self.__dict__.items()})
+
+
+@dataclass
+class _One:
+    image: np.ndarray
+    vitals: tuple[np.ndarray, np.ndarray, np.ndarray]
+    demographics: np.ndarray
+    finding: np.ndarray
+    patient: P.SynthPatient
+
+
+def patient_image_tensor(patient: P.SynthPatient) -> tuple[np.ndarray, np.ndarray]:
+    """(image tensor (1, D, H, W) via preprocess.volume_tensor, finding mask (D, H, W) bool)."""
+    image_vol = patient.render_image(patient.acquisition(for_arrays=True))
+    return preprocess.volume_tensor(image_vol, patient.modality), patient.finding_mask()
+
+
+def patient_vitals_tensors(patient: P.SynthPatient) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return preprocess.vitals_tensors(canonical_samples(patient.vitals))
+
+
+def _build_one(args: tuple[int, int]) -> _One:
+    seed, index = args
+    p = P.generate_patient(seed, index)
+    image, finding = patient_image_tensor(p)
+    return _One(image, patient_vitals_tensors(p), preprocess.demographics_tensor(p.age_years, p.sex), finding, p)
+
+
+def _init_worker() -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def make_arrays(
+    n: int,
+    seed: int,
+    *,
+    image_dropout: float = 0.0,
+    vitals_dropout: float = 0.0,
+    workers: int | None = None,
+) -> CohortArrays:
+    """Patients 0..n-1 of cohort ``seed`` as arrays; the same patients as ``iter_cohort(n, seed)``.
+
+    ``image_dropout``/``vitals_dropout``: probability that a patient's image (zeros, image_present 0) or
+    whole vitals record (no samples) is withheld, drawn per patient from its own stream, so a patient is
+    dropped consistently for a given rate. Ground truth is unaffected. ``workers``: processes (default 1;
+    the work is CPU-bound numpy, so more than the free cores only slows everyone).
+    """
+    tasks = [(seed, i) for i in range(n)]
+    workers = max(1, int(workers or 1))
+    if workers > 1 and n >= 2 * workers:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+        with ctx.Pool(workers, initializer=_init_worker) as pool:
+            ones = pool.map(_build_one, tasks, chunksize=max(1, n // (8 * workers)))
+    else:
+        ones = [_build_one(t) for t in tasks]
+
+    T, F = C.N_STEPS, C.N_FEATURES
+    image = np.zeros((n, 1, *C.VOLUME_SHAPE), dtype=np.float32)
+    present = np.ones((n, 1), dtype=np.float32)
+    vit = np.zeros((3, n, T, F), dtype=np.float32)
+    empty_vitals = preprocess.vitals_tensors([])
+    for i, one in enumerate(ones):
+        drop = np.random.default_rng([seed, i, P.STREAM_DROPOUT]).random(2)
+        if drop[0] < image_dropout:
+            image[i] = preprocess.empty_image()
+            present[i] = 0.0
+        else:
+            image[i] = one.image
+        for k in range(3):
+            vit[k, i] = empty_vitals[k] if drop[1] < vitals_dropout else one.vitals[k]
+    pts = [o.patient for o in ones]
+    return CohortArrays(
+        image=image,
+        image_present=present,
+        vitals=vit[0],
+        vitals_mask=vit[1],
+        vitals_delta=vit[2],
+        demographics=np.stack([o.demographics for o in ones]) if ones else np.zeros((0, 2), np.float32),
+        outcome=np.asarray([p.outcome for p in pts], dtype=np.int64),
+        true_probability=np.asarray([p.true_probability for p in pts], dtype=np.float64),
+        image_only_probability=np.asarray([p.image_only_probability for p in pts], dtype=np.float64),
+        vitals_only_probability=np.asarray([p.vitals_only_probability for p in pts], dtype=np.float64),
+        finding_mask=np.stack([o.finding for o in ones]) if ones else np.zeros((0, *C.VOLUME_SHAPE), bool),
+        vitals_signal_mask=np.stack([p.vitals.signal_mask for p in pts]) if ones else np.zeros((0, T, F), bool),
+        modality=np.asarray([p.modality for p in pts]),
+        patient_ids=np.asarray([p.mrn for p in pts]),
+    )
