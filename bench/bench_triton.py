@@ -34,10 +34,7 @@ from integration.sandbox.triton import TritonPeer, ensure_venv  # noqa: E402
 
 def patients(n: int, seed: int = 0) -> list[ModelInputs]:
     rng = np.random.default_rng(seed)
-    return [
-        ModelInputs(**{s.name: rng.standard_normal(s.dims).astype(np.float32) for s in C.INPUTS})  # type: ignore[arg-type]
-        for _ in range(n)
-    ]
+    return [ModelInputs(**{s.name: rng.standard_normal(s.dims).astype(np.float32) for s in C.INPUTS}) for _ in range(n)]
 
 
 def measure(predict: Callable[[Sequence[ModelInputs]], object], batch: list[ModelInputs], iters: int) -> list[float]:

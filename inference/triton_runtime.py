@@ -12,6 +12,7 @@ probe through (half-open). ``FallbackModel`` optionally scores with the embedded
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -142,7 +143,7 @@ class TritonModel:
             logits: list[np.ndarray] = []
             for start in range(0, len(batch), C.MAX_BATCH):
                 chunk = {name: array[start : start + C.MAX_BATCH] for name, array in feeds.items()}
-                outputs = self._call("infer", lambda t, c=chunk: t.infer(self.model_name, self.pinned_version, c))
+                outputs = self._infer(chunk)
                 probs.append(self._output(outputs, "probability", len(chunk[C.INPUT_NAMES[0]])))
                 logits.append(self._output(outputs, "logit", len(chunk[C.INPUT_NAMES[0]])))
         except ModelUnavailableError:
@@ -212,10 +213,13 @@ class TritonModel:
     # ------------------------------------------------------------------ transport with retries
     def _transport(self) -> Transport:
         transport: Transport | None = getattr(self._local, "transport", None)
+        if getattr(self._local, "pid", None) != os.getpid():
+            transport = None  # a forked worker (Celery prefork) must not share its parent's sockets/channels
         if transport is None:
             cls = HttpTransport if self.protocol == "http" else GrpcTransport
             transport = cls(self.url, self.timeout_s)
             self._local.transport = transport
+            self._local.pid = os.getpid()
             with self._clients_lock:
                 self._clients.append(transport)
         return transport
@@ -248,6 +252,12 @@ class TritonModel:
                 log.warning("triton %s failed (%s); retry %d/%d in %.1fs", what, err, attempt + 1, self.retries, delay)
                 time.sleep(delay)
                 attempt += 1
+
+    def _infer(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result: dict[str, np.ndarray] = self._call(
+            "infer", lambda t: t.infer(self.model_name, self.pinned_version, chunk)
+        )
+        return result
 
     @staticmethod
     def _output(outputs: dict[str, np.ndarray], name: str, rows: int) -> np.ndarray:

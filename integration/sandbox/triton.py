@@ -325,7 +325,7 @@ def start_detached(state_dir: Path, onnx_path: Path | None = None) -> str:
     peer = TritonPeer(repo, venv=ensure_venv(), workdir=home)
     peer.start()
     pid, shm_prefix = peer.detach()
-    state = {
+    record: dict[str, str | int] = {
         "pid": pid,
         "marker": str(peer.model_repository),  # in the process's command line: guards against pid reuse
         "http_url": peer.http_url,
@@ -334,7 +334,7 @@ def start_detached(state_dir: Path, onnx_path: Path | None = None) -> str:
         "shm_prefix": shm_prefix,
         "log": str(peer.log_path),
     }
-    (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    (state_dir / STATE_FILE).write_text(json.dumps(record, indent=2))
     return peer.http_url
 
 

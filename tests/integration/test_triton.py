@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ from integration.sandbox._process import free_port
 from integration.sandbox.triton import TritonPeer
 
 pytestmark = pytest.mark.peers
-PROTOCOLS = ("http", "grpc")
+Proto = Literal["http", "grpc"]
+PROTOCOLS: tuple[Proto, ...] = ("http", "grpc")
 SLOW_S = 3.0
 
 
@@ -53,15 +55,15 @@ def embedded(triton_onnx_path: Path) -> OnnxRuntimeModel:
 
 
 @pytest.fixture(params=PROTOCOLS)
-def protocol(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+def protocol(request: pytest.FixtureRequest) -> Proto:
+    return cast(Proto, request.param)
 
 
 @pytest.fixture
 def served(
-    triton_peer: TritonPeer, protocol: str, triton_url_for: Callable[[TritonPeer, str], str]
+    triton_peer: TritonPeer, protocol: Proto, triton_url_for: Callable[[TritonPeer, str], str]
 ) -> Iterator[TritonModel]:
-    model = TritonModel(triton_url_for(triton_peer, protocol), protocol=protocol)  # type: ignore[arg-type]
+    model = TritonModel(triton_url_for(triton_peer, protocol), protocol=protocol)
     yield model
     model.close()
 
@@ -96,10 +98,13 @@ def test_masked_modalities_change_the_score(served: TritonModel, embedded: OnnxR
 
 
 def test_concurrent_requests_are_batched_and_correct(
-    triton_peer: TritonPeer, protocol: str, triton_url_for: Callable[[TritonPeer, str], str], embedded: OnnxRuntimeModel
+    triton_peer: TritonPeer,
+    protocol: Proto,
+    triton_url_for: Callable[[TritonPeer, str], str],
+    embedded: OnnxRuntimeModel,
 ) -> None:
     batches = [make_inputs(3, seed=100 + i) for i in range(6)]
-    model = TritonModel(triton_url_for(triton_peer, protocol), protocol=protocol)  # type: ignore[arg-type]
+    model = TritonModel(triton_url_for(triton_peer, protocol), protocol=protocol)
     try:
         with ThreadPoolExecutor(max_workers=3) as pool:  # one client per thread inside TritonModel
             results = list(pool.map(model.predict, batches))
@@ -128,9 +133,9 @@ def test_pinned_version_that_is_served(triton_peer: TritonPeer, embedded: OnnxRu
 
 # ------------------------------------------------------------------------------------- faults
 @pytest.mark.parametrize("proto", PROTOCOLS)
-def test_server_not_started_is_unavailable_then_circuit_opens(proto: str) -> None:
+def test_server_not_started_is_unavailable_then_circuit_opens(proto: Proto) -> None:
     breaker = CircuitBreaker(failure_threshold=2, reset_timeout_s=60)
-    model = TritonModel(f"127.0.0.1:{free_port()}", protocol=proto, retries=1, backoff_s=0.01, breaker=breaker)  # type: ignore[arg-type]
+    model = TritonModel(f"127.0.0.1:{free_port()}", protocol=proto, retries=1, backoff_s=0.01, breaker=breaker)
     for _ in range(2):
         with pytest.raises(ModelUnavailableError, match="unavailable"):
             model.predict(make_inputs(1))
@@ -144,11 +149,11 @@ def test_stopped_mid_run_then_back_after_restart(
     triton_peer_factory: Callable[..., TritonPeer],
     triton_url_for: Callable[[TritonPeer, str], str],
     embedded: OnnxRuntimeModel,
-    proto: str,
+    proto: Proto,
 ) -> None:
     peer = triton_peer_factory()
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=0.5)
-    model = TritonModel(triton_url_for(peer, proto), protocol=proto, retries=1, backoff_s=0.05, breaker=breaker)  # type: ignore[arg-type]
+    model = TritonModel(triton_url_for(peer, proto), protocol=proto, retries=1, backoff_s=0.05, breaker=breaker)
     batch = make_inputs(4)
     model.predict(batch)
 
@@ -162,7 +167,7 @@ def test_stopped_mid_run_then_back_after_restart(
     time.sleep(breaker.reset_timeout_s + 0.1)
     assert breaker.state == "half-open"
     got = model.predict(batch)  # the probe succeeds and closes the circuit
-    assert breaker.state == "closed"
+    assert str(breaker.state) == "closed"
     np.testing.assert_allclose([p.logit for p in got], [p.logit for p in embedded.predict(batch)], atol=1e-4)
     model.close()
 
@@ -180,9 +185,9 @@ def test_model_not_loaded_is_unavailable_until_loaded(triton_peer_factory: Calla
 
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_wrong_pinned_version_is_a_clear_error(
-    triton_peer: TritonPeer, triton_url_for: Callable[[TritonPeer, str], str], proto: str
+    triton_peer: TritonPeer, triton_url_for: Callable[[TritonPeer, str], str], proto: Proto
 ) -> None:
-    model = TritonModel(triton_url_for(triton_peer, proto), protocol=proto, model_version="7")  # type: ignore[arg-type]
+    model = TritonModel(triton_url_for(triton_peer, proto), protocol=proto, model_version="7")
     with pytest.raises(
         ModelUnavailableError, match=r"version 7 of model 'stroke_fusion' is not ready.*ready versions: 1"
     ):
@@ -198,7 +203,7 @@ def _redimmed(specs: tuple[C.TensorSpec, ...], name: str, dims: tuple[int, ...])
     return tuple(dataclasses.replace(s, dims=dims) if s.name == name else s for s in specs)
 
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "sf_wrong_name": {"inputs": _renamed(C.INPUTS, "demographics", "demographic")},
     "sf_wrong_dims": {"inputs": _redimmed(C.INPUTS, "vitals", (C.N_STEPS, C.N_FEATURES + 1))},
     "sf_wrong_output": {"outputs": _redimmed(C.OUTPUTS, "logit", (2,))},
@@ -212,7 +217,7 @@ def variants_peer(
 ) -> Iterator[TritonPeer]:
     repo = tmp_path_factory.mktemp("triton-variants")
     for name, kwargs in VARIANTS.items():
-        write_repository(repo, triton_onnx_path, model_name=name, **kwargs)  # type: ignore[arg-type]
+        write_repository(repo, triton_onnx_path, model_name=name, **kwargs)
     with TritonPeer(repo, load_models=tuple(VARIANTS), venv=triton_venv) as peer:
         yield peer
 
@@ -227,9 +232,13 @@ def variants_peer(
 )
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_contract_mismatch_names_the_tensor(
-    variants_peer: TritonPeer, triton_url_for: Callable[[TritonPeer, str], str], variant: str, message: str, proto: str
+    variants_peer: TritonPeer,
+    triton_url_for: Callable[[TritonPeer, str], str],
+    variant: str,
+    message: str,
+    proto: Proto,
 ) -> None:
-    model = TritonModel(triton_url_for(variants_peer, proto), protocol=proto, model_name=variant)  # type: ignore[arg-type]
+    model = TritonModel(triton_url_for(variants_peer, proto), protocol=proto, model_name=variant)
     with pytest.raises(ModelContractError, match=message):
         model.predict(make_inputs(1))
     assert model.breaker.state == "closed"  # a mismatch is not an outage
@@ -237,14 +246,14 @@ def test_contract_mismatch_names_the_tensor(
 
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_slow_response_past_the_timeout_is_unavailable(
-    variants_peer: TritonPeer, triton_url_for: Callable[[TritonPeer, str], str], proto: str
+    variants_peer: TritonPeer, triton_url_for: Callable[[TritonPeer, str], str], proto: Proto
 ) -> None:
     model = TritonModel(
         triton_url_for(variants_peer, proto),
         protocol=proto,
         model_name="sf_slow",
         timeout_s=1.0,
-        retries=0,  # type: ignore[arg-type]
+        retries=0,
     )
     model.check()  # metadata answers at once: only inference is slow
     with pytest.raises(ModelUnavailableError, match=r"(?i)timed out|deadline"):
