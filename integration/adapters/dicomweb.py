@@ -304,8 +304,10 @@ def _read_body(response: httpx.Response, path: str) -> bytearray:
     size = int(response.headers.get("content-length", "0") or 0)
     body = bytearray(size) if size else bytearray()
     filled = 0
+    # Without a content coding the raw chunks are the body: skip httpx's decoder and re-chunking copies.
+    identity = response.headers.get("content-encoding", "identity").lower() in ("", "identity")
     try:
-        for chunk in response.iter_bytes(1 << 20):
+        for chunk in response.iter_raw() if identity else response.iter_bytes():
             end = filled + len(chunk)
             if end <= len(body):
                 body[filled:end] = chunk
