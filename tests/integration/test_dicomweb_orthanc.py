@@ -250,3 +250,44 @@ def test_consecutive_retrievals_survive_orthanc_closing_connections(orthanc_peer
     for _ in range(4):  # Orthanc closes the connection after each WADO-RS answer; the pool must cope
         assert len(pacs.retrieve_series(study, series[0].SeriesInstanceUID)[1]) == 3
         assert pacs.get_study(study) is not None
+
+
+def enhanced_ct(study_uid: str, n_frames: int = 20, size: int = 32) -> Dataset:
+    """One Enhanced CT instance holding a whole volume; frames stored bottom-up, geometry per frame."""
+    ds = ct_series(study_uid, n=1, size=size)[0]
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope",
+                    "RescaleIntercept", "InstanceNumber"):
+        delattr(ds, keyword)
+    ds.NumberOfFrames = n_frames
+    ds.PixelData = np.stack([stored_values(k, size) for k in range(n_frames)]).tobytes()
+    shared, measures, orientation, rescale = Dataset(), Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [0.5, 0.5], SLICE_GAP_MM
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    rescale.RescaleSlope, rescale.RescaleIntercept, rescale.RescaleType = 1, -1024, "HU"
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
+    shared.PixelValueTransformationSequence = [rescale]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for k in range(n_frames):
+        item, position = Dataset(), Dataset()
+        position.ImagePositionPatient = [-8.0, -8.0, Z0_MM + SLICE_GAP_MM * k]
+        item.PlanePositionSequence = [position]
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    return ds
+
+
+def test_enhanced_multiframe_ct_is_selected_and_retrieved(orthanc_peer: OrthancPeer, pacs: DicomWebPacs) -> None:
+    study = generate_uid()
+    instance = enhanced_ct(study)
+    store(orthanc_peer, [instance])
+    (series,) = pacs.list_series(study)
+    assert series.n_instances == 1 and series.frames_per_instance == 20 and series.n_slices == 20
+    chosen, _ = choose([series], SeriesRules())
+    assert chosen is not None and "20 slices" in chosen.reason
+    modality, slices = pacs.retrieve_series(study, series.series_uid)
+    assert modality == "CT" and len(slices) == 20
+    for k, s in enumerate(slices):
+        assert s.position[2] == Z0_MM + SLICE_GAP_MM * k
+        np.testing.assert_array_equal(s.pixels, stored_values(k, 32).astype(np.float32) - 1024)
