@@ -97,7 +97,10 @@ class FhirEhr:
     def find_patient(self, system: str | None, value: str) -> PatientInfo | None:
         token = f"{_escape(system)}|{_escape(value)}" if system else _escape(value)
         bundle = self._get_json("Patient", {"identifier": token, "_count": "10"})
-        patients = [p for p in _matches(bundle) if p.get("resourceType") == "Patient"]
+        # Servers may ignore a search parameter they do not support and return everyone: check the match.
+        patients = [
+            p for p in _matches(bundle) if p.get("resourceType") == "Patient" and _has_identifier(p, system, value)
+        ]
         if len(patients) > 1:
             # A merged record points at its survivor (link type replaced-by); inactive ones are not candidates.
             live = [p for p in patients if p.get("active", True) and not _replaced(p)]
@@ -296,6 +299,16 @@ def _next_link(bundle: Mapping[str, Any]) -> str | None:
         if link.get("relation") == "next" and link.get("url"):
             return str(link["url"])
     return None
+
+
+def _has_identifier(patient: Mapping[str, Any], system: str | None, value: str) -> bool:
+    """Identifier values are compared ignoring case (servers differ); the system must match exactly."""
+    return any(
+        isinstance(i, Mapping)
+        and str(i.get("value", "")).casefold() == value.casefold()
+        and (system is None or i.get("system") == system)
+        for i in patient.get("identifier") or []
+    )
 
 
 def _replaced(patient: Mapping[str, Any]) -> bool:

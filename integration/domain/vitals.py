@@ -72,6 +72,8 @@ _UNITS: dict[str, dict[str, Converter]] = {
         "bpm": _identity,
         "beats/min": _identity,
         "breaths/min": _identity,
+        "beats/minute": _identity,
+        "breaths/minute": _identity,
         "beat/min": _identity,
         "breath/min": _identity,
         "/minute": _identity,

@@ -517,3 +517,14 @@ def test_oauth_token_endpoint_down_is_unavailable(secured: FhirPeer) -> None:
     with make_ehr(secured, auth=auth) as ehr, pytest.raises(DomainError) as info:
         ehr.search("Patient", {})
     assert info.value.outcome is Outcome.EHR_UNAVAILABLE and "token endpoint" in info.value.message
+
+
+def test_oauth_token_is_fetched_once_by_concurrent_threads(secured: FhirPeer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    auth = ClientCredentialsAuth(secured.token_url, CLIENT_ID, CLIENT_SECRET, clock=FakeClock())
+    issued = secured.stats()["tokensIssued"]
+    with make_ehr(secured, auth=auth) as ehr, ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: ehr.search("Patient", {}), range(16)))
+    assert results == [[]] * 16
+    assert secured.stats()["tokensIssued"] - issued == 1 and auth.tokens_fetched == 1

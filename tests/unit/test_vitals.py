@@ -225,6 +225,7 @@ def test_implausible_component_is_rejected_and_the_other_kept() -> None:
         ("8867-4", 80, "{beats}/min", "beats/minute", 80.0),
         ("8867-4", 81, "1/min", None, 81.0),
         ("8867-4", 82, None, "bpm", 82.0),
+        ("8867-4", 83, None, "beats/minute", 83.0),
         ("9279-1", 18, "{breaths}/min", None, 18.0),
         ("59408-5", 96, "%{HemoglobinSaturation}", None, 96.0),
         ("8480-6", 130, None, "mm Hg", 130.0),
