@@ -12,10 +12,12 @@ number of intra-op threads. Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,7 +76,15 @@ def row(name: str, batch: int, times: list[float], wall: float | None = None) ->
     p50 = statistics.median(ms)
     p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
     throughput = batch * len(times) / (wall if wall is not None else sum(times))
-    return f"| {name:<34} | {batch:>5} | {p50:>8.1f} | {p95:>8.1f} | {throughput:>12.0f} |"
+    return f"| {name:<42} | {batch:>5} | {p50:>8.1f} | {p95:>8.1f} | {throughput:>12.0f} |"
+
+
+def triton_counts(peer: TritonPeer) -> tuple[int, int]:
+    """(patients inferred, model executions) so far: fewer executions than requests = dynamic batching."""
+    url = f"{peer.http_url}/v2/models/{C.MODEL_NAME}/stats"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        stats = json.load(response)["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
 
 
 def gpu_statement() -> str:
@@ -105,13 +115,21 @@ def main() -> None:
             for protocol, url in (("http", peer.http_url), ("grpc", peer.grpc_url)):
                 model = TritonModel(url, protocol=protocol)  # type: ignore[arg-type]
                 engines.append((f"triton {protocol}", model.predict, model.close))
-            lines = []
+            lines: list[str] = []
+            notes: list[str] = []
             for name, predict, _ in engines:
                 lines.append(row(name, 1, measure(predict, patients(1), args.iters)))
                 big = max(3, args.iters // 4)
                 lines.append(row(name, C.MAX_BATCH, measure(predict, patients(C.MAX_BATCH), big)))
+                before = triton_counts(peer)
                 latencies, wall = concurrent(predict, args.clients, max(3, args.iters // args.clients))
                 lines.append(row(f"{name}, {args.clients} clients x batch 1", 1, latencies, wall))
+                if name.startswith("triton"):
+                    done, executions = (now - then for now, then in zip(triton_counts(peer), before, strict=True))
+                    notes.append(
+                        f"{name}: {done} concurrent batch-1 requests ran in {executions} executions "
+                        f"(dynamic batching, mean batch {done / max(1, executions):.1f})"
+                    )
             for _, _, close in engines:
                 close()
 
@@ -119,9 +137,10 @@ def main() -> None:
         f"\nmodel {embedded.model_version} ({args.onnx.name}), image input {np.prod(C.VOLUME_SHAPE) * 4 / 2**20:.1f} "
         f"MiB/patient, {args.threads} intra-op threads; Triton start-up {startup:.1f} s"
     )
-    print("| runtime                            | batch | p50 (ms) | p95 (ms) | patients / s |")
-    print("|------------------------------------|-------|----------|----------|--------------|")
+    print(f"| {'runtime':<42} | batch | p50 (ms) | p95 (ms) | patients / s |")
+    print(f"|{'-' * 44}|-------|----------|----------|--------------|")
     print("\n".join(lines))
+    print("\n".join(notes))
     print(gpu_statement())
 
 
