@@ -28,6 +28,7 @@ import numpy as np
 from inference.preprocess import Slice
 from integration.adapters.dicom_decode import decode_part10
 from integration.adapters.dicomweb_parse import (
+    MultipartReader,
     attr_float,
     attr_floats,
     attr_int,
@@ -35,7 +36,6 @@ from integration.adapters.dicomweb_parse import (
     attr_strs,
     dicom_datetime,
     multipart_boundary,
-    split_multipart,
 )
 from integration.domain.types import DomainError, Outcome, SeriesRef, StudyRef
 
@@ -225,10 +225,16 @@ class DicomWebPacs:
         return refs
 
     def retrieve_series(self, study_uid: str, series_uid: str) -> tuple[str, list[Slice]]:
-        """(modality, slices ordered along the slice normal), decoded from one WADO-RS request."""
+        """(modality, slices ordered along the slice normal), decoded from one WADO-RS request.
+
+        Parts are decoded as they arrive, so decoding overlaps the transfer and only about one
+        instance is buffered at a time.
+        """
         path = f"/studies/{study_uid}/series/{series_uid}"
         headers = {"Accept": SERIES_ACCEPT, "Accept-Encoding": "identity"}
         response = self._send("GET", path, headers=headers, stream=True)
+        modality = ""
+        slices: list[Slice] = []
         try:
             if response.status_code in (404, 204):
                 raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"series {series_uid} is not in the PACS (deleted?)")
@@ -237,18 +243,19 @@ class DicomWebPacs:
                     Outcome.INTERNAL_ERROR,
                     f"PACS rejected the retrieval of series {series_uid} ({response.status_code})",
                 )
-            boundary = multipart_boundary(response.headers.get("content-type", ""))
-            body = _read_body(response, path)
+            reader = MultipartReader(multipart_boundary(response.headers.get("content-type", "")))
+            for chunk in _body_chunks(response, path):
+                for content_type, part in reader.feed(chunk):
+                    if content_type and not content_type.lower().startswith("application/dicom"):
+                        raise DomainError(
+                            Outcome.CORRUPT_PIXEL_DATA, f"series {series_uid}: PACS sent a {content_type} part"
+                        )
+                    decoded = decode_part10(part)
+                    modality = modality or decoded.modality.upper()
+                    slices.extend(decoded.slices)
+            reader.finish()
         finally:
             response.close()
-        modality = ""
-        slices: list[Slice] = []
-        for content_type, part in split_multipart(body, boundary):
-            if content_type and not content_type.lower().startswith("application/dicom"):
-                raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"series {series_uid}: PACS sent a {content_type} part")
-            decoded = decode_part10(part)
-            modality = modality or decoded.modality.upper()
-            slices.extend(decoded.slices)
         if not slices:
             raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"series {series_uid} returned no image")
         return modality, _sorted_along_normal(slices)
@@ -299,28 +306,13 @@ class DicomWebPacs:
         return any(m.upper() in self.study_modalities for m in ref.modalities)
 
 
-def _read_body(response: httpx.Response, path: str) -> bytearray:
-    """The whole body into one preallocated buffer (parts are then viewed in place, not copied)."""
-    size = int(response.headers.get("content-length", "0") or 0)
-    body = bytearray(size) if size else bytearray()
-    filled = 0
+def _body_chunks(response: httpx.Response, path: str) -> Iterator[bytes]:
     # Without a content coding the raw chunks are the body: skip httpx's decoder and re-chunking copies.
     identity = response.headers.get("content-encoding", "identity").lower() in ("", "identity")
     try:
-        for chunk in response.iter_raw() if identity else response.iter_bytes():
-            end = filled + len(chunk)
-            if end <= len(body):
-                body[filled:end] = chunk
-            else:
-                del body[filled:]
-                body += chunk
-            filled = end
+        yield from response.iter_raw() if identity else response.iter_bytes()
     except httpx.TransportError as err:
         raise _unavailable(f"GET {path} (body)", err) from err
-    if size and filled < size:
-        raise DomainError(Outcome.PACS_UNAVAILABLE, f"GET {path}: connection closed after {filled} of {size} bytes")
-    del body[filled:]
-    return body
 
 
 def _sorted_along_normal(slices: list[Slice]) -> list[Slice]:

@@ -6,7 +6,6 @@ Pure functions over bytes and dicts, used by ``dicomweb.DicomWebPacs``; no I/O.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
@@ -105,39 +104,96 @@ def multipart_boundary(content_type: str) -> bytes:
     return (match.group(1) or match.group(2)).encode("latin-1")
 
 
-def split_multipart(body: bytes | bytearray | memoryview, boundary: bytes) -> Iterator[tuple[str, memoryview]]:
-    """(Content-Type, payload view) for each part; payloads are views into ``body``, not copies."""
-    data = body if isinstance(body, bytes | bytearray) else bytes(body)
-    view = memoryview(data)
-    dash = b"--" + boundary
-    delimiter = b"\r\n" + dash
-    pos = data.find(dash)
-    if pos < 0:
-        return
-    pos += len(dash)
-    while True:
-        if data[pos : pos + 2] == b"--":  # close-delimiter
-            return
-        line_end = data.find(b"\r\n", pos)
-        if line_end < 0:
-            raise DomainError(Outcome.PACS_UNAVAILABLE, "multipart answer ends inside a boundary line")
-        header_end = data.find(b"\r\n\r\n", line_end)
-        if header_end < 0:
-            raise DomainError(Outcome.PACS_UNAVAILABLE, "multipart part without a header end (truncated answer?)")
-        headers = _part_headers(bytes(data[line_end + 2 : header_end]))
-        start = header_end + 4
-        end = -1
-        length = headers.get("content-length")
-        if length is not None and length.isdigit():
-            candidate = start + int(length)
-            if data[candidate : candidate + len(delimiter)] == delimiter:
-                end = candidate
-        if end < 0:
-            end = data.find(delimiter, start)
-        if end < 0:
+class MultipartReader:
+    """Incremental multipart/related parser: feed network chunks, get whole parts as soon as they end.
+
+    Lets the caller decode part k while part k+1 is still arriving, and holds about one part in memory
+    instead of the whole answer.
+    """
+
+    def __init__(self, boundary: bytes) -> None:
+        self._dash = b"--" + boundary
+        self._delimiter = b"\r\n" + self._dash
+        self._buf = bytearray()
+        self._state = "preamble"  # preamble -> headers -> body -> headers ... -> closed
+        self._scan = 0  # where to resume looking for the delimiter in a part body
+        self._content_type = ""
+        self._length: int | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> list[tuple[str, bytes]]:
+        """(Content-Type, payload) of every part completed by this chunk."""
+        if self._state != "closed":
+            self._buf += chunk
+        parts: list[tuple[str, bytes]] = []
+        while self._step(parts):
+            pass
+        return parts
+
+    def finish(self) -> None:
+        """Call at the end of the body: a missing close-delimiter means the answer was cut short."""
+        if self._state == "body":
             raise DomainError(Outcome.PACS_UNAVAILABLE, "multipart answer ends inside a part (truncated answer?)")
-        yield headers.get("content-type", ""), view[start:end]
-        pos = end + len(delimiter)
+        if self._state == "headers" and self._buf:
+            raise DomainError(Outcome.PACS_UNAVAILABLE, "multipart part without a header end (truncated answer?)")
+
+    def _step(self, parts: list[tuple[str, bytes]]) -> bool:
+        buf = self._buf
+        if self._state == "preamble":
+            found = buf.find(self._dash)
+            if found < 0:
+                del buf[: max(0, len(buf) - len(self._dash))]
+                return False
+            del buf[: found + len(self._dash)]
+            self._state = "headers"
+            return True
+        if self._state == "headers":
+            if len(buf) < 2:
+                return False
+            if buf[:2] == b"--":  # close-delimiter: the epilogue is ignored
+                self._state = "closed"
+                buf.clear()
+                return False
+            header_end = buf.find(b"\r\n\r\n")
+            if header_end < 0:
+                return False
+            line_end = buf.find(b"\r\n")
+            headers = _part_headers(bytes(buf[line_end + 2 : header_end]) if header_end > line_end else b"")
+            self._content_type = headers.get("content-type", "")
+            length = headers.get("content-length", "")
+            self._length = int(length) if length.isdigit() else None
+            del buf[: header_end + 4]
+            self._state, self._scan = "body", 0
+            return True
+        if self._state == "body":
+            end = -1
+            if self._length is not None and len(buf) >= self._length + len(self._delimiter):
+                if buf[self._length : self._length + len(self._delimiter)] == self._delimiter:
+                    end = self._length
+                else:
+                    self._length = None  # a wrong Content-Length: fall back to the delimiter
+            if end < 0 and self._length is None:
+                end = buf.find(self._delimiter, self._scan)
+            if end < 0:
+                self._scan = max(0, len(buf) - len(self._delimiter) + 1)
+                return False
+            with memoryview(buf) as view:
+                parts.append((self._content_type, bytes(view[:end])))
+            del buf[: end + len(self._delimiter)]
+            self._state = "headers"
+            return True
+        return False
+
+
+def split_multipart(body: bytes | bytearray | memoryview, boundary: bytes) -> list[tuple[str, bytes]]:
+    """(Content-Type, payload) for each part of a complete multipart body."""
+    reader = MultipartReader(boundary)
+    parts = reader.feed(body)
+    reader.finish()
+    return parts
 
 
 def _part_headers(block: bytes) -> dict[str, str]:

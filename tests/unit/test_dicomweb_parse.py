@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from integration.adapters.dicomweb_parse import (
+    MultipartReader,
     attr_floats,
     attr_int,
     attr_str,
@@ -46,6 +47,24 @@ def test_parts_without_headers_and_empty_bodies() -> None:
     raw = b"--x\r\n\r\npayload\r\n--x--"
     assert [(ct, bytes(p)) for ct, p in split_multipart(raw, b"x")] == [("", b"payload")]
     assert list(split_multipart(b"", b"x")) == []
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 17, 4096])
+@pytest.mark.parametrize("lengths", [False, True])
+def test_parts_arrive_whatever_the_chunking(chunk: int, lengths: bool) -> None:
+    payloads = [b"DICM" + bytes(range(256)) * 3, b"x", b"\r\n--b0undar\r\n", b"last part"]
+    raw = body(payloads, lengths=lengths, preamble=b"preamble --b0und\r\n")
+    reader = MultipartReader(b"b0undary")
+    got: list[bytes] = []
+    for i in range(0, len(raw), chunk):
+        got.extend(p for _, p in reader.feed(raw[i : i + chunk]))
+    reader.finish()
+    assert got == payloads and reader.closed
+
+
+def test_wrong_content_length_falls_back_to_the_delimiter() -> None:
+    raw = b"--x\r\nContent-Length: 3\r\n\r\npayload\r\n--x--"
+    assert [bytes(p) for _, p in split_multipart(raw, b"x")] == [b"payload"]
 
 
 def test_truncated_multipart_is_an_error() -> None:
