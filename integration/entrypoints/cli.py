@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -127,6 +128,11 @@ def run() -> None:
     upgrade(settings.db_url)
     env = {k: v for k, v in os.environ.items() if k.startswith("STROKEWATCH_")}
     procs, children = start_engine(settings, env, detached=False)
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (systemd, docker stop) stops the children like Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
     console.print(f"StrokeWatch is running. API: {procs.api_url}  (docs: {procs.api_url}/docs)  logs: {procs.log_dir}")
     try:
         while all(c.poll() is None for c in children):
