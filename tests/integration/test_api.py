@@ -7,6 +7,7 @@ cover Celery), so each test can check exactly what the API handed to the queue.
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from integration.config import Settings
 from integration.entrypoints.api.app import create_app
@@ -46,12 +47,14 @@ class RecordingQueue:
 
 
 def settings_for(data_dir: Path, pacs: OrthancPeer, ehr_base_url: str) -> Settings:
-    return Settings(
-        sandbox=True,
-        data_dir=data_dir,
-        pacs={"dicomweb_url": pacs.dicomweb_url, "orthanc_url": pacs.url, "kind": "orthanc"},
-        ehr={"base_url": ehr_base_url, "patient_identifier_system": MRN_SYSTEM},
-        assessment_identifier_system=ASSESSMENT_SYSTEM,
+    return Settings.model_validate(
+        {
+            "sandbox": True,
+            "data_dir": data_dir,
+            "pacs": {"dicomweb_url": pacs.dicomweb_url, "orthanc_url": pacs.url, "kind": "orthanc"},
+            "ehr": {"base_url": ehr_base_url, "patient_identifier_system": MRN_SYSTEM},
+            "assessment_identifier_system": ASSESSMENT_SYSTEM,
+        }
     )
 
 
@@ -68,7 +71,7 @@ def ct_head_study(mrn: str, n: int = 20, size: int = 48) -> list[bytes]:
     files = []
     for k in range(n):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CT_STORAGE, generate_uid()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UID(CT_STORAGE), generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta
@@ -164,8 +167,32 @@ class Api:
         return self.client.app.state.engine  # type: ignore[attr-defined]
 
 
+class Captured(logging.Handler):
+    """Every log record emitted while the module runs, formatted as it would be written."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name} {record.getMessage()} {record.exc_text or ''}")
+
+
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer) -> Iterator[Api]:
+def captured_logs() -> Iterator[Captured]:
+    root, handler = logging.getLogger(), Captured()
+    level = root.level
+    root.setLevel(logging.INFO)  # what the worker and `strokewatch run` log at
+    root.addHandler(handler)
+    yield handler
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def api(
+    captured_logs: Captured, tmp_path_factory: pytest.TempPathFactory, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer
+) -> Iterator[Api]:
     orthanc_peer.reset()
     fhir_peer.reset()
     loaded = []
@@ -358,3 +385,12 @@ def test_fhir_subscription_enqueues_vitals_for_known_patients_only(processed: Ap
     empty = processed.client.post("/webhooks/fhir/subscription", content=b"")
     assert empty.status_code == 202 and empty.json() == {"patients": [], "ignored": []}
     assert processed.client.post("/webhooks/fhir/subscription", content=b"not json").status_code == 400
+
+
+def test_no_phi_in_the_logs(processed: Api, captured_logs: Captured) -> None:
+    """Study UIDs and FHIR ids may be logged; MRNs (DICOM PatientID), names and birth dates never."""
+    processed.client.get(f"/patients/{processed.client.get('/patients').json()['items'][0]['fhir_id']}")
+    assert any(processed.matched.study_uid in line for line in captured_logs.lines)  # the capture works
+    for line in captured_logs.lines:
+        for phi in (processed.matched.mrn, processed.unmatched.mrn, "Api^Test", "1950-02-03"):
+            assert phi not in line, line

@@ -45,6 +45,9 @@ def create_app(
     Celery's broker comes from the environment's settings too, so pass ``enqueue`` when ``settings`` differ.
     """
     send: Enqueue = enqueue or celery_enqueue
+    # httpx logs every request URL at INFO, and FHIR searches carry identifiers (MRNs) in the query string.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 
 from integration.config import AuthSettings, Settings
-from integration.services.doctor.http import auth_rejected, json_body, prepare_auth, unreachable
+from integration.services.doctor.http import answers_without_token, auth_rejected, json_body, prepare_auth, unreachable
 from integration.services.doctor.result import CheckResult, env_name
 
 
@@ -18,11 +18,13 @@ def check_ehr(settings: Settings, *, timeout_s: float, quick: bool = False) -> l
         return [CheckResult("ehr", False, "no FHIR base URL configured", f"set {url_var}")]
     base = ehr.base_url.rstrip("/")
     with httpx.Client(timeout=timeout_s, verify=ehr.verify_tls, headers={"Accept": "application/fhir+json"}) as client:
-        http_auth, note, failure = (None, None, None) if quick else prepare_auth("ehr", ehr.auth, client)
+        http_auth, note, failure = prepare_auth("ehr", ehr.auth, client, fetch_token=not quick)
         try:
             resp = client.get(f"{base}/metadata", auth=http_auth)
         except httpx.HTTPError as exc:
             return [unreachable("ehr", f"{base}/metadata", exc, url_var)]
+        if answers_without_token(ehr.auth, resp, quick):
+            return [CheckResult("ehr", True, f"{base}/metadata answers (asks for the OAuth2 token)")]
         statement = json_body(resp)
         if resp.status_code != 200 or statement.get("resourceType") != "CapabilityStatement":
             hint = f"{url_var} must be the FHIR R4 base (the URL that /metadata and /Patient hang off)"
@@ -36,13 +38,13 @@ def check_ehr(settings: Settings, *, timeout_s: float, quick: bool = False) -> l
         results = [CheckResult("ehr", True, f"{name} at {base}: CapabilityStatement served")]
         if quick:
             return results
-        results += _capabilities(statement, url_var)
+        results += capability_checks(statement, url_var)
         results.append(failure or _ehr_auth(base, ehr.auth, client, http_auth, note))
     results.append(_identifier_system(settings))
     return results
 
 
-def _capabilities(statement: dict[str, Any], url_var: str) -> list[CheckResult]:
+def capability_checks(statement: dict[str, Any], url_var: str) -> list[CheckResult]:
     version = str(statement.get("fhirVersion") or "")
     if version.startswith("4.0."):
         out = [CheckResult("ehr FHIR version", True, f"FHIR {version} (R4)")]

@@ -21,13 +21,19 @@ class _Bearer(httpx.Auth):
 
 
 def prepare_auth(
-    peer: str, auth: AuthSettings, client: httpx.Client
+    peer: str, auth: AuthSettings, client: httpx.Client, *, fetch_token: bool = True
 ) -> tuple[httpx.Auth | None, str | None, CheckResult | None]:
-    """(httpx auth, a note for the auth check, a failed CheckResult if credentials could not even be obtained)."""
+    """(httpx auth, a note for the auth check, a failed CheckResult if credentials could not even be obtained).
+
+    ``fetch_token=False`` (the readiness probe) skips the OAuth2 token request: the probe only asks whether
+    the peer answers, and a token per probe would load the identity provider for nothing.
+    """
     if auth.mode == "basic" and auth.username and auth.password:
         return httpx.BasicAuth(auth.username, auth.password.get_secret_value()), "HTTP Basic", None
     if auth.mode == "bearer" and auth.token:
         return _Bearer(auth.token.get_secret_value()), "static bearer token", None
+    if auth.mode == "oauth2" and not fetch_token:
+        return None, None, None
     if auth.mode == "oauth2" and auth.token_url and auth.client_id and auth.client_secret:
         token, note, failure = _fetch_token(peer, auth, client)
         return (_Bearer(token) if token else None), note, failure
@@ -108,3 +114,8 @@ def unreachable(name: str, url: str, exc: Exception, setting: str) -> CheckResul
     return CheckResult(
         name, False, f"{url} unreachable: {short_error(exc)}", f"check {setting} and that the server is up"
     )
+
+
+def answers_without_token(auth: AuthSettings, resp: httpx.Response, quick: bool) -> bool:
+    """In the probe, a 401 from a peer we did not fetch a token for still shows that it is up."""
+    return quick and auth.mode == "oauth2" and resp.status_code == 401

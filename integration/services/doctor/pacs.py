@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 
 from integration.config import Settings
-from integration.services.doctor.http import auth_rejected, json_body, prepare_auth, unreachable
+from integration.services.doctor.http import answers_without_token, auth_rejected, json_body, prepare_auth, unreachable
 from integration.services.doctor.result import CheckResult, env_name
 
 
@@ -18,7 +18,7 @@ def check_pacs(settings: Settings, *, timeout_s: float, quick: bool = False) -> 
         return [CheckResult("pacs", False, "no DICOMweb URL configured", f"set {url_var}")]
     base = pacs.dicomweb_url.rstrip("/")
     with httpx.Client(timeout=timeout_s, verify=pacs.verify_tls) as client:
-        http_auth, note, failure = prepare_auth("pacs", pacs.auth, client)
+        http_auth, note, failure = prepare_auth("pacs", pacs.auth, client, fetch_token=not quick)
         if failure:
             return [CheckResult("pacs", False, "not tried: no credentials", failure.hint), failure]
         qido = f"{base}/studies?limit=1"
@@ -26,6 +26,8 @@ def check_pacs(settings: Settings, *, timeout_s: float, quick: bool = False) -> 
             resp = client.get(qido, auth=http_auth, headers={"Accept": "application/dicom+json"})
         except httpx.HTTPError as exc:
             return [unreachable("pacs", qido, exc, url_var)]
+        if answers_without_token(pacs.auth, resp, quick):
+            return [CheckResult("pacs", True, f"QIDO-RS {base}/studies answers (asks for the OAuth2 token)")]
         if resp.status_code in (401, 403):
             rejected = auth_rejected("pacs", pacs.auth, resp)
             return [CheckResult("pacs", False, f"QIDO-RS {qido}: HTTP {resp.status_code}", rejected.hint), rejected]

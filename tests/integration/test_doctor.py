@@ -1,0 +1,252 @@
+"""`strokewatch doctor`'s checks against the real peers: all good, peers down, credentials wrong, config wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.adapters.db.session import upgrade
+from integration.config import Settings
+from integration.sandbox import FhirAuth, FhirPeer, OrthancPeer, free_port
+from integration.services.doctor import CheckResult, readiness, run_checks
+from integration.services.doctor.ehr import capability_checks
+
+pytestmark = pytest.mark.peers
+
+BASIC = ("strokewatch", "correct-horse-battery")
+OAUTH_CLIENT = ("sw-engine", "client-secret-for-tests")
+STATIC_TOKEN = "static-token-for-tests"
+
+
+def settings(data_dir: Path, dicomweb_url: str, ehr_base_url: str, **extra: Any) -> Settings:
+    pacs = {"dicomweb_url": dicomweb_url, **extra.pop("pacs", {})}
+    ehr = {"base_url": ehr_base_url, **extra.pop("ehr", {})}
+    return Settings.model_validate({"sandbox": True, "data_dir": data_dir, "pacs": pacs, "ehr": ehr, **extra})
+
+
+def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
+    return {r.name: r for r in results}
+
+
+def failed(results: list[CheckResult]) -> list[str]:
+    return [r.name for r in results if not r.ok]
+
+
+def no_secret_in(results: list[CheckResult], *secrets: str) -> None:
+    for r in results:
+        for secret in secrets:
+            assert secret not in r.detail and secret not in (r.hint or ""), r
+
+
+@pytest.fixture
+def migrated(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    upgrade(f"sqlite:///{data / 'strokewatch.db'}")
+    return data
+
+
+@pytest.fixture(scope="module")
+def fhir_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirPeer]:
+    auth = FhirAuth(basic=BASIC, bearer=STATIC_TOKEN, oauth_clients=dict([OAUTH_CLIENT]))
+    with FhirPeer(tmp_path_factory.mktemp("fhir-auth"), auth=auth) as peer:
+        yield peer
+
+
+@pytest.fixture(scope="module")
+def orthanc_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
+    with OrthancPeer(tmp_path_factory.mktemp("orthanc-auth"), users=dict([BASIC])) as peer:
+        yield peer
+
+
+# -- everything in order ------------------------------------------------------------------
+def test_doctor_passes_against_the_real_peers(migrated: Path, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer) -> None:
+    results = run_checks(settings(migrated, orthanc_peer.dicomweb_url, fhir_peer.base_url))
+    assert failed(results) == [], results
+    checks = by_name(results)
+    for name in (
+        "settings",
+        "database",
+        "broker",
+        "pacs",
+        "pacs auth",
+        "pacs change feed",
+        "ehr",
+        "ehr FHIR version",
+        "ehr Observation search",
+        "ehr RiskAssessment create",
+        "ehr conditional create",
+        "ehr auth",
+        "patient identifier system",
+        "model",
+        "model trained",
+    ):
+        assert name in checks, name
+    assert "Orthanc" in checks["pacs change feed"].detail and "/changes" in checks["pacs change feed"].detail
+    assert "4.0" in checks["ehr FHIR version"].detail
+    assert "head" in checks["database"].detail
+    assert "onnxruntime" in checks["model"].detail
+
+
+def test_generic_pacs_polls_qido(migrated: Path, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer) -> None:
+    results = run_checks(settings(migrated, orthanc_peer.dicomweb_url, fhir_peer.base_url, pacs={"kind": "generic"}))
+    assert "QIDO-RS polling" in by_name(results)["pacs change feed"].detail
+
+
+# -- peers down, database behind ------------------------------------------------------------
+def test_closed_ports_fail_with_the_setting_to_fix(migrated: Path) -> None:
+    pacs_url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    ehr_url = f"http://127.0.0.1:{free_port()}/fhir"
+    results = run_checks(settings(migrated, pacs_url, ehr_url), timeout_s=3)
+    checks = by_name(results)
+    assert set(failed(results)) == {"pacs", "ehr"}
+    assert pacs_url in checks["pacs"].detail and "unreachable" in checks["pacs"].detail
+    assert "STROKEWATCH_PACS__DICOMWEB_URL" in (checks["pacs"].hint or "")
+    assert ehr_url in checks["ehr"].detail
+    assert "STROKEWATCH_EHR__BASE_URL" in (checks["ehr"].hint or "")
+
+
+def test_wrong_base_url_path_is_named(migrated: Path, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer) -> None:
+    results = run_checks(settings(migrated, orthanc_peer.url + "/no-dicom-web", fhir_peer.url + "/not-fhir"))
+    checks = by_name(results)
+    assert "HTTP 404" in checks["pacs"].detail and "DICOMweb root" in (checks["pacs"].hint or "")
+    assert "not a CapabilityStatement" in checks["ehr"].detail
+
+
+def test_unmigrated_database_and_unreachable_broker(
+    tmp_path: Path, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    upgrade(f"sqlite:///{data / 'strokewatch.db'}", "base")  # the database exists, its schema does not
+    broker = f"redis://127.0.0.1:{free_port()}/0"
+    results = run_checks(settings(data, orthanc_peer.dicomweb_url, fhir_peer.base_url, broker_url=broker), timeout_s=3)
+    checks = by_name(results)
+    assert set(failed(results)) == {"database", "broker"}
+    assert "migrations head" in checks["database"].detail and "db upgrade" in (checks["database"].hint or "")
+    assert "STROKEWATCH_BROKER_URL" in (checks["broker"].hint or "")
+
+
+def test_real_redis_broker_is_reachable(migrated: Path, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer) -> None:
+    s = settings(migrated, orthanc_peer.dicomweb_url, fhir_peer.base_url, broker_url="redis://127.0.0.1:6379/15")
+    assert by_name(run_checks(s))["broker"].ok
+
+
+def test_missing_model_file_names_the_setting(migrated: Path, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer) -> None:
+    s = settings(migrated, orthanc_peer.dicomweb_url, fhir_peer.base_url, model_path=migrated / "nope.onnx")
+    model = by_name(run_checks(s))["model"]
+    assert not model.ok and "nope.onnx" in model.detail and "STROKEWATCH_MODEL_PATH" in (model.hint or "")
+
+
+def test_invalid_environment_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STROKEWATCH_CONFIG", raising=False)
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__MODE", "oauth2")
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__CLIENT_ID", "engine")
+    (result,) = run_checks(None)
+    assert result.name == "settings" and not result.ok
+    assert "STROKEWATCH_EHR__AUTH" in result.detail and "token_url" in result.detail
+
+
+# -- credentials ----------------------------------------------------------------------------
+def test_wrong_basic_credentials_are_reported_as_rejected(
+    migrated: Path, orthanc_peer: OrthancPeer, fhir_with_auth: FhirPeer
+) -> None:
+    ehr = {"auth": {"mode": "basic", "username": BASIC[0], "password": "wrong-password"}}
+    results = run_checks(settings(migrated, orthanc_peer.dicomweb_url, fhir_with_auth.base_url, ehr=ehr))
+    auth = by_name(results)["ehr auth"]
+    assert failed(results) == ["ehr auth"]
+    assert "rejected the basic credentials" in auth.detail
+    assert "STROKEWATCH_EHR__AUTH__USERNAME" in (auth.hint or "") and "STROKEWATCH_EHR__AUTH__PASSWORD" in (
+        auth.hint or ""
+    )
+    no_secret_in(results, "wrong-password")
+
+
+def test_missing_credentials_say_which_mode_to_set(
+    migrated: Path, orthanc_peer: OrthancPeer, fhir_with_auth: FhirPeer
+) -> None:
+    results = run_checks(settings(migrated, orthanc_peer.dicomweb_url, fhir_with_auth.base_url))
+    auth = by_name(results)["ehr auth"]
+    assert not auth.ok and "demands authentication" in auth.detail
+    assert "STROKEWATCH_EHR__AUTH__MODE" in (auth.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("auth", "says"),
+    [
+        ({"mode": "basic", "username": BASIC[0], "password": BASIC[1]}, "HTTP Basic"),
+        ({"mode": "bearer", "token": STATIC_TOKEN}, "static bearer token"),
+        ({"mode": "oauth2", "client_id": OAUTH_CLIENT[0], "client_secret": OAUTH_CLIENT[1]}, "token fetched"),
+    ],
+)
+def test_each_auth_mode_is_accepted(
+    migrated: Path, orthanc_peer: OrthancPeer, fhir_with_auth: FhirPeer, auth: dict[str, str], says: str
+) -> None:
+    if auth["mode"] == "oauth2":
+        auth = {**auth, "token_url": fhir_with_auth.token_url}
+    results = run_checks(settings(migrated, orthanc_peer.dicomweb_url, fhir_with_auth.base_url, ehr={"auth": auth}))
+    assert failed(results) == [], results
+    assert says in by_name(results)["ehr auth"].detail
+    no_secret_in(results, BASIC[1], STATIC_TOKEN, OAUTH_CLIENT[1])
+
+
+def test_oauth2_wrong_client_secret_names_the_setting(
+    migrated: Path, orthanc_peer: OrthancPeer, fhir_with_auth: FhirPeer
+) -> None:
+    auth = {
+        "mode": "oauth2",
+        "client_id": OAUTH_CLIENT[0],
+        "client_secret": "not-the-secret",
+        "token_url": fhir_with_auth.token_url,
+    }
+    results = run_checks(settings(migrated, orthanc_peer.dicomweb_url, fhir_with_auth.base_url, ehr={"auth": auth}))
+    check = by_name(results)["ehr auth"]
+    assert not check.ok and "invalid_client" in check.detail
+    assert "STROKEWATCH_EHR__AUTH__CLIENT_SECRET" in (check.hint or "")
+    no_secret_in(results, "not-the-secret")
+
+
+def test_pacs_auth_rejected_and_accepted(migrated: Path, orthanc_with_auth: OrthancPeer, fhir_peer: FhirPeer) -> None:
+    wrong = {"auth": {"mode": "basic", "username": BASIC[0], "password": "wrong-password"}}
+    results = run_checks(settings(migrated, orthanc_with_auth.dicomweb_url, fhir_peer.base_url, pacs=wrong))
+    assert set(failed(results)) == {"pacs", "pacs auth"}
+    assert "STROKEWATCH_PACS__AUTH__PASSWORD" in (by_name(results)["pacs auth"].hint or "")
+    right = {"auth": {"mode": "basic", "username": BASIC[0], "password": BASIC[1]}}
+    results = run_checks(settings(migrated, orthanc_with_auth.dicomweb_url, fhir_peer.base_url, pacs=right))
+    assert failed(results) == [], results
+    assert "Orthanc" in by_name(results)["pacs change feed"].detail
+
+
+# -- readiness subset -----------------------------------------------------------------------
+def test_readiness_is_one_result_per_dependency(migrated: Path, orthanc_peer: OrthancPeer) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/fhir"
+    results = readiness(settings(migrated, orthanc_peer.dicomweb_url, closed), timeout_s=2)
+    assert [r.name for r in results] == ["database", "broker", "pacs", "ehr", "model"]
+    assert failed(results) == ["ehr"]
+
+
+# -- what the CapabilityStatement says (no peer needed) ----------------------------------------
+def statement(version: str = "4.0.1", resources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    rest = [{"mode": "server", "resource": resources}] if resources is not None else []
+    return {"resourceType": "CapabilityStatement", "fhirVersion": version, "rest": rest}
+
+
+def test_capability_unstated_warns_but_passes() -> None:
+    results = by_name(capability_checks(statement(), "STROKEWATCH_EHR__BASE_URL"))
+    assert all(r.ok for r in results.values())
+    assert results["ehr conditional create"].warning and results["ehr Observation search"].warning
+
+
+def test_capability_refusals_and_wrong_version_fail() -> None:
+    resources: list[dict[str, Any]] = [
+        {"type": "Observation", "interaction": [{"code": "read"}]},
+        {"type": "RiskAssessment", "interaction": [{"code": "create"}], "conditionalCreate": False},
+    ]
+    results = by_name(capability_checks(statement("5.0.0", resources), "STROKEWATCH_EHR__BASE_URL"))
+    assert not results["ehr FHIR version"].ok and "5.0.0" in results["ehr FHIR version"].detail
+    assert not results["ehr Observation search"].ok
+    assert results["ehr RiskAssessment create"].ok
+    assert not results["ehr conditional create"].ok and "duplicates" in results["ehr conditional create"].detail

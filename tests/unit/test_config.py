@@ -1,0 +1,161 @@
+"""Settings: environment with nested groups, a TOML file, validation messages, placeholder secrets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from integration.config import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sees only the STROKEWATCH_* variables it sets."""
+    for name in list(os.environ):
+        if name.startswith("STROKEWATCH_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_need_no_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STROKEWATCH_DATA_DIR", str(tmp_path))
+    s = Settings()
+    assert s.db_url == f"sqlite:///{(tmp_path / 'strokewatch.db').resolve()}"
+    assert s.embedded_broker and s.celery_broker_url.startswith("sqla+sqlite:///")
+    assert s.pacs.auth.mode == "none" and s.ehr.auth.mode == "none"
+    assert s.api_base_url == "http://127.0.0.1:8400"
+
+
+def test_nested_groups_parse_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "STROKEWATCH_PACS__DICOMWEB_URL": "http://pacs.example:8042/dicom-web",
+        "STROKEWATCH_PACS__KIND": "generic",
+        "STROKEWATCH_PACS__LOOKBACK_HOURS": "6.5",
+        "STROKEWATCH_PACS__AUTH__MODE": "basic",
+        "STROKEWATCH_PACS__AUTH__USERNAME": "engine",
+        "STROKEWATCH_PACS__AUTH__PASSWORD": "a-real-password",
+        "STROKEWATCH_EHR__BASE_URL": "https://ehr.example/fhir",
+        "STROKEWATCH_EHR__AUTH__MODE": "oauth2",
+        "STROKEWATCH_EHR__AUTH__TOKEN_URL": "https://idp.example/token",
+        "STROKEWATCH_EHR__AUTH__CLIENT_ID": "strokewatch",
+        "STROKEWATCH_EHR__AUTH__CLIENT_SECRET": "s3cr3t-from-vault",
+        "STROKEWATCH_EHR__ISSUER_SYSTEMS": '{"HOSP-A": "urn:oid:1.2.3.4"}',
+        "STROKEWATCH_POLICY__HIGH_AT_OR_ABOVE": "0.4",
+        "STROKEWATCH_BROKER_URL": "redis://127.0.0.1:6379/0",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = Settings()
+    assert s.pacs.dicomweb_url == "http://pacs.example:8042/dicom-web" and s.pacs.kind == "generic"
+    assert s.pacs.lookback_hours == 6.5
+    assert s.pacs.auth.password is not None and s.pacs.auth.password.get_secret_value() == "a-real-password"
+    assert s.ehr.auth.mode == "oauth2" and s.ehr.auth.client_id == "strokewatch"
+    assert s.policy.high_at_or_above == 0.4
+    assert not s.embedded_broker
+    assert s.identifier_system_for("HOSP-A") == "urn:oid:1.2.3.4"
+    assert s.identifier_system_for("OTHER") == s.ehr.patient_identifier_system
+    assert "s3cr3t-from-vault" not in repr(s)  # secrets stay out of reprs (and so out of logs)
+
+
+def test_toml_file_supplies_defaults_that_the_environment_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "strokewatch.toml"
+    config.write_text(
+        'log_level = "DEBUG"\n'
+        "[pacs]\n"
+        'dicomweb_url = "http://from-file:8042/dicom-web"\n'
+        "min_slices = 24\n"
+        "[ehr]\n"
+        'base_url = "http://from-file/fhir"\n'
+        "[ehr.auth]\n"
+        'mode = "bearer"\n'
+        'token = "token-from-the-file"\n'
+    )
+    monkeypatch.setenv("STROKEWATCH_CONFIG", str(config))
+    monkeypatch.setenv("STROKEWATCH_EHR__BASE_URL", "http://from-env/fhir")
+    s = Settings()
+    assert s.log_level == "DEBUG"
+    assert s.pacs.dicomweb_url == "http://from-file:8042/dicom-web" and s.pacs.min_slices == 24
+    assert s.ehr.base_url == "http://from-env/fhir"
+    assert s.ehr.auth.mode == "bearer" and s.ehr.auth.token is not None
+
+
+def test_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    monkeypatch.setenv("STROKEWATCH_CONFIG", str(missing))
+    with pytest.raises(ValueError, match="nope.toml"):
+        Settings()
+
+
+def test_unknown_keys_in_the_file_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("log_levl = 'DEBUG'\n")
+    monkeypatch.setenv("STROKEWATCH_CONFIG", str(config))
+    with pytest.raises(ValidationError, match="log_levl"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("mode", "given", "missing"),
+    [
+        ("basic", {"USERNAME": "engine"}, "password"),
+        ("bearer", {}, "token"),
+        ("oauth2", {"CLIENT_ID": "engine", "CLIENT_SECRET": "a-real-secret"}, "token_url"),
+    ],
+)
+def test_auth_mode_names_what_it_lacks(
+    monkeypatch: pytest.MonkeyPatch, mode: str, given: dict[str, str], missing: str
+) -> None:
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__MODE", mode)
+    for key, value in given.items():
+        monkeypatch.setenv(f"STROKEWATCH_EHR__AUTH__{key}", value)
+    with pytest.raises(ValidationError) as err:
+        Settings()
+    assert f"auth mode '{mode}' needs" in str(err.value) and missing in str(err.value)
+    assert err.value.errors()[0]["loc"][:2] == ("ehr", "auth")
+
+
+def test_unknown_auth_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STROKEWATCH_PACS__AUTH__MODE", "kerberos")
+    with pytest.raises(ValidationError, match="basic"):
+        Settings()
+
+
+@pytest.mark.parametrize("secret", ["changeme", "password", "Secret", "abc"])
+def test_placeholder_secret_refused_outside_the_sandbox(monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__MODE", "basic")
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__USERNAME", "engine")
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__PASSWORD", secret)
+    with pytest.raises(ValidationError, match="ehr.auth has a placeholder secret"):
+        Settings()
+    monkeypatch.setenv("STROKEWATCH_SANDBOX", "true")
+    s = Settings()
+    assert s.sandbox and s.ehr.auth.password is not None and s.ehr.auth.password.get_secret_value() == secret
+
+
+def test_placeholder_client_secret_refused_for_the_pacs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STROKEWATCH_PACS__AUTH__MODE", "oauth2")
+    monkeypatch.setenv("STROKEWATCH_PACS__AUTH__TOKEN_URL", "https://idp.example/token")
+    monkeypatch.setenv("STROKEWATCH_PACS__AUTH__CLIENT_ID", "engine")
+    monkeypatch.setenv("STROKEWATCH_PACS__AUTH__CLIENT_SECRET", "changeme")
+    with pytest.raises(ValidationError, match="pacs.auth has a placeholder secret"):
+        Settings()
+
+
+def test_policy_thresholds_must_be_ordered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STROKEWATCH_POLICY__LOW_BELOW", "0.5")
+    monkeypatch.setenv("STROKEWATCH_POLICY__HIGH_AT_OR_ABOVE", "0.2")
+    with pytest.raises(ValidationError, match="low_below <= high_at_or_above"):
+        Settings()
+
+
+def test_explicit_settings_ignore_nothing_and_validate_too() -> None:
+    s = Settings.model_validate(
+        {"sandbox": True, "ehr": {"base_url": "http://x/fhir", "auth": {"mode": "bearer", "token": "t0k3n-value"}}}
+    )
+    assert s.ehr.auth.token is not None
+    with pytest.raises(ValidationError):
+        Settings.model_validate({"no_such_setting": 1})
