@@ -34,6 +34,12 @@ from inference.preprocess import Slice, stack_slices, volume_tensor  # noqa: E40
 from integration.adapters.dicomweb import DicomWebPacs  # noqa: E402
 from integration.sandbox import OrthancPeer  # noqa: E402
 
+LABELS = {
+    "engine_retrieve": "engine   DicomWebPacs.retrieve_series (HU slices)",
+    "baseline_retrieve": "baseline dicomweb-client + pixel_array (HU slices)",
+    "engine_full": "engine   ... + stack_slices + volume_tensor",
+    "baseline_full": "baseline ... + stack_slices + volume_tensor",
+}
 SYNTAXES = {"explicit": None, "rle": RLELossless, "j2k": JPEG2000Lossless}
 
 
@@ -77,7 +83,7 @@ def engine_path(pacs: DicomWebPacs, study: str, series: str) -> np.ndarray:
     return volume_tensor(stack_slices(slices), modality)
 
 
-def baseline_path(url: str, study: str, series: str) -> np.ndarray:
+def baseline_slices(url: str, study: str, series: str) -> tuple[str, list[Slice]]:
     from dicomweb_client.api import DICOMwebClient
 
     client = DICOMwebClient(url)
@@ -91,7 +97,12 @@ def baseline_path(url: str, study: str, series: str) -> np.ndarray:
         )
         for ds in datasets
     ]
-    return volume_tensor(stack_slices(slices), str(datasets[0].Modality))
+    return str(datasets[0].Modality), slices
+
+
+def baseline_path(url: str, study: str, series: str) -> np.ndarray:
+    modality, slices = baseline_slices(url, study, series)
+    return volume_tensor(stack_slices(slices), modality)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -120,19 +131,19 @@ def main() -> None:
             ours = engine_path(pacs, study, series)  # warm-up, and the two paths must agree
             theirs = baseline_path(peer.dicomweb_url, study, series)
             np.testing.assert_allclose(ours, theirs, atol=1e-5)
-            t_retrieve, t_engine, t_base = [], [], []
+            times: dict[str, list[float]] = {name: [] for name in LABELS}
             for _ in range(args.repeats):
-                t_retrieve.append(timed(lambda: pacs.retrieve_series(study, series)))
-                t_engine.append(timed(lambda: engine_path(pacs, study, series)))
-                t_base.append(timed(lambda: baseline_path(peer.dicomweb_url, study, series)))
+                times["engine_retrieve"].append(timed(lambda: pacs.retrieve_series(study, series)))
+                times["baseline_retrieve"].append(timed(lambda: baseline_slices(peer.dicomweb_url, study, series)))
+                times["engine_full"].append(timed(lambda: engine_path(pacs, study, series)))
+                times["baseline_full"].append(timed(lambda: baseline_path(peer.dicomweb_url, study, series)))
 
-    engine, base = statistics.median(t_engine), statistics.median(t_base)
-    print(f"engine   retrieve+decode (DicomWebPacs):            median {statistics.median(t_retrieve) * 1e3:7.1f} ms")
-    print(f"engine   retrieve+decode+volume_tensor:             median {engine * 1e3:7.1f} ms  "
-          f"(min {min(t_engine) * 1e3:.1f})")
-    print(f"baseline dicomweb-client+pixel_array+volume_tensor: median {base * 1e3:7.1f} ms  "
-          f"(min {min(t_base) * 1e3:.1f})")
-    print(f"ratio baseline/engine: {base / engine:.2f}x   ({args.repeats} runs each, same process, alternating)")
+    median = {name: statistics.median(values) for name, values in times.items()}
+    for name, label in LABELS.items():
+        print(f"{label:58s} median {median[name] * 1e3:7.1f} ms  (min {min(times[name]) * 1e3:7.1f})")
+    print(f"ratio baseline/engine: retrieve+decode {median['baseline_retrieve'] / median['engine_retrieve']:.2f}x, "
+          f"with volume_tensor {median['baseline_full'] / median['engine_full']:.2f}x "
+          f"({args.repeats} runs each, same process, interleaved)")
 
 
 if __name__ == "__main__":
