@@ -7,6 +7,17 @@ coefficients) is documented in ``inference/SYNTH.md``. The same patients come ou
 """
 
 from inference.synth.arrays import CohortArrays, make_arrays
+from inference.synth.dicom import write_dicom
+from inference.synth.fhir import fhir_resources, transaction_bundle
 from inference.synth.patient import SynthPatient, generate_patient, iter_cohort
 
-__all__ = ["CohortArrays", "SynthPatient", "generate_patient", "iter_cohort", "make_arrays"]
+__all__ = [
+    "CohortArrays",
+    "SynthPatient",
+    "fhir_resources",
+    "generate_patient",
+    "iter_cohort",
+    "make_arrays",
+    "transaction_bundle",
+    "write_dicom",
+]
