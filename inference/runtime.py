@@ -143,3 +143,12 @@ def check_onnx_signature(session: object) -> None:
             raise ModelContractError(f"tensor {spec.name!r}: model dims {dims}, contract {spec.dims}")
         if type_names.get(got.type) != spec.dtype:
             raise ModelContractError(f"tensor {spec.name!r}: model dtype {got.type}, contract {spec.dtype}")
+
+
+def __getattr__(name: str) -> object:
+    """``from inference.runtime import TritonModel`` without importing tritonclient for the embedded runtime."""
+    if name in ("TritonModel", "FallbackModel", "CircuitBreaker"):
+        from inference import triton_runtime
+
+        return getattr(triton_runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

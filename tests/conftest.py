@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.conftest_peers"]
+pytest_plugins = ["tests.conftest_peers", "tests.conftest_triton"]

@@ -147,9 +147,7 @@ def vitals(patient_fhir_id: str) -> int:
     try:
         return sync_vitals(engine().services, patient_fhir_id).changed
     except DomainError:
-        # Recorded by the service; the patient stays due, and poll_ehr/sweep try again later.
-        engine().store.mark_needs_assessment(patient_fhir_id)
-        return 0
+        return 0  # recorded by the service; sweep retries patients whose vitals are not synced yet
 
 
 @stage_task("assess")
@@ -191,6 +189,7 @@ def sweep() -> dict[str, int]:
     released = store.release_stale_claims(now - timedelta(seconds=eng.settings.stale_claim_s))
     studies = store.studies_due(now)
     enqueue("ingest", studies)
+    enqueue("vitals", store.patients_needing_vitals())
     patients = store.patients_due(now, 1000)
     for start in range(0, len(patients), C.MAX_BATCH):
         enqueue("assess", patients[start : start + C.MAX_BATCH])

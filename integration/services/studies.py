@@ -148,7 +148,7 @@ def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
     svc.store.update_study(
         study_uid, status="ready", outcome=None, reason=None, patient_fhir_id=patient.fhir_id, next_attempt_at=None
     )
-    svc.store.mark_needs_assessment(patient.fhir_id)
+    svc.store.require_vitals_sync(patient.fhir_id)  # the vitals sync then flags the patient for scoring
     log.info("study %s ready for patient %s", study_uid, pseudonym(patient.fhir_id))
     svc.enqueue("vitals", [patient.fhir_id])
     return IngestResult(study_uid, "ready", patient_fhir_id=patient.fhir_id)

@@ -187,11 +187,13 @@ class SqlStore:
             s.execute(update(Patient).where(Patient.fhir_id == fhir_id).values(needs_assessment=True))
 
     def patients_due(self, now: datetime, limit: int) -> list[str]:
+        """Patients to score: flagged, idle, past any backoff, and with vitals synced since their last study."""
         with self.sessions() as s:
             q = (
                 select(Patient.fhir_id)
                 .where(
                     Patient.needs_assessment.is_(True),
+                    Patient.vitals_synced_at.is_not(None),
                     Patient.status == "idle",
                     (Patient.next_attempt_at.is_(None)) | (Patient.next_attempt_at <= now),
                 )
@@ -219,6 +221,15 @@ class SqlStore:
             values.update(attempts=0, next_attempt_at=None)
         with self.sessions.begin() as s:
             s.execute(update(Patient).where(Patient.fhir_id == fhir_id).values(**values))
+
+    def require_vitals_sync(self, fhir_id: str) -> None:
+        """New imaging for the patient: sync vitals (and then assess) before scoring again."""
+        with self.sessions.begin() as s:
+            s.execute(update(Patient).where(Patient.fhir_id == fhir_id).values(vitals_synced_at=None))
+
+    def patients_needing_vitals(self, limit: int = 1000) -> list[str]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Patient.fhir_id).where(Patient.vitals_synced_at.is_(None)).limit(limit)))
 
     def set_vitals_cursor(self, fhir_id: str, cursor: datetime | None, synced_at: datetime) -> None:
         with self.sessions.begin() as s:
