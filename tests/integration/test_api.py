@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -394,3 +400,46 @@ def test_no_phi_in_the_logs(processed: Api, captured_logs: Captured) -> None:
     for line in captured_logs.lines:
         for phi in (processed.matched.mrn, processed.unmatched.mrn, "Api^Test", "1950-02-03"):
             assert phi not in line, line
+
+
+@pytest.mark.slow
+def test_served_by_uvicorn_the_webhook_puts_a_celery_message_on_the_embedded_broker(
+    tmp_path: Path, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer
+) -> None:
+    """As `strokewatch run` serves it: `uvicorn --factory`, settings from STROKEWATCH_*, the real Celery queue."""
+    files = ct_head_study("API-MRN-3")
+    stow(orthanc_peer.dicomweb_url, files)
+    uid = str(dcmread(io.BytesIO(files[0])).StudyInstanceUID)
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STROKEWATCH_")},
+        "STROKEWATCH_SANDBOX": "true",
+        "STROKEWATCH_DATA_DIR": str(tmp_path / "data"),
+        "STROKEWATCH_PACS__DICOMWEB_URL": orthanc_peer.dicomweb_url,
+        "STROKEWATCH_EHR__BASE_URL": fhir_peer.base_url,
+    }
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "integration.entrypoints.api.app:create_app"]
+    with open(tmp_path / "api.log", "wb") as log:
+        server = subprocess.Popen([*argv, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):  # start-up (imports, migrations): wait for liveness, not for a fixed time
+            try:
+                if httpx.get(f"{base}/health/live").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert server.poll() is None, (tmp_path / "api.log").read_text()
+                time.sleep(0.1)
+        resp = httpx.post(f"{base}/webhooks/orthanc/stable-study", json={"StudyInstanceUID": uid})
+        assert resp.status_code == 202, resp.text
+        assert httpx.get(f"{base}/studies/{uid}").json()["source"] == "webhook"
+    finally:
+        server.terminate()
+        server.wait(30)
+    with closing(sqlite3.connect(tmp_path / "data" / "broker.db")) as broker:
+        payloads = [
+            bytes(p).decode() if isinstance(p, bytes) else str(p)
+            for (p,) in broker.execute("SELECT payload FROM kombu_message")
+        ]
+    (message,) = payloads
+    assert "strokewatch.ingest" in message and uid in message
