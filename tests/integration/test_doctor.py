@@ -250,3 +250,27 @@ def test_capability_refusals_and_wrong_version_fail() -> None:
     assert not results["ehr Observation search"].ok
     assert results["ehr RiskAssessment create"].ok
     assert not results["ehr conditional create"].ok and "duplicates" in results["ehr conditional create"].detail
+
+
+# -- the model served by Triton ---------------------------------------------------------------
+def test_triton_model_ready_and_matching_the_contract(
+    migrated: Path, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer, triton_peer: Any
+) -> None:
+    s = settings(migrated, orthanc_peer.dicomweb_url, fhir_peer.base_url, triton_url=triton_peer.http_url)
+    results = by_name(run_checks(s))
+    assert results["model"].ok, results["model"]
+    assert "Triton" in results["model"].detail and "matches the contract" in results["model"].detail
+    assert "model trained" in results
+    wrong = settings(
+        migrated,
+        orthanc_peer.dicomweb_url,
+        fhir_peer.base_url,
+        triton_url=triton_peer.http_url,
+        triton_model_name="no_such_model",
+    )
+    model = by_name(run_checks(wrong))["model"]
+    assert not model.ok and "no_such_model" in model.detail
+    assert "STROKEWATCH_TRITON" in (model.hint or "")
+    down = settings(migrated, orthanc_peer.dicomweb_url, fhir_peer.base_url, triton_url=f"127.0.0.1:{free_port()}")
+    (ready_model,) = [r for r in readiness(down, timeout_s=2) if r.name == "model"]
+    assert not ready_model.ok and "STROKEWATCH_TRITON_URL" in (ready_model.hint or "")

@@ -7,11 +7,26 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from integration.entrypoints.api.deps import EngineDep
 from integration.services.doctor import readiness
 
 router = APIRouter(prefix="/health", tags=["health"])
+
+
+class Check(BaseModel):
+    name: str
+    ok: bool
+    detail: str
+    hint: str | None = None
+    warning: bool = False
+
+
+class Readiness(BaseModel):
+    status: str  # ready | not ready
+    failing: list[str]
+    checks: list[Check]
 
 
 @router.get("/live", summary="The process is up")
@@ -21,6 +36,7 @@ def live() -> dict[str, str]:
 
 @router.get(
     "/ready",
+    response_model=Readiness,
     summary="Every dependency answers",
     responses={503: {"description": "At least one check failed; `checks` names it and says why"}},
 )
