@@ -36,6 +36,24 @@ RETRYABLE_STATUS = frozenset({408, 429})
 CreateMode = Literal["if-none-exist", "search-first"]
 
 
+class _RedactQueries(logging.Filter):
+    """httpx logs every request URL at INFO; FHIR query strings hold identifiers (MRNs): drop them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, httpx.URL) and a.query for a in record.args):
+            record.args = tuple(
+                a.copy_with(query=b"redacted") if isinstance(a, httpx.URL) and a.query else a for a in record.args
+            )
+        return True
+
+
+def redact_httpx_queries() -> None:
+    """Install the filter on the ``httpx`` logger once per process (idempotent)."""
+    httpx_log = logging.getLogger("httpx")
+    if not any(isinstance(f, _RedactQueries) for f in httpx_log.filters):
+        httpx_log.addFilter(_RedactQueries())
+
+
 class FhirRejected(DomainError):
     """EHR_REJECTED from an HTTP 4xx answer; ``status`` says which."""
 
@@ -76,6 +94,7 @@ class FhirEhr:
         self._client = client or httpx.Client(timeout=timeout, verify=verify)
         self._auth = auth
         self._headers = {"Accept": FHIR_JSON, "User-Agent": "strokewatch"}
+        redact_httpx_queries()
 
     def close(self) -> None:
         if self._owns_client:

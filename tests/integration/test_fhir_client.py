@@ -528,3 +528,14 @@ def test_oauth_token_is_fetched_once_by_concurrent_threads(secured: FhirPeer) ->
         results = list(pool.map(lambda _: ehr.search("Patient", {}), range(16)))
     assert results == [[]] * 16
     assert secured.stats()["tokensIssued"] - issued == 1 and auth.tokens_fetched == 1
+
+
+def test_identifiers_in_query_strings_stay_out_of_the_logs(
+    ehr: FhirEhr, fresh_fhir_peer: FhirPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    post(fresh_fhir_peer, patient("PHI-MRN-123"))
+    with caplog.at_level("DEBUG"):
+        assert ehr.find_patient(MRN, "PHI-MRN-123") is not None
+        assert ehr.find_patient(MRN, "PHI-MRN-404") is None
+    assert "HTTP Request: GET" in caplog.text  # httpx did log the requests...
+    assert "PHI-MRN" not in caplog.text  # ...without the identifier
