@@ -63,8 +63,12 @@ class FhirRejected(DomainError):
 
 
 class FhirEhr:
-    """A FHIR R4 server. ``create_mode="search-first"`` is for servers that ignore If-None-Exist:
-    it searches for the identifier before creating (still sending the header)."""
+    """A FHIR R4 server.
+
+    ``create_mode="search-first"`` is for servers that ignore If-None-Exist: it searches for the identifier
+    before creating (still sending the header). ``incremental=False`` is for servers that do not support
+    ``_lastUpdated`` on Observation: every sync re-reads the whole window (parsing de-duplicates).
+    """
 
     def __init__(
         self,
@@ -79,6 +83,7 @@ class FhirEhr:
         max_retry_after: float = 30.0,
         max_pages: int = 10_000,
         create_mode: CreateMode = "if-none-exist",
+        incremental: bool = True,
         verify: bool = True,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -89,6 +94,7 @@ class FhirEhr:
         self.max_retry_after = max_retry_after
         self.max_pages = max_pages
         self.create_mode = create_mode
+        self.incremental = incremental
         self._sleep = sleep
         self._owns_client = client is None
         self._client = client or httpx.Client(timeout=timeout, verify=verify)
@@ -144,7 +150,7 @@ class FhirEhr:
             params["code"] = ",".join(f"{LOINC_SYSTEM}|{_escape(c)}" for c in codes)
         if since is not None:
             params["date"] = f"ge{_instant(since)}"
-        if updated_since is not None:
+        if updated_since is not None and self.incremental:
             params["_lastUpdated"] = f"gt{_instant(updated_since)}"
         return self.search("Observation", params)
 

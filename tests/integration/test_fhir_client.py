@@ -237,6 +237,8 @@ def test_observation_search_by_codes_date_and_last_updated(ehr: FhirEhr, fresh_f
     newer = post(fresh_fhir_peer, vital(pid, "59408-5", 97, "%", T0 + timedelta(hours=1)))
     incremental = ehr.search_observations(pid, vital_codes(), since, cursor)
     assert [r["id"] for r in incremental] == [newer["id"]]
+    with make_ehr(fresh_fhir_peer, incremental=False) as full_reads:
+        assert len(full_reads.search_observations(pid, vital_codes(), since, cursor)) == len(found) + 1
 
 
 def test_search_sends_params_and_reads_every_page(ehr: FhirEhr, fresh_fhir_peer: FhirPeer) -> None:
