@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "placeholder", "xxx", "todo", "sandbox"}
@@ -20,6 +20,8 @@ _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "placeholder", "
 
 class AuthSettings(BaseModel):
     """How to authenticate to a peer. ``mode`` picks which of the other fields must be set."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
 
     mode: Literal["none", "basic", "bearer", "oauth2"] = "none"
     username: str | None = None
@@ -47,6 +49,8 @@ class AuthSettings(BaseModel):
 
 
 class PacsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
     dicomweb_url: str | None = None  # e.g. http://pacs:8042/dicom-web
     kind: Literal["auto", "orthanc", "generic"] = "auto"  # orthanc: also use its /changes feed
     orthanc_url: str | None = None  # Orthanc REST root, when different from dicomweb_url minus /dicom-web
@@ -61,6 +65,8 @@ class PacsSettings(BaseModel):
 
 
 class EhrSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
     base_url: str | None = None  # e.g. http://ehr:8080/fhir
     auth: AuthSettings = AuthSettings()
     timeout_s: float = 30.0
@@ -77,6 +83,8 @@ class EhrSettings(BaseModel):
 
 class PolicySettings(BaseModel):
     """Risk bands (terminology.hl7.org risk-probability codes) and what happens without vitals."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
 
     low_below: float = 0.10
     high_at_or_above: float = 0.30

@@ -47,6 +47,8 @@ def _settings(**overrides: Any) -> Any:
 
 def _logging(level: str = "WARNING") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):  # request URLs can carry identifiers (PHI): never at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +185,10 @@ def doctor() -> None:
     results = run_checks(settings)
     table = Table("check", "ok", "detail")
     for r in results:
-        detail = r.detail + (f"\n[yellow]fix: {r.hint}[/yellow]" if (not r.ok and r.hint) else "")
-        table.add_row(r.name, "[green]ok[/green]" if r.ok else "[red]FAIL[/red]", detail)
+        warning = getattr(r, "warning", False)
+        detail = r.detail + (f"\n[yellow]fix: {r.hint}[/yellow]" if ((not r.ok or warning) and r.hint) else "")
+        mark = "[red]FAIL[/red]" if not r.ok else ("[yellow]warn[/yellow]" if warning else "[green]ok[/green]")
+        table.add_row(r.name, mark, detail)
     console.print(table)
     if not all(r.ok for r in results):
         raise typer.Exit(1)

@@ -24,6 +24,9 @@ from inference import contract as C
 from integration.config import Settings, get_settings
 
 log = logging.getLogger(__name__)
+# httpx logs every request URL at INFO, and a FHIR Patient search carries the MRN in its query string.
+for _noisy in ("httpx", "httpcore"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 QUEUES = ("detect", "ingest", "vitals", "assess", "publish")
 F = TypeVar("F", bound=Callable[..., Any])
