@@ -38,6 +38,7 @@ def build_auth(auth: AuthSettings, verify: bool = True) -> httpx.Auth | None:
             client_id=auth.client_id,
             client_secret=auth.client_secret.get_secret_value(),
             scope=auth.scope,
+            client_auth=auth.client_auth,
             verify=verify,
         )
     return None
@@ -146,6 +147,10 @@ def bootstrap(
         max_retries=settings.ehr.max_retries,
         backoff=settings.ehr.backoff_s,
         page_size=settings.ehr.page_size,
+        create_mode=settings.ehr.create_mode,
+        incremental=settings.ehr.incremental,
+        max_retry_after=settings.ehr.max_retry_after_s,
+        verify=settings.ehr.verify_tls,
     )
     model = LazyModel(lambda: build_model(settings))
     policy = RiskPolicy(**settings.policy.model_dump())

@@ -31,6 +31,8 @@ class AuthSettings(BaseModel):
     client_id: str | None = None
     client_secret: SecretStr | None = None
     scope: str | None = None
+    #: How the OAuth2 client authenticates at the token endpoint.
+    client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
 
     @model_validator(mode="after")
     def _complete(self) -> AuthSettings:
@@ -79,6 +81,12 @@ class EhrSettings(BaseModel):
     #: IssuerOfPatientID -> identifier system, for PACS that serve several assigning authorities.
     issuer_systems: dict[str, str] = Field(default_factory=dict)
     verify_tls: bool = True
+    #: "search-first" for servers that ignore If-None-Exist (searches the identifier before creating).
+    create_mode: Literal["if-none-exist", "search-first"] = "if-none-exist"
+    #: False for servers that do not support _lastUpdated on Observation (full re-read each sync).
+    incremental: bool = True
+    #: A Retry-After longer than this is not waited for in-process; the task is re-scheduled instead.
+    max_retry_after_s: float = 30.0
 
 
 class PolicySettings(BaseModel):
