@@ -13,7 +13,7 @@ we estimate by Monte Carlo (``ORACLE_DRAWS`` draws per patient, common random nu
 
 The outcome (stroke within the horizon) is Bernoulli(sigmoid(logit)) with ``risk_logit`` below.
 The coefficients were tuned by simulation (see ``SYNTH.md``) so that on large cohorts the full oracle
-AUROC is ~0.87, the image-only and vitals-only oracles ~0.77-0.80 and prevalence ~22%.
+AUROC is ~0.87, the image-only and vitals-only oracles ~0.80-0.81 and prevalence ~25%.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ COEF = {
     "wmd_grade": 0.55,  # per grade
     "territorial": 1.30,
     "hyperdense_vessel": 2.00,
-    "territorial_x_lability": 1.60,  # territorial * max(lability_z, 0): a damaged territory on labile BP
+    "territorial_x_lability": 2.00,  # territorial * max(lability_z, 0): a damaged territory on labile BP
 }
 
 

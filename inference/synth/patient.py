@@ -15,8 +15,10 @@ import numpy as np
 
 from inference import contract as C
 from inference.preprocess import Volume
-from inference.synth import anatomy, outcome, render, vitals
+from inference.synth import outcome, render, vitals
+from inference.synth.findings import FindingGeometry, finding_fraction, place_findings
 from inference.synth.outcome import ImageFindings, VitalTraits
+from inference.synth.tissue import Appearance, draw_appearance
 
 STREAM_DEMOGRAPHICS, STREAM_IMAGE, STREAM_VITALS, STREAM_OUTCOME = 1, 2, 3, 4
 STREAM_GEOMETRY, STREAM_APPEARANCE, STREAM_RECORD, STREAM_NOISE, STREAM_ORACLE = 5, 6, 7, 8, 9
@@ -45,7 +47,7 @@ class SynthPatient:
     age_years: float  # at the window end
     modality: str  # "CT" | "MR"
     findings: ImageFindings  # scalar fields
-    geometry: render.FindingGeometry
+    geometry: FindingGeometry
     traits: VitalTraits  # scalar fields
     vitals: vitals.VitalsRecord
     true_probability: float
@@ -53,7 +55,7 @@ class SynthPatient:
     vitals_only_probability: float
     outcome: int
     pose: render.HeadPose
-    look: render.Appearance
+    look: Appearance
     skull_mm: float
     scalp_mm: float
     scan_centre: np.ndarray  # LPS mm, centre of the acquired volume
@@ -84,7 +86,7 @@ class SynthPatient:
         sz, sy, sx = C.VOLUME_SPACING_MM
         assert sy == sx, "contract grid is square in-plane"
         grid = render.Acquisition(self.scan_centre, d, sz, h, sy)  # == preprocess.contract_grid_points(centre)
-        frac = render.finding_fraction(render.template_grid(grid, self.pose), self.geometry, edge_mm=sy)
+        frac = finding_fraction(render.template_grid(grid, self.pose), self.geometry, edge_mm=sy)
         return frac.reshape(d, h, w) >= threshold
 
     def findings_summary(self) -> str:
@@ -114,34 +116,6 @@ def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, stream])
 
 
-def _place_findings(rng: np.random.Generator, f: ImageFindings) -> render.FindingGeometry:
-    tpl = anatomy.load_template()
-
-    def deep(pts: np.ndarray, m: np.ndarray) -> np.ndarray:
-        return (m[:, 0] + m[:, 1] > 0.85) & (m[:, 2] < -18) & (m[:, 3] > 4)
-
-    lacunes = []
-    for _ in range(int(f.lacunes)):
-        x_lo, x_hi = (8.0, 32.0) if rng.random() < 0.5 else (-32.0, -8.0)
-        c = anatomy.sample_points(rng, tpl, deep, np.array([x_lo, -30.0, -8.0]), np.array([x_hi, 25.0, 35.0]))
-        lacunes.append(render.Lesion(c, float(rng.uniform(2.5, 7.0))))
-    wmd_radius = (0.0, rng.uniform(3, 5), rng.uniform(6, 9), rng.uniform(10, 14))[int(f.wmd_grade)]
-    infarct = None
-    if f.territorial:
-        name = str(rng.choice(anatomy.TERRITORIES, p=[0.7, 0.15, 0.15]))
-        side = "L" if rng.random() < 0.5 else "R"
-
-        def in_territory(pts: np.ndarray, m: np.ndarray) -> np.ndarray:
-            return anatomy.territory(pts, name, side) & (m[:, 0] + m[:, 1] > 0.6) & (m[:, 2] < -8)
-
-        c = anatomy.sample_points(
-            rng, tpl, in_territory, np.array([-70.0, -100.0, -30.0]), np.array([70.0, 70.0, 75.0])
-        )
-        infarct = render.Lesion(c, float(rng.uniform(14, 26)), name, side)
-    hdv = ("L" if rng.random() < 0.5 else "R") if f.hyperdense_vessel else None
-    return render.FindingGeometry(tuple(lacunes), float(wmd_radius), infarct, hdv)
-
-
 def generate_patient(seed: int, index: int) -> SynthPatient:
     """The patient ``index`` of the cohort ``seed``: deterministic, independent of cohort size."""
     age, male = outcome.draw_demographics(_rng(seed, index, STREAM_DEMOGRAPHICS))
@@ -155,11 +129,11 @@ def generate_patient(seed: int, index: int) -> SynthPatient:
     y = int(_rng(seed, index, STREAM_OUTCOME).random() < p_true)
 
     geo_rng = _rng(seed, index, STREAM_GEOMETRY)
-    geometry = _place_findings(geo_rng, findings)
+    geometry = place_findings(geo_rng, findings)
     pose = render.draw_pose(geo_rng)
     scan_centre = pose.centre + np.array([geo_rng.normal(0, 3), geo_rng.normal(0, 3), geo_rng.normal(0, 6)])
     look_rng = _rng(seed, index, STREAM_APPEARANCE)
-    look = render.draw_appearance(look_rng, modality)
+    look = draw_appearance(look_rng, modality)
     id_rng = _rng(seed, index, STREAM_IDENTITY)
     return SynthPatient(
         seed=seed,
