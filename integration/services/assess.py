@@ -207,17 +207,14 @@ def _model_failed(svc: Services, pid: str, err: Exception) -> AssessResult:
     return AssessResult(pid, "retry", reason=f"{outcome.value}: {err}")
 
 
-_device_ids: dict[tuple[int, str], str] = {}
-
-
 def _device_id(svc: Services, model_version: str, trained: bool) -> str:
-    key = (id(svc.ehr), model_version)
-    if key not in _device_ids:
+    """The EHR's Device for this model version (conditional create once per process, then cached)."""
+    if model_version not in svc.device_ids:
         device_id, _ = svc.ehr.conditional_create(
             build_device(model_version, trained), DEVICE_IDENTIFIER_SYSTEM, device_identifier(model_version)
         )
-        _device_ids[key] = device_id
-    return _device_ids[key]
+        svc.device_ids[model_version] = device_id
+    return svc.device_ids[model_version]
 
 
 def publish(svc: Services, identifier: str) -> str:
