@@ -11,7 +11,12 @@ from inference.synth.dicom import write_dicom
 from inference.synth.fhir import fhir_resources, transaction_bundle
 from inference.synth.patient import SynthPatient, generate_patient, iter_cohort
 
+#: Bumped whenever the generating process changes what a (seed, index) patient looks like; caches of
+#: generated cohorts should include it in their key.
+SYNTH_VERSION = "1"
+
 __all__ = [
+    "SYNTH_VERSION",
     "CohortArrays",
     "SynthPatient",
     "fhir_resources",

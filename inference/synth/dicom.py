@@ -5,7 +5,9 @@ Geometry is consistent (ImagePositionPatient along the normal of ImageOrientatio
 SliceThickness, SpacingBetweenSlices, SliceLocation). CT stores HU + 1024 as 12-bit unsigned with
 RescaleIntercept -1024. UIDs come from ``pydicom.uid.generate_uid`` with entropy from (seed, index), so
 re-generation gives the same UIDs. For some patients InstanceNumber runs against the slice position or
-is shuffled: readers must order by geometry, never by instance number or file name.
+is shuffled: readers must order by geometry, never by instance number or file name. Most CT studies also
+hold a lateral scout (series 1, ImageType ORIGINAL/PRIMARY/LOCALIZER, one projection image), as scanners
+send them: series selection must skip it.
 """
 
 from __future__ import annotations
@@ -102,8 +104,42 @@ def _base_dataset(patient: SynthPatient, window_end: datetime) -> Dataset:
     return ds
 
 
+def _save(ds: Dataset, out_dir: Path) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _localizer(patient: SynthPatient, base: Dataset, hu: np.ndarray, origin: np.ndarray, pixel_mm: float) -> Dataset:
+    """A lateral scout: the mean attenuation through the head along x, as a sagittal projection image."""
+    mu = np.clip(hu + 1000.0, 0, None).mean(axis=2)  # (slices, rows): attenuation along the beam (x)
+    image = mu[::-1] / max(float(mu.max()), 1.0) * 3000.0  # top row = most superior slice
+    ds = base.copy()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.SeriesInstanceUID = _uid(patient, "series", "localizer")
+    ds.SOPInstanceUID = _uid(patient, "localizer", "0")
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.SeriesDescription = "Topogram 0.6 T20s"
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # rows run posterior, columns run inferior
+    top = origin + np.array([(hu.shape[2] - 1) / 2 * pixel_mm, 0.0, (hu.shape[0] - 1) * 5.0])  # mid-sagittal
+    ds.ImagePositionPatient = [f"{v:.3f}" for v in top]
+    ds.PixelSpacing = ["5", f"{pixel_mm:g}"]
+    del ds.SliceThickness, ds.SpacingBetweenSlices, ds.ConvolutionKernel
+    stored = np.clip(np.rint(image), 0, 4095).astype(np.uint16)
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
 def write_dicom(patient: SynthPatient, out_dir: Path, *, window_end: datetime | None = None) -> list[Path]:
-    """Render the patient's study and write one file per slice under ``out_dir``; returns the paths.
+    """Render the patient's study and write one file per image under ``out_dir``; returns the paths.
 
     Study date/time is ``window_end`` (default: the patient's) minus ``STUDY_LEAD``, in the recording
     site's local time with TimezoneOffsetFromUTC; PatientBirthDate keeps the age exact at ``window_end``.
@@ -131,12 +167,7 @@ def write_dicom(patient: SynthPatient, out_dir: Path, *, window_end: datetime | 
         ds.PixelSpacing = [f"{volume.spacing[1]:g}", f"{volume.spacing[2]:g}"]
         ds.Rows, ds.Columns = stored.shape[1], stored.shape[2]
         ds.PixelData = stored[k].tobytes()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
-        path = out_dir / f"{sop_uid}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        paths.append(_save(ds, out_dir))
+    if patient.modality == "CT" and patient.has_scout:
+        paths.append(_save(_localizer(patient, base, volume.voxels, volume.origin, volume.spacing[2]), out_dir))
     return paths

@@ -61,6 +61,7 @@ class SynthPatient:
     scan_centre: np.ndarray  # LPS mm, centre of the acquired volume
     n_slices: int
     instance_order: str  # "ascending" | "descending" | "shuffled": InstanceNumber vs position
+    has_scout: bool = True  # CT: the study also holds a localizer series
     window_end: datetime = DEFAULT_WINDOW_END
 
     @property
@@ -159,6 +160,7 @@ def generate_patient(seed: int, index: int) -> SynthPatient:
         scan_centre=scan_centre,
         n_slices=int(id_rng.integers(32, 37)),
         instance_order=str(id_rng.choice(["ascending", "descending", "shuffled"], p=[0.6, 0.25, 0.15])),
+        has_scout=bool(id_rng.random() < 0.7),
     )
 
 

@@ -71,9 +71,12 @@ def test_dropout_withholds_a_modality_but_not_the_truth() -> None:
 
 
 def _read_series(paths: list[Path]) -> tuple[list[preprocess.Slice], list[pydicom.Dataset]]:
+    """The axial series' slices (scouts are skipped, as the engine's series selection does)."""
     slices, headers = [], []
     for path in paths:
         ds = pydicom.dcmread(path)
+        if "LOCALIZER" in ds.ImageType:
+            continue
         pixels = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(
             ds.get("RescaleIntercept", 0)
         )
@@ -101,12 +104,14 @@ def test_dicom_reads_back_and_matches_the_array_path(tmp_path: Path, modality: s
     patient = _first(modality, "shuffled" if modality == "CT" else None)
     paths = write_dicom(patient, tmp_path, window_end=WINDOW_END)
     slices, headers = _read_series(paths)
+    assert len(slices) == patient.n_slices
+    assert len(paths) == patient.n_slices + (modality == "CT" and patient.has_scout)
     ds = headers[0]
     assert ds.PatientID == patient.mrn and ds.Modality == modality
     assert ds.SOPClassUID == ("1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.4")
     assert ds.IssuerOfPatientID and ds.PatientBirthDate == patient.birth_date(WINDOW_END).strftime("%Y%m%d")
     assert ds.BodyPartExamined in ("HEAD", "BRAIN") and ds.Rows == 256
-    assert len({h.SeriesInstanceUID for h in headers}) == 1 and len({h.SOPInstanceUID for h in headers}) == len(paths)
+    assert len({h.SeriesInstanceUID for h in headers}) == 1 and len({h.SOPInstanceUID for h in headers}) == len(slices)
     z = [float(h.ImagePositionPatient[2]) for h in headers]
     numbers = [int(h.InstanceNumber) for h in headers]
     if patient.instance_order == "shuffled":
@@ -240,3 +245,28 @@ def test_cli_writes_dicom_fhir_and_truth(tmp_path: Path) -> None:
     assert truth[0].startswith("patient,") and len(truth) == 2
     assert (tmp_path / "fhir" / "bundle.json").stat().st_size > 1000
     assert len(list((tmp_path / "dicom").rglob("*.dcm"))) >= 32
+
+
+def test_planted_vitals_signal_survives_into_the_tensors() -> None:
+    from inference.synth.arrays import patient_vitals_tensors
+
+    hr, sbp, glu = C.FEATURE_INDEX["hr"], C.FEATURE_INDEX["sbp"], C.FEATURE_INDEX["glucose"]
+    spread: dict[str, list[float]] = {"af": [], "sinus": [], "labile": [], "steady": []}
+    glucose: dict[bool, list[float]] = {True: [], False: []}
+    for p in iter_cohort(150, 6):
+        values, mask, _ = patient_vitals_tensors(p)
+        seen = mask > 0
+        if seen[:, hr].sum() >= 10:
+            spread["af" if p.traits.af == 2 else "sinus"].append(float(np.std(values[seen[:, hr], hr])))
+        if seen[:, sbp].sum() >= 10 and p.traits.trend < 1.0:
+            z = O.lability_z(np.asarray(p.traits.lability))
+            if z > 1 or z < -0.5:
+                spread["labile" if z > 1 else "steady"].append(float(np.std(values[seen[:, sbp], sbp])))
+        if seen[:, glu].any():
+            glucose[bool(p.vitals.signal_mask[:, glu].any())].append(float(values[seen[:, glu], glu].mean()))
+        if p.traits.af == 2:
+            assert p.vitals.signal_mask[:, hr].all()
+    assert all(len(v) >= 3 for v in spread.values()), {k: len(v) for k, v in spread.items()}
+    assert np.median(spread["af"]) > 1.5 * np.median(spread["sinus"])  # irregular heart rate
+    assert np.median(spread["labile"]) > 1.3 * np.median(spread["steady"])  # labile blood pressure
+    assert np.mean(glucose[True]) > np.mean(glucose[False]) + 1.0  # hyperglycaemia, in contract z units
