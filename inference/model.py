@@ -48,6 +48,9 @@ class FusionConfig:
     demo_embed: int = 8
     head_hidden: int = 32
     dropout: float = 0.1
+    #: Auxiliary lesion-segmentation head on the first CNN block (training only; not exported). Lesion
+    #: masks give the CNN a dense signal where outcomes alone give one bit per patient.
+    aux_seg: bool = True
     #: Calibration: probability = sigmoid(logit / temperature); fitted on the validation split.
     temperature: float = 1.0
     #: Provenance written by train.py (seed, n, metrics); carried into the ONNX metadata.
@@ -103,11 +106,17 @@ class ImageBranch(nn.Module):
         blocks.append(ConvBlock(chans[-1], chans[-1], stride=1))  # context at the coarsest grid
         self.blocks = nn.Sequential(*blocks)
         self.proj = nn.Linear(2 * chans[-1], cfg.image_embed)
+        self.seg_head = nn.Conv3d(chans[1], 1, 3, padding=1) if cfg.aux_seg else None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(image)  # (B, C, D/8, H/8, W/8) with three strided blocks
+        return self.forward_with_seg(image)[0]
+
+    def forward_with_seg(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        first = self.blocks[0](image)  # (B, C1, D/2, H/2, W/2)
+        x = self.blocks[1:](first)  # (B, C, D/8, H/8, W/8) with three strided blocks
         pooled = torch.cat([x.amax(dim=(2, 3, 4)), x.mean(dim=(2, 3, 4))], dim=1)  # (B, 2C)
-        return F.relu(self.proj(pooled))  # (B, image_embed)
+        seg = self.seg_head(first).squeeze(1) if self.seg_head is not None and self.training else None  # (B, d, h, w)
+        return F.relu(self.proj(pooled)), seg  # (B, image_embed), lesion logits at half resolution
 
 
 class VitalsBranch(nn.Module):
@@ -191,18 +200,32 @@ class FusionModel(nn.Module):
         vitals_delta: torch.Tensor,
         demographics: torch.Tensor,
     ) -> torch.Tensor:
+        return self.forward_with_aux(image, image_present, vitals, vitals_mask, vitals_delta, demographics)[0]
+
+    def forward_with_aux(
+        self,
+        image: torch.Tensor,
+        image_present: torch.Tensor,
+        vitals: torch.Tensor,
+        vitals_mask: torch.Tensor,
+        vitals_delta: torch.Tensor,
+        demographics: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logit (B, 1), lesion-segmentation logits (B, D/2, H/2, W/2) in training mode, else None)."""
         for name, t in zip(C.INPUT_NAMES, (image, image_present, vitals, vitals_mask, vitals_delta, demographics),
                            strict=True):
             self._check(name, t)
         parts = [self.demo_branch(demographics)]  # (B, demo_embed)
+        seg = None
         if self.image_branch is not None:
             present = image_present  # (B, 1)
             volume = image * present.view(-1, 1, 1, 1, 1)  # (B, 1, D, H, W): an absent image is all zeros
-            parts += [self.image_branch(volume) * present, present]  # (B, E_img), (B, 1)
+            embedding, seg = self.image_branch.forward_with_seg(volume)  # (B, E_img)
+            parts += [embedding * present, present]  # (B, E_img), (B, 1)
         if self.vitals_branch is not None:
             observed = (vitals_mask.sum(dim=(1, 2)) > 0).to(vitals.dtype).unsqueeze(1)  # (B, 1)
             parts += [self.vitals_branch(vitals, vitals_mask, vitals_delta) * observed, observed]  # (B, H), (B, 1)
-        return self.head(torch.cat(parts, dim=1))  # (B, 1)
+        return self.head(torch.cat(parts, dim=1)), seg  # (B, 1)
 
     def forward_dict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.forward(*(inputs[name] for name in C.INPUT_NAMES))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class TrainSettings:
     image_dropout: float = 0.15  # fusion only: share of patients per batch with the image withheld
     vitals_dropout: float = 0.15  # fusion only: share with the vitals withheld (never both)
     threads: int = 2
+    aux_seg_weight: float = 0.5  # weight of the lesion-segmentation loss (image variants, when masks exist)
+    aux_seg_pos_weight: float = 5.0  # lesions are a few percent of voxels
 
 
 def cohort_inputs(cohort: Any) -> Arrays:
@@ -58,11 +61,37 @@ def cohort_inputs(cohort: Any) -> Arrays:
     return {spec.name: np.asarray(getattr(cohort, spec.name), dtype=np.float32) for spec in C.INPUTS}
 
 
-def make_cohort(n: int, seed: int) -> Any:
-    from inference.synth import make_arrays
+def cohort_cache_dir() -> Path:
+    """Where generated cohorts are kept (``$STROKEWATCH_CACHE/cohorts``, else ``~/.cache/strokewatch/cohorts``)."""
+    root = os.environ.get("STROKEWATCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "strokewatch"
+    )
+    return Path(root) / "cohorts"
 
-    log.info("generating synthetic cohort n=%d seed=%d", n, seed)
-    return make_arrays(n, seed)
+
+def make_cohort(n: int, seed: int, *, workers: int = 2, cache: bool = True) -> Any:
+    """``inference.synth.make_arrays(n, seed)``, kept on disk so training and evaluation do not redo it.
+
+    Generation is deterministic in (n, seed), so a cached copy is the same cohort; rendering ~1 s per
+    patient on this machine makes regenerating it the slowest step of a training run.
+    """
+    from inference.synth import CohortArrays, make_arrays
+
+    path = cohort_cache_dir() / f"cohort-n{n}-seed{seed}.npz"
+    if cache and path.is_file():
+        log.info("loading cached cohort %s", path)
+        with np.load(path, allow_pickle=False) as data:
+            return CohortArrays(**{k: data[k] for k in data.files})
+    log.info("generating synthetic cohort n=%d seed=%d (%d workers)", n, seed, workers)
+    started = time.monotonic()
+    cohort = make_arrays(n, seed, workers=workers)
+    log.info("generated in %.0fs", time.monotonic() - started)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **cohort.__dict__)
+        tmp.replace(path)
+    return cohort
 
 
 def withhold(inputs: Mapping[str, np.ndarray], modality: Modality, rows: np.ndarray | None = None) -> Arrays:
@@ -118,14 +147,33 @@ def _dropout_batch(batch: Arrays, settings: TrainSettings, rng: np.random.Genera
     return batch
 
 
+def _seg_loss(seg_logits: torch.Tensor, finding: np.ndarray, present: np.ndarray, settings: TrainSettings
+              ) -> torch.Tensor:
+    """Lesion-segmentation BCE at the seg head's (half) resolution, over patients whose image was seen."""
+    rows = torch.from_numpy(present[:, 0] > 0).to(seg_logits.device)  # (B,)
+    target = torch.from_numpy(finding.astype(np.float32)).to(seg_logits.device).unsqueeze(1)  # (B, 1, D, H, W)
+    target = F.adaptive_max_pool3d(target, seg_logits.shape[1:]).squeeze(1)  # (B, d, h, w)
+    if not bool(rows.any()):
+        return seg_logits.sum() * 0.0
+    pos_weight = torch.tensor(settings.aux_seg_pos_weight, device=seg_logits.device)
+    return F.binary_cross_entropy_with_logits(seg_logits[rows], target[rows], pos_weight=pos_weight)
+
+
 def fit(
-    inputs: Arrays, outcome: np.ndarray, variant: Variant, seed: int, settings: TrainSettings, info: dict[str, object]
+    inputs: Arrays,
+    outcome: np.ndarray,
+    variant: Variant,
+    seed: int,
+    settings: TrainSettings,
+    info: dict[str, object],
+    finding_mask: np.ndarray | None = None,
 ) -> FusionModel:
     """Train one variant with early stopping, then fit its temperature on the validation split."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = FusionModel(FusionConfig(variant=variant)).to(device)
+    use_seg = finding_mask is not None and settings.aux_seg_weight > 0 and variant in ("fusion", "image")
+    model = FusionModel(FusionConfig(variant=variant, aux_seg=use_seg)).to(device)
     log.info("%s: %d parameters on %s", variant, count_parameters(model), device)
     train_idx, val_idx = split_indices(len(outcome), settings.val_fraction, seed)
     val_inputs = {k: v[val_idx] for k, v in inputs.items()}
@@ -145,8 +193,12 @@ def fit(
             if use_dropout:
                 batch = _dropout_batch(batch, settings, rng)
             target = torch.from_numpy(outcome[rows].astype(np.float32)).to(device).unsqueeze(1)  # (B, 1)
-            logit = model.forward_dict(_to_device(batch, device))  # (B, 1)
+            tensors = _to_device(batch, device)
+            logit, seg = model.forward_with_aux(*(tensors[name] for name in C.INPUT_NAMES))  # (B, 1), (B, d, h, w)
             loss = F.binary_cross_entropy_with_logits(logit, target)
+            if seg is not None and finding_mask is not None:
+                loss = loss + settings.aux_seg_weight * _seg_loss(seg, finding_mask[rows], batch["image_present"],
+                                                                   settings)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -174,6 +226,7 @@ def fit(
         "n_val": int(len(val_idx)),
         "val_metrics": {k: round(v, 4) for k, v in val_metrics.items()},
         "modality_dropout": [settings.image_dropout, settings.vitals_dropout] if use_dropout else [0.0, 0.0],
+        "aux_seg_weight": settings.aux_seg_weight if use_seg else 0.0,
     }
     log.info("%s: temperature %.3f, validation %s", variant, model.cfg.temperature, model.cfg.info["val_metrics"])
     return model.cpu().eval()
@@ -196,7 +249,7 @@ def run(
     info = {"model_version": C.MODEL_VERSION, "seed": seed, "n": int(len(outcome)), "cohort": f"inference.synth.make_arrays(n={len(outcome)}, seed={seed})",
             "prevalence": round(float(outcome.mean()), 4)}
     for variant in variants:
-        model = fit(inputs, outcome, variant, seed, settings, info)
+        model = fit(inputs, outcome, variant, seed, settings, info, getattr(cohort, "finding_mask", None))
         save(model, out_dir / variant)
         log.info("saved %s", out_dir / variant)
     return out_dir
