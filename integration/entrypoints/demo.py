@@ -65,10 +65,13 @@ def run_demo(
             time.sleep(1)
 
     rows = _summary_rows(store, study_uids, info.fhir_base_url)
-    table = Table("patient (FHIR id)", "study", "probability", "band", "RiskAssessment", title="StrokeWatch demo")
+    table = Table(title="StrokeWatch demo")
+    for header in ("patient (FHIR id)", "study (UID tail)", "probability", "band", "RiskAssessment"):
+        table.add_column(header, overflow="fold")  # ids and links wrap; never cut with an ellipsis
     for r in rows:
         table.add_row(*r)
     console.print(table)
+    _print_model_line(console, store)
     counts = store.counts()
     failures = counts.get("open_failures", {})
     if failures:
@@ -134,3 +137,17 @@ def _summary_rows(store: object, study_uids: set[str], fhir_base: str) -> list[t
             link = f"{fhir_base}/RiskAssessment/{a.fhir_id}" if a.fhir_id else a.status
             out.append((a.patient_fhir_id, short, f"{a.probability:.3f}", a.band, link))
     return out
+
+
+def _print_model_line(console: Console, store: object) -> None:
+    from sqlalchemy import select
+
+    from integration.adapters.db.models import Assessment
+
+    with store.sessions() as s:  # type: ignore[attr-defined]
+        row = s.execute(select(Assessment.model_version, Assessment.runtime, Assessment.trained).limit(1)).first()
+    if row is None:
+        return
+    version, runtime, trained = row
+    state = "trained on the synthetic cohort" if trained else "[red]UNTRAINED placeholder: scores are meaningless[/red]"
+    console.print(f"Model stroke_fusion {version} via {runtime}: {state}.")
