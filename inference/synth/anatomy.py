@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,8 @@ def _build() -> Template:
     for c in range(4):
         smooth = ndimage.gaussian_filter(maps_1mm[..., c], sigma=0.5)  # anti-alias before 1.5 mm
         maps[..., c] = ndimage.map_coordinates(smooth, grid, order=1, mode="nearest")
-    return Template(maps=maps, origin=TEMPLATE_ORIGIN_RAS.copy(), spacing=BASE_MM)
+    # Stored as float16 in the cache: round here too, so a fresh build and a cached load are identical.
+    return Template(maps=maps.astype(np.float16).astype(np.float32), origin=TEMPLATE_ORIGIN_RAS.copy(), spacing=BASE_MM)
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,13 +89,19 @@ def load_template() -> Template:
     """The cached template (built from nilearn's files on first use, ~10 s, then read from the cache)."""
     path = _cache_dir() / f"synth-template-v{CACHE_VERSION}.npz"
     if path.exists():
-        with np.load(path) as z:
-            return Template(z["maps"].astype(np.float32), z["origin"], float(z["spacing"]))
+        try:
+            with np.load(path) as z:
+                return Template(z["maps"].astype(np.float32), z["origin"], float(z["spacing"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # unreadable cache (e.g. truncated by a full disk): rebuild it
     tpl = _build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, maps=tpl.maps.astype(np.float16), origin=tpl.origin, spacing=tpl.spacing)
-    os.replace(tmp, path)  # atomic: concurrent builders never see a half-written cache
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, maps=tpl.maps.astype(np.float16), origin=tpl.origin, spacing=tpl.spacing)
+        os.replace(tmp, path)  # atomic: concurrent builders never see a half-written cache
+    except OSError:
+        pass  # read-only home: work from memory, rebuild next time
     return tpl
 
 

@@ -13,7 +13,7 @@ we estimate by Monte Carlo (``ORACLE_DRAWS`` draws per patient, common random nu
 
 The outcome (stroke within the horizon) is Bernoulli(sigmoid(logit)) with ``risk_logit`` below.
 The coefficients were tuned by simulation (see ``SYNTH.md``) so that on large cohorts the full oracle
-AUROC is ~0.87, the image-only and vitals-only oracles ~0.80-0.81 and prevalence ~25%.
+AUROC is ~0.88, the image-only and vitals-only oracles ~0.81 and prevalence ~25%.
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ AF_INTERCEPT, AF_AGE_SLOPE = -2.4, 0.06
 DIABETES_P, GLUCOSE_DIABETIC, GLUCOSE_NORMAL = 0.2, (165.0, 0.25), (100.0, 0.12)
 
 # --- Outcome model ----------------------------------------------------------------------------------
-INTERCEPT = -3.4
+INTERCEPT = -3.5
 COEF = {
     "age_z": 0.20,  # per 15 years over 65
     "male": 0.15,
-    "sbp_z": 0.40,  # per 20 mmHg over 135
-    "lability_z": 0.60,  # per log-SD of lability over the median
+    "sbp_z": 0.45,  # per 20 mmHg over 135
+    "lability_z": 0.70,  # per log-SD of lability over the median
     "trend": 0.25,  # per mmHg/week, rising only
     "af": 1.30,
     "glucose_z": 0.40,  # per 0.3 log(mg/dL) over log(110)
@@ -71,7 +71,7 @@ COEF = {
     "wmd_grade": 0.55,  # per grade
     "territorial": 1.30,
     "hyperdense_vessel": 2.00,
-    "territorial_x_lability": 2.00,  # territorial * max(lability_z, 0): a damaged territory on labile BP
+    "territorial_x_lability": 2.50,  # territorial * max(lability_z, 0): a damaged territory on labile BP
 }
 
 
