@@ -40,4 +40,5 @@ def test_dockerfile_copies_what_exists() -> None:
         if line.startswith("COPY "):
             for src in line.split()[1:-1]:
                 assert (ROOT / src).exists(), src
-    assert ".[model" not in text and "torch" not in text.split("RUN pip install", 1)[1].splitlines()[0]
+    installs = [line for line in text.splitlines() if "pip install" in line]
+    assert installs and not any("model" in line or "torch" in line for line in installs)  # serving needs no torch
