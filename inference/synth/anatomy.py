@@ -59,7 +59,7 @@ def _build() -> Template:
 
     def load(name: str) -> np.ndarray:
         img = nib.load(data_dir / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
-        return np.asarray(img.dataobj, dtype=np.float32) / 255.0
+        return np.asarray(img.dataobj, dtype=np.float32) / 255.0  # type: ignore[attr-defined]
 
     t1, gm, wm = load("t1"), load("gm"), load("wm")
     icv = ndimage.binary_fill_holes(t1 > 0)

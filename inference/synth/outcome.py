@@ -184,7 +184,7 @@ def risk_logit(age: np.ndarray, male: np.ndarray, img: ImageFindings, vit: Vital
     )
 
 
-def true_probability(age: float, male: float, img: ImageFindings, vit: VitalTraits) -> float:
+def true_probability(age: float | np.ndarray, male: float | np.ndarray, img: ImageFindings, vit: VitalTraits) -> float:
     return float(_sigmoid(risk_logit(np.asarray(age), np.asarray(male), img, vit)))
 
 

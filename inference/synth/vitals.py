@@ -109,7 +109,7 @@ def _af_on(rng: np.random.Generator, af: int) -> tuple[np.ndarray, np.ndarray]:
 def _in_episodes(t: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     if starts.size == 0:
         return np.zeros(t.shape, dtype=bool)
-    return ((t[:, None] <= starts) & (t[:, None] >= ends)).any(axis=1)
+    return np.asarray(((t[:, None] <= starts) & (t[:, None] >= ends)).any(axis=1))
 
 
 def _night(t: np.ndarray, offset_h: float) -> np.ndarray:
@@ -161,8 +161,8 @@ def generate_vitals(rng: np.random.Generator, tr: VitalTraits) -> VitalsRecord:
     spo2_code = "2708-6" if rng.random() < 0.3 else "59408-5"
     temp_f = rng.random() < 0.3
     for t in core:
-        rr = float(round(tr.rr + 1.5 * rng.standard_normal()))
-        spo2 = float(min(100.0, round(tr.spo2 + rng.standard_normal())))
+        rr = float(np.rint(tr.rr + 1.5 * rng.standard_normal()))
+        spo2 = min(100.0, float(np.rint(tr.spo2 + rng.standard_normal())))
         if rng.random() < 0.01:  # probe off the finger: plausible but wrong
             spo2 = float(round(rng.uniform(70, 88)))
         evening = 0.3 * np.cos(((-t + offset / 60 + 9.0) % 24 - 18) / 24 * 2 * np.pi)
@@ -188,7 +188,9 @@ def generate_vitals(rng: np.random.Generator, tr: VitalTraits) -> VitalsRecord:
             obs.append(RawVital("2339-0", t, (Component("2339-0", float(round(g)), "mg/dL"),)))
     for t in rng.uniform(0.5, w, rng.integers(1, 3)):
         obs.append(
-            RawVital("39156-5", t, (Component("39156-5", round(tr.bmi + 0.3 * rng.standard_normal(), 1), "kg/m2"),))
+            RawVital(
+                "39156-5", t, (Component("39156-5", round(float(tr.bmi + 0.3 * rng.standard_normal()), 1), "kg/m2"),)
+            )
         )
 
     obs = _quirks(rng, obs)
