@@ -270,3 +270,23 @@ def test_planted_vitals_signal_survives_into_the_tensors() -> None:
     assert np.median(spread["af"]) > 1.5 * np.median(spread["sinus"])  # irregular heart rate
     assert np.median(spread["labile"]) > 1.3 * np.median(spread["steady"])  # labile blood pressure
     assert np.mean(glucose[True]) > np.mean(glucose[False]) + 1.0  # hyperglycaemia, in contract z units
+
+
+def test_fhir_path_through_the_engine_parser_gives_the_training_tensors() -> None:
+    """Training/serving parity: FHIR JSON -> the engine's domain parser -> vitals_tensors == the array path."""
+    from datetime import timedelta
+
+    from inference.synth.arrays import patient_vitals_tensors
+    from integration.domain.vitals import parse_observations, to_samples
+
+    for patient in iter_cohort(4, 13):
+        observations = fhir_resources(patient, identifier_system="urn:oid:1.2.3.4", window_end=WINDOW_END)[1:]
+        for obs in observations:
+            obs["id"] = obs["identifier"][0]["value"]  # as a server would assign
+        parsed = parse_observations(
+            observations, window_start=WINDOW_END - timedelta(hours=C.WINDOW_HOURS), window_end=WINDOW_END
+        )
+        engine = preprocess.vitals_tensors(to_samples(parsed.accepted, WINDOW_END))
+        training = patient_vitals_tensors(patient)
+        for got, want in zip(engine, training, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-4)
