@@ -80,6 +80,8 @@ def run(seed: int, n: int, report_dir: Path | None = None, weights_dir: Path = D
         "n": int(len(y)),
         "prevalence": round(float(y.mean()), 4),
         "training_seed": train_seed,
+        "synth_version": _synth_version(),
+        "training_synth_version": models["fusion"].cfg.info.get("synth_version"),
         "model_version": models["fusion"].cfg.info.get("model_version"),
         "temperature": round(models["fusion"].cfg.temperature, 4),
         "metrics": metrics,
@@ -88,6 +90,12 @@ def run(seed: int, n: int, report_dir: Path | None = None, weights_dir: Path = D
     if report_dir is not None:
         write_report(result, scores, y, report_dir)
     return result
+
+
+def _synth_version() -> str:
+    from inference.synth import SYNTH_VERSION
+
+    return str(SYNTH_VERSION)
 
 
 def write_report(result: dict[str, Any], scores: dict[str, np.ndarray], y: np.ndarray, report_dir: Path) -> Path:

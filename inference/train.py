@@ -75,9 +75,10 @@ def make_cohort(n: int, seed: int, *, workers: int = 2, cache: bool = True) -> A
     Generation is deterministic in (n, seed), so a cached copy is the same cohort; rendering ~1 s per
     patient on this machine makes regenerating it the slowest step of a training run.
     """
-    from inference.synth import CohortArrays, make_arrays
+    from inference.synth import SYNTH_VERSION, CohortArrays, make_arrays
 
-    path = cohort_cache_dir() / f"cohort-n{n}-seed{seed}.npz"
+    # The generator's version is part of the key: a cohort cached by an older generator is another cohort.
+    path = cohort_cache_dir() / f"cohort-v{SYNTH_VERSION}-n{n}-seed{seed}.npz"
     if cache and path.is_file():
         log.info("loading cached cohort %s", path)
         with np.load(path, allow_pickle=False) as data:
@@ -246,7 +247,9 @@ def run(
     cohort = cohort if cohort is not None else make_cohort(n, seed)
     inputs = cohort_inputs(cohort)
     outcome = np.asarray(cohort.outcome, dtype=np.float64)
-    info = {"model_version": C.MODEL_VERSION, "seed": seed, "n": int(len(outcome)), "cohort": f"inference.synth.make_arrays(n={len(outcome)}, seed={seed})",
+    from inference.synth import SYNTH_VERSION
+
+    info = {"model_version": C.MODEL_VERSION, "synth_version": SYNTH_VERSION, "seed": seed, "n": int(len(outcome)), "cohort": f"inference.synth.make_arrays(n={len(outcome)}, seed={seed})",
             "prevalence": round(float(outcome.mean()), 4)}
     for variant in variants:
         model = fit(inputs, outcome, variant, seed, settings, info, getattr(cohort, "finding_mask", None))
