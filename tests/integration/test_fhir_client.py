@@ -536,7 +536,8 @@ def test_identifiers_in_query_strings_stay_out_of_the_logs(
     ehr: FhirEhr, fresh_fhir_peer: FhirPeer, caplog: pytest.LogCaptureFixture
 ) -> None:
     post(fresh_fhir_peer, patient("PHI-MRN-123"))
-    with caplog.at_level("DEBUG"):
+    # httpx's own level too: the engine's entrypoints set it to WARNING, a library user may not
+    with caplog.at_level("DEBUG"), caplog.at_level("DEBUG", logger="httpx"):
         assert ehr.find_patient(MRN, "PHI-MRN-123") is not None
         assert ehr.find_patient(MRN, "PHI-MRN-404") is None
     assert "HTTP Request: GET" in caplog.text  # httpx did log the requests...
