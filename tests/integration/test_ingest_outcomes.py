@@ -15,10 +15,10 @@ from pydicom.uid import generate_uid
 from integration.bootstrap import Engine, bootstrap
 from integration.config import Settings
 from integration.domain.types import DomainError, Outcome
+from integration.sandbox._process import free_port
 from integration.services.assess import assess_patients, publish
 from integration.services.studies import ingest_study, register_study
 from integration.services.vitals import sync_vitals
-from integration.sandbox._process import free_port
 from tests.integration.test_dicomweb_orthanc import ct_series, non_image, store
 
 MRN_SYSTEM = "urn:oid:1.2.36.146.595.217.0.1"
