@@ -169,6 +169,7 @@ def bootstrap(
         identifier_system_for=settings.identifier_system_for,
         assessment_identifier_system=settings.assessment_identifier_system,
         lookback_hours=settings.pacs.lookback_hours,
+        changes_from_beginning=settings.pacs.changes_from_beginning,
         retry_backoff_s=settings.retry_backoff_s,
         held_retry_s=settings.held_retry_s,
         max_retries=settings.max_task_retries,

@@ -59,7 +59,10 @@ class PacsSettings(BaseModel):
     auth: AuthSettings = AuthSettings()
     timeout_s: float = 60.0
     poll_seconds: float = 30.0
-    lookback_hours: float = 24.0  # QIDO window for generic polling
+    lookback_hours: float = 24.0  # QIDO window for generic polling (and the first start of the Orthanc feed)
+    #: Orthanc feed on first start: False = studies of the lookback window, then follow the feed from its end;
+    #: True = replay Orthanc's whole change log (every study it ever stored).
+    changes_from_beginning: bool = False
     min_slices: int = 16
     #: Regex over BodyPartExamined / study / series descriptions that marks a head study (None: built-in).
     head_pattern: str | None = None

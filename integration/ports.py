@@ -39,6 +39,10 @@ class ChangeFeed(Protocol):
         """(StudyInstanceUIDs that became stable, new cursor, done)."""
         ...
 
+    def latest_cursor(self) -> int:
+        """The current end of the feed (where to start without replaying history)."""
+        ...
+
 
 class Ehr(Protocol):
     """A FHIR R4 server."""

@@ -32,6 +32,8 @@ class Services:
     identifier_system_for: Callable[[str | None], str | None] = lambda issuer: None
     assessment_identifier_system: str = "urn:strokewatch:risk-assessment"
     lookback_hours: float = 24.0
+    #: Orthanc feed on first start: replay the whole change log (True) or lookback window + feed end (False).
+    changes_from_beginning: bool = False
     retry_backoff_s: float = 5.0
     held_retry_s: float = 60.0
     max_retries: int = 8

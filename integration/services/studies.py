@@ -40,7 +40,15 @@ def detect_studies(svc: Services) -> list[str]:
     now = svc.clock.now()
     new: list[str] = []
     if svc.feed is not None:
-        cursor = int(svc.store.get_cursor(ORTHANC_CURSOR) or 0)
+        stored = svc.store.get_cursor(ORTHANC_CURSOR)
+        if stored is None and not svc.changes_from_beginning:
+            # First start against a PACS with history: do not replay years of changes. Take the studies of
+            # the lookback window by QIDO-RS once, then follow the feed from its current end.
+            cursor = svc.feed.latest_cursor()
+            new += _qido_window(svc, now, now - timedelta(hours=svc.lookback_hours), "qido")
+            svc.store.set_cursor(ORTHANC_CURSOR, str(cursor))
+        else:
+            cursor = int(stored or 0)
         while True:
             uids, cursor, done = svc.feed.stable_studies(cursor, 200)
             for uid in dict.fromkeys(uids):
@@ -51,18 +59,18 @@ def detect_studies(svc: Services) -> list[str]:
             if done:
                 break
     else:
-        last = svc.store.get_cursor(QIDO_CURSOR)
-        since = datetime.fromisoformat(last) if last else now - timedelta(hours=svc.lookback_hours)
-        since = min(since, now - timedelta(hours=svc.lookback_hours))
-        refs = svc.pacs.find_studies(since, now)
-        known = svc.store.known_studies(r.study_uid for r in refs)
-        for ref in refs:
-            if ref.study_uid not in known and svc.store.add_study(ref, "qido"):
-                new.append(ref.study_uid)
+        new += _qido_window(svc, now, now - timedelta(hours=svc.lookback_hours), "qido")
         svc.store.set_cursor(QIDO_CURSOR, now.isoformat())
     if new:
         log.info("detected %d new stud%s", len(new), "y" if len(new) == 1 else "ies")
     return new
+
+
+def _qido_window(svc: Services, now: datetime, since: datetime, source: str) -> list[str]:
+    """Studies in [since, now] not seen before (the lookback window is re-read each poll; the DB dedupes)."""
+    refs = svc.pacs.find_studies(since, now)
+    known = svc.store.known_studies(r.study_uid for r in refs)
+    return [r.study_uid for r in refs if r.study_uid not in known and svc.store.add_study(r, source)]
 
 
 def register_study(svc: Services, study_uid: str, source: str = "api") -> bool:

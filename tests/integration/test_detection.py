@@ -15,10 +15,21 @@ from integration.services.studies import ORTHANC_CURSOR, detect_studies
 from tests.integration.test_dicomweb_orthanc import ct_series, store
 
 
-def engine_for(tmp_path: Path, orthanc: Any, fhir: Any, kind: str) -> Any:
+def engine_for(tmp_path: Path, orthanc: Any, fhir: Any, kind: str, from_beginning: bool = False) -> Any:
     return bootstrap(Settings(sandbox=True, data_dir=tmp_path / kind,
-                              pacs={"dicomweb_url": orthanc.dicomweb_url, "kind": kind, "lookback_hours": 48},
+                              pacs={"dicomweb_url": orthanc.dicomweb_url, "kind": kind, "lookback_hours": 48,
+                                    "changes_from_beginning": from_beginning},
                               ehr={"base_url": fhir.base_url}))
+
+
+def poll(eng: Any, timeout: float = 30) -> list[str]:
+    """Detect until something is found (StableStudy comes StableAge after the last instance)."""
+    deadline = time.monotonic() + timeout
+    found: list[str] = []
+    while not found and time.monotonic() < deadline:
+        found = detect_studies(eng.services)
+        time.sleep(0.5)
+    return found
 
 
 def today() -> tuple[str, str]:
@@ -46,14 +57,10 @@ def test_orthanc_change_feed_finds_stable_studies_with_a_persisted_cursor(
 ) -> None:
     series = ct_series(generate_uid(), study_date="20010101")  # the feed does not care about dates
     store(fresh_orthanc_peer, series)
-    eng = engine_for(tmp_path, fresh_orthanc_peer, fresh_fhir_peer, "orthanc")
+    eng = engine_for(tmp_path, fresh_orthanc_peer, fresh_fhir_peer, "orthanc", from_beginning=True)
     try:
         assert eng.services.feed is not None
-        deadline = time.monotonic() + 30
-        found: list[str] = []
-        while not found and time.monotonic() < deadline:  # StableStudy comes after StableAge
-            found = detect_studies(eng.services)
-            time.sleep(0.5)
+        found = poll(eng)
         assert found == [series[0].StudyInstanceUID]
         cursor = int(eng.store.get_cursor(ORTHANC_CURSOR))
         assert cursor > 0
@@ -62,9 +69,28 @@ def test_orthanc_change_feed_finds_stable_studies_with_a_persisted_cursor(
     finally:
         eng.close()
     # a restarted engine resumes from the stored cursor
-    again = engine_for(tmp_path, fresh_orthanc_peer, fresh_fhir_peer, "orthanc")
+    again = engine_for(tmp_path, fresh_orthanc_peer, fresh_fhir_peer, "orthanc", from_beginning=True)
     try:
         assert detect_studies(again.services) == []
         assert int(again.store.get_cursor(ORTHANC_CURSOR)) >= cursor
     finally:
         again.close()
+
+
+def test_first_start_on_orthanc_takes_the_lookback_window_not_the_whole_history(
+    tmp_path: Path, fresh_orthanc_peer: Any, fresh_fhir_peer: Any
+) -> None:
+    date, tod = today()
+    ancient = ct_series(generate_uid(), study_date="20010101")
+    recent = ct_series(generate_uid(), study_date=date, study_time=tod)
+    store(fresh_orthanc_peer, ancient + recent)
+    time.sleep(2.5)  # both are stable and in Orthanc's change log before the engine first starts
+    eng = engine_for(tmp_path, fresh_orthanc_peer, fresh_fhir_peer, "orthanc")
+    try:
+        assert detect_studies(eng.services) == [recent[0].StudyInstanceUID]  # by QIDO-RS, once
+        later = ct_series(generate_uid(), study_date="20010102")
+        store(fresh_orthanc_peer, later)
+        assert poll(eng) == [later[0].StudyInstanceUID]  # then by the feed, whatever its date
+        assert eng.store.get_study(ancient[0].StudyInstanceUID) is None  # history not replayed
+    finally:
+        eng.close()
