@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what it needs, makes sure PostgreSQL and Redis run,
-# then runs pytest (unit, integration against real peers, e2e with real Celery workers).
+# checks the import contracts and strict typing of the core, then runs pytest (unit, integration against
+# real peers, e2e with real Celery workers).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash deploy/local/setup.sh --triton
@@ -14,5 +15,6 @@ if ! redis-cli -h 127.0.0.1 ping >/dev/null 2>&1; then
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
 fi
 
-.venv/bin/lint-imports
+.venv/bin/lint-imports                                   # the domain does no I/O; layers point inwards
+.venv/bin/mypy integration/domain integration/services  # strict (pyproject)
 exec .venv/bin/python -m pytest tests "$@"
