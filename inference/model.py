@@ -215,17 +215,32 @@ class FusionModel(nn.Module):
         for name, t in zip(C.INPUT_NAMES, (image, image_present, vitals, vitals_mask, vitals_delta, demographics),
                            strict=True):
             self._check(name, t)
-        parts = [self.demo_branch(demographics)]  # (B, demo_embed)
         seg = None
+        image_embedding = None
         if self.image_branch is not None:
-            present = image_present  # (B, 1)
-            volume = image * present.view(-1, 1, 1, 1, 1)  # (B, 1, D, H, W): an absent image is all zeros
-            embedding, seg = self.image_branch.forward_with_seg(volume)  # (B, E_img)
-            parts += [embedding * present, present]  # (B, E_img), (B, 1)
+            volume = image * image_present.view(-1, 1, 1, 1, 1)  # (B, 1, D, H, W): an absent image is all zeros
+            image_embedding, seg = self.image_branch.forward_with_seg(volume)  # (B, E_img)
+        logit = self.fuse(image_embedding, image_present, vitals, vitals_mask, vitals_delta, demographics)  # (B, 1)
+        return logit, seg
+
+    def fuse(
+        self,
+        image_embedding: torch.Tensor | None,
+        image_present: torch.Tensor,
+        vitals: torch.Tensor,
+        vitals_mask: torch.Tensor,
+        vitals_delta: torch.Tensor,
+        demographics: torch.Tensor,
+    ) -> torch.Tensor:
+        """Head over the gated embeddings; takes the image embedding ready-made (staged training caches it)."""
+        parts = [self.demo_branch(demographics)]  # (B, demo_embed)
+        if self.image_branch is not None:
+            assert image_embedding is not None
+            parts += [image_embedding * image_present, image_present]  # (B, E_img), (B, 1)
         if self.vitals_branch is not None:
             observed = (vitals_mask.sum(dim=(1, 2)) > 0).to(vitals.dtype).unsqueeze(1)  # (B, 1)
             parts += [self.vitals_branch(vitals, vitals_mask, vitals_delta) * observed, observed]  # (B, H), (B, 1)
-        return self.head(torch.cat(parts, dim=1)), seg  # (B, 1)
+        return self.head(torch.cat(parts, dim=1))  # (B, 1)
 
     def forward_dict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.forward(*(inputs[name] for name in C.INPUT_NAMES))

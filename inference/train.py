@@ -32,26 +32,29 @@ import torch.nn.functional as F
 
 from inference import contract as C
 from inference.calibrate import binary_metrics, fit_temperature, log_loss, sigmoid
-from inference.model import VARIANTS, FusionConfig, FusionModel, Variant, count_parameters, save
+from inference.model import VARIANTS, FusionConfig, FusionModel, Variant, count_parameters, load, save
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights"
 Modality = Literal["image", "vitals"]
 Arrays = dict[str, np.ndarray]
+#: The fusion model is trained last, from the two baselines (see ``fit``).
+VARIANTS_BASELINES_FIRST: tuple[Variant, ...] = ("image", "vitals", "fusion")
 
 
 @dataclass
 class TrainSettings:
-    epochs: int = 30
+    epochs: int = 15
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    patience: int = 5  # epochs without validation improvement before stopping
+    patience: int = 4  # epochs without validation improvement before stopping
     val_fraction: float = 0.2
     image_dropout: float = 0.15  # fusion only: share of patients per batch with the image withheld
     vitals_dropout: float = 0.15  # fusion only: share with the vitals withheld (never both)
     threads: int = 2
+    staged: bool = True  # fusion from the trained baselines (frozen image branch); False: end to end
     aux_seg_weight: float = 0.5  # weight of the lesion-segmentation loss (image variants, when masks exist)
     aux_seg_pos_weight: float = 5.0  # lesions are a few percent of voxels
 
@@ -100,7 +103,8 @@ def withhold(inputs: Mapping[str, np.ndarray], modality: Modality, rows: np.ndar
     out = {k: v.copy() for k, v in inputs.items()}
     sel = slice(None) if rows is None else rows
     if modality == "image":
-        out["image"][sel] = 0.0
+        if "image" in out:  # staged training batches carry no volumes
+            out["image"][sel] = 0.0
         out["image_present"][sel] = 0.0
     else:
         out["vitals"][sel] = 0.0
@@ -138,7 +142,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 
 
 def _dropout_batch(batch: Arrays, settings: TrainSettings, rng: np.random.Generator) -> Arrays:
-    u = rng.random(len(batch["image"]))
+    u = rng.random(len(batch["image_present"]))
     drop_image = np.flatnonzero(u < settings.image_dropout)
     drop_vitals = np.flatnonzero((u >= settings.image_dropout) & (u < settings.image_dropout + settings.vitals_dropout))
     if drop_image.size:
@@ -160,6 +164,32 @@ def _seg_loss(seg_logits: torch.Tensor, finding: np.ndarray, present: np.ndarray
     return F.binary_cross_entropy_with_logits(seg_logits[rows], target[rows], pos_weight=pos_weight)
 
 
+def image_embeddings(model: FusionModel, inputs: Mapping[str, np.ndarray], batch_size: int = 64) -> np.ndarray:
+    """The image branch's embedding (N, E) of every patient, computed once (the branch is frozen)."""
+    assert model.image_branch is not None
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(inputs["image"]), batch_size):
+            image = torch.from_numpy(inputs["image"][start : start + batch_size]).to(device)  # (B, 1, D, H, W)
+            present = torch.from_numpy(inputs["image_present"][start : start + batch_size]).to(device)  # (B, 1)
+            out.append(model.image_branch(image * present.view(-1, 1, 1, 1, 1)).cpu().numpy())  # (B, E)
+    return np.concatenate(out)
+
+
+def _staged_fusion(baselines: Mapping[str, FusionModel], device: torch.device) -> FusionModel:
+    """A fusion model whose image branch is the image baseline's (frozen) and vitals branch the vitals baseline's."""
+    model = FusionModel(FusionConfig(variant="fusion", aux_seg=False)).to(device)
+    image_state = {k: v for k, v in baselines["image"].image_branch.state_dict().items()  # type: ignore[union-attr]
+                   if not k.startswith("seg_head")}
+    model.image_branch.load_state_dict(image_state)  # type: ignore[union-attr]
+    model.vitals_branch.load_state_dict(baselines["vitals"].vitals_branch.state_dict())  # type: ignore[union-attr]
+    for param in model.image_branch.parameters():  # type: ignore[union-attr]
+        param.requires_grad_(False)
+    return model
+
+
 def fit(
     inputs: Arrays,
     outcome: np.ndarray,
@@ -168,21 +198,51 @@ def fit(
     settings: TrainSettings,
     info: dict[str, object],
     finding_mask: np.ndarray | None = None,
+    baselines: Mapping[str, FusionModel] | None = None,
 ) -> FusionModel:
-    """Train one variant with early stopping, then fit its temperature on the validation split."""
+    """Train one variant with early stopping, then fit its temperature on the validation split.
+
+    With ``baselines`` (trained "image" and "vitals" models) the fusion model is trained in stages: its
+    image branch is the image baseline's, frozen, so each patient's image embedding is computed once and
+    an epoch costs only the LSTM and the head; its vitals branch starts from the vitals baseline's.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_seg = finding_mask is not None and settings.aux_seg_weight > 0 and variant in ("fusion", "image")
-    model = FusionModel(FusionConfig(variant=variant, aux_seg=use_seg)).to(device)
-    log.info("%s: %d parameters on %s", variant, count_parameters(model), device)
+    staged = variant == "fusion" and baselines is not None
+    use_seg = not staged and finding_mask is not None and settings.aux_seg_weight > 0 and variant in ("fusion", "image")
+    if staged:
+        model = _staged_fusion(baselines, device)  # type: ignore[arg-type]
+        cached = image_embeddings(model, inputs)  # (N, E)
+    else:
+        model = FusionModel(FusionConfig(variant=variant, aux_seg=use_seg)).to(device)
+    log.info("%s: %d parameters on %s%s", variant, count_parameters(model), device, " (staged)" if staged else "")
     train_idx, val_idx = split_indices(len(outcome), settings.val_fraction, seed)
     val_inputs = {k: v[val_idx] for k, v in inputs.items()}
     y_val = outcome[val_idx]
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs)
     best_loss, best_state, best_epoch, stale = np.inf, copy.deepcopy(model.state_dict()), 0, 0
     use_dropout = variant == "fusion"
+    # staged training never reads the volumes again: leave them out of the per-batch copies
+    batch_keys = [k for k in C.INPUT_NAMES if not (staged and k == "image")]
+
+    def logits_of(batch: Mapping[str, np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tensors = _to_device(batch, device)
+        if staged:
+            embedding = torch.from_numpy(cached[rows]).to(device)  # (B, E)
+            return model.fuse(embedding, *(tensors[k] for k in C.INPUT_NAMES[1:])), None  # (B, 1)
+        return model.forward_with_aux(*(tensors[k] for k in C.INPUT_NAMES))  # (B, 1), (B, d, h, w) | None
+
+    def validation_loss() -> float:
+        if not staged:
+            return log_loss(predict_logits(model, val_inputs), y_val)
+        model.eval()
+        with torch.no_grad():
+            logit, _ = logits_of({k: inputs[k][val_idx] for k in batch_keys}, val_idx)
+        return log_loss(logit.squeeze(1).cpu().numpy(), y_val)
+
     started = time.monotonic()
     for epoch in range(1, settings.epochs + 1):
         model.train()
@@ -190,12 +250,11 @@ def fit(
         losses = []
         for start in range(0, len(order), settings.batch_size):
             rows = np.sort(order[start : start + settings.batch_size])
-            batch = {k: v[rows] for k, v in inputs.items()}
+            batch = {k: inputs[k][rows] for k in batch_keys}
             if use_dropout:
                 batch = _dropout_batch(batch, settings, rng)
             target = torch.from_numpy(outcome[rows].astype(np.float32)).to(device).unsqueeze(1)  # (B, 1)
-            tensors = _to_device(batch, device)
-            logit, seg = model.forward_with_aux(*(tensors[name] for name in C.INPUT_NAMES))  # (B, 1), (B, d, h, w)
+            logit, seg = logits_of(batch, rows)
             loss = F.binary_cross_entropy_with_logits(logit, target)
             if seg is not None and finding_mask is not None:
                 loss = loss + settings.aux_seg_weight * _seg_loss(seg, finding_mask[rows], batch["image_present"],
@@ -205,7 +264,7 @@ def fit(
             opt.step()
             losses.append(loss.item())
         sched.step()
-        val_loss = log_loss(predict_logits(model, val_inputs), y_val)
+        val_loss = validation_loss()
         log.info("%s epoch %d: train loss %.4f, val loss %.4f (%.0fs)", variant, epoch, np.mean(losses), val_loss,
                  time.monotonic() - started)
         if val_loss < best_loss - 1e-4:
@@ -228,6 +287,7 @@ def fit(
         "val_metrics": {k: round(v, 4) for k, v in val_metrics.items()},
         "modality_dropout": [settings.image_dropout, settings.vitals_dropout] if use_dropout else [0.0, 0.0],
         "aux_seg_weight": settings.aux_seg_weight if use_seg else 0.0,
+        "staged_from_baselines": staged,
     }
     log.info("%s: temperature %.3f, validation %s", variant, model.cfg.temperature, model.cfg.info["val_metrics"])
     return model.cpu().eval()
@@ -251,9 +311,14 @@ def run(
 
     info = {"model_version": C.MODEL_VERSION, "synth_version": SYNTH_VERSION, "seed": seed, "n": int(len(outcome)), "cohort": f"inference.synth.make_arrays(n={len(outcome)}, seed={seed})",
             "prevalence": round(float(outcome.mean()), 4)}
-    for variant in variants:
-        model = fit(inputs, outcome, variant, seed, settings, info, getattr(cohort, "finding_mask", None))
+    trained: dict[str, FusionModel] = {}
+    for variant in sorted(variants, key=VARIANTS_BASELINES_FIRST.index):
+        baselines = None
+        if variant == "fusion" and settings.staged:
+            baselines = {v: trained[v] if v in trained else load(out_dir / v) for v in ("image", "vitals")}
+        model = fit(inputs, outcome, variant, seed, settings, info, getattr(cohort, "finding_mask", None), baselines)
         save(model, out_dir / variant)
+        trained[variant] = model
         log.info("saved %s", out_dir / variant)
     return out_dir
 

@@ -150,11 +150,16 @@ def test_temperature_recovers_an_overconfident_scale() -> None:
 
 def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path) -> None:
     cohort = toy_cohort(192, seed=0)
-    settings = TrainSettings(epochs=6, batch_size=32, patience=6, lr=3e-3)
-    out = train_run(seed=0, n=192, out_dir=tmp_path, variants=("fusion", "vitals"), settings=settings, cohort=cohort)
-    fusion = load(out / "fusion")
+    settings = TrainSettings(epochs=5, batch_size=32, patience=5, lr=3e-3)
+    out = train_run(seed=0, n=192, out_dir=tmp_path, variants=("fusion", "vitals", "image"), settings=settings,
+                    cohort=cohort)
+    fusion, image = load(out / "fusion"), load(out / "image")
     assert (out / "vitals" / "weights.pt").is_file()
     assert fusion.cfg.info["seed"] == 0 and fusion.cfg.temperature > 0
+    assert fusion.cfg.info["staged_from_baselines"] is True
+    # staged: the fusion model's image branch is the image baseline's, unchanged
+    for name, tensor in fusion.image_branch.state_dict().items():  # type: ignore[union-attr]
+        assert torch.equal(tensor, image.image_branch.state_dict()[name]), name  # type: ignore[union-attr]
     test = toy_cohort(200, seed=1)
     from sklearn.metrics import roc_auc_score
 
