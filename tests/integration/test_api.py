@@ -443,3 +443,32 @@ def test_served_by_uvicorn_the_webhook_puts_a_celery_message_on_the_embedded_bro
         ]
     (message,) = payloads
     assert "strokewatch.ingest" in message and uid in message
+
+
+def test_cds_hooks_discovery_lists_the_patient_view_service(api: Api) -> None:
+    services = api.client.get("/cds-services").json()["services"]
+    assert [(s["hook"], s["id"]) for s in services] == [("patient-view", "strokewatch-stroke-risk")]
+
+
+def test_cds_hooks_patient_view_card_shows_the_latest_risk(processed: Api) -> None:
+    pid = processed.engine.store.get_study(processed.matched.study_uid).patient_fhir_id
+    body = {"hook": "patient-view", "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+            "context": {"patientId": pid, "userId": "Practitioner/1"}}
+    cards = processed.client.post("/cds-services/strokewatch-stroke-risk", json=body).json()["cards"]
+    assert len(cards) == 1
+    card = cards[0]
+    row = processed.engine.store.latest_assessment(pid)
+    assert f"({row.probability:.0%} within" in card["summary"] and row.band in card["summary"]
+    assert card["indicator"] == {"low": "info", "moderate": "warning", "high": "critical"}[row.band]
+    assert card["links"][0]["url"].endswith(f"/RiskAssessment/{row.fhir_id}")
+    assert httpx.get(card["links"][0]["url"]).status_code == 200  # the link resolves in the EHR
+    assert card["source"]["label"] == "StrokeWatch"
+
+
+def test_cds_hooks_unknown_patient_gets_no_card_and_bad_hooks_are_refused(api: Api) -> None:
+    body = {"hook": "patient-view", "hookInstance": "x", "context": {"patientId": "nobody"}}
+    assert api.client.post("/cds-services/strokewatch-stroke-risk", json=body).json() == {"cards": []}
+    assert api.client.post("/cds-services/strokewatch-stroke-risk",
+                           json={**body, "hook": "order-sign"}).status_code == 400
+    assert api.client.post("/cds-services/strokewatch-stroke-risk",
+                           json={**body, "context": {}}).status_code == 400

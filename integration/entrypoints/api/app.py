@@ -17,7 +17,16 @@ from integration.bootstrap import Engine, bootstrap
 from integration.config import Settings, get_settings
 from integration.domain.types import DomainError
 from integration.entrypoints.api.deps import Enqueue
-from integration.entrypoints.api.routes import failures, health, metrics, patients, status, studies, webhooks
+from integration.entrypoints.api.routes import (
+    cds_hooks,
+    failures,
+    health,
+    metrics,
+    patients,
+    status,
+    studies,
+    webhooks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +77,7 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
-    for module in (health, status, patients, studies, failures, webhooks, metrics):
+    for module in (health, status, patients, studies, failures, webhooks, metrics, cds_hooks):
         app.include_router(module.router)
     app.add_exception_handler(DomainError, _domain_error)  # type: ignore[arg-type]
     return app
