@@ -253,42 +253,40 @@ def demo(
 
 
 # ---------------------------------------------------------------------------------------------
-# model
+# model: each command hands its arguments to the module's own typed CLI (`python -m inference.<x> --help`)
 # ---------------------------------------------------------------------------------------------
-@model_app.command("train")
-def model_train(seed: int = 0, n: int = 4000, out: Path = Path("runs/train")) -> None:
-    """Train the fusion model (and the single-modality baselines) on a synthetic cohort."""
-    from inference import train
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _delegate(module: str, ctx: typer.Context) -> None:
+    import importlib
 
     _logging("INFO")
-    console.print(f"trained model written to {train.run(seed=seed, n=n, out_dir=out)}")
+    importlib.import_module(f"inference.{module}").main(list(ctx.args))
 
 
-@model_app.command("evaluate")
-def model_evaluate(seed: int = 12345, n: int = 2000, report: Path | None = None, json_out: bool = False) -> None:
-    """Evaluate on a fresh cohort from any seed; print metrics (and write a report)."""
-    import json
-
-    from inference import evaluate
-
-    metrics = evaluate.run(seed=seed, n=n, report_dir=report)
-    console.print_json(json.dumps(metrics)) if json_out else console.print(metrics)
+@model_app.command("train", context_settings=_PASS_THROUGH)
+def model_train(ctx: typer.Context) -> None:
+    """Train the fusion model and the single-modality baselines (options: `strokewatch model train --help`)."""
+    _delegate("train", ctx)
 
 
-@model_app.command("export")
-def model_export(weights: Path = Path("inference/weights"), out: Path | None = None) -> None:
-    """Export trained weights to ONNX in triton_models/ and regenerate config.pbtxt."""
-    from inference import export
-
-    console.print(f"exported {export.run(weights, out) if out else export.run(weights)}")
+@model_app.command("evaluate", context_settings=_PASS_THROUGH)
+def model_evaluate(ctx: typer.Context) -> None:
+    """Evaluate on a fresh cohort from any seed: --seed S --n N --json --report DIR."""
+    _delegate("evaluate", ctx)
 
 
-@model_app.command("explain")
-def model_explain(seed: int = 7, index: int = 0, out: Path = Path("var/explain")) -> None:
-    """Explain one synthetic patient's score: top drivers and an image heat-map."""
-    from inference import explain
+@model_app.command("export", context_settings=_PASS_THROUGH)
+def model_export(ctx: typer.Context) -> None:
+    """Export trained weights to triton_models/stroke_fusion/1/model.onnx and regenerate config.pbtxt."""
+    _delegate("export", ctx)
 
-    console.print(explain.cli_explain(seed=seed, index=index, out_dir=out))
+
+@model_app.command("explain", context_settings=_PASS_THROUGH)
+def model_explain(ctx: typer.Context) -> None:
+    """Explain one synthetic patient's score: top drivers and an image heat-map overlay."""
+    _delegate("explain", ctx)
 
 
 if __name__ == "__main__":
