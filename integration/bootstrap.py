@@ -170,6 +170,7 @@ def bootstrap(
         assessment_identifier_system=settings.assessment_identifier_system,
         lookback_hours=settings.pacs.lookback_hours,
         changes_from_beginning=settings.pacs.changes_from_beginning,
+        explain=settings.explain_drivers,
         retry_backoff_s=settings.retry_backoff_s,
         held_retry_s=settings.held_retry_s,
         max_retries=settings.max_task_retries,

@@ -135,6 +135,8 @@ class Settings(BaseSettings):
     triton_timeout_s: float = 10.0
     triton_fallback_to_embedded: bool = False
 
+    #: Name the inputs that drove each score in the RiskAssessment note (one extra batched model call).
+    explain_drivers: bool = True
     #: System of RiskAssessment.identifier (the deterministic assessment identity).
     assessment_identifier_system: str = "urn:strokewatch:risk-assessment"
     #: Task time limit and retry policy for transient failures.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -20,9 +20,11 @@ from integration.domain.assessment import (
     build_risk_assessment,
     device_identifier,
 )
+from integration.domain.drivers import IMAGE, top_drivers
 from integration.domain.identity import assessment_identifier, pseudonym
 from integration.domain.retry import backoff_at
 from integration.domain.types import DomainError, Outcome, VitalValue
+from integration.ports import RiskModel
 from integration.services.context import Services
 
 log = logging.getLogger(__name__)
@@ -151,8 +153,9 @@ def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]
     except (ModelUnavailableError, ModelContractError) as err:
         return results + [_model_failed(svc, p.patient_fhir_id, err) for p in ready]
 
+    drivers = _drivers(svc, model, ready, [p.probability for p in predictions])
     to_publish: list[str] = []
-    for prep, pred in zip(ready, predictions, strict=True):
+    for prep, pred, why in zip(ready, predictions, drivers, strict=True):
         previous = svc.store.latest_assessment(prep.patient_fhir_id)
         facts = AssessmentFacts(
             identifier_system=svc.assessment_identifier_system,
@@ -167,6 +170,7 @@ def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]
             modality=prep.modality,
             observation_ids=sorted({v.observation_id for v in prep.vitals}),
             image_used=prep.image_used,
+            drivers=why,
         )
         resource = build_risk_assessment(facts, svc.policy)
         fields = dict(
@@ -192,6 +196,39 @@ def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]
         results.append(AssessResult(prep.patient_fhir_id, "scored", prep.identifier, pred.probability))
     svc.enqueue("publish", to_publish)
     return results
+
+
+def _withheld_variants(inputs: ModelInputs, image_used: bool) -> list[tuple[str, ModelInputs]]:
+    """The patient's inputs with one group missing (the contract's own encoding of 'not available')."""
+    out: list[tuple[str, ModelInputs]] = []
+    if image_used:
+        out.append((IMAGE, replace(inputs, image=empty_image(), image_present=np.zeros(1, dtype=np.float32))))
+    for f, feature in enumerate(C.VITAL_FEATURES):
+        if not inputs.vitals_mask[:, f].any():
+            continue
+        values, mask, delta = inputs.vitals.copy(), inputs.vitals_mask.copy(), inputs.vitals_delta.copy()
+        values[:, f], mask[:, f], delta[:, f] = 0.0, 0.0, 1.0
+        out.append((feature.key, replace(inputs, vitals=values, vitals_mask=mask, vitals_delta=delta)))
+    return out
+
+
+def _drivers(svc: Services, model: RiskModel, ready: list[Prepared], probabilities: list[float]) -> list[list[str]]:
+    """Occlusion through the served model itself, all patients in one batched call; empty on any failure."""
+    if not svc.explain:
+        return [[] for _ in ready]
+    variants = [_withheld_variants(p.inputs, p.image_used) for p in ready]
+    flat = [inputs for per_patient in variants for _, inputs in per_patient]
+    if not flat:
+        return [[] for _ in ready]
+    try:
+        scores = iter(model.predict(flat))
+    except (ModelUnavailableError, ModelContractError) as err:
+        log.warning("no drivers this time (%s); the scores stand", err)
+        return [[] for _ in ready]
+    return [
+        top_drivers(prob, {group: next(scores).probability for group, _ in per_patient})
+        for prob, per_patient in zip(probabilities, variants, strict=True)
+    ]
 
 
 def _model_failed(svc: Services, pid: str, err: Exception) -> AssessResult:

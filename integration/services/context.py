@@ -37,6 +37,8 @@ class Services:
     retry_backoff_s: float = 5.0
     held_retry_s: float = 60.0
     max_retries: int = 8
+    #: Name the inputs that drove each score (occlusion through the served model) in the RiskAssessment note.
+    explain: bool = True
     #: Device id in the EHR per model version (filled on first publish).
     device_ids: dict[str, str] = field(default_factory=dict)
     #: Called with (stage, ids) to hand follow-up work to the queue; the worker wires Celery here.

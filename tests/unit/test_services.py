@@ -299,4 +299,21 @@ def test_batch_of_patients_goes_to_the_model_in_one_call(svc: Services) -> None:
         svc.store.mark_needs_assessment(f"pat-{i}")
     results = assess_patients(svc, [f"pat-{i}" for i in range(5)])
     assert [r.status for r in results] == ["scored"] * 5
-    assert svc.model().calls == [5]  # type: ignore[attr-defined]
+    calls = svc.model().calls  # type: ignore[attr-defined]
+    assert calls[0] == 5  # the five patients in one call (then one batched call for their drivers)
+    assert calls[1:] == [5]  # each has one vital sign observed and no image: one withheld variant each
+
+
+def test_note_names_the_drivers_found_by_withholding_inputs(svc: Services) -> None:
+    run_flow(svc)
+    note = svc.ehr.assessments()[0]["note"][0]["text"]  # type: ignore[attr-defined]
+    # the fake model gives +0.25 for an image and +0.01 per observed value: the image leads, vitals are tiny
+    assert "Main drivers: brain imaging findings (+25 points)" in note
+
+
+def test_drivers_text_orders_by_effect_and_skips_noise() -> None:
+    from integration.domain.drivers import top_drivers
+
+    out = top_drivers(0.40, {"image": 0.30, "sbp": 0.20, "hr": 0.395, "glucose": 0.45})
+    assert out == ["systolic blood pressure history (+20 points)", "brain imaging findings (+10 points)",
+                   "glucose history lowered it (-5 points)"]
