@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from captum.attr import IntegratedGradients
-from scipy.ndimage import binary_dilation, gaussian_filter, uniform_filter
+from scipy.ndimage import binary_dilation, binary_erosion, binary_fill_holes, gaussian_filter, uniform_filter
 
 from inference import contract as C
 from inference.calibrate import sigmoid
@@ -106,9 +106,27 @@ def explain_patient(model: FusionModel, inputs: Mapping[str, np.ndarray], *, n_s
 # ----------------------------------------------------------------------------------------------
 
 
-def image_hotspot(attribution: np.ndarray, smooth_voxels: int = 3) -> tuple[int, int, int]:
-    """(k, i, j) of the strongest positive attribution after a small box smoothing (one voxel is noise)."""
+def brain_region(image: np.ndarray) -> np.ndarray:
+    """Voxels inside the head that are neither air nor bone, away from the skull (bool, (D, H, W)).
+
+    The hot-spot is searched here: the blurred baseline differs most from the patient at the skull's
+    high-contrast edges, which say nothing about the brain.
+    """
+    volume = np.asarray(image).reshape(C.VOLUME_SHAPE)
+    soft_tissue = (volume > -0.95) & (volume < 0.95)  # contract CT window: air and bone saturate at -1/+1
+    head = binary_fill_holes(volume > -0.95)
+    inner = binary_erosion(head, structure=np.ones((1, 5, 5), bool), iterations=2)  # ~7 mm inside the skull
+    return soft_tissue & inner
+
+
+def image_hotspot(attribution: np.ndarray, image: np.ndarray | None = None, smooth_voxels: int = 3) -> tuple[int, int, int]:
+    """(k, i, j) of the strongest positive attribution after a small box smoothing (one voxel is noise),
+    inside the brain when the image is given."""
     smoothed = uniform_filter(np.maximum(attribution, 0.0), size=smooth_voxels)
+    if image is not None:
+        region = brain_region(image)
+        if region.any():
+            smoothed = np.where(region, smoothed, -np.inf)
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(smoothed)), smoothed.shape))  # type: ignore[return-value]
 
 
@@ -183,7 +201,7 @@ def top_drivers(explanation: Explanation, inputs: Mapping[str, np.ndarray], k: i
     candidates: list[tuple[float, str]] = []
     if explanation.image_attribution is not None:
         attr = explanation.image_attribution
-        hotspot = image_hotspot(attr)
+        hotspot = image_hotspot(attr, np.asarray(inputs["image"]))
         candidates.append((float(np.maximum(attr, 0).sum()), f"image region: {describe_region(hotspot)}"))
     if explanation.vitals_attribution is not None:
         vit = np.asarray(inputs["vitals"])
@@ -206,10 +224,11 @@ def top_drivers(explanation: Explanation, inputs: Mapping[str, np.ndarray], k: i
 # ----------------------------------------------------------------------------------------------
 
 
-def pointing_hit(attribution: np.ndarray, finding_mask: np.ndarray, tolerance_voxels: int = 1) -> bool:
+def pointing_hit(attribution: np.ndarray, finding_mask: np.ndarray, image: np.ndarray | None = None,
+                 tolerance_voxels: int = 1) -> bool:
     """Pointing game: does the attribution hot-spot fall on the finding (dilated by a small tolerance)?"""
     target = binary_dilation(finding_mask, iterations=tolerance_voxels) if tolerance_voxels else finding_mask
-    return bool(target[image_hotspot(attribution)])
+    return bool(target[image_hotspot(attribution, image)])
 
 
 def render_overlay(image: np.ndarray, attribution: np.ndarray, out_path: Path, title: str = "") -> Path:
@@ -221,7 +240,7 @@ def render_overlay(image: np.ndarray, attribution: np.ndarray, out_path: Path, t
 
     volume = np.asarray(image).reshape(C.VOLUME_SHAPE)
     heat = np.maximum(attribution, 0.0)
-    k0 = image_hotspot(attribution)[0]
+    k0 = image_hotspot(attribution, volume)[0]
     slices = [k for k in (k0 - 1, k0, k0 + 1) if 0 <= k < volume.shape[0]]
     vmax = float(heat.max()) or 1.0
     fig, axes = plt.subplots(1, len(slices), figsize=(3.2 * len(slices), 3.4))

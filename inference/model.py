@@ -48,8 +48,8 @@ class FusionConfig:
     demo_embed: int = 8
     head_hidden: int = 32
     dropout: float = 0.1
-    #: Auxiliary lesion-segmentation head on the first CNN block (training only; not exported). Lesion
-    #: masks give the CNN a dense signal where outcomes alone give one bit per patient.
+    #: Train the lesion-map head against lesion masks (when the data has them). Masks give the CNN a
+    #: dense signal where outcomes alone give one bit per patient.
     aux_seg: bool = True
     #: Calibration: probability = sigmoid(logit / temperature); fitted on the validation split.
     temperature: float = 1.0
@@ -93,10 +93,12 @@ class ConvBlock(nn.Module):
 
 
 class ImageBranch(nn.Module):
-    """3D CNN -> global max + mean pooling -> embedding.
+    """3D CNN -> global max + mean pooling, plus a lesion map's burden -> embedding.
 
     Max pooling keeps a few-voxel finding visible after pooling; mean pooling carries diffuse
-    change (white-matter disease, atrophy).
+    change (white-matter disease, atrophy). A 3x3x3 head on the first block predicts a lesion map
+    (trained against lesion masks when they exist); its mean and max probability enter the embedding
+    as "how much lesion" and "how sure of any lesion", the quantities the risk depends on.
     """
 
     def __init__(self, cfg: FusionConfig) -> None:
@@ -105,18 +107,20 @@ class ImageBranch(nn.Module):
         blocks = [ConvBlock(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True)]
         blocks.append(ConvBlock(chans[-1], chans[-1], stride=1))  # context at the coarsest grid
         self.blocks = nn.Sequential(*blocks)
-        self.proj = nn.Linear(2 * chans[-1], cfg.image_embed)
-        self.seg_head = nn.Conv3d(chans[1], 1, 3, padding=1) if cfg.aux_seg else None
+        self.seg_head = nn.Conv3d(chans[1], 1, 3, padding=1)
+        self.proj = nn.Linear(2 * chans[-1] + 2, cfg.image_embed)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.forward_with_seg(image)[0]
 
-    def forward_with_seg(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_with_seg(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.blocks[0](image)  # (B, C1, D/2, H/2, W/2)
         x = self.blocks[1:](first)  # (B, C, D/8, H/8, W/8) with three strided blocks
-        pooled = torch.cat([x.amax(dim=(2, 3, 4)), x.mean(dim=(2, 3, 4))], dim=1)  # (B, 2C)
-        seg = self.seg_head(first).squeeze(1) if self.seg_head is not None and self.training else None  # (B, d, h, w)
-        return F.relu(self.proj(pooled)), seg  # (B, image_embed), lesion logits at half resolution
+        seg = self.seg_head(first)  # (B, 1, D/2, H/2, W/2) lesion logits
+        lesion = torch.sigmoid(seg)  # (B, 1, D/2, H/2, W/2)
+        burden = torch.cat([lesion.mean(dim=(2, 3, 4)), lesion.amax(dim=(2, 3, 4))], dim=1)  # (B, 2)
+        pooled = torch.cat([x.amax(dim=(2, 3, 4)), x.mean(dim=(2, 3, 4)), burden], dim=1)  # (B, 2C + 2)
+        return F.relu(self.proj(pooled)), seg.squeeze(1)  # (B, image_embed), (B, D/2, H/2, W/2)
 
 
 class VitalsBranch(nn.Module):
@@ -133,6 +137,8 @@ class VitalsBranch(nn.Module):
     def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()
         self.lstm = nn.LSTM(3 * cfg.n_features, cfg.lstm_hidden, batch_first=True)
+        # the statistics live on very different scales (an SD of 0.1 next to a coverage of 0.9): standardise them
+        self.stats_norm = nn.BatchNorm1d(self.N_STATS * cfg.n_features)
         self.proj = nn.Linear(2 * cfg.lstm_hidden + self.N_STATS * cfg.n_features, cfg.lstm_hidden)
 
     @staticmethod
@@ -158,7 +164,8 @@ class VitalsBranch(nn.Module):
     def forward(self, vitals: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         x = torch.cat([vitals, mask, delta], dim=2)  # (B, T, 3F)
         out, (h_n, _) = self.lstm(x)  # out (B, T, H); h_n (1, B, H)
-        summary = torch.cat([h_n[-1], out.mean(dim=1), self.masked_stats(vitals, mask)], dim=1)  # (B, 2H + 5F)
+        stats = self.stats_norm(self.masked_stats(vitals, mask))  # (B, 5F)
+        summary = torch.cat([h_n[-1], out.mean(dim=1), stats], dim=1)  # (B, 2H + 5F)
         return F.relu(self.proj(summary))  # (B, H)
 
 
@@ -211,7 +218,7 @@ class FusionModel(nn.Module):
         vitals_delta: torch.Tensor,
         demographics: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logit (B, 1), lesion-segmentation logits (B, D/2, H/2, W/2) in training mode, else None)."""
+        """(logit (B, 1), lesion-map logits (B, D/2, H/2, W/2), or None for a model without an image branch)."""
         for name, t in zip(C.INPUT_NAMES, (image, image_present, vitals, vitals_mask, vitals_delta, demographics),
                            strict=True):
             self._check(name, t)

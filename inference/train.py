@@ -8,6 +8,15 @@ batch order and the modality dropout all follow from ``--seed``):
 Per variant, ``<out>/<variant>/`` receives ``weights.pt`` and ``config.json`` (the FusionConfig,
 including the calibration temperature and a training summary). A GPU is used when present.
 
+Order: the image-only and vitals-only baselines first, then the fusion model in stages: its image branch
+is the image baseline's, frozen (so each volume is encoded once, not once per epoch: what keeps training
+inside the two-core CPU budget), its vitals branch starts from the vitals baseline's, and the vitals branch,
+demographics and head are trained on the fusion objective. ``--end-to-end`` trains the fusion model from
+scratch instead (several times slower on a CPU).
+
+The image branches also learn a lesion map from the cohort's ``finding_mask`` (as real lesion-annotated
+datasets would provide); the map's burden is part of the image embedding, so it is exported too.
+
 Modality dropout: in each fusion batch a random share of patients have their image withheld
 (zeros, ``image_present`` = 0) or their vitals withheld (values 0, mask 0, delta 1: what
 ``inference.preprocess.vitals_tensors`` returns for no samples). The head therefore learns to
@@ -46,16 +55,17 @@ VARIANTS_BASELINES_FIRST: tuple[Variant, ...] = ("image", "vitals", "fusion")
 @dataclass
 class TrainSettings:
     epochs: int = 15
+    cnn_epochs: int = 8  # variants that train the 3D CNN (image; fusion end to end): the CPU budget
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    patience: int = 4  # epochs without validation improvement before stopping
+    patience: int = 3  # epochs without validation improvement before stopping
     val_fraction: float = 0.2
     image_dropout: float = 0.15  # fusion only: share of patients per batch with the image withheld
     vitals_dropout: float = 0.15  # fusion only: share with the vitals withheld (never both)
     threads: int = 2
     staged: bool = True  # fusion from the trained baselines (frozen image branch); False: end to end
-    aux_seg_weight: float = 0.5  # weight of the lesion-segmentation loss (image variants, when masks exist)
+    aux_seg_weight: float = 2.0  # weight of the lesion-segmentation loss (image variants, when masks exist)
     aux_seg_pos_weight: float = 5.0  # lesions are a few percent of voxels
 
 
@@ -181,9 +191,7 @@ def image_embeddings(model: FusionModel, inputs: Mapping[str, np.ndarray], batch
 def _staged_fusion(baselines: Mapping[str, FusionModel], device: torch.device) -> FusionModel:
     """A fusion model whose image branch is the image baseline's (frozen) and vitals branch the vitals baseline's."""
     model = FusionModel(FusionConfig(variant="fusion", aux_seg=False)).to(device)
-    image_state = {k: v for k, v in baselines["image"].image_branch.state_dict().items()  # type: ignore[union-attr]
-                   if not k.startswith("seg_head")}
-    model.image_branch.load_state_dict(image_state)  # type: ignore[union-attr]
+    model.image_branch.load_state_dict(baselines["image"].image_branch.state_dict())  # type: ignore[union-attr]
     model.vitals_branch.load_state_dict(baselines["vitals"].vitals_branch.state_dict())  # type: ignore[union-attr]
     for param in model.image_branch.parameters():  # type: ignore[union-attr]
         param.requires_grad_(False)
@@ -222,7 +230,8 @@ def fit(
     y_val = outcome[val_idx]
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs)
+    epochs = settings.cnn_epochs if model.image_branch is not None and not staged else settings.epochs
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     best_loss, best_state, best_epoch, stale = np.inf, copy.deepcopy(model.state_dict()), 0, 0
     use_dropout = variant == "fusion"
     # staged training never reads the volumes again: leave them out of the per-batch copies
@@ -244,7 +253,7 @@ def fit(
         return log_loss(logit.squeeze(1).cpu().numpy(), y_val)
 
     started = time.monotonic()
-    for epoch in range(1, settings.epochs + 1):
+    for epoch in range(1, epochs + 1):
         model.train()
         order = rng.permutation(train_idx)
         losses = []
@@ -256,7 +265,7 @@ def fit(
             target = torch.from_numpy(outcome[rows].astype(np.float32)).to(device).unsqueeze(1)  # (B, 1)
             logit, seg = logits_of(batch, rows)
             loss = F.binary_cross_entropy_with_logits(logit, target)
-            if seg is not None and finding_mask is not None:
+            if use_seg and seg is not None and finding_mask is not None:
                 loss = loss + settings.aux_seg_weight * _seg_loss(seg, finding_mask[rows], batch["image_present"],
                                                                    settings)
             opt.zero_grad(set_to_none=True)
@@ -329,15 +338,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=4000, help="cohort size (train + validation)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--variant", choices=[*VARIANTS, "all"], default="all")
-    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
+    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="vitals and staged fusion")
+    parser.add_argument("--cnn-epochs", type=int, default=TrainSettings.cnn_epochs, help="variants training the CNN")
     parser.add_argument("--patience", type=int, default=TrainSettings.patience)
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
     parser.add_argument("--threads", type=int, default=TrainSettings.threads)
+    parser.add_argument("--end-to-end", action="store_true", help="train the fusion model from scratch, not staged")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = TrainSettings(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
-                             threads=args.threads)
+    settings = TrainSettings(epochs=args.epochs, cnn_epochs=args.cnn_epochs, patience=args.patience,
+                             batch_size=args.batch_size, lr=args.lr, threads=args.threads, staged=not args.end_to_end)
     variants = VARIANTS if args.variant == "all" else (args.variant,)
     run(args.seed, args.n, args.out, variants, settings)
 

@@ -150,7 +150,7 @@ def test_temperature_recovers_an_overconfident_scale() -> None:
 
 def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path) -> None:
     cohort = toy_cohort(192, seed=0)
-    settings = TrainSettings(epochs=5, batch_size=32, patience=5, lr=3e-3)
+    settings = TrainSettings(epochs=5, cnn_epochs=5, batch_size=32, patience=5, lr=3e-3)
     out = train_run(seed=0, n=192, out_dir=tmp_path, variants=("fusion", "vitals", "image"), settings=settings,
                     cohort=cohort)
     fusion, image = load(out / "fusion"), load(out / "image")
