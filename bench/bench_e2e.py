@@ -80,8 +80,9 @@ def main() -> None:
     ap.add_argument("--latency-studies", type=int, default=20)
     ap.add_argument("--backlog", type=int, default=50)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="sw-bench-") as tmp:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix="sw-bench-"))  # kept: worker logs stay readable after a failure
+    print(f"work dir: {work}")
+    if True:
         with OrthancPeer(work / "orthanc", stable_age=2) as pacs, FhirPeer(work / "fhir") as ehr:
             env = {
                 "STROKEWATCH_SANDBOX": "true", "STROKEWATCH_DATA_DIR": str(work / "data"),

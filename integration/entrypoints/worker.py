@@ -66,6 +66,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.embedded_broker:
         conf["broker_transport_options"] = {"connect_args": {"timeout": 30}}
+        settings.data_dir.mkdir(parents=True, exist_ok=True)  # SQLite cannot create the broker file's folder
     return conf
 
 
