@@ -83,10 +83,14 @@ def main() -> None:
     print(f"onnxruntime CPU batch 1: {ort_ms:7.2f} ms   rounds {[round(r, 2) for r in ort_rounds]}")
     print(f"torch eager CPU batch 1: {torch_ms:7.2f} ms   rounds {[round(r, 2) for r in torch_rounds]}")
     print(f"ratio torch / onnxruntime (batch 1): {torch_ms / ort_ms:.2f}x")
-    print(f"batch 8: onnxruntime {ort8_ms:.2f} ms ({8000 / ort8_ms:.0f} patients/s), "
-          f"torch {torch8_ms:.2f} ms ({8000 / torch8_ms:.0f} patients/s)")
-    print(f"target: onnxruntime batch-1 median <= 30 ms: {'met' if ort_ms <= 30 else 'NOT met'}; "
-          f"file <= 20 MB: {'met' if size_mb <= 20 else 'NOT met'}")
+    print(
+        f"batch 8: onnxruntime {ort8_ms:.2f} ms ({8000 / ort8_ms:.0f} patients/s), "
+        f"torch {torch8_ms:.2f} ms ({8000 / torch8_ms:.0f} patients/s)"
+    )
+    print(
+        f"target: onnxruntime batch-1 median <= 30 ms: {'met' if ort_ms <= 30 else 'NOT met'}; "
+        f"file <= 20 MB: {'met' if size_mb <= 20 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     y = np.asarray(labels, dtype=np.float64).ravel()
     if z.size == 0 or y.min() == y.max():
         raise ValueError("temperature needs a validation split with both outcomes present")
-    result = minimize_scalar(lambda log_t: log_loss(z / np.exp(log_t), y), bounds=(np.log(0.05), np.log(20.0)),
-                             method="bounded", options={"xatol": 1e-4})
+    result = minimize_scalar(
+        lambda log_t: log_loss(z / np.exp(log_t), y),
+        bounds=(np.log(0.05), np.log(20.0)),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
     return float(np.exp(result.x))
 
 
@@ -49,8 +53,9 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(ece)
 
 
-def reliability_curve(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray,
-                                                                                             np.ndarray]:
+def reliability_curve(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per non-empty bin: (mean predicted, observed rate, count), for the reliability diagram."""
     p = np.asarray(probs, dtype=np.float64).ravel()
     y = np.asarray(labels, dtype=np.float64).ravel()

@@ -54,13 +54,24 @@ def check_targets(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, A
         "fusion_minus_image_model_auroc": (auc["fusion"] - auc["image_model"], FUSION_MARGIN_MIN, ">="),
         "fusion_minus_vitals_model_auroc": (auc["fusion"] - auc["vitals_model"], FUSION_MARGIN_MIN, ">="),
         "fusion_ece": (metrics["fusion"]["ece"], ECE_MAX, "<="),
-        "image_withheld_vs_vitals_model_gap": (abs(auc["fusion_image_withheld"] - auc["vitals_model"]),
-                                               WITHHELD_GAP_MAX, "<="),
-        "vitals_withheld_vs_image_model_gap": (abs(auc["fusion_vitals_withheld"] - auc["image_model"]),
-                                               WITHHELD_GAP_MAX, "<="),
+        "image_withheld_vs_vitals_model_gap": (
+            abs(auc["fusion_image_withheld"] - auc["vitals_model"]),
+            WITHHELD_GAP_MAX,
+            "<=",
+        ),
+        "vitals_withheld_vs_image_model_gap": (
+            abs(auc["fusion_vitals_withheld"] - auc["image_model"]),
+            WITHHELD_GAP_MAX,
+            "<=",
+        ),
     }
     return {
-        name: {"value": round(value, 4), "limit": limit, "op": op, "met": value <= limit if op == "<=" else value >= limit}
+        name: {
+            "value": round(value, 4),
+            "limit": limit,
+            "op": op,
+            "met": value <= limit if op == "<=" else value >= limit,
+        }
         for name, (value, limit, op) in checks.items()
     }
 
@@ -111,10 +122,16 @@ def write_report(result: dict[str, Any], scores: dict[str, np.ndarray], y: np.nd
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name in main_curves:
         fpr, tpr, _ = roc_curve(y, scores[name])
-        ax.plot(fpr, tpr, label=f"{name} ({result['metrics'][name]['auroc']:.3f})",
-                linestyle="--" if "withheld" in name else "-")
+        ax.plot(
+            fpr,
+            tpr,
+            label=f"{name} ({result['metrics'][name]['auroc']:.3f})",
+            linestyle="--" if "withheld" in name else "-",
+        )
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, seed {result['seed']}, n={result['n']}")
+    ax.set(
+        xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, seed {result['seed']}, n={result['n']}"
+    )
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(report_dir / "roc.png", dpi=110)

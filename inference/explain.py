@@ -62,27 +62,47 @@ def _batched(inputs: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return out
 
 
-def explain_patient(model: FusionModel, inputs: Mapping[str, np.ndarray], *, n_steps: int = 24,
-                    top_k: int = 3) -> Explanation:
+def explain_patient(
+    model: FusionModel, inputs: Mapping[str, np.ndarray], *, n_steps: int = 24, top_k: int = 3
+) -> Explanation:
     """Integrated-Gradients attributions for one patient (arrays with or without the batch axis of 1)."""
     model = model.eval()
     x = _batched(inputs)
     temperature = model.cfg.temperature
 
-    def calibrated_logit(image: torch.Tensor, vitals: torch.Tensor, demographics: torch.Tensor,
-                         image_present: torch.Tensor, vitals_mask: torch.Tensor, vitals_delta: torch.Tensor) -> torch.Tensor:
+    def calibrated_logit(
+        image: torch.Tensor,
+        vitals: torch.Tensor,
+        demographics: torch.Tensor,
+        image_present: torch.Tensor,
+        vitals_mask: torch.Tensor,
+        vitals_delta: torch.Tensor,
+    ) -> torch.Tensor:
         n = image.shape[0]  # captum expands the fixed inputs to the interpolation batch
-        return model(image, image_present.expand(n, -1), vitals, vitals_mask.expand(n, -1, -1),
-                     vitals_delta.expand(n, -1, -1), demographics).squeeze(1) / temperature  # (n,)
+        return (
+            model(
+                image,
+                image_present.expand(n, -1),
+                vitals,
+                vitals_mask.expand(n, -1, -1),
+                vitals_delta.expand(n, -1, -1),
+                demographics,
+            ).squeeze(1)
+            / temperature
+        )  # (n,)
 
     attributed = (x["image"], x["vitals"], x["demographics"])
     blurred = gaussian_filter(x["image"][0, 0].numpy(), sigma=BLUR_SIGMA_VOXELS)  # (D, H, W)
-    baselines = (torch.from_numpy(blurred[None, None].astype(np.float32)), torch.zeros_like(x["vitals"]),
-                 torch.stack([torch.zeros(1), x["demographics"][:, 1]], dim=1))
+    baselines = (
+        torch.from_numpy(blurred[None, None].astype(np.float32)),
+        torch.zeros_like(x["vitals"]),
+        torch.stack([torch.zeros(1), x["demographics"][:, 1]], dim=1),
+    )
     fixed = (x["image_present"], x["vitals_mask"], x["vitals_delta"])
     ig = IntegratedGradients(calibrated_logit)
-    attr_image, attr_vitals, attr_demo = ig.attribute(attributed, baselines=baselines, additional_forward_args=fixed,
-                                                     n_steps=n_steps, internal_batch_size=n_steps)
+    attr_image, attr_vitals, attr_demo = ig.attribute(
+        attributed, baselines=baselines, additional_forward_args=fixed, n_steps=n_steps, internal_batch_size=n_steps
+    )
     with torch.no_grad():
         logit = float(calibrated_logit(*attributed, *fixed))
         base_logit = float(calibrated_logit(*baselines, *fixed))
@@ -119,7 +139,9 @@ def brain_region(image: np.ndarray) -> np.ndarray:
     return soft_tissue & inner
 
 
-def image_hotspot(attribution: np.ndarray, image: np.ndarray | None = None, smooth_voxels: int = 3) -> tuple[int, int, int]:
+def image_hotspot(
+    attribution: np.ndarray, image: np.ndarray | None = None, smooth_voxels: int = 3
+) -> tuple[int, int, int]:
     """(k, i, j) of the strongest positive attribution after a small box smoothing (one voxel is noise),
     inside the brain when the image is given."""
     smoothed = uniform_filter(np.maximum(attribution, 0.0), size=smooth_voxels)
@@ -224,8 +246,9 @@ def top_drivers(explanation: Explanation, inputs: Mapping[str, np.ndarray], k: i
 # ----------------------------------------------------------------------------------------------
 
 
-def pointing_hit(attribution: np.ndarray, finding_mask: np.ndarray, image: np.ndarray | None = None,
-                 tolerance_voxels: int = 1) -> bool:
+def pointing_hit(
+    attribution: np.ndarray, finding_mask: np.ndarray, image: np.ndarray | None = None, tolerance_voxels: int = 1
+) -> bool:
     """Pointing game: does the attribution hot-spot fall on the finding (dilated by a small tolerance)?"""
     target = binary_dilation(finding_mask, iterations=tolerance_voxels) if tolerance_voxels else finding_mask
     return bool(target[image_hotspot(attribution, image)])
@@ -277,8 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     for text in explanation.drivers:
         print(f"- {text}")
     if explanation.image_attribution is not None:
-        path = render_overlay(patient["image"], explanation.image_attribution, args.out / "overlay.png",
-                              f"p = {explanation.probability:.2f}")
+        path = render_overlay(
+            patient["image"],
+            explanation.image_attribution,
+            args.out / "overlay.png",
+            f"p = {explanation.probability:.2f}",
+        )
         print(f"overlay: {path}")
 
 

@@ -113,7 +113,9 @@ def run(weights_dir: Path | None = DEFAULT_WEIGHTS_DIR, out_path: Path = DEFAULT
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR, help="directory with config.json + weights.pt")
+    parser.add_argument(
+        "--weights", type=Path, default=DEFAULT_WEIGHTS_DIR, help="directory with config.json + weights.pt"
+    )
     parser.add_argument("--untrained", action="store_true", help="export a randomly initialised placeholder")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_PATH)
     args = parser.parse_args(argv)

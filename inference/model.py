@@ -196,7 +196,9 @@ class FusionModel(nn.Module):
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         dims = C.input_spec(name).dims
-        assert t.dim() == len(dims) + 1 and tuple(t.shape[1:]) == dims, f"{name}: got {tuple(t.shape)}, want (B, {dims})"
+        assert t.dim() == len(dims) + 1 and tuple(t.shape[1:]) == dims, (
+            f"{name}: got {tuple(t.shape)}, want (B, {dims})"
+        )
 
     def forward(
         self,
@@ -219,8 +221,9 @@ class FusionModel(nn.Module):
         demographics: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logit (B, 1), lesion-map logits (B, D/2, H/2, W/2), or None for a model without an image branch)."""
-        for name, t in zip(C.INPUT_NAMES, (image, image_present, vitals, vitals_mask, vitals_delta, demographics),
-                           strict=True):
+        for name, t in zip(
+            C.INPUT_NAMES, (image, image_present, vitals, vitals_mask, vitals_delta, demographics), strict=True
+        ):
             self._check(name, t)
         seg = None
         image_embedding = None

@@ -162,8 +162,9 @@ def _dropout_batch(batch: Arrays, settings: TrainSettings, rng: np.random.Genera
     return batch
 
 
-def _seg_loss(seg_logits: torch.Tensor, finding: np.ndarray, present: np.ndarray, settings: TrainSettings
-              ) -> torch.Tensor:
+def _seg_loss(
+    seg_logits: torch.Tensor, finding: np.ndarray, present: np.ndarray, settings: TrainSettings
+) -> torch.Tensor:
     """Lesion-segmentation BCE at the seg head's (half) resolution, over patients whose image was seen."""
     rows = torch.from_numpy(present[:, 0] > 0).to(seg_logits.device)  # (B,)
     target = torch.from_numpy(finding.astype(np.float32)).to(seg_logits.device).unsqueeze(1)  # (B, 1, D, H, W)
@@ -266,16 +267,23 @@ def fit(
             logit, seg = logits_of(batch, rows)
             loss = F.binary_cross_entropy_with_logits(logit, target)
             if use_seg and seg is not None and finding_mask is not None:
-                loss = loss + settings.aux_seg_weight * _seg_loss(seg, finding_mask[rows], batch["image_present"],
-                                                                   settings)
+                loss = loss + settings.aux_seg_weight * _seg_loss(
+                    seg, finding_mask[rows], batch["image_present"], settings
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
         sched.step()
         val_loss = validation_loss()
-        log.info("%s epoch %d: train loss %.4f, val loss %.4f (%.0fs)", variant, epoch, np.mean(losses), val_loss,
-                 time.monotonic() - started)
+        log.info(
+            "%s epoch %d: train loss %.4f, val loss %.4f (%.0fs)",
+            variant,
+            epoch,
+            np.mean(losses),
+            val_loss,
+            time.monotonic() - started,
+        )
         if val_loss < best_loss - 1e-4:
             best_loss, best_state, best_epoch, stale = val_loss, copy.deepcopy(model.state_dict()), epoch, 0
         else:
@@ -318,8 +326,14 @@ def run(
     outcome = np.asarray(cohort.outcome, dtype=np.float64)
     from inference.synth import SYNTH_VERSION
 
-    info = {"model_version": C.MODEL_VERSION, "synth_version": SYNTH_VERSION, "seed": seed, "n": int(len(outcome)), "cohort": f"inference.synth.make_arrays(n={len(outcome)}, seed={seed})",
-            "prevalence": round(float(outcome.mean()), 4)}
+    info = {
+        "model_version": C.MODEL_VERSION,
+        "synth_version": SYNTH_VERSION,
+        "seed": seed,
+        "n": int(len(outcome)),
+        "cohort": f"inference.synth.make_arrays(n={len(outcome)}, seed={seed})",
+        "prevalence": round(float(outcome.mean()), 4),
+    }
     trained: dict[str, FusionModel] = {}
     for variant in sorted(variants, key=VARIANTS_BASELINES_FIRST.index):
         baselines = None
@@ -347,8 +361,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--end-to-end", action="store_true", help="train the fusion model from scratch, not staged")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = TrainSettings(epochs=args.epochs, cnn_epochs=args.cnn_epochs, patience=args.patience,
-                             batch_size=args.batch_size, lr=args.lr, threads=args.threads, staged=not args.end_to_end)
+    settings = TrainSettings(
+        epochs=args.epochs,
+        cnn_epochs=args.cnn_epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        threads=args.threads,
+        staged=not args.end_to_end,
+    )
     variants = VARIANTS if args.variant == "all" else (args.variant,)
     run(args.seed, args.n, args.out, variants, settings)
 

@@ -41,13 +41,7 @@ INSTANCE_COUNTS: dict[InstanceKind, int] = {"gpu": 1, "cpu": 2}
 
 def _tensor_block(spec: TensorSpec) -> str:
     dims = ", ".join(str(d) for d in spec.dims)
-    return (
-        "  {\n"
-        f'    name: "{spec.name}"\n'
-        f"    data_type: {C.triton_dtype(spec)}\n"
-        f"    dims: [ {dims} ]\n"
-        "  }"
-    )
+    return f'  {{\n    name: "{spec.name}"\n    data_type: {C.triton_dtype(spec)}\n    dims: [ {dims} ]\n  }}'
 
 
 def render(*, trained: bool, kind: InstanceKind = "gpu") -> str:
@@ -76,7 +70,7 @@ dynamic_batching {{
   max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}
 }}
 # {kind.upper()}: {INSTANCE_COUNTS[kind]} instance(s). For a {other.upper()} host regenerate with
-# `python -m inference.triton_config{' --cpu' if other == 'cpu' else ''}`, which writes
+# `python -m inference.triton_config{" --cpu" if other == "cpu" else ""}`, which writes
 #   instance_group [ {{ count: {INSTANCE_COUNTS[other]} kind: KIND_{other.upper()} }} ]
 instance_group [
   {{
@@ -90,7 +84,7 @@ parameters {{
 }}
 parameters {{
   key: "trained"
-  value: {{ string_value: "{'true' if trained else 'false'}" }}
+  value: {{ string_value: "{"true" if trained else "false"}" }}
 }}
 """
 
@@ -106,7 +100,9 @@ def onnx_trained_flag(onnx_path: Path = DEFAULT_ONNX_PATH) -> bool:
     return meta.get(META_TRAINED, "false").lower() == "true"
 
 
-def run(out_path: Path = DEFAULT_CONFIG_PATH, *, kind: InstanceKind = "gpu", onnx_path: Path = DEFAULT_ONNX_PATH) -> Path:
+def run(
+    out_path: Path = DEFAULT_CONFIG_PATH, *, kind: InstanceKind = "gpu", onnx_path: Path = DEFAULT_ONNX_PATH
+) -> Path:
     """Write config.pbtxt for the model at ``onnx_path`` (its trained flag goes into parameters)."""
     text = render(trained=onnx_trained_flag(onnx_path), kind=kind)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,17 @@ def toy_cohort(n: int, seed: int) -> ToyCohort:
     demographics = rng.standard_normal((n, 2)).astype(np.float32)
     logit = -2.5 + 3.5 * has_finding + 3.0 * labile
     prob = 1.0 / (1.0 + np.exp(-logit))
-    return ToyCohort(image, np.ones((n, 1), np.float32), vitals, mask, delta, demographics,
-                     (rng.random(n) < prob).astype(np.float64), prob, finding)
+    return ToyCohort(
+        image,
+        np.ones((n, 1), np.float32),
+        vitals,
+        mask,
+        delta,
+        demographics,
+        (rng.random(n) < prob).astype(np.float64),
+        prob,
+        finding,
+    )
 
 
 def random_batch(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -151,8 +160,9 @@ def test_temperature_recovers_an_overconfident_scale() -> None:
 def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path) -> None:
     cohort = toy_cohort(192, seed=0)
     settings = TrainSettings(epochs=5, cnn_epochs=5, batch_size=32, patience=5, lr=3e-3)
-    out = train_run(seed=0, n=192, out_dir=tmp_path, variants=("fusion", "vitals", "image"), settings=settings,
-                    cohort=cohort)
+    out = train_run(
+        seed=0, n=192, out_dir=tmp_path, variants=("fusion", "vitals", "image"), settings=settings, cohort=cohort
+    )
     fusion, image = load(out / "fusion"), load(out / "image")
     assert (out / "vitals" / "weights.pt").is_file()
     assert fusion.cfg.info["seed"] == 0 and fusion.cfg.temperature > 0
