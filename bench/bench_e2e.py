@@ -62,6 +62,15 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:  # warm shutdown waits for in-flight tasks; do not wait forever
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+
+
 def prepare(n: int, seed: int, work: Path, fhir: str) -> list[tuple[str, list[Path]]]:
     """Write the patients' FHIR data now, and their DICOM files to disk (sent later)."""
     end = datetime.now(UTC).replace(microsecond=0)
@@ -106,8 +115,7 @@ def main() -> None:
                         time.sleep(0.05)
                     lat.append(time.monotonic() - t0)
             finally:
-                os.killpg(worker.pid, signal.SIGTERM)
-                worker.wait(30)
+                stop_worker(worker)
             lat.sort()
             p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
             print(f"latency, stored -> RiskAssessment readable (n={len(lat)}, Orthanc StableAge 2 s): "
@@ -128,8 +136,7 @@ def main() -> None:
                         raise SystemExit("backlog not done in 30 min")
                     time.sleep(0.5)
             finally:
-                os.killpg(worker.pid, signal.SIGTERM)
-                worker.wait(30)
+                stop_worker(worker)
             dt = time.monotonic() - t0
             print(f"throughput, backlog of {len(want)} patients (worker start included): {dt:.1f} s, "
                   f"{len(want) / dt * 60:.1f} studies/min")
