@@ -3,7 +3,7 @@
 One command reproduces the shipped weights (the cohort, the split, the initialisation, the
 batch order and the modality dropout all follow from ``--seed``):
 
-    python -m inference.train --seed 0 --n 4000 --variant all --out inference/weights
+    python -m inference.train --seed 0 --n 2000 --variant all --threads 1 --out inference/weights
 
 Per variant, ``<out>/<variant>/`` receives ``weights.pt`` and ``config.json`` (the FusionConfig,
 including the calibration temperature and a training summary). A GPU is used when present.
@@ -312,7 +312,7 @@ def fit(
 
 def run(
     seed: int = 0,
-    n: int = 4000,
+    n: int = 2000,
     out_dir: Path = DEFAULT_OUT,
     variants: tuple[Variant, ...] = VARIANTS,
     settings: TrainSettings | None = None,
@@ -349,7 +349,7 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n", type=int, default=4000, help="cohort size (train + validation)")
+    parser.add_argument("--n", type=int, default=2000, help="cohort size (train + validation)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--variant", choices=[*VARIANTS, "all"], default="all")
     parser.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="vitals and staged fusion")
