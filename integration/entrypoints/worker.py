@@ -16,7 +16,7 @@ from functools import wraps
 from typing import Any, TypeVar
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from kombu import transport as kombu_transport
 from kombu.transport import sqlalchemy as kombu_sqla
 
@@ -89,6 +89,14 @@ def engine() -> Any:
 
         _engine = bootstrap(migrate=False, enqueue=enqueue)
     return _engine
+
+
+@worker_init.connect
+def _migrate(**_: Any) -> None:
+    """Once per worker, before the pool forks: bring the schema to head (a no-op when it already is)."""
+    from integration.adapters.db.session import upgrade
+
+    upgrade(get_settings().db_url)
 
 
 @worker_process_init.connect
