@@ -76,7 +76,9 @@ def prepare(n: int, seed: int, work: Path, fhir: str) -> list[tuple[str, list[Pa
     end = datetime.now(UTC).replace(microsecond=0)
     studies = []
     for i, p in enumerate(synth.iter_cohort(n, seed)):
-        post_transaction(fhir, synth.transaction_bundle(synth.fhir_resources(p, identifier_system=MRN, window_end=end)))
+        resources = synth.fhir_resources(p, identifier_system=MRN, window_end=end)
+        # a fresh server holds no copies: plain creates (conditional ones search the growing store each time)
+        post_transaction(fhir, synth.transaction_bundle(resources, conditional=False))
         files = synth.write_dicom(p, work / f"p{i}", window_end=end)
         import pydicom
 
@@ -101,7 +103,7 @@ def main() -> None:
                 "STROKEWATCH_ASSESSMENT_IDENTIFIER_SYSTEM": SYSTEM, "STROKEWATCH_LOG_LEVEL": "WARNING",
             }
             # -- latency ---------------------------------------------------------------------------
-            studies = prepare(args.latency_studies, 101, work / "lat", ehr.base_url)
+            studies = prepare(args.latency_studies, 101, work / "lat", ehr.base_url) if args.latency_studies else []
             worker = start_worker(env, work / "worker1.log")
             time.sleep(5)  # worker up
             lat = []
@@ -116,7 +118,7 @@ def main() -> None:
                     lat.append(time.monotonic() - t0)
             finally:
                 stop_worker(worker)
-            lat.sort()
+            lat.sort() if lat else lat.append(float("nan"))
             p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
             print(f"latency, stored -> RiskAssessment readable (n={len(lat)}, Orthanc StableAge 2 s): "
                   f"median {statistics.median(lat):.2f} s, p95 {p95:.2f} s, min {lat[0]:.2f} s, max {lat[-1]:.2f} s")
