@@ -9,7 +9,7 @@ from typing import Any
 
 from inference import contract as C
 from integration.domain.identity import pseudonym
-from integration.domain.types import DomainError, Outcome
+from integration.domain.types import DomainError
 from integration.domain.vitals import parse_observations, vital_codes
 from integration.services.context import Services
 
@@ -82,11 +82,3 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     )
     return VitalsResult(patient_fhir_id, len(resources), len(parsed.accepted), len(parsed.rejected), changed)
 
-
-def sync_all_patients(svc: Services) -> list[str]:
-    """EHR polling: every followed patient is synced again (cheap: incremental by _lastUpdated)."""
-    ids: list[str] = svc.store.all_patient_ids()
-    return ids
-
-
-__all__ = ["VitalsResult", "sync_vitals", "sync_all_patients", "Outcome"]
