@@ -68,7 +68,7 @@ class OrthancChangeFeed:
         for change in page.get("Changes", []):
             if change.get("ChangeType") != "StableStudy":
                 continue
-            uid = self._study_uid(str(change.get("ID", "")))
+            uid = self.study_uid(str(change.get("ID", "")))
             if uid and uid not in uids:
                 uids.append(uid)
         last = int(page.get("Last", since))
@@ -80,7 +80,8 @@ class OrthancChangeFeed:
         """The current end of the change log: start here to ignore what happened before."""
         return int(self._json("/changes", {"last": ""}).get("Last", 0))
 
-    def _study_uid(self, orthanc_id: str) -> str | None:
+    def study_uid(self, orthanc_id: str) -> str | None:
+        """The StudyInstanceUID of an Orthanc study id (None when Orthanc no longer has it)."""
         if not orthanc_id:
             return None
         response = self._get(f"/studies/{orthanc_id}")

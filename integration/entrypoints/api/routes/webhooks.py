@@ -46,8 +46,7 @@ def _orthanc_study_uid(engine: Any, orthanc_id: str) -> str | None:
     feed = engine.feed
     if feed is None:
         raise HTTPException(422, "an Orthanc ID needs an Orthanc PACS (STROKEWATCH_PACS__KIND=orthanc or auto)")
-    resolve = getattr(feed, "study_uid", None) or feed._study_uid
-    uid = resolve(orthanc_id)
+    uid = feed.study_uid(orthanc_id)
     return str(uid) if uid else None
 
 
