@@ -6,6 +6,7 @@ output to a log file in its work directory, so a failed start can say why.
 
 from __future__ import annotations
 
+import abc
 import base64
 import contextlib
 import os
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 
 class SandboxError(RuntimeError):
@@ -180,3 +182,36 @@ def stop_pid(pid: int, expect_in_cmdline: str | None = None, timeout: float = 10
                 return True
             time.sleep(0.05)
     return True
+
+
+class Peer(abc.ABC):
+    """What every sandbox peer shares: one ManagedProcess, stopped, detached or used as a context manager."""
+
+    _what = "peer"  # for error messages
+    _process: ManagedProcess | None = None
+
+    @abc.abstractmethod
+    def start(self) -> Self: ...
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def stop(self) -> None:
+        if self._process:
+            self._process.stop()
+            self._process = None
+
+    def detach(self) -> int:
+        """Leaves the peer running after this object is gone; returns its pid."""
+        if not self._process:
+            raise SandboxError(f"{self._what} is not running")
+        pid = self._process.detach()
+        self._process = None
+        return pid
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -16,10 +16,9 @@ import shutil
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from integration.sandbox._process import ManagedProcess, SandboxError, basic_auth_header
+from integration.sandbox._process import ManagedProcess, Peer, SandboxError, basic_auth_header
 
 HOST = "127.0.0.1"
 _READY = re.compile(r"^ready (http://\S+)$", re.MULTILINE)
@@ -74,8 +73,10 @@ class FhirAuth:
         return argv
 
 
-class FhirPeer:
+class FhirPeer(Peer):
     """The FHIR sandbox server; `port=None` lets it pick a free port (reported on its ready line)."""
+
+    _what = "FHIR sandbox"
 
     def __init__(
         self,
@@ -117,9 +118,6 @@ class FhirPeer:
     def token_url(self) -> str:
         return f"{self.url}/oauth/token"
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
 
     def command(self, app_dir: Path) -> list[str]:
         argv = ["node", str(app_dir / "server.mjs"), "--host", HOST, "--port", str(self.port or 0),
@@ -148,25 +146,9 @@ class FhirPeer:
             self._base_url = match.group(1)
         return match is not None
 
-    def stop(self) -> None:
-        if self._process:
-            self._process.stop()
-            self._process = None
 
-    def detach(self) -> int:
-        """Leaves the server running after this object is gone; returns its pid."""
-        if not self._process:
-            raise SandboxError("FHIR sandbox is not running")
-        pid = self._process.detach()
-        self._process = None
-        return pid
 
-    def __enter__(self) -> FhirPeer:
-        return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     # Test controls (only with test_controls=True): they bypass authentication and fault injection.
 

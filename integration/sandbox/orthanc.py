@@ -14,11 +14,11 @@ import os
 import shutil
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from integration.sandbox._process import (
     ManagedProcess,
+    Peer,
     SandboxError,
     basic_auth_header,
     free_port,
@@ -85,8 +85,10 @@ def orthanc_config(
     }
 
 
-class OrthancPeer:
+class OrthancPeer(Peer):
     """Orthanc with its own storage under `workdir`, on free ports unless given."""
+
+    _what = "Orthanc"
 
     def __init__(
         self,
@@ -128,9 +130,6 @@ class OrthancPeer:
     def dicomweb_url(self) -> str:
         return f"{self.url}/dicom-web"
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
 
     def auth_headers(self) -> dict[str, str]:
         """An Authorization header for the first registered user, if any."""
@@ -170,18 +169,7 @@ class OrthancPeer:
         self._process.wait_until(lambda: http_status(f"{self.url}/system", headers) == 200,
                                  self.start_timeout, f"Orthanc on port {self.http_port}")
 
-    def stop(self) -> None:
-        if self._process:
-            self._process.stop()
-            self._process = None
 
-    def detach(self) -> int:
-        """Leaves Orthanc running after this object is gone; returns its pid."""
-        if not self._process:
-            raise SandboxError("Orthanc is not running")
-        pid = self._process.detach()
-        self._process = None
-        return pid
 
     def reset(self) -> None:
         """Deletes every patient (so every study and instance) and clears the change log."""
@@ -200,10 +188,5 @@ class OrthancPeer:
         self.stop()
         shutil.rmtree(self.storage_dir, ignore_errors=True)
 
-    def __enter__(self) -> OrthancPeer:
-        return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
