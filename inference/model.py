@@ -32,6 +32,16 @@ from inference import contract as C
 Variant = Literal["fusion", "image", "vitals"]
 VARIANTS: tuple[Variant, ...] = ("fusion", "image", "vitals")
 CONFIG_FILE = "config.json"
+#: What the image branch learns to recognise (the order of its concept outputs): lacune count (capped at 4),
+#: white-matter disease grade (0-3), old territorial infarct, hyperdense vessel sign.
+IMAGE_CONCEPTS: tuple[str, ...] = ("lacunes", "wmd_grade", "territorial", "hyperdense_vessel")
+#: What the vitals branch learns to recognise: SBP level, SBP lability, rising SBP, atrial fibrillation,
+#: glycaemia (each as a z-score or rate; see inference/SYNTH.md).
+VITAL_CONCEPTS: tuple[str, ...] = ("sbp_z", "lability_z", "rising_trend", "af", "glucose_z")
+#: Concepts that are yes/no: their heads give logits, passed on as probabilities; the rest are regressions.
+BINARY_CONCEPTS = frozenset({"territorial", "hyperdense_vessel", "af"})
+#: Kinds of lesion the lesion map separates (its channels), as labelled in the training data.
+LESION_KINDS: tuple[str, ...] = ("lacune", "wmd", "infarct", "hyperdense_vessel")
 WEIGHTS_FILE = "weights.pt"
 
 
@@ -42,19 +52,26 @@ class FusionConfig:
     n_steps: int = C.N_STEPS
     n_features: int = C.N_FEATURES
     n_demographics: int = C.N_DEMOGRAPHICS
-    cnn_channels: tuple[int, ...] = (8, 16, 32)  # one strided conv block per entry
-    image_embed: int = 32
+    cnn_channels: tuple[int, int] = (16, 32)  # channels at half and at quarter resolution
     lstm_hidden: int = 32
     demo_embed: int = 8
     head_hidden: int = 32
     dropout: float = 0.1
-    #: Train the lesion-map head against lesion masks (when the data has them). Masks give the CNN a
-    #: dense signal where outcomes alone give one bit per patient.
+    #: Train the lesion-map head against lesion masks and the concept heads against the known risk factors
+    #: (when the data has them): dense signals where outcomes alone give one bit per patient.
     aux_seg: bool = True
     #: Calibration: probability = sigmoid(logit / temperature); fitted on the validation split.
     temperature: float = 1.0
     #: Provenance written by train.py (seed, n, metrics); carried into the ONNX metadata.
     info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def image_concepts(self) -> int:
+        return len(IMAGE_CONCEPTS)
+
+    @property
+    def vital_concepts(self) -> int:
+        return len(VITAL_CONCEPTS)
 
     @property
     def uses_image(self) -> bool:
@@ -72,6 +89,7 @@ class FusionConfig:
         raw = json.loads(text)
         for key in ("volume_shape", "cnn_channels"):
             raw[key] = tuple(raw[key])
+        raw.pop("image_embed", None)  # configs before 0.2.0
         return cls(**raw)
 
 
@@ -92,44 +110,80 @@ class ConvBlock(nn.Module):
         return F.relu(self.norm(self.conv(x)))  # (B, c_out, d/stride, h/stride, w/stride)
 
 
-class ImageBranch(nn.Module):
-    """3D CNN -> global max + mean pooling, plus a lesion map's burden -> embedding.
+def concept_values(raw: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """Concept head outputs (B, K) -> what the fusion head reads: probabilities for yes/no concepts."""
+    binary = torch.tensor([n in BINARY_CONCEPTS for n in names], device=raw.device)  # (K,)
+    return torch.where(binary, torch.sigmoid(raw), raw)  # (B, K)
 
-    Max pooling keeps a few-voxel finding visible after pooling; mean pooling carries diffuse
-    change (white-matter disease, atrophy). A 3x3x3 head on the first block predicts a lesion map
-    (trained against lesion masks when they exist); its mean and max probability enter the embedding
-    as "how much lesion" and "how sure of any lesion", the quantities the risk depends on.
+
+class ImageBranch(nn.Module):
+    """3D CNN -> a lesion map per kind of finding -> the image concepts (lacunes, WMD grade, infarct, vessel sign).
+
+    A small encoder-decoder: a strided stem whose filters read every voxel (a few-voxel lacune still
+    registers), a second strided block and a context block; the context is upsampled, joined with the
+    half-resolution features and turned into one lesion-probability map per kind (``LESION_KINDS``).
+    What the risk depends on is read off those maps — how much of each kind (log of the summed
+    probability, all and confident voxels) and how sure of any (max) — plus globally pooled features,
+    by a small concept head. ``forward`` returns the concept logits/values
+    (B, len(IMAGE_CONCEPTS)); ``forward_with_seg`` also the lesion-map logits.
     """
 
     def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()
-        chans = (1, *cfg.cnn_channels)
-        blocks = [ConvBlock(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True)]
-        blocks.append(ConvBlock(chans[-1], chans[-1], stride=1))  # context at the coarsest grid
-        self.blocks = nn.Sequential(*blocks)
-        self.seg_head = nn.Conv3d(chans[1], 1, 3, padding=1)
-        self.proj = nn.Linear(2 * chans[-1] + 2, cfg.image_embed)
+        c1, c2 = cfg.cnn_channels
+        self.stem = ConvBlock(2, c1)  # strided, but its 3x3x3 filters see every full-resolution voxel
+        self.down = ConvBlock(c1, c2)
+        self.context = ConvBlock(c2, c2, stride=1)
+        self.decode = ConvBlock(c1 + c2, c1, stride=1)
+        self.seg_head = nn.Conv3d(c1, len(LESION_KINDS), 1)
+        nn.init.constant_(self.seg_head.bias, -4.0)  # lesions fill ~1-2 % of voxels: start at that prior
+        n_pooled = 2 * c2 + 3 * len(LESION_KINDS)
+        # the pooled quantities live on different scales (a log-count of 6 beside a max of 0.01): standardise
+        self.concept_head = nn.Sequential(
+            nn.BatchNorm1d(n_pooled), nn.Linear(n_pooled, 32), nn.GELU(), nn.Linear(32, len(IMAGE_CONCEPTS))
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.forward_with_seg(image)[0]
 
+    @staticmethod
+    def tissue_contrast(image: torch.Tensor) -> torch.Tensor:
+        """The volume standardised over its soft tissue: (B, 1, D, H, W), 0 outside.
+
+        The contract's intensities span air to bone (CT window -40..120 HU -> -1..1; MR z-scores), so the
+        few HU between white matter, white-matter disease and a lacune are a small step on that scale. Over
+        the voxels that are neither background (the volume's minimum) nor saturated bone, each volume is
+        z-scored, which puts those steps near one unit for CT and MR alike. Masked sums only: exports to ONNX.
+        """
+        floor = image.amin(dim=(2, 3, 4), keepdim=True)  # (B, 1, 1, 1, 1) background / padding value
+        tissue = ((image > floor + 0.05) & (image < 0.95)).to(image.dtype)  # (B, 1, D, H, W)
+        count = tissue.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1.0)  # (B, 1, 1, 1, 1)
+        mean = (image * tissue).sum(dim=(2, 3, 4), keepdim=True) / count
+        var = (((image - mean) * tissue) ** 2).sum(dim=(2, 3, 4), keepdim=True) / count
+        return ((image - mean) / torch.sqrt(var + 1e-4)).clamp(-3.0, 3.0) * tissue  # (B, 1, D, H, W)
+
     def forward_with_seg(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.blocks[0](image)  # (B, C1, D/2, H/2, W/2)
-        x = self.blocks[1:](first)  # (B, C, D/8, H/8, W/8) with three strided blocks
-        seg = self.seg_head(first)  # (B, 1, D/2, H/2, W/2) lesion logits
-        lesion = torch.sigmoid(seg)  # (B, 1, D/2, H/2, W/2)
-        burden = torch.cat([lesion.mean(dim=(2, 3, 4)), lesion.amax(dim=(2, 3, 4))], dim=1)  # (B, 2)
-        pooled = torch.cat([x.amax(dim=(2, 3, 4)), x.mean(dim=(2, 3, 4)), burden], dim=1)  # (B, 2C + 2)
-        return F.relu(self.proj(pooled)), seg.squeeze(1)  # (B, image_embed), (B, D/2, H/2, W/2)
+        x = torch.cat([image, self.tissue_contrast(image)], dim=1)  # (B, 2, D, H, W)
+        half = self.stem(x)  # (B, c1, D/2, H/2, W/2)
+        ctx = self.context(self.down(half))  # (B, c2, D/4, H/4, W/4)
+        up = F.interpolate(ctx, size=half.shape[2:], mode="trilinear", align_corners=False)  # (B, c2, D/2, H/2, W/2)
+        seg = self.seg_head(self.decode(torch.cat([half, up], dim=1)))  # (B, K, D/2, H/2, W/2) lesion logits
+        lesion = torch.sigmoid(seg)  # (B, K, D/2, H/2, W/2)
+        amount = torch.log1p(lesion.sum(dim=(2, 3, 4)))  # (B, K): how much of each kind, in half-res voxels
+        confident = torch.log1p(F.relu(2.0 * lesion - 1.0).sum(dim=(2, 3, 4)))  # (B, K): as much, counting p > 0.5
+        sure = lesion.amax(dim=(2, 3, 4))  # (B, K): how sure of any
+        pooled = [ctx.amax(dim=(2, 3, 4)), ctx.mean(dim=(2, 3, 4)), amount, confident, sure]
+        return self.concept_head(torch.cat(pooled, dim=1)), seg  # (B, len(IMAGE_CONCEPTS)) raw, (B, K, d, h, w)
 
 
 class VitalsBranch(nn.Module):
-    """LSTM over [values, mask, delta] per time step, plus masked summary statistics per feature.
+    """LSTM over [values, mask, delta] per time step, plus masked summary statistics per feature -> vital concepts.
 
     The LSTM reads the temporal pattern; the statistics (mean, SD, trend, successive-difference
-    variability, share of steps observed) are computed over observed steps only and hand the head the
-    quantities clinicians read from a chart (labile or rising BP, an irregular heart rate) without
-    the LSTM having to rediscover them from a few thousand patients.
+    variability, share of steps observed) are computed over observed steps only and hand the concept head
+    the quantities clinicians read from a chart (labile or rising BP, an irregular heart rate) without
+    the LSTM having to rediscover them from a few thousand patients. ``forward`` returns the concept
+    logits/values (B, len(VITAL_CONCEPTS)).
     """
 
     N_STATS = 5
@@ -140,6 +194,7 @@ class VitalsBranch(nn.Module):
         # the statistics live on very different scales (an SD of 0.1 next to a coverage of 0.9): standardise them
         self.stats_norm = nn.BatchNorm1d(self.N_STATS * cfg.n_features)
         self.proj = nn.Linear(2 * cfg.lstm_hidden + self.N_STATS * cfg.n_features, cfg.lstm_hidden)
+        self.concept_head = nn.Linear(cfg.lstm_hidden, len(VITAL_CONCEPTS))
 
     @staticmethod
     def masked_stats(vitals: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -166,7 +221,7 @@ class VitalsBranch(nn.Module):
         out, (h_n, _) = self.lstm(x)  # out (B, T, H); h_n (1, B, H)
         stats = self.stats_norm(self.masked_stats(vitals, mask))  # (B, 5F)
         summary = torch.cat([h_n[-1], out.mean(dim=1), stats], dim=1)  # (B, 2H + 5F)
-        return F.relu(self.proj(summary))  # (B, H)
+        return self.concept_head(F.relu(self.proj(summary)))  # (B, len(VITAL_CONCEPTS)) raw
 
 
 class DemographicsBranch(nn.Module):
@@ -179,7 +234,13 @@ class DemographicsBranch(nn.Module):
 
 
 class FusionModel(nn.Module):
-    """forward(inputs) -> uncalibrated logit (B, 1). Calibration is applied by ``calibrated``/export."""
+    """forward(inputs) -> uncalibrated logit (B, 1). Calibration is applied by ``calibrated``/export.
+
+    Mid-level fusion through named concepts: each branch ends in the risk factors it can see (the image
+    branch ``IMAGE_CONCEPTS``, the vitals branch ``VITAL_CONCEPTS``), gated by presence; the head, a small
+    MLP, reads those, the presence flags and the demographics embedding. Interactions between modalities
+    (a damaged territory on labile blood pressure) are the head's to learn.
+    """
 
     def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()
@@ -188,8 +249,8 @@ class FusionModel(nn.Module):
         self.vitals_branch = VitalsBranch(cfg) if cfg.uses_vitals else None
         self.demo_branch = DemographicsBranch(cfg)
         width = cfg.demo_embed
-        width += (cfg.image_embed + 1) if cfg.uses_image else 0  # + image_present flag
-        width += (cfg.lstm_hidden + 1) if cfg.uses_vitals else 0  # + vitals_present flag
+        width += (cfg.image_concepts + 1) if cfg.uses_image else 0  # + image_present flag
+        width += (cfg.vital_concepts + 1) if cfg.uses_vitals else 0  # + vitals_present flag
         self.head = nn.Sequential(
             nn.Linear(width, cfg.head_hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.head_hidden, 1)
         )
@@ -219,38 +280,49 @@ class FusionModel(nn.Module):
         vitals_mask: torch.Tensor,
         vitals_delta: torch.Tensor,
         demographics: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logit (B, 1), lesion-map logits (B, D/2, H/2, W/2), or None for a model without an image branch)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(logit (B, 1), aux) where aux may hold "seg" (B, K, D/2, H/2, W/2) lesion logits and the raw
+        concept outputs "image_concepts" (B, len(IMAGE_CONCEPTS)) / "vital_concepts" (B, len(VITAL_CONCEPTS))."""
         for name, t in zip(
             C.INPUT_NAMES, (image, image_present, vitals, vitals_mask, vitals_delta, demographics), strict=True
         ):
             self._check(name, t)
-        seg = None
-        image_embedding = None
+        aux: dict[str, torch.Tensor] = {}
+        image_concepts = None
         if self.image_branch is not None:
             volume = image * image_present.view(-1, 1, 1, 1, 1)  # (B, 1, D, H, W): an absent image is all zeros
-            image_embedding, seg = self.image_branch.forward_with_seg(volume)  # (B, E_img)
-        logit = self.fuse(image_embedding, image_present, vitals, vitals_mask, vitals_delta, demographics)  # (B, 1)
-        return logit, seg
+            image_concepts, aux["seg"] = self.image_branch.forward_with_seg(volume)  # (B, K_img)
+            aux["image_concepts"] = image_concepts
+        logit, vital_concepts = self.fuse(
+            image_concepts, image_present, vitals, vitals_mask, vitals_delta, demographics
+        )
+        if vital_concepts is not None:
+            aux["vital_concepts"] = vital_concepts
+        return logit, aux
 
     def fuse(
         self,
-        image_embedding: torch.Tensor | None,
+        image_concepts: torch.Tensor | None,
         image_present: torch.Tensor,
         vitals: torch.Tensor,
         vitals_mask: torch.Tensor,
         vitals_delta: torch.Tensor,
         demographics: torch.Tensor,
-    ) -> torch.Tensor:
-        """Head over the gated embeddings; takes the image embedding ready-made (staged training caches it)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head over the gated concepts; takes the image concepts (raw) ready-made (staged training caches them).
+
+        Returns (logit (B, 1), raw vital concepts (B, K_vit) or None for a model without a vitals branch).
+        """
         parts = [self.demo_branch(demographics)]  # (B, demo_embed)
+        vital_concepts = None
         if self.image_branch is not None:
-            assert image_embedding is not None
-            parts += [image_embedding * image_present, image_present]  # (B, E_img), (B, 1)
+            assert image_concepts is not None
+            parts += [concept_values(image_concepts, IMAGE_CONCEPTS) * image_present, image_present]  # (B, K), (B, 1)
         if self.vitals_branch is not None:
             observed = (vitals_mask.sum(dim=(1, 2)) > 0).to(vitals.dtype).unsqueeze(1)  # (B, 1)
-            parts += [self.vitals_branch(vitals, vitals_mask, vitals_delta) * observed, observed]  # (B, H), (B, 1)
-        return self.head(torch.cat(parts, dim=1))  # (B, 1)
+            vital_concepts = self.vitals_branch(vitals, vitals_mask, vitals_delta)  # (B, K_vit)
+            parts += [concept_values(vital_concepts, VITAL_CONCEPTS) * observed, observed]  # (B, K_vit), (B, 1)
+        return self.head(torch.cat(parts, dim=1)), vital_concepts  # (B, 1), (B, K_vit) | None
 
     def forward_dict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.forward(*(inputs[name] for name in C.INPUT_NAMES))

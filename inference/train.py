@@ -8,14 +8,19 @@ batch order and the modality dropout all follow from ``--seed``):
 Per variant, ``<out>/<variant>/`` receives ``weights.pt`` and ``config.json`` (the FusionConfig,
 including the calibration temperature and a training summary). A GPU is used when present.
 
-Order: the image-only and vitals-only baselines first, then the fusion model in stages: its image branch
-is the image baseline's, frozen (so each volume is encoded once, not once per epoch: what keeps training
-inside the two-core CPU budget), its vitals branch starts from the vitals baseline's, and the vitals branch,
-demographics and head are trained on the fusion objective. ``--end-to-end`` trains the fusion model from
-scratch instead (several times slower on a CPU).
+Order: the image-only and vitals-only baselines first, then the fusion model in stages: its image and
+vitals branches are the baselines', frozen (so each volume is encoded once, not once per epoch: what keeps
+training inside the two-core CPU budget), and the demographics branch and the fusion head are trained on
+the fusion objective. ``--end-to-end`` trains the fusion model from scratch instead (several times slower
+on a CPU). The vitals baseline also learns from ``--vitals-extra`` vitals-only records (the same cohort's
+next patients, no volume rendered: cheap), which the image branch cannot use.
 
-The image branches also learn a lesion map from the cohort's ``finding_mask`` (as real lesion-annotated
-datasets would provide); the map's burden is part of the image embedding, so it is exported too.
+Each branch ends in named concepts, the risk factors it can see (``inference.model.IMAGE_CONCEPTS``,
+``VITAL_CONCEPTS``), and is taught them directly where the cohort knows them: the image branch learns a
+lesion map per kind of finding from ``finding_label`` (as lesion-annotated datasets provide) and the
+finding counts and grades from ``image_factors`` (as radiology reads provide); the vitals branch learns the
+vital traits from ``vital_factors``. One outcome bit per patient is a weak teacher for a 3D CNN on a
+few thousand patients; these targets are what make it learn the findings and not age.
 
 Modality dropout: in each fusion batch a random share of patients have their image withheld
 (zeros, ``image_present`` = 0) or their vitals withheld (values 0, mask 0, delta 1: what
@@ -41,7 +46,19 @@ import torch.nn.functional as F
 
 from inference import contract as C
 from inference.calibrate import binary_metrics, fit_temperature, log_loss, sigmoid
-from inference.model import VARIANTS, FusionConfig, FusionModel, Variant, count_parameters, load, save
+from inference.model import (
+    BINARY_CONCEPTS,
+    IMAGE_CONCEPTS,
+    VARIANTS,
+    VITAL_CONCEPTS,
+    FusionConfig,
+    FusionModel,
+    Variant,
+    count_parameters,
+    load,
+    save,
+)
+from inference.preprocess import empty_image
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +71,25 @@ VARIANTS_BASELINES_FIRST: tuple[Variant, ...] = ("image", "vitals", "fusion")
 
 @dataclass
 class TrainSettings:
-    epochs: int = 15
-    cnn_epochs: int = 8  # variants that train the 3D CNN (image; fusion end to end): the CPU budget
+    epochs: int = 30
+    cnn_epochs: int = 16  # variants that train the 3D CNN (image; fusion end to end): the CPU budget
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    patience: int = 3  # epochs without validation improvement before stopping
+    patience: int = 5  # epochs without validation improvement before stopping
     val_fraction: float = 0.2
     image_dropout: float = 0.15  # fusion only: share of patients per batch with the image withheld
     vitals_dropout: float = 0.15  # fusion only: share with the vitals withheld (never both)
     threads: int = 2
-    staged: bool = True  # fusion from the trained baselines (frozen image branch); False: end to end
-    aux_seg_weight: float = 2.0  # weight of the lesion-segmentation loss (image variants, when masks exist)
-    aux_seg_pos_weight: float = 5.0  # lesions are a few percent of voxels
+    staged: bool = True  # fusion from the trained baselines (both branches frozen); False: end to end
+    vitals_extra: int = 10000  # vitals-only records (no volume rendered) added to the vitals baseline's training
+    aux_seg_weight: float = 2.0  # weight of the lesion-map loss (image variants, when lesion labels exist)
+    #: per lesion kind (lacune, WMD, infarct, vessel sign): the rarer and smaller the kind, the heavier its voxels
+    aux_seg_pos_weight: tuple[float, ...] = (10.0, 3.0, 3.0, 20.0)
+    #: weight of the positives of yes/no concepts (5.0 with seg weights (100, 3, 10, 300) sharpened the
+    #: lacune and vessel maps but not the concepts read from them, and lost 0.004 validation AUROC: not shipped)
+    aux_concept_pos_weight: float = 1.0
+    aux_concept_weight: float = 1.0  # weight of the concept losses (when the risk factors are known)
 
 
 def cohort_inputs(cohort: Any) -> Arrays:
@@ -82,30 +105,77 @@ def cohort_cache_dir() -> Path:
     return Path(root) / "cohorts"
 
 
-def make_cohort(n: int, seed: int, *, workers: int = 2, cache: bool = True) -> Any:
-    """``inference.synth.make_arrays(n, seed)``, kept on disk so training and evaluation do not redo it.
-
-    Generation is deterministic in (n, seed), so a cached copy is the same cohort; rendering ~1 s per
-    patient on this machine makes regenerating it the slowest step of a training run.
-    """
-    from inference.synth import SYNTH_VERSION, CohortArrays, make_arrays
-
-    # The generator's version is part of the key: a cohort cached by an older generator is another cohort.
-    path = cohort_cache_dir() / f"cohort-v{SYNTH_VERSION}-n{n}-seed{seed}.npz"
+def _cached(name: str, build: Any, cls: Any, cache: bool) -> Any:
+    path = cohort_cache_dir() / name
     if cache and path.is_file():
         log.info("loading cached cohort %s", path)
         with np.load(path, allow_pickle=False) as data:
-            return CohortArrays(**{k: data[k] for k in data.files})
-    log.info("generating synthetic cohort n=%d seed=%d (%d workers)", n, seed, workers)
+            return cls(**{k: data[k] for k in data.files})
     started = time.monotonic()
-    cohort = make_arrays(n, seed, workers=workers)
+    arrays = build()
     log.info("generated in %.0fs", time.monotonic() - started)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **cohort.__dict__)
+        np.savez(tmp, **arrays.__dict__)
         tmp.replace(path)
-    return cohort
+    return arrays
+
+
+def make_cohort(n: int, seed: int, *, workers: int = 2, cache: bool = True) -> Any:
+    """``inference.synth.make_arrays(n, seed)``, kept on disk so training and evaluation do not redo it.
+
+    Generation is deterministic in (n, seed), so a cached copy is the same cohort; rendering the volumes
+    makes regenerating it the slowest step of a training run.
+    """
+    from inference.synth import SYNTH_VERSION, CohortArrays, make_arrays
+
+    # The generator's version is part of the key: a cohort cached by an older generator is another cohort.
+    log.info("synthetic cohort n=%d seed=%d", n, seed)
+    return _cached(
+        f"cohort-v{SYNTH_VERSION}-n{n}-seed{seed}.npz",
+        lambda: make_arrays(n, seed, workers=workers),
+        CohortArrays,
+        cache,
+    )
+
+
+def make_vitals_cohort(n: int, seed: int, start: int, *, workers: int = 2, cache: bool = True) -> Any:
+    """``inference.synth.arrays.make_vitals_arrays``: patients ``start..start+n-1`` of cohort ``seed``, vitals only."""
+    from inference.synth import SYNTH_VERSION
+    from inference.synth.arrays import VitalsArrays, make_vitals_arrays
+
+    log.info("vitals-only records n=%d seed=%d from patient %d", n, seed, start)
+    return _cached(
+        f"vitals-v{SYNTH_VERSION}-n{n}-seed{seed}-start{start}.npz",
+        lambda: make_vitals_arrays(n, seed, start=start, workers=workers),
+        VitalsArrays,
+        cache,
+    )
+
+
+def with_vitals_records(
+    inputs: Arrays, outcome: np.ndarray, aux: Mapping[str, np.ndarray], extra: Any
+) -> tuple[Arrays, np.ndarray, dict[str, np.ndarray]]:
+    """The cohort followed by vitals-only records, for a model without an image branch.
+
+    Such a model never reads the volume, so ``image`` is one read-only empty volume broadcast over all rows
+    (ten thousand real copies would be gigabytes); rows are copied only when a batch is taken.
+    """
+    n_all = len(outcome) + len(extra)
+    out: Arrays = {}
+    for name in C.INPUT_NAMES:
+        if name == "image":  # a read-only zero view: rows are copied only when a batch is taken
+            out[name] = np.broadcast_to(empty_image()[None], (n_all, *inputs[name].shape[1:]))
+        elif name == "image_present":
+            out[name] = np.concatenate([inputs[name], np.zeros((len(extra), 1), np.float32)])
+        else:
+            out[name] = np.concatenate([inputs[name], np.asarray(getattr(extra, name), np.float32)])
+    y = np.concatenate([outcome, np.asarray(extra.outcome, dtype=outcome.dtype)])
+    new_aux = (
+        {"vital_factors": np.concatenate([aux["vital_factors"], extra.vital_factors])} if "vital_factors" in aux else {}
+    )
+    return out, y, new_aux
 
 
 def withhold(inputs: Mapping[str, np.ndarray], modality: Modality, rows: np.ndarray | None = None) -> Arrays:
@@ -162,21 +232,56 @@ def _dropout_batch(batch: Arrays, settings: TrainSettings, rng: np.random.Genera
     return batch
 
 
+#: Training targets beside the outcome, as ``inference.synth.CohortArrays`` names them (any may be absent).
+AUX_KEYS = ("finding_label", "image_factors", "vital_factors")
+
+
 def _seg_loss(
-    seg_logits: torch.Tensor, finding: np.ndarray, present: np.ndarray, settings: TrainSettings
+    seg_logits: torch.Tensor, label: np.ndarray, present: np.ndarray, settings: TrainSettings
 ) -> torch.Tensor:
-    """Lesion-segmentation BCE at the seg head's (half) resolution, over patients whose image was seen."""
+    """Per-kind lesion-map loss at the map's (half) resolution, over patients whose image was seen.
+
+    ``label`` (B, D, H, W) codes kind k as k + 1 (0: no lesion); a half-resolution voxel is positive for a
+    kind when any of its full-resolution voxels is. Weighted BCE plus a soft Dice per kind over the batch:
+    a hyperdense vessel is a few voxels in one patient in twenty, which voxel-averaged BCE all but ignores.
+    """
     rows = torch.from_numpy(present[:, 0] > 0).to(seg_logits.device)  # (B,)
-    target = torch.from_numpy(finding.astype(np.float32)).to(seg_logits.device).unsqueeze(1)  # (B, 1, D, H, W)
-    target = F.adaptive_max_pool3d(target, seg_logits.shape[1:]).squeeze(1)  # (B, d, h, w)
     if not bool(rows.any()):
         return seg_logits.sum() * 0.0
-    pos_weight = torch.tensor(settings.aux_seg_pos_weight, device=seg_logits.device)
-    return F.binary_cross_entropy_with_logits(seg_logits[rows], target[rows], pos_weight=pos_weight)
+    kinds = seg_logits.shape[1]
+    lab = torch.from_numpy(label.astype(np.int64)).to(seg_logits.device)  # (B, D, H, W)
+    onehot = torch.stack([(lab == k + 1) for k in range(kinds)], dim=1).float()  # (B, K, D, H, W)
+    target = F.adaptive_max_pool3d(onehot, seg_logits.shape[2:])  # (B, K, d, h, w)
+    pos_weight = torch.tensor(settings.aux_seg_pos_weight, device=seg_logits.device).view(kinds, 1, 1, 1)
+    logits, target = seg_logits[rows], target[rows]  # (b, K, d, h, w)
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+    prob = torch.sigmoid(logits)
+    overlap = (prob * target).sum(dim=(0, 2, 3, 4))  # (K,)
+    dice = (2.0 * overlap + 1.0) / (prob.sum(dim=(0, 2, 3, 4)) + target.sum(dim=(0, 2, 3, 4)) + 1.0)  # (K,)
+    return bce + (1.0 - dice).mean()
+
+
+def _concept_loss(
+    raw: torch.Tensor, target: np.ndarray, names: tuple[str, ...], rows: np.ndarray, pos_weight: float = 1.0
+) -> torch.Tensor:
+    """Mean over concepts of BCE (yes/no concepts, positives weighted) or squared error (graded ones), over
+    ``rows`` (bool (B,))."""
+    if not rows.any():
+        return raw.sum() * 0.0
+    keep = torch.from_numpy(rows).to(raw.device)  # (B,)
+    out, tgt = raw[keep], torch.from_numpy(target.astype(np.float32)).to(raw.device)[keep]  # (b, K)
+    weight = torch.tensor(pos_weight, device=raw.device)
+    losses = [
+        F.binary_cross_entropy_with_logits(out[:, k], tgt[:, k], pos_weight=weight)
+        if name in BINARY_CONCEPTS
+        else F.mse_loss(out[:, k], tgt[:, k])
+        for k, name in enumerate(names)
+    ]
+    return torch.stack(losses).mean()
 
 
 def image_embeddings(model: FusionModel, inputs: Mapping[str, np.ndarray], batch_size: int = 64) -> np.ndarray:
-    """The image branch's embedding (N, E) of every patient, computed once (the branch is frozen)."""
+    """The image branch's raw concepts (N, K) of every patient, computed once (the branch is frozen)."""
     assert model.image_branch is not None
     device = next(model.parameters()).device
     model.eval()
@@ -190,12 +295,13 @@ def image_embeddings(model: FusionModel, inputs: Mapping[str, np.ndarray], batch
 
 
 def _staged_fusion(baselines: Mapping[str, FusionModel], device: torch.device) -> FusionModel:
-    """A fusion model whose image branch is the image baseline's (frozen) and vitals branch the vitals baseline's."""
+    """A fusion model whose branches are the baselines' image and vitals branches, frozen: only the head learns."""
     model = FusionModel(FusionConfig(variant="fusion", aux_seg=False)).to(device)
     model.image_branch.load_state_dict(baselines["image"].image_branch.state_dict())  # type: ignore[union-attr]
     model.vitals_branch.load_state_dict(baselines["vitals"].vitals_branch.state_dict())  # type: ignore[union-attr]
-    for param in model.image_branch.parameters():  # type: ignore[union-attr]
-        param.requires_grad_(False)
+    for branch in (model.image_branch, model.vitals_branch):
+        for param in branch.parameters():  # type: ignore[union-attr]
+            param.requires_grad_(False)
     return model
 
 
@@ -206,27 +312,43 @@ def fit(
     seed: int,
     settings: TrainSettings,
     info: dict[str, object],
-    finding_mask: np.ndarray | None = None,
+    aux: Mapping[str, np.ndarray] | None = None,
     baselines: Mapping[str, FusionModel] | None = None,
+    extra_train: int = 0,
 ) -> FusionModel:
     """Train one variant with early stopping, then fit its temperature on the validation split.
 
     With ``baselines`` (trained "image" and "vitals" models) the fusion model is trained in stages: its
-    image branch is the image baseline's, frozen, so each patient's image embedding is computed once and
-    an epoch costs only the LSTM and the head; its vitals branch starts from the vitals baseline's.
+    image and vitals branches are the baselines', frozen, so each patient's image concepts are computed
+    once and an epoch costs only the LSTM's forward pass and the head.
+
+    ``aux`` (any of ``AUX_KEYS``, N rows each) adds the auxiliary losses: the lesion map against
+    ``finding_label``, the image concepts against ``image_factors``, the vital concepts against
+    ``vital_factors``.
+
+    ``extra_train``: the last rows are training-only records (vitals without a rendered volume, say); the
+    validation split is drawn from the others, so it is the same patients whatever is added.
     """
+    aux = {k: v for k, v in (aux or {}).items() if k in AUX_KEYS and v is not None}
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     staged = variant == "fusion" and baselines is not None
-    use_seg = not staged and finding_mask is not None and settings.aux_seg_weight > 0 and variant in ("fusion", "image")
+    trains_cnn = not staged and variant in ("fusion", "image")
+    use_seg = trains_cnn and "finding_label" in aux and settings.aux_seg_weight > 0
+    use_image_concepts = trains_cnn and "image_factors" in aux and settings.aux_concept_weight > 0
+    use_vital_concepts = (
+        not staged and variant in ("fusion", "vitals") and "vital_factors" in aux and settings.aux_concept_weight > 0
+    )
     if staged:
         model = _staged_fusion(baselines, device)  # type: ignore[arg-type]
         cached = image_embeddings(model, inputs)  # (N, E)
     else:
         model = FusionModel(FusionConfig(variant=variant, aux_seg=use_seg)).to(device)
     log.info("%s: %d parameters on %s%s", variant, count_parameters(model), device, " (staged)" if staged else "")
-    train_idx, val_idx = split_indices(len(outcome), settings.val_fraction, seed)
+    n_split = len(outcome) - extra_train
+    train_idx, val_idx = split_indices(n_split, settings.val_fraction, seed)
+    train_idx = np.concatenate([train_idx, np.arange(n_split, len(outcome))])
     val_inputs = {k: v[val_idx] for k, v in inputs.items()}
     y_val = outcome[val_idx]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -238,12 +360,13 @@ def fit(
     # staged training never reads the volumes again: leave them out of the per-batch copies
     batch_keys = [k for k in C.INPUT_NAMES if not (staged and k == "image")]
 
-    def logits_of(batch: Mapping[str, np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def logits_of(batch: Mapping[str, np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tensors = _to_device(batch, device)
         if staged:
-            embedding = torch.from_numpy(cached[rows]).to(device)  # (B, E)
-            return model.fuse(embedding, *(tensors[k] for k in C.INPUT_NAMES[1:])), None  # (B, 1)
-        return model.forward_with_aux(*(tensors[k] for k in C.INPUT_NAMES))  # (B, 1), (B, d, h, w) | None
+            concepts = torch.from_numpy(cached[rows]).to(device)  # (B, K_img)
+            logit, vital_concepts = model.fuse(concepts, *(tensors[k] for k in C.INPUT_NAMES[1:]))  # (B, 1)
+            return logit, {} if vital_concepts is None else {"vital_concepts": vital_concepts}
+        return model.forward_with_aux(*(tensors[k] for k in C.INPUT_NAMES))  # (B, 1), aux outputs
 
     def validation_loss() -> float:
         if not staged:
@@ -256,6 +379,9 @@ def fit(
     started = time.monotonic()
     for epoch in range(1, epochs + 1):
         model.train()
+        if staged:  # frozen branches stay in inference mode (BatchNorm statistics included)
+            model.image_branch.eval()  # type: ignore[union-attr]
+            model.vitals_branch.eval()  # type: ignore[union-attr]
         order = rng.permutation(train_idx)
         losses = []
         for start in range(0, len(order), settings.batch_size):
@@ -264,11 +390,29 @@ def fit(
             if use_dropout:
                 batch = _dropout_batch(batch, settings, rng)
             target = torch.from_numpy(outcome[rows].astype(np.float32)).to(device).unsqueeze(1)  # (B, 1)
-            logit, seg = logits_of(batch, rows)
+            logit, out = logits_of(batch, rows)
             loss = F.binary_cross_entropy_with_logits(logit, target)
-            if use_seg and seg is not None and finding_mask is not None:
+            seen = batch["image_present"][:, 0] > 0  # (B,)
+            if use_seg:
                 loss = loss + settings.aux_seg_weight * _seg_loss(
-                    seg, finding_mask[rows], batch["image_present"], settings
+                    out["seg"], aux["finding_label"][rows], batch["image_present"], settings
+                )
+            if use_image_concepts:
+                loss = loss + settings.aux_concept_weight * _concept_loss(
+                    out["image_concepts"],
+                    aux["image_factors"][rows],
+                    IMAGE_CONCEPTS,
+                    seen,
+                    settings.aux_concept_pos_weight,
+                )
+            if use_vital_concepts:
+                observed = batch["vitals_mask"].sum(axis=(1, 2)) > 0  # (B,)
+                loss = loss + settings.aux_concept_weight * _concept_loss(
+                    out["vital_concepts"],
+                    aux["vital_factors"][rows],
+                    VITAL_CONCEPTS,
+                    observed,
+                    settings.aux_concept_pos_weight,
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -304,6 +448,7 @@ def fit(
         "val_metrics": {k: round(v, 4) for k, v in val_metrics.items()},
         "modality_dropout": [settings.image_dropout, settings.vitals_dropout] if use_dropout else [0.0, 0.0],
         "aux_seg_weight": settings.aux_seg_weight if use_seg else 0.0,
+        "aux_concept_weight": settings.aux_concept_weight if (use_image_concepts or use_vital_concepts) else 0.0,
         "staged_from_baselines": staged,
     }
     log.info("%s: temperature %.3f, validation %s", variant, model.cfg.temperature, model.cfg.info["val_metrics"])
@@ -339,7 +484,15 @@ def run(
         baselines = None
         if variant == "fusion" and settings.staged:
             baselines = {v: trained[v] if v in trained else load(out_dir / v) for v in ("image", "vitals")}
-        model = fit(inputs, outcome, variant, seed, settings, info, getattr(cohort, "finding_mask", None), baselines)
+        aux = {k: getattr(cohort, k) for k in AUX_KEYS if getattr(cohort, k, None) is not None}
+        if variant == "vitals" and settings.vitals_extra > 0 and "vital_factors" in aux:
+            # patients after the cohort's own, from the same seed: never in its validation split
+            extra = make_vitals_cohort(settings.vitals_extra, seed, start=len(outcome))
+            v_inputs, v_outcome, v_aux = with_vitals_records(inputs, outcome, aux, extra)
+            v_info = {**info, "vitals_records_added": len(extra)}
+            model = fit(v_inputs, v_outcome, variant, seed, settings, v_info, v_aux, extra_train=len(extra))
+        else:
+            model = fit(inputs, outcome, variant, seed, settings, info, aux, baselines)
         save(model, out_dir / variant)
         trained[variant] = model
         log.info("saved %s", out_dir / variant)
@@ -359,6 +512,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
     parser.add_argument("--threads", type=int, default=TrainSettings.threads)
     parser.add_argument("--end-to-end", action="store_true", help="train the fusion model from scratch, not staged")
+    parser.add_argument(
+        "--vitals-extra", type=int, default=TrainSettings.vitals_extra, help="vitals-only records for the vitals branch"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = TrainSettings(
@@ -369,6 +525,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         threads=args.threads,
         staged=not args.end_to_end,
+        vitals_extra=args.vitals_extra,
     )
     variants = VARIANTS if args.variant == "all" else (args.variant,)
     run(args.seed, args.n, args.out, variants, settings)

@@ -13,7 +13,7 @@ from inference.synth.patient import SynthPatient, generate_patient, iter_cohort
 
 #: Bumped whenever the generating process changes what a (seed, index) patient looks like; caches of
 #: generated cohorts should include it in their key.
-SYNTH_VERSION = "2"
+SYNTH_VERSION = "3"  # 3: arrays carry per-kind finding labels and the risk factors (patients as in 2)
 
 __all__ = [
     "SYNTH_VERSION",

@@ -17,6 +17,7 @@ import numpy as np
 from inference import contract as C
 from inference import preprocess
 from inference.synth import patient as P
+from inference.synth.outcome import IMAGE_FACTORS, VITAL_FACTORS, image_factors, vital_factors
 from inference.synth.vitals import canonical_samples
 
 
@@ -35,6 +36,11 @@ class CohortArrays:
     image_only_probability: np.ndarray  # (N,) oracle given findings + age/sex (Monte Carlo over vitals)
     vitals_only_probability: np.ndarray  # (N,) oracle given vital traits + age/sex (Monte Carlo over findings)
     finding_mask: np.ndarray  # (N, D, H, W) bool, planted findings on the contract grid
+    finding_label: np.ndarray  # (N, D, H, W) uint8, 0 none, else 1 + index in findings.FINDING_KINDS
+    image_factors: (
+        np.ndarray
+    )  # (N, len(outcome.IMAGE_FACTORS)) float32, the image risk factors as the outcome uses them
+    vital_factors: np.ndarray  # (N, len(outcome.VITAL_FACTORS)) float32, likewise the vital traits
     vitals_signal_mask: np.ndarray  # (N, T, F) bool, features/steps carrying planted vitals risk
     modality: np.ndarray  # (N,) str "CT" | "MR"
     patient_ids: np.ndarray  # (N,) str (the MRN)
@@ -55,14 +61,14 @@ class _One:
     image: np.ndarray
     vitals: tuple[np.ndarray, np.ndarray, np.ndarray]
     demographics: np.ndarray
-    finding: np.ndarray
+    finding: np.ndarray  # (D, H, W) uint8 label map
     patient: P.SynthPatient
 
 
 def patient_image_tensor(patient: P.SynthPatient) -> tuple[np.ndarray, np.ndarray]:
-    """(image tensor (1, D, H, W) via preprocess.volume_tensor, finding mask (D, H, W) bool)."""
+    """(image tensor (1, D, H, W) via preprocess.volume_tensor, finding label map (D, H, W) uint8)."""
     image_vol = patient.render_image(patient.acquisition(for_arrays=True))
-    return preprocess.volume_tensor(image_vol, patient.modality), patient.finding_mask()
+    return preprocess.volume_tensor(image_vol, patient.modality), patient.finding_label()
 
 
 def patient_vitals_tensors(patient: P.SynthPatient) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,6 +132,7 @@ def make_arrays(
         for k in range(3):
             vit[k, i] = empty_vitals[k] if drop[1] < vitals_dropout else one.vitals[k]
     pts = [o.patient for o in ones]
+    labels = np.stack([o.finding for o in ones]) if ones else np.zeros((0, *C.VOLUME_SHAPE), np.uint8)
     return CohortArrays(
         image=image,
         image_present=present,
@@ -137,8 +144,65 @@ def make_arrays(
         true_probability=np.asarray([p.true_probability for p in pts], dtype=np.float64),
         image_only_probability=np.asarray([p.image_only_probability for p in pts], dtype=np.float64),
         vitals_only_probability=np.asarray([p.vitals_only_probability for p in pts], dtype=np.float64),
-        finding_mask=np.stack([o.finding for o in ones]) if ones else np.zeros((0, *C.VOLUME_SHAPE), bool),
+        finding_mask=labels > 0,
+        finding_label=labels,
+        image_factors=np.asarray([image_factors(p.findings) for p in pts], np.float32).reshape(n, len(IMAGE_FACTORS)),
+        vital_factors=np.asarray([vital_factors(p.traits) for p in pts], np.float32).reshape(n, len(VITAL_FACTORS)),
         vitals_signal_mask=np.stack([p.vitals.signal_mask for p in pts]) if ones else np.zeros((0, T, F), bool),
         modality=np.asarray([p.modality for p in pts]),
         patient_ids=np.asarray([p.mrn for p in pts]),
+    )
+
+
+@dataclass
+class VitalsArrays:
+    """The vital-sign side of patients ``start..start+n-1`` of a cohort (no images rendered): cheap, so the
+    vitals branch can be taught on many more records than there are rendered volumes."""
+
+    vitals: np.ndarray  # (N, T, F) float32
+    vitals_mask: np.ndarray  # (N, T, F) float32
+    vitals_delta: np.ndarray  # (N, T, F) float32
+    demographics: np.ndarray  # (N, 2) float32
+    outcome: np.ndarray  # (N,) int64
+    vital_factors: np.ndarray  # (N, len(outcome.VITAL_FACTORS)) float32
+    vitals_only_probability: np.ndarray  # (N,) float64
+
+    def __len__(self) -> int:
+        return int(self.outcome.shape[0])
+
+
+def _build_vitals(
+    args: tuple[int, int],
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray, P.SynthPatient]:
+    seed, index = args
+    p = P.generate_patient(seed, index)
+    return patient_vitals_tensors(p), preprocess.demographics_tensor(p.age_years, p.sex), p
+
+
+def make_vitals_arrays(n: int, seed: int, *, start: int = 0, workers: int | None = None) -> VitalsArrays:
+    """Patients ``start..start+n-1`` of cohort ``seed``: their vitals tensors, demographics, outcome and traits.
+
+    The same patients (same records, same outcomes) as ``make_arrays`` would give at those indices.
+    """
+    tasks = [(seed, i) for i in range(start, start + n)]
+    workers = max(1, int(workers or 1))
+    if workers > 1 and n >= 2 * workers:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+        with ctx.Pool(workers, initializer=_init_worker) as pool:
+            ones = pool.map(_build_vitals, tasks, chunksize=max(1, n // (8 * workers)))
+    else:
+        ones = [_build_vitals(t) for t in tasks]
+    T, F = C.N_STEPS, C.N_FEATURES
+    vit = np.stack([np.stack(o[0]) for o in ones], axis=1) if ones else np.zeros((3, 0, T, F), np.float32)
+    pts = [o[2] for o in ones]
+    return VitalsArrays(
+        vitals=vit[0],
+        vitals_mask=vit[1],
+        vitals_delta=vit[2],
+        demographics=np.stack([o[1] for o in ones]) if ones else np.zeros((0, 2), np.float32),
+        outcome=np.asarray([p.outcome for p in pts], dtype=np.int64),
+        vital_factors=np.asarray([vital_factors(p.traits) for p in pts], np.float32).reshape(n, len(VITAL_FACTORS)),
+        vitals_only_probability=np.asarray([p.vitals_only_probability for p in pts], dtype=np.float64),
     )

@@ -96,24 +96,41 @@ def vessel_fractions(
     return out
 
 
-def finding_fraction(q: np.ndarray, findings: FindingGeometry, edge_mm: float) -> np.ndarray:
-    """How much of each point's neighbourhood (``edge_mm`` ~ voxel size) is a planted risk finding, 0..1."""
+#: Kinds of planted finding, in the order of ``finding_fractions`` rows; label maps code kind k as k + 1.
+FINDING_KINDS: tuple[str, ...] = ("lacune", "wmd", "infarct", "hyperdense_vessel")
+
+
+def finding_fractions(q: np.ndarray, findings: FindingGeometry, edge_mm: float) -> np.ndarray:
+    """(len(FINDING_KINDS), P): how much of each point's neighbourhood (``edge_mm`` ~ voxel size) each kind fills."""
     pts = Points(q)
-    out = np.zeros(len(q), dtype=np.float32)
+    out = np.zeros((len(FINDING_KINDS), len(q)), dtype=np.float32)
     for ball in findings.balls():
         idx = pts.near(ball.centre - ball.radius - edge_mm, ball.centre + ball.radius + edge_mm)
         core = ball_fraction(q[idx], ball, edge_mm)
+        row = out[0]
         if ball.territory:
             core = core * anatomy.territory(q[idx], ball.territory, ball.side or "R")
-        out[idx] = np.maximum(out[idx], core)
+            row = out[2]
+        row[idx] = np.maximum(row[idx], core)
     if findings.hyperdense_side:
         idx, frac = vessel_fractions(pts, findings.hyperdense_side, edge_mm)[findings.hyperdense_side]
-        out[idx] = np.maximum(out[idx], frac)
+        out[3, idx] = np.maximum(out[3, idx], frac)
     if findings.wmd_radius > 0:
         idx = pts.near(np.array([-45.0, -70.0, -15.0]), np.array([45.0, 50.0, 50.0]))  # around the ventricles
         m = anatomy.sample_maps(anatomy.load_template(), q[idx], slice(1, 4))  # wm, sdist, pvdist
-        out[idx] = np.maximum(out[idx], m[:, 0] * ramp(findings.wmd_radius - m[:, 2], edge_mm))
+        out[1, idx] = np.maximum(out[1, idx], m[:, 0] * ramp(findings.wmd_radius - m[:, 2], edge_mm))
     return out
+
+
+def finding_fraction(q: np.ndarray, findings: FindingGeometry, edge_mm: float) -> np.ndarray:
+    """How much of each point's neighbourhood (``edge_mm`` ~ voxel size) is a planted risk finding, 0..1."""
+    return finding_fractions(q, findings, edge_mm).max(axis=0)
+
+
+def finding_labels(fractions: np.ndarray, threshold: float) -> np.ndarray:
+    """(P,) uint8: 0 where no kind reaches ``threshold``, else 1 + the kind filling the point most."""
+    best = fractions.argmax(axis=0)
+    return np.where(fractions.max(axis=0) >= threshold, best + 1, 0).astype(np.uint8)
 
 
 def place_findings(rng: np.random.Generator, f: ImageFindings) -> FindingGeometry:

@@ -184,6 +184,36 @@ def risk_logit(age: np.ndarray, male: np.ndarray, img: ImageFindings, vit: Vital
     )
 
 
+#: Per-patient risk factors a model may be taught to recognise (auxiliary targets in training), in the
+#: form the outcome model uses them. Image: lacunes (capped), WMD grade, territorial infarct, hyperdense
+#: vessel. Vitals: SBP z-score, lability z-score, rising trend (mmHg/week), AF, glucose z-score.
+IMAGE_FACTORS: tuple[str, ...] = ("lacunes", "wmd_grade", "territorial", "hyperdense_vessel")
+VITAL_FACTORS: tuple[str, ...] = ("sbp_z", "lability_z", "rising_trend", "af", "glucose_z")
+#: Which factors are yes/no (the others are graded or continuous).
+BINARY_FACTORS = frozenset({"territorial", "hyperdense_vessel", "af"})
+
+
+def image_factors(img: ImageFindings) -> np.ndarray:
+    """(..., len(IMAGE_FACTORS)) float32, the image findings as ``risk_logit`` reads them."""
+    return np.stack(
+        [np.minimum(img.lacunes, 4), img.wmd_grade, img.territorial, img.hyperdense_vessel], axis=-1
+    ).astype(np.float32)
+
+
+def vital_factors(vit: VitalTraits) -> np.ndarray:
+    """(..., len(VITAL_FACTORS)) float32, the vital traits as ``risk_logit`` reads them."""
+    return np.stack(
+        [
+            (np.asarray(vit.sbp) - 135.0) / 20.0,
+            lability_z(np.asarray(vit.lability)),
+            np.maximum(vit.trend, 0.0),
+            np.asarray(vit.af) > 0,
+            (np.log(vit.glucose) - np.log(110.0)) / 0.3,
+        ],
+        axis=-1,
+    ).astype(np.float32)
+
+
 def true_probability(age: float | np.ndarray, male: float | np.ndarray, img: ImageFindings, vit: VitalTraits) -> float:
     return float(_sigmoid(risk_logit(np.asarray(age), np.asarray(male), img, vit)))
 

@@ -16,7 +16,7 @@ import numpy as np
 from inference import contract as C
 from inference.preprocess import Volume
 from inference.synth import outcome, render, vitals
-from inference.synth.findings import FindingGeometry, finding_fraction, place_findings
+from inference.synth.findings import FindingGeometry, finding_fractions, finding_labels, place_findings
 from inference.synth.outcome import ImageFindings, VitalTraits
 from inference.synth.tissue import Appearance, draw_appearance
 
@@ -83,12 +83,19 @@ class SynthPatient:
 
     def finding_mask(self, threshold: float = 0.3) -> np.ndarray:
         """(D, H, W) bool on the contract grid (centred like the image tensor): voxels holding a planted finding."""
+        return self.finding_label(threshold) > 0
+
+    def finding_label(self, threshold: float = 0.3) -> np.ndarray:
+        """(D, H, W) uint8 on the contract grid: 0 none, else 1 + index in ``findings.FINDING_KINDS``.
+
+        A voxel is labelled where a finding fills >= ``threshold`` of it, with the kind that fills most.
+        """
         d, h, w = C.VOLUME_SHAPE
         sz, sy, sx = C.VOLUME_SPACING_MM
         assert sy == sx, "contract grid is square in-plane"
         grid = render.Acquisition(self.scan_centre, d, sz, h, sy)  # == preprocess.contract_grid_points(centre)
-        frac = finding_fraction(render.template_grid(grid, self.pose), self.geometry, edge_mm=sy)
-        return frac.reshape(d, h, w) >= threshold
+        frac = finding_fractions(render.template_grid(grid, self.pose), self.geometry, edge_mm=sy)
+        return finding_labels(frac, threshold).reshape(d, h, w)
 
     def findings_summary(self) -> str:
         parts = []

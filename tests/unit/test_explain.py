@@ -41,15 +41,12 @@ def _patient(cohort: object, i: int) -> dict[str, np.ndarray]:
     return {k: v[i] for k, v in cohort_inputs(cohort).items()}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap of model 0.1.0: its CNN has learned the planted findings only weakly (pointing game "
-    "0.25 vs chance 0.12 on this seed, target 0.7); strict, so it fails loudly once a model passes",
-)
-def test_attribution_points_at_planted_findings_far_more_than_chance(cohort: object, fusion: object) -> None:
+@pytest.fixture(scope="module")
+def pointing_game(cohort: object, fusion: object) -> tuple[float, float]:
+    """(hit rate, chance rate) of the attribution hot-spot on the planted findings, over the patients with
+    the largest findings (those whose score the image raised most)."""
     masks = np.asarray(cohort.finding_mask)  # type: ignore[attr-defined]
     present = np.asarray(cohort.image_present)[:, 0] > 0  # type: ignore[attr-defined]
-    # the patients whose score the image raised most: those with the largest findings
     candidates = [i for i in np.argsort(-masks.reshape(len(masks), -1).sum(1)) if present[i] and masks[i].any()]
     chosen = candidates[:N_POINTING]
     assert len(chosen) >= 8, "the cohort should hold enough patients with planted findings"
@@ -61,9 +58,23 @@ def test_attribution_points_at_planted_findings_far_more_than_chance(cohort: obj
         hits.append(pointing_hit(explanation.image_attribution, masks[i], image))
         # chance: a hot-spot dropped uniformly in the searched brain region hits the (dilated) finding this often
         chance.append(binary_dilation(masks[i], iterations=1)[brain_region(image)].mean())
-    hit_rate, chance_rate = float(np.mean(hits)), float(np.mean(chance))
+    return float(np.mean(hits)), float(np.mean(chance))
+
+
+def test_attribution_points_at_planted_findings_far_more_than_chance(pointing_game: tuple[float, float]) -> None:
+    hit_rate, chance_rate = pointing_game
+    assert hit_rate >= 5 * chance_rate, f"pointing game {hit_rate:.2f} (chance {chance_rate:.3f})"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap of model 0.2.0: pointing game 0.67 on this seed (chance 0.12) against the 0.7 target; "
+    "misses are white-matter-disease patients whose hot-spot falls on a false lesion; strict, so it fails "
+    "loudly once a model passes",
+)
+def test_pointing_game_reaches_the_target_hit_rate(pointing_game: tuple[float, float]) -> None:
+    hit_rate, chance_rate = pointing_game
     assert hit_rate >= 0.7, f"pointing game {hit_rate:.2f} (chance {chance_rate:.3f})"
-    assert hit_rate >= 5 * chance_rate
 
 
 def test_top_drivers_are_short_text_for_a_high_risk_patient(cohort: object, fusion: object) -> None:

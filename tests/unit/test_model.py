@@ -29,6 +29,9 @@ class ToyCohort:
     outcome: np.ndarray
     true_probability: np.ndarray
     finding_mask: np.ndarray
+    finding_label: np.ndarray  # the blob labelled as an infarct (kind 2 -> label 3)
+    image_factors: np.ndarray  # (lacunes, WMD grade, territorial, hyperdense vessel): the blob as "territorial"
+    vital_factors: np.ndarray  # (sbp_z, lability_z, rising trend, AF, glucose_z): lability as +-1
 
 
 def toy_cohort(n: int, seed: int) -> ToyCohort:
@@ -49,6 +52,10 @@ def toy_cohort(n: int, seed: int) -> ToyCohort:
     demographics = rng.standard_normal((n, 2)).astype(np.float32)
     logit = -2.5 + 3.5 * has_finding + 3.0 * labile
     prob = 1.0 / (1.0 + np.exp(-logit))
+    image_factors = np.zeros((n, 4), np.float32)
+    image_factors[:, 2] = has_finding
+    vital_factors = np.zeros((n, 5), np.float32)
+    vital_factors[:, 1] = np.where(labile, 1.0, -1.0)
     return ToyCohort(
         image,
         np.ones((n, 1), np.float32),
@@ -59,6 +66,9 @@ def toy_cohort(n: int, seed: int) -> ToyCohort:
         (rng.random(n) < prob).astype(np.float64),
         prob,
         finding,
+        finding.astype(np.uint8) * 3,
+        image_factors,
+        vital_factors,
     )
 
 
@@ -159,7 +169,7 @@ def test_temperature_recovers_an_overconfident_scale() -> None:
 
 def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path) -> None:
     cohort = toy_cohort(192, seed=0)
-    settings = TrainSettings(epochs=5, cnn_epochs=5, batch_size=32, patience=5, lr=3e-3)
+    settings = TrainSettings(epochs=5, cnn_epochs=5, batch_size=32, patience=5, lr=3e-3, vitals_extra=0)
     out = train_run(
         seed=0, n=192, out_dir=tmp_path, variants=("fusion", "vitals", "image"), settings=settings, cohort=cohort
     )

@@ -50,6 +50,42 @@ def test_arrays_match_the_contract(small) -> None:
     assert len(set(small.patient_ids)) == 6
 
 
+def test_training_targets_describe_the_planted_findings_and_traits(small) -> None:
+    from inference.synth import generate_patient
+    from inference.synth.findings import FINDING_KINDS
+    from inference.synth.outcome import IMAGE_FACTORS, VITAL_FACTORS, risk_logit
+
+    assert small.finding_label.shape == (6, *C.VOLUME_SHAPE) and small.finding_label.dtype == np.uint8
+    assert small.finding_label.max() <= len(FINDING_KINDS)
+    np.testing.assert_array_equal(small.finding_mask, small.finding_label > 0)
+    assert small.image_factors.shape == (6, len(IMAGE_FACTORS))
+    assert small.vital_factors.shape == (6, len(VITAL_FACTORS))
+    for i in range(6):
+        p = generate_patient(11, i)
+        # the factors are what the outcome model reads: the logit is linear in them given age and sex
+        assert small.image_factors[i, 2] == p.findings.territorial
+        assert small.image_factors[i, 0] == min(int(p.findings.lacunes), 4)
+        assert small.vital_factors[i, 3] == float(p.traits.af > 0)
+        assert np.isfinite(risk_logit(p.age_years, float(p.sex == "male"), p.findings, p.traits))
+        labels = set(np.unique(small.finding_label[i])) - {0}
+        kinds = {FINDING_KINDS[k - 1] for k in labels}
+        if p.geometry.infarct is not None:
+            assert "infarct" in kinds, i
+        if p.findings.wmd_grade == 0:
+            assert "wmd" not in kinds, i
+        if p.geometry.hyperdense_side is None:
+            assert "hyperdense_vessel" not in kinds, i
+
+
+def test_vitals_only_records_are_the_same_patients_without_a_volume(small) -> None:
+    from inference.synth.arrays import make_vitals_arrays
+
+    records = make_vitals_arrays(3, seed=11, start=2)
+    for name in ("vitals", "vitals_mask", "vitals_delta", "demographics", "outcome", "vital_factors"):
+        np.testing.assert_array_equal(getattr(records, name), getattr(small, name)[2:5], err_msg=name)
+    assert not hasattr(records, "image")
+
+
 def test_same_seed_same_cohort_other_seed_other_cohort(small) -> None:
     again = make_arrays(6, seed=11)
     for name in (*C.INPUT_NAMES, "outcome", "true_probability", "finding_mask", "patient_ids"):
