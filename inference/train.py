@@ -376,6 +376,14 @@ def fit(
             logit, _ = logits_of({k: inputs[k][val_idx] for k in batch_keys}, val_idx)
         return log_loss(logit.squeeze(1).cpu().numpy(), y_val)
 
+    concept_targets = [
+        (key, factors, names)
+        for key, factors, names, on in (
+            ("image_concepts", "image_factors", IMAGE_CONCEPTS, use_image_concepts),
+            ("vital_concepts", "vital_factors", VITAL_CONCEPTS, use_vital_concepts),
+        )
+        if on
+    ]
     started = time.monotonic()
     for epoch in range(1, epochs + 1):
         model.train()
@@ -392,27 +400,19 @@ def fit(
             target = torch.from_numpy(outcome[rows].astype(np.float32)).to(device).unsqueeze(1)  # (B, 1)
             logit, out = logits_of(batch, rows)
             loss = F.binary_cross_entropy_with_logits(logit, target)
-            seen = batch["image_present"][:, 0] > 0  # (B,)
             if use_seg:
                 loss = loss + settings.aux_seg_weight * _seg_loss(
                     out["seg"], aux["finding_label"][rows], batch["image_present"], settings
                 )
-            if use_image_concepts:
-                loss = loss + settings.aux_concept_weight * _concept_loss(
-                    out["image_concepts"],
-                    aux["image_factors"][rows],
-                    IMAGE_CONCEPTS,
-                    seen,
-                    settings.aux_concept_pos_weight,
+            for key, factors, names in concept_targets:
+                # taught only where the modality was seen: a withheld image has no findings to name
+                seen = (
+                    batch["image_present"][:, 0] > 0
+                    if key == "image_concepts"
+                    else batch["vitals_mask"].sum(axis=(1, 2)) > 0
                 )
-            if use_vital_concepts:
-                observed = batch["vitals_mask"].sum(axis=(1, 2)) > 0  # (B,)
                 loss = loss + settings.aux_concept_weight * _concept_loss(
-                    out["vital_concepts"],
-                    aux["vital_factors"][rows],
-                    VITAL_CONCEPTS,
-                    observed,
-                    settings.aux_concept_pos_weight,
+                    out[key], aux[factors][rows], names, seen, settings.aux_concept_pos_weight
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()

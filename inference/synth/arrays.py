@@ -10,7 +10,9 @@ and gridded by ``inference.preprocess.vitals_tensors``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -19,6 +21,8 @@ from inference import preprocess
 from inference.synth import patient as P
 from inference.synth.outcome import IMAGE_FACTORS, VITAL_FACTORS, image_factors, vital_factors
 from inference.synth.vitals import canonical_samples
+
+T_ = TypeVar("T_")
 
 
 @dataclass
@@ -91,6 +95,19 @@ def _init_worker() -> None:
         pass
 
 
+def _map_patients(build: Callable[[tuple[int, int]], T_], seed: int, indices: range, workers: int | None) -> list[T_]:
+    """``build((seed, i))`` for every index, in order; in ``workers`` processes when that pays."""
+    tasks = [(seed, i) for i in indices]
+    workers = max(1, int(workers or 1))
+    if workers > 1 and len(tasks) >= 2 * workers:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+        with ctx.Pool(workers, initializer=_init_worker) as pool:
+            return pool.map(build, tasks, chunksize=max(1, len(tasks) // (8 * workers)))
+    return [build(t) for t in tasks]
+
+
 def make_arrays(
     n: int,
     seed: int,
@@ -106,16 +123,7 @@ def make_arrays(
     dropped consistently for a given rate. Ground truth is unaffected. ``workers``: processes (default 1;
     the work is CPU-bound numpy, so more than the free cores only slows everyone).
     """
-    tasks = [(seed, i) for i in range(n)]
-    workers = max(1, int(workers or 1))
-    if workers > 1 and n >= 2 * workers:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
-        with ctx.Pool(workers, initializer=_init_worker) as pool:
-            ones = pool.map(_build_one, tasks, chunksize=max(1, n // (8 * workers)))
-    else:
-        ones = [_build_one(t) for t in tasks]
+    ones = _map_patients(_build_one, seed, range(n), workers)
 
     T, F = C.N_STEPS, C.N_FEATURES
     image = np.zeros((n, 1, *C.VOLUME_SHAPE), dtype=np.float32)
@@ -184,16 +192,7 @@ def make_vitals_arrays(n: int, seed: int, *, start: int = 0, workers: int | None
 
     The same patients (same records, same outcomes) as ``make_arrays`` would give at those indices.
     """
-    tasks = [(seed, i) for i in range(start, start + n)]
-    workers = max(1, int(workers or 1))
-    if workers > 1 and n >= 2 * workers:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
-        with ctx.Pool(workers, initializer=_init_worker) as pool:
-            ones = pool.map(_build_vitals, tasks, chunksize=max(1, n // (8 * workers)))
-    else:
-        ones = [_build_vitals(t) for t in tasks]
+    ones = _map_patients(_build_vitals, seed, range(start, start + n), workers)
     T, F = C.N_STEPS, C.N_FEATURES
     vit = np.stack([np.stack(o[0]) for o in ones], axis=1) if ones else np.zeros((3, 0, T, F), np.float32)
     pts = [o[2] for o in ones]
