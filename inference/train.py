@@ -36,7 +36,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,7 +110,7 @@ def _cached(name: str, build: Any, cls: Any, cache: bool) -> Any:
     if cache and path.is_file():
         log.info("loading cached cohort %s", path)
         with np.load(path, allow_pickle=False) as data:
-            return cls(**{k: data[k] for k in data.files})
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
     started = time.monotonic()
     arrays = build()
     log.info("generated in %.0fs", time.monotonic() - started)

@@ -39,7 +39,6 @@ class CohortArrays:
     true_probability: np.ndarray  # (N,) float64, the generating model's probability
     image_only_probability: np.ndarray  # (N,) oracle given findings + age/sex (Monte Carlo over vitals)
     vitals_only_probability: np.ndarray  # (N,) oracle given vital traits + age/sex (Monte Carlo over findings)
-    finding_mask: np.ndarray  # (N, D, H, W) bool, planted findings on the contract grid
     finding_label: np.ndarray  # (N, D, H, W) uint8, 0 none, else 1 + index in findings.FINDING_KINDS
     image_factors: (
         np.ndarray
@@ -51,6 +50,11 @@ class CohortArrays:
 
     def __len__(self) -> int:
         return int(self.outcome.shape[0])
+
+    @property
+    def finding_mask(self) -> np.ndarray:
+        """(N, D, H, W) bool: voxels holding a planted finding of any kind."""
+        return self.finding_label > 0
 
     def inputs(self) -> dict[str, np.ndarray]:
         """The model inputs only, keyed exactly as ``contract.INPUT_NAMES``."""
@@ -152,7 +156,6 @@ def make_arrays(
         true_probability=np.asarray([p.true_probability for p in pts], dtype=np.float64),
         image_only_probability=np.asarray([p.image_only_probability for p in pts], dtype=np.float64),
         vitals_only_probability=np.asarray([p.vitals_only_probability for p in pts], dtype=np.float64),
-        finding_mask=labels > 0,
         finding_label=labels,
         image_factors=np.asarray([image_factors(p.findings) for p in pts], np.float32).reshape(n, len(IMAGE_FACTORS)),
         vital_factors=np.asarray([vital_factors(p.traits) for p in pts], np.float32).reshape(n, len(VITAL_FACTORS)),

@@ -189,8 +189,6 @@ def risk_logit(age: np.ndarray, male: np.ndarray, img: ImageFindings, vit: Vital
 #: vessel. Vitals: SBP z-score, lability z-score, rising trend (mmHg/week), AF, glucose z-score.
 IMAGE_FACTORS: tuple[str, ...] = ("lacunes", "wmd_grade", "territorial", "hyperdense_vessel")
 VITAL_FACTORS: tuple[str, ...] = ("sbp_z", "lability_z", "rising_trend", "af", "glucose_z")
-#: Which factors are yes/no (the others are graded or continuous).
-BINARY_FACTORS = frozenset({"territorial", "hyperdense_vessel", "af"})
 
 
 def image_factors(img: ImageFindings) -> np.ndarray:

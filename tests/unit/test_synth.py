@@ -53,7 +53,7 @@ def test_arrays_match_the_contract(small) -> None:
 def test_training_targets_describe_the_planted_findings_and_traits(small) -> None:
     from inference.synth import generate_patient
     from inference.synth.findings import FINDING_KINDS
-    from inference.synth.outcome import IMAGE_FACTORS, VITAL_FACTORS, risk_logit
+    from inference.synth.outcome import COEF, IMAGE_FACTORS, INTERCEPT, VITAL_FACTORS, risk_logit
 
     assert small.finding_label.shape == (6, *C.VOLUME_SHAPE) and small.finding_label.dtype == np.uint8
     assert small.finding_label.max() <= len(FINDING_KINDS)
@@ -62,11 +62,21 @@ def test_training_targets_describe_the_planted_findings_and_traits(small) -> Non
     assert small.vital_factors.shape == (6, len(VITAL_FACTORS))
     for i in range(6):
         p = generate_patient(11, i)
-        # the factors are what the outcome model reads: the logit is linear in them given age and sex
-        assert small.image_factors[i, 2] == p.findings.territorial
-        assert small.image_factors[i, 0] == min(int(p.findings.lacunes), 4)
-        assert small.vital_factors[i, 3] == float(p.traits.af > 0)
-        assert np.isfinite(risk_logit(p.age_years, float(p.sex == "male"), p.findings, p.traits))
+        # the factors are what the outcome model reads: its logit rebuilt from them, age and sex alone
+        img, vit = (
+            dict(zip(IMAGE_FACTORS, small.image_factors[i], strict=True)),
+            dict(zip(VITAL_FACTORS, small.vital_factors[i], strict=True)),
+        )
+        rebuilt = (
+            INTERCEPT
+            + COEF["age_z"] * (p.age_years - 65.0) / 15.0
+            + COEF["male"] * float(p.sex == "male")
+            + sum(COEF[name] * value for name, value in img.items())
+            + sum(COEF["trend" if name == "rising_trend" else name] * value for name, value in vit.items())
+            + COEF["territorial_x_lability"] * img["territorial"] * max(vit["lability_z"], 0.0)
+        )
+        logit = float(risk_logit(np.asarray(p.age_years), np.asarray(float(p.sex == "male")), p.findings, p.traits))
+        assert rebuilt == pytest.approx(logit, abs=1e-4), i
         labels = set(np.unique(small.finding_label[i])) - {0}
         kinds = {FINDING_KINDS[k - 1] for k in labels}
         if p.geometry.infarct is not None:
@@ -75,6 +85,25 @@ def test_training_targets_describe_the_planted_findings_and_traits(small) -> Non
             assert "wmd" not in kinds, i
         if p.geometry.hyperdense_side is None:
             assert "hyperdense_vessel" not in kinds, i
+
+
+def test_training_targets_line_up_with_what_the_model_learns(small) -> None:
+    """The model's concept outputs are trained column by column against the synth's factors and lesion kinds."""
+    from inference.model import BINARY_CONCEPTS, IMAGE_CONCEPTS, LESION_KINDS, VITAL_CONCEPTS
+    from inference.synth.findings import FINDING_KINDS
+    from inference.synth.outcome import IMAGE_FACTORS, VITAL_FACTORS
+
+    assert IMAGE_CONCEPTS == IMAGE_FACTORS
+    assert VITAL_CONCEPTS == VITAL_FACTORS
+    assert LESION_KINDS == FINDING_KINDS
+    # yes/no concepts are trained with BCE: their targets must be 0/1
+    columns = {
+        **dict(zip(IMAGE_FACTORS, small.image_factors.T, strict=True)),
+        **dict(zip(VITAL_FACTORS, small.vital_factors.T, strict=True)),
+    }
+    assert columns.keys() >= BINARY_CONCEPTS
+    for name in BINARY_CONCEPTS:
+        assert set(np.unique(columns[name])) <= {0.0, 1.0}, name
 
 
 def test_vitals_only_records_are_the_same_patients_without_a_volume(small) -> None:
