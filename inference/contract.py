@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 MODEL_NAME = "stroke_fusion"
 #: Semantic version of the trained network + its preprocessing. Bump on any change here.
-MODEL_VERSION = "0.2.0"
+MODEL_VERSION = "0.3.0"
 #: Version directory in the Triton model repository (``triton_models/stroke_fusion/<n>/``).
 TRITON_MODEL_VERSION = 1
 MAX_BATCH = 32
@@ -103,7 +103,7 @@ INPUTS: tuple[TensorSpec, ...] = (
 )
 OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("probability", (1,), "float32", "calibrated probability of the outcome within the horizon"),
-    TensorSpec("logit", (1,), "float32", "calibrated logit (temperature applied)"),
+    TensorSpec("logit", (1,), "float32", "calibrated logit (temperature and bias applied)"),
 )
 INPUT_NAMES: tuple[str, ...] = tuple(t.name for t in INPUTS)
 OUTPUT_NAMES: tuple[str, ...] = tuple(t.name for t in OUTPUTS)

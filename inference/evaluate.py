@@ -19,9 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.calibrate import binary_metrics, reliability_curve
-from inference.model import FusionModel, load
-from inference.train import DEFAULT_OUT, cohort_inputs, make_cohort, predict_proba, withhold
+from inference.calibrate import binary_metrics, reliability_curve, sigmoid
+from inference.model import FusionModel, calibrated_logit, load
+from inference.train import (
+    DEFAULT_OUT,
+    cohort_inputs,
+    fused_logits,
+    image_embeddings,
+    make_cohort,
+    predict_proba,
+    same_image_branch,
+    withhold,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,43 +41,68 @@ ECE_MAX = 0.02
 WITHHELD_GAP_MAX = 0.02
 
 
-def score_cohort(cohort: Any, models: dict[str, FusionModel]) -> dict[str, np.ndarray]:
-    """Probabilities per scorer name for every patient in ``cohort``."""
+def fused_probabilities(
+    model: FusionModel, inputs: dict[str, np.ndarray], image_concepts: np.ndarray | None
+) -> np.ndarray:
+    """Calibrated probabilities (N,) from image concepts computed beforehand; equals ``predict_proba``."""
+    return sigmoid(calibrated_logit(model.cfg, fused_logits(model, inputs, image_concepts)))
+
+
+def _image_concepts(model: FusionModel, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    return image_embeddings(model, inputs) if model.image_branch is not None else None
+
+
+def score_cohort(cohort: Any, models: dict[str, FusionModel]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """(probabilities per scorer name for every patient in ``cohort``, the fusion model's image concepts).
+
+    The CNN runs once per distinct image branch: the staged fusion model's is the image baseline's, and a
+    withheld image is the same all-zero volume for everyone."""
     inputs = cohort_inputs(cohort)
     scores: dict[str, np.ndarray] = {"oracle": np.asarray(cohort.true_probability, dtype=np.float64)}
     for name in ("image_only_probability", "vitals_only_probability"):
         if hasattr(cohort, name):
             scores[f"oracle_{name.removesuffix('_probability')}"] = np.asarray(getattr(cohort, name), dtype=np.float64)
-    scores["fusion"] = predict_proba(models["fusion"], inputs)
-    scores["image_model"] = predict_proba(models["image"], inputs)
+    fusion, image = models["fusion"], models["image"]
+    concepts = _image_concepts(fusion, inputs)
+    image_concepts = concepts if same_image_branch(fusion, image) else _image_concepts(image, inputs)
+    no_image = withhold(inputs, "image")
+    blank = _image_concepts(fusion, {k: v[:1] for k, v in no_image.items()})
+    blank_concepts = None if blank is None else np.repeat(blank, len(cohort.outcome), axis=0)
+    scores["fusion"] = fused_probabilities(fusion, inputs, concepts)
+    scores["image_model"] = fused_probabilities(image, inputs, image_concepts)
     scores["vitals_model"] = predict_proba(models["vitals"], inputs)
-    scores["fusion_image_withheld"] = predict_proba(models["fusion"], withhold(inputs, "image"))
-    scores["fusion_vitals_withheld"] = predict_proba(models["fusion"], withhold(inputs, "vitals"))
-    return scores
+    scores["fusion_image_withheld"] = fused_probabilities(fusion, no_image, blank_concepts)
+    scores["fusion_vitals_withheld"] = fused_probabilities(fusion, withhold(inputs, "vitals"), concepts)
+    return scores, concepts
 
 
-def concept_agreement(model: FusionModel, cohort: Any, batch_size: int = 64) -> dict[str, dict[str, float]]:
+def concept_agreement(
+    model: FusionModel, cohort: Any, image_concepts: np.ndarray | None = None, batch_size: int = 256
+) -> dict[str, dict[str, float]]:
     """How well the fusion model's branches recognise the risk factors the generator planted.
 
     Per concept: AUROC against the truth for yes/no concepts (territorial infarct, vessel sign, AF),
     Pearson r for graded ones. Only for cohorts that carry the factors (``inference.synth`` arrays).
+    ``image_concepts``: the image branch's raw concepts when already computed (``score_cohort``).
     """
     from sklearn.metrics import roc_auc_score
 
     from inference.model import BINARY_CONCEPTS, IMAGE_CONCEPTS, VITAL_CONCEPTS
-    from inference.train import _to_device
 
     if not hasattr(cohort, "image_factors") or not hasattr(cohort, "vital_factors"):
         return {}
+    assert model.image_branch is not None and model.vitals_branch is not None
     inputs = cohort_inputs(cohort)
-    outs: dict[str, list[np.ndarray]] = {"image_concepts": [], "vital_concepts": []}
+    if image_concepts is None:
+        image_concepts = image_embeddings(model, inputs)
+    vital = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(cohort.outcome), batch_size):
-            batch = _to_device({k: v[start : start + batch_size] for k, v in inputs.items()}, torch.device("cpu"))
-            _, aux = model.forward_with_aux(*(batch[k] for k in inputs))
-            for key in outs:
-                outs[key].append(aux[key].numpy())
+            rows = slice(start, start + batch_size)
+            series = (torch.from_numpy(inputs[k][rows]) for k in ("vitals", "vitals_mask", "vitals_delta"))
+            vital.append(model.vitals_branch(*series).numpy())  # (B, K_vit) raw
+    outs = {"image_concepts": [image_concepts], "vital_concepts": vital}
     present = inputs["image_present"][:, 0] > 0
     observed = inputs["vitals_mask"].sum(axis=(1, 2)) > 0
     result: dict[str, dict[str, float]] = {}
@@ -125,7 +159,7 @@ def run(seed: int, n: int, report_dir: Path | None = None, weights_dir: Path = D
         log.warning("evaluation seed %d is the training seed: these patients were used in training", seed)
     cohort = make_cohort(n, seed)
     y = np.asarray(cohort.outcome, dtype=np.float64)
-    scores = score_cohort(cohort, models)
+    scores, concepts = score_cohort(cohort, models)
     metrics = {name: {k: round(v, 4) for k, v in binary_metrics(p, y).items()} for name, p in scores.items()}
     result: dict[str, Any] = {
         "seed": seed,
@@ -136,9 +170,10 @@ def run(seed: int, n: int, report_dir: Path | None = None, weights_dir: Path = D
         "training_synth_version": models["fusion"].cfg.info.get("synth_version"),
         "model_version": models["fusion"].cfg.info.get("model_version"),
         "temperature": round(models["fusion"].cfg.temperature, 4),
+        "calibration_bias": round(models["fusion"].cfg.calibration_bias, 4),
         "metrics": metrics,
         "targets": check_targets(metrics),
-        "concepts": concept_agreement(models["fusion"], cohort),
+        "concepts": concept_agreement(models["fusion"], cohort, concepts),
     }
     if report_dir is not None:
         write_report(result, scores, y, report_dir)
@@ -213,7 +248,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"# StrokeWatch fusion model: evaluation on synthetic cohort seed {result['seed']}",
         "",
         f"n = {result['n']}, prevalence {result['prevalence']:.3f}, training seed {result['training_seed']}, "
-        f"calibration temperature {result['temperature']}.",
+        f"calibration: temperature {result['temperature']}, bias {result.get('calibration_bias', 0.0)}.",
         "",
         "| scorer | AUROC | AUPRC | Brier | ECE |",
         "|---|---|---|---|---|",

@@ -69,7 +69,7 @@ def explain_patient(
     """Integrated-Gradients attributions for one patient (arrays with or without the batch axis of 1)."""
     model = model.eval()
     x = _batched(inputs)
-    temperature = model.cfg.temperature
+    temperature, bias = model.cfg.temperature, model.cfg.calibration_bias
 
     def calibrated_logit(
         image: torch.Tensor,
@@ -90,6 +90,7 @@ def explain_patient(
                 demographics,
             ).squeeze(1)
             / temperature
+            + bias
         )  # (n,)
 
     attributed = (x["image"], x["vitals"], x["demographics"])
@@ -134,25 +135,31 @@ def lesion_map_attribution(
 ) -> torch.Tensor:
     """Image attribution through the model's own lesion maps: (1, 1, D, H, W).
 
-    Integrated Gradients at the lesion-map layer (captum's ``LayerIntegratedGradients``): the path runs
-    from the lesion maps of the blurred baseline to the patient's, and each half-resolution map voxel
-    gets its share of the score change, summed over lesion kinds and spread back onto the contract grid.
-    Every image-derived input of the head is read off these maps (or pooled features beside them), so this
-    names the voxels whose lesion evidence moved the score. Voxel-level IG through the whole CNN is
+    Integrated Gradients at the lesion-map layers (captum's ``LayerIntegratedGradients``): the path runs
+    from the maps of the blurred baseline to the patient's, and each map voxel gets its share of the score
+    change, summed over kinds: the half-resolution lesion map spread back onto the contract grid, plus the
+    full-resolution spot map (lacunes, vessel sign) where the model has one. Every image-derived input of
+    the head is read off these maps (or pooled features beside them), so this names the voxels whose lesion
+    evidence moved the score. (The spot count is a step function of the map: IG credits the summed and
+    maximal spot probability it reads beside it, not the count.) Voxel-level IG through the whole CNN is
     dominated by the per-volume contrast normalisation, which couples every voxel to every other.
     """
     branch = model.image_branch
     assert branch is not None
-    lig = LayerIntegratedGradients(forward, branch.seg_head)
-    attr = lig.attribute(
+    layers = [branch.seg_head] + ([branch.spots.out] if branch.spots is not None else [])
+    lig = LayerIntegratedGradients(forward, layers)
+    attrs = lig.attribute(
         attributed[0],
         baselines=baselines[0],
         additional_forward_args=(*attributed[1:], *fixed),
         n_steps=n_steps,
         internal_batch_size=n_steps,
-    )  # (1, K, d, h, w)
-    per_voxel = attr.sum(dim=1, keepdim=True)  # (1, 1, d, h, w)
-    return torch.nn.functional.interpolate(per_voxel, size=attributed[0].shape[2:], mode="nearest")  # (1, 1, D, H, W)
+    )  # one per layer: (1, K, d, h, w) lesion map, (1, K_spot, D, H, W) spot map
+    size = attributed[0].shape[2:]
+    per_voxel = [
+        torch.nn.functional.interpolate(a.sum(dim=1, keepdim=True), size=size, mode="nearest") for a in attrs
+    ]  # each (1, 1, D, H, W)
+    return torch.stack(per_voxel).sum(dim=0)  # (1, 1, D, H, W)
 
 
 # ----------------------------------------------------------------------------------------------

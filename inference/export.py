@@ -1,7 +1,7 @@
 """Export a trained fusion model to ONNX for ONNX Runtime and Triton.
 
 The exported graph takes the contract's inputs with a symbolic batch axis and returns
-``probability`` and ``logit``, both with the calibration temperature baked in. Provenance
+``probability`` and ``logit``, both with the calibration (temperature, bias) baked in. Provenance
 (model version, trained flag, calibration, seed, metrics) goes into ONNX ``metadata_props``,
 which ``inference.runtime.OnnxRuntimeModel`` reads.
 
@@ -63,7 +63,12 @@ def export_model(model: FusionModel, out_path: Path, *, trained: bool) -> Path:
     proto = onnx.load(str(out_path))
     _name_batch_axis(proto)
     check_graph_signature(proto)
-    info = {"temperature": model.cfg.temperature, "variant": model.cfg.variant, **model.cfg.info}
+    info = {
+        "temperature": model.cfg.temperature,
+        "calibration_bias": model.cfg.calibration_bias,
+        "variant": model.cfg.variant,
+        **model.cfg.info,
+    }
     meta = {META_VERSION: C.MODEL_VERSION, META_TRAINED: "true" if trained else "false", META_INFO: json.dumps(info)}
     del proto.metadata_props[:]
     for key, value in meta.items():

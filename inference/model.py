@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,6 +43,10 @@ VITAL_CONCEPTS: tuple[str, ...] = ("sbp_z", "lability_z", "rising_trend", "af", 
 BINARY_CONCEPTS = frozenset({"territorial", "hyperdense_vessel", "af"})
 #: Kinds of lesion the lesion map separates (its channels), as labelled in the training data.
 LESION_KINDS: tuple[str, ...] = ("lacune", "wmd", "infarct", "hyperdense_vessel")
+#: Small, countable findings that the full-resolution spot detector maps (its channels); a subset of LESION_KINDS.
+SPOT_KINDS: tuple[str, ...] = ("lacune", "hyperdense_vessel")
+#: What the concept head reads from each spot map: log(1 + peaks above 0.5), log(1 + summed peak probability), max.
+SPOT_READOUTS = 3
 WEIGHTS_FILE = "weights.pt"
 
 
@@ -53,6 +58,7 @@ class FusionConfig:
     n_features: int = C.N_FEATURES
     n_demographics: int = C.N_DEMOGRAPHICS
     cnn_channels: tuple[int, int] = (16, 32)  # channels at half and at quarter resolution
+    spot_channels: int = 12  # full-resolution spot detector (lacunes, vessel sign); 0: none (models before 0.3.0)
     lstm_hidden: int = 32
     demo_embed: int = 8
     head_hidden: int = 32
@@ -60,8 +66,9 @@ class FusionConfig:
     #: Train the lesion-map head against lesion masks and the concept heads against the known risk factors
     #: (when the data has them): dense signals where outcomes alone give one bit per patient.
     aux_seg: bool = True
-    #: Calibration: probability = sigmoid(logit / temperature); fitted on the validation split.
+    #: Calibration: probability = sigmoid(logit / temperature + calibration_bias); fitted on held-out patients.
     temperature: float = 1.0
+    calibration_bias: float = 0.0
     #: Provenance written by train.py (seed, n, metrics); carried into the ONNX metadata.
     info: dict[str, object] = field(default_factory=dict)
 
@@ -90,6 +97,7 @@ class FusionConfig:
         for key in ("volume_shape", "cnn_channels"):
             raw[key] = tuple(raw[key])
         raw.pop("image_embed", None)  # configs before 0.2.0
+        raw.setdefault("spot_channels", 0)  # configs before 0.3.0 had no spot detector
         return cls(**raw)
 
 
@@ -108,6 +116,55 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.norm(self.conv(x)))  # (B, c_out, d/stride, h/stride, w/stride)
+
+
+class SpotDetector(nn.Module):
+    """Full-resolution 3D CNN for small, countable findings (``SPOT_KINDS``): (B, 2, D, H, W) -> (B, K, D, H, W).
+
+    A lacune is a 5-14 mm fluid ball, a hyperdense vessel a 4 mm-wide bright tube: one to a dozen voxels
+    on the contract grid, which a strided encoder blurs into its neighbours. This path never downsamples:
+    two plain 3x3x3 convolutions, then two residual ones dilated in-plane (and through-plane) to widen the
+    context to ~50 mm, enough to tell a lacune from a sulcus or the ventricles and a thrombus from the
+    skull base. Trained on its own, on patches sampled around labelled findings and at random
+    (``inference.train.fit_spot_detector``), then frozen; ``readout`` turns its maps into per-patient
+    quantities: how many distinct peaks (a count of lacunes), how much, how sure.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        ch = channels
+        self.conv1 = nn.Conv3d(2, ch, 3, padding=1)
+        self.conv2 = nn.Conv3d(ch, ch, 3, padding=1)
+        self.wide1 = nn.Conv3d(ch, ch, 3, padding=(1, 2, 2), dilation=(1, 2, 2))
+        self.wide2 = nn.Conv3d(ch, ch, 3, padding=(2, 4, 4), dilation=(2, 4, 4))
+        self.norms = nn.ModuleList([nn.GroupNorm(2, ch) for _ in range(4)])
+        self.out = nn.Conv3d(ch, len(SPOT_KINDS), 1)
+        nn.init.constant_(self.out.bias, -4.0)  # spots fill well under 1 % of voxels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.norms[0](self.conv1(x)))  # (B, ch, D, H, W)
+        h = F.relu(self.norms[1](self.conv2(h)))
+        h = h + F.relu(self.norms[2](self.wide1(h)))
+        h = h + F.relu(self.norms[3](self.wide2(h)))
+        return self.out(h)  # (B, K, D, H, W) logits
+
+    #: Peaks below this probability are background and left out of the summed probability.
+    PEAK_FLOOR = 0.1
+
+    @staticmethod
+    def readout(logits: torch.Tensor) -> torch.Tensor:
+        """Spot logits (B, K, D, H, W) -> (B, K * SPOT_READOUTS): per kind, log(1 + peaks with p > 0.5),
+        log(1 + summed probability of peaks with p > ``PEAK_FLOOR``), max probability.
+
+        A peak is a voxel whose logit is the maximum of its 3x3x3 neighbourhood, so a lacune spread over a
+        dozen voxels counts once. Logits, not probabilities: a confident spot saturates the sigmoid to
+        exactly 1.0 over several voxels, which would all tie as peaks; and flat background (air, an absent
+        image) ties everywhere, which the floor leaves out."""
+        p = torch.sigmoid(logits)  # (B, K, D, H, W)
+        peak = (logits >= F.max_pool3d(logits, 3, stride=1, padding=1)).to(p.dtype)  # (B, K, D, H, W)
+        count = torch.log1p((peak * (p > 0.5).to(p.dtype)).sum(dim=(2, 3, 4)))  # (B, K)
+        mass = torch.log1p((peak * p * (p > SpotDetector.PEAK_FLOOR).to(p.dtype)).sum(dim=(2, 3, 4)))  # (B, K)
+        return torch.cat([count, mass, p.amax(dim=(2, 3, 4))], dim=1)  # (B, 3K)
 
 
 def concept_values(raw: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
@@ -137,7 +194,8 @@ class ImageBranch(nn.Module):
         self.decode = ConvBlock(c1 + c2, c1, stride=1)
         self.seg_head = nn.Conv3d(c1, len(LESION_KINDS), 1)
         nn.init.constant_(self.seg_head.bias, -4.0)  # lesions fill ~1-2 % of voxels: start at that prior
-        n_pooled = 2 * c2 + 3 * len(LESION_KINDS)
+        self.spots = SpotDetector(cfg.spot_channels) if cfg.spot_channels > 0 else None
+        n_pooled = 2 * c2 + 3 * len(LESION_KINDS) + (SPOT_READOUTS * len(SPOT_KINDS) if self.spots else 0)
         # the pooled quantities live on different scales (a log-count of 6 beside a max of 0.01): standardise
         self.concept_head = nn.Sequential(
             nn.BatchNorm1d(n_pooled), nn.Linear(n_pooled, 32), nn.GELU(), nn.Linear(32, len(IMAGE_CONCEPTS))
@@ -162,8 +220,21 @@ class ImageBranch(nn.Module):
         var = (((image - mean) * tissue) ** 2).sum(dim=(2, 3, 4), keepdim=True) / count
         return ((image - mean) / torch.sqrt(var + 1e-4)).clamp(-3.0, 3.0) * tissue  # (B, 1, D, H, W)
 
-    def forward_with_seg(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([image, self.tissue_contrast(image)], dim=1)  # (B, 2, D, H, W)
+    def inputs(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.cat([image, self.tissue_contrast(image)], dim=1)  # (B, 2, D, H, W)
+
+    def spot_readout(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, SPOT_READOUTS * len(SPOT_KINDS)) from the spot detector (empty without one)."""
+        if self.spots is None:
+            return image.new_zeros((image.shape[0], 0))
+        return SpotDetector.readout(self.spots(self.inputs(image)))
+
+    def forward_with_seg(
+        self, image: torch.Tensor, spot_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``spot_features``: ``spot_readout(image)`` computed beforehand (training caches it: the detector is
+        frozen by then); computed here when None."""
+        x = self.inputs(image)  # (B, 2, D, H, W)
         half = self.stem(x)  # (B, c1, D/2, H/2, W/2)
         ctx = self.context(self.down(half))  # (B, c2, D/4, H/4, W/4)
         up = F.interpolate(ctx, size=half.shape[2:], mode="trilinear", align_corners=False)  # (B, c2, D/2, H/2, W/2)
@@ -172,7 +243,9 @@ class ImageBranch(nn.Module):
         amount = torch.log1p(lesion.sum(dim=(2, 3, 4)))  # (B, K): how much of each kind, in half-res voxels
         confident = torch.log1p(F.relu(2.0 * lesion - 1.0).sum(dim=(2, 3, 4)))  # (B, K): as much, counting p > 0.5
         sure = lesion.amax(dim=(2, 3, 4))  # (B, K): how sure of any
-        pooled = [ctx.amax(dim=(2, 3, 4)), ctx.mean(dim=(2, 3, 4)), amount, confident, sure]
+        if spot_features is None:
+            spot_features = self.spot_readout(image)  # (B, 3 * len(SPOT_KINDS))
+        pooled = [ctx.amax(dim=(2, 3, 4)), ctx.mean(dim=(2, 3, 4)), amount, confident, sure, spot_features]
         return self.concept_head(torch.cat(pooled, dim=1)), seg  # (B, len(IMAGE_CONCEPTS)) raw, (B, K, d, h, w)
 
 
@@ -280,9 +353,11 @@ class FusionModel(nn.Module):
         vitals_mask: torch.Tensor,
         vitals_delta: torch.Tensor,
         demographics: torch.Tensor,
+        spot_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(logit (B, 1), aux) where aux may hold "seg" (B, K, D/2, H/2, W/2) lesion logits and the raw
-        concept outputs "image_concepts" (B, len(IMAGE_CONCEPTS)) / "vital_concepts" (B, len(VITAL_CONCEPTS))."""
+        concept outputs "image_concepts" (B, len(IMAGE_CONCEPTS)) / "vital_concepts" (B, len(VITAL_CONCEPTS)).
+        ``spot_features``: the image branch's spot readout, precomputed (see ``ImageBranch.forward_with_seg``)."""
         for name, t in zip(
             C.INPUT_NAMES, (image, image_present, vitals, vitals_mask, vitals_delta, demographics), strict=True
         ):
@@ -291,7 +366,7 @@ class FusionModel(nn.Module):
         image_concepts = None
         if self.image_branch is not None:
             volume = image * image_present.view(-1, 1, 1, 1, 1)  # (B, 1, D, H, W): an absent image is all zeros
-            image_concepts, aux["seg"] = self.image_branch.forward_with_seg(volume)  # (B, K_img)
+            image_concepts, aux["seg"] = self.image_branch.forward_with_seg(volume, spot_features)  # (B, K_img)
             aux["image_concepts"] = image_concepts
         logit, vital_concepts = self.fuse(
             image_concepts, image_present, vitals, vitals_mask, vitals_delta, demographics
@@ -329,12 +404,13 @@ class FusionModel(nn.Module):
 
 
 class CalibratedModel(nn.Module):
-    """What is exported: (probability, logit), both with the calibration temperature applied."""
+    """What is exported: (probability, logit), both with the calibration (temperature, bias) applied."""
 
     def __init__(self, model: FusionModel) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("temperature", torch.tensor(float(model.cfg.temperature)))
+        self.register_buffer("bias", torch.tensor(float(model.cfg.calibration_bias)))
 
     def forward(
         self,
@@ -346,8 +422,13 @@ class CalibratedModel(nn.Module):
         demographics: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raw = self.model(image, image_present, vitals, vitals_mask, vitals_delta, demographics)  # (B, 1)
-        logit = raw / self.temperature  # (B, 1)
+        logit = raw / self.temperature + self.bias  # (B, 1)
         return torch.sigmoid(logit), logit  # (B, 1), (B, 1)
+
+
+def calibrated_logit(cfg: FusionConfig, raw: np.ndarray) -> np.ndarray:
+    """The calibration ``CalibratedModel`` applies, on raw logits computed elsewhere (numpy)."""
+    return np.asarray(raw, dtype=np.float64) / cfg.temperature + cfg.calibration_bias
 
 
 def count_parameters(model: nn.Module) -> int:

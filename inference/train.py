@@ -3,17 +3,20 @@
 One command reproduces the shipped weights (the cohort, the split, the initialisation, the
 batch order and the modality dropout all follow from ``--seed``):
 
-    python -m inference.train --seed 0 --n 2000 --variant all --threads 1 --out inference/weights
+    python -m inference.train --seed 0 --n 2000 --variant all --threads 2 --out inference/weights
 
 Per variant, ``<out>/<variant>/`` receives ``weights.pt`` and ``config.json`` (the FusionConfig,
-including the calibration temperature and a training summary). A GPU is used when present.
+including the calibration and a training summary). A GPU is used when present.
 
-Order: the image-only and vitals-only baselines first, then the fusion model in stages: its image and
+Order: the image branch's spot detector (lacunes, vessel sign) on full-resolution patches, frozen; the
+image-only and vitals-only baselines; then the fusion model in stages: its image and
 vitals branches are the baselines', frozen (so each volume is encoded once, not once per epoch: what keeps
 training inside the two-core CPU budget), and the demographics branch and the fusion head are trained on
 the fusion objective. ``--end-to-end`` trains the fusion model from scratch instead (several times slower
 on a CPU). The vitals baseline also learns from ``--vitals-extra`` vitals-only records (the same cohort's
-next patients, no volume rendered: cheap), which the image branch cannot use.
+next patients, no volume rendered: cheap), which the image branch cannot use. Last, every model's
+calibration (temperature and intercept) is fitted on the validation split plus ``--calibration-extra``
+patients rendered after all of those (``calibrate_saved``).
 
 Each branch ends in named concepts, the risk factors it can see (``inference.model.IMAGE_CONCEPTS``,
 ``VITAL_CONCEPTS``), and is taught them directly where the cohort knows them: the image branch learns a
@@ -45,15 +48,18 @@ import torch
 import torch.nn.functional as F
 
 from inference import contract as C
-from inference.calibrate import binary_metrics, fit_temperature, log_loss, sigmoid
+from inference.calibrate import binary_metrics, fit_temperature, fit_temperature_and_bias, log_loss, sigmoid
 from inference.model import (
     BINARY_CONCEPTS,
     IMAGE_CONCEPTS,
+    LESION_KINDS,
+    SPOT_KINDS,
     VARIANTS,
     VITAL_CONCEPTS,
     FusionConfig,
     FusionModel,
     Variant,
+    calibrated_logit,
     count_parameters,
     load,
     save,
@@ -72,7 +78,7 @@ VARIANTS_BASELINES_FIRST: tuple[Variant, ...] = ("image", "vitals", "fusion")
 @dataclass
 class TrainSettings:
     epochs: int = 30
-    cnn_epochs: int = 16  # variants that train the 3D CNN (image; fusion end to end): the CPU budget
+    cnn_epochs: int = 10  # variants that train the 3D CNN (image; fusion end to end): the CPU budget
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -90,6 +96,17 @@ class TrainSettings:
     #: lacune and vessel maps but not the concepts read from them, and lost 0.004 validation AUROC: not shipped)
     aux_concept_pos_weight: float = 1.0
     aux_concept_weight: float = 1.0  # weight of the concept losses (when the risk factors are known)
+    #: spot detector (lacunes, vessel sign), trained first on full-resolution patches; 0 steps: not trained
+    spot_steps: int = 1500
+    spot_batch: int = 16
+    spot_patch: tuple[int, int, int] = (16, 32, 32)  # (D, H, W) voxels: 80 x 112 x 112 mm
+    spot_lr: float = 3e-3
+    #: share of patches centred near a lacune / a vessel sign (the rest anywhere): both are rare per voxel
+    spot_focus: tuple[float, float] = (0.25, 0.3)
+    spot_pos_weight: tuple[float, float] = (3.0, 10.0)  # per spot kind, BCE weight of positive voxels
+    #: patients rendered after the training cohort and the vitals-only records, never trained on, that join
+    #: the validation split for calibration (0: calibrate on the validation split alone)
+    calibration_extra: int = 2000
 
 
 def cohort_inputs(cohort: Any) -> Arrays:
@@ -122,8 +139,8 @@ def _cached(name: str, build: Any, cls: Any, cache: bool) -> Any:
     return arrays
 
 
-def make_cohort(n: int, seed: int, *, workers: int = 2, cache: bool = True) -> Any:
-    """``inference.synth.make_arrays(n, seed)``, kept on disk so training and evaluation do not redo it.
+def make_cohort(n: int, seed: int, *, start: int = 0, workers: int = 2, cache: bool = True) -> Any:
+    """``inference.synth.make_arrays(n, seed, start=start)``, kept on disk so training and evaluation do not redo it.
 
     Generation is deterministic in (n, seed), so a cached copy is the same cohort; rendering the volumes
     makes regenerating it the slowest step of a training run.
@@ -131,10 +148,10 @@ def make_cohort(n: int, seed: int, *, workers: int = 2, cache: bool = True) -> A
     from inference.synth import SYNTH_VERSION, CohortArrays, make_arrays
 
     # The generator's version is part of the key: a cohort cached by an older generator is another cohort.
-    log.info("synthetic cohort n=%d seed=%d", n, seed)
+    log.info("synthetic cohort n=%d seed=%d%s", n, seed, f" from patient {start}" if start else "")
     return _cached(
-        f"cohort-v{SYNTH_VERSION}-n{n}-seed{seed}.npz",
-        lambda: make_arrays(n, seed, workers=workers),
+        f"cohort-v{SYNTH_VERSION}-n{n}-seed{seed}" + (f"-start{start}" if start else "") + ".npz",
+        lambda: make_arrays(n, seed, start=start, workers=workers),
         CohortArrays,
         cache,
     )
@@ -211,8 +228,71 @@ def predict_logits(model: FusionModel, inputs: Mapping[str, np.ndarray], batch_s
 
 
 def predict_proba(model: FusionModel, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Calibrated probabilities (N,) using the model's stored temperature."""
-    return sigmoid(predict_logits(model, inputs) / model.cfg.temperature)
+    """Calibrated probabilities (N,) using the model's stored calibration (temperature, bias)."""
+    return sigmoid(calibrated_logit(model.cfg, predict_logits(model, inputs)))
+
+
+def fused_logits(
+    model: FusionModel, inputs: Mapping[str, np.ndarray], image_concepts: np.ndarray | None, batch_size: int = 256
+) -> np.ndarray:
+    """Uncalibrated logits (N,) from the image branch's concepts computed beforehand (``image_embeddings``):
+    the numbers ``predict_logits`` gives, without running the CNN again (one CNN pass serves several scorers)."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(inputs["image_present"]), batch_size):
+            rows = slice(start, start + batch_size)
+            b = {k: torch.from_numpy(np.ascontiguousarray(inputs[k][rows])) for k in C.INPUT_NAMES[1:]}
+            concepts = None if image_concepts is None else torch.from_numpy(image_concepts[rows])
+            logit, _ = model.fuse(concepts, *(b[k] for k in C.INPUT_NAMES[1:]))  # (B, 1)
+            out.append(logit.squeeze(1).numpy())
+    return np.concatenate(out)
+
+
+def same_image_branch(a: FusionModel, b: FusionModel) -> bool:
+    """Whether two models carry identical image branches (the staged fusion model and its image baseline)."""
+    if a.image_branch is None or b.image_branch is None:
+        return False
+    sa, sb = a.image_branch.state_dict(), b.image_branch.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def calibrate(models: Mapping[str, FusionModel], held_out: list[tuple[Arrays, np.ndarray]], source: str) -> None:
+    """Fit each model's calibration (temperature and intercept) on the held-out patients, in place.
+
+    ``held_out``: (inputs, outcomes) sets never used to fit weights (the validation split, a calibration
+    cohort). The CNN runs once per set for image branches that are identical (staged fusion)."""
+    concepts: list[tuple[FusionModel, list[np.ndarray]]] = []
+    for name, model in models.items():
+        model.cpu().eval()
+        if model.image_branch is not None:
+            known = next((c for m, c in concepts if same_image_branch(m, model)), None)
+            if known is None:
+                known = [image_embeddings(model, inputs) for inputs, _ in held_out]
+                concepts.append((model, known))
+            z = np.concatenate([fused_logits(model, inputs, c) for (inputs, _), c in zip(held_out, known, strict=True)])
+        else:
+            z = np.concatenate([predict_logits(model, inputs) for inputs, _ in held_out])
+        y = np.concatenate([outcome for _, outcome in held_out])
+        model.cfg.temperature, model.cfg.calibration_bias = fit_temperature_and_bias(z, y)
+        metrics = binary_metrics(sigmoid(calibrated_logit(model.cfg, z)), y)
+        model.cfg.info = {
+            **model.cfg.info,
+            "calibration": {
+                "method": "temperature and intercept, log-loss",
+                "patients": source,
+                "n": int(len(y)),
+                "metrics": {k: round(v, 4) for k, v in metrics.items()},
+            },
+        }
+        log.info(
+            "%s: calibrated on %d held-out patients: T %.3f, bias %+.3f, %s",
+            name,
+            len(y),
+            model.cfg.temperature,
+            model.cfg.calibration_bias,
+            model.cfg.info["calibration"]["metrics"],
+        )
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -280,27 +360,146 @@ def _concept_loss(
     return torch.stack(losses).mean()
 
 
-def image_embeddings(model: FusionModel, inputs: Mapping[str, np.ndarray], batch_size: int = 64) -> np.ndarray:
+def _image_batches(model: FusionModel, inputs: Mapping[str, np.ndarray], batch_size: int) -> Any:
+    """(start, gated image (B, 1, D, H, W)) batches on the model's device, absent images zeroed as in forward."""
+    device = next(model.parameters()).device
+    for start in range(0, len(inputs["image"]), batch_size):
+        image = torch.from_numpy(inputs["image"][start : start + batch_size]).to(device)  # (B, 1, D, H, W)
+        present = torch.from_numpy(inputs["image_present"][start : start + batch_size]).to(device)  # (B, 1)
+        yield start, image * present.view(-1, 1, 1, 1, 1)
+
+
+def image_embeddings(
+    model: FusionModel,
+    inputs: Mapping[str, np.ndarray],
+    batch_size: int = 32,
+    spot_features: np.ndarray | None = None,
+) -> np.ndarray:
     """The image branch's raw concepts (N, K) of every patient, computed once (the branch is frozen)."""
     assert model.image_branch is not None
-    device = next(model.parameters()).device
     model.eval()
     out = []
     with torch.no_grad():
-        for start in range(0, len(inputs["image"]), batch_size):
-            image = torch.from_numpy(inputs["image"][start : start + batch_size]).to(device)  # (B, 1, D, H, W)
-            present = torch.from_numpy(inputs["image_present"][start : start + batch_size]).to(device)  # (B, 1)
-            out.append(model.image_branch(image * present.view(-1, 1, 1, 1, 1)).cpu().numpy())  # (B, E)
+        for start, image in _image_batches(model, inputs, batch_size):
+            spots = None
+            if spot_features is not None:
+                spots = torch.from_numpy(spot_features[start : start + batch_size]).to(image.device)
+            out.append(model.image_branch.forward_with_seg(image, spots)[0].cpu().numpy())  # (B, E)
     return np.concatenate(out)
 
 
-def _staged_fusion(baselines: Mapping[str, FusionModel], device: torch.device) -> FusionModel:
-    """A fusion model whose branches are the baselines' image and vitals branches, frozen: only the head learns."""
-    model = FusionModel(FusionConfig(variant="fusion", aux_seg=False)).to(device)
-    model.image_branch.load_state_dict(baselines["image"].image_branch.state_dict())  # type: ignore[union-attr]
-    model.vitals_branch.load_state_dict(baselines["vitals"].vitals_branch.state_dict())  # type: ignore[union-attr]
-    for branch in (model.image_branch, model.vitals_branch):
-        for param in branch.parameters():  # type: ignore[union-attr]
+def spot_readouts(model: FusionModel, inputs: Mapping[str, np.ndarray], batch_size: int = 16) -> np.ndarray:
+    """The frozen spot detector's readout (N, F) of every patient (``ImageBranch.spot_readout``)."""
+    assert model.image_branch is not None
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate(
+            [
+                model.image_branch.spot_readout(image).cpu().numpy()
+                for _, image in _image_batches(model, inputs, batch_size)
+            ]
+        )
+
+
+def fit_spot_detector(
+    model: FusionModel, inputs: Mapping[str, np.ndarray], label: np.ndarray, rows: np.ndarray, settings: TrainSettings
+) -> None:
+    """Train ``model.image_branch.spots`` on patches of the volumes ``rows``, then freeze it.
+
+    A lacune or a vessel sign is a few voxels in a volume of 131,072, and one patient in three (lacunes) or
+    in seventeen (vessel sign) has any: whole volumes would spend nearly all their gradient on background.
+    Patches of ``spot_patch`` voxels are drawn centred near a labelled voxel of each kind (``spot_focus``)
+    or anywhere (the rest), and the loss is weighted BCE plus a soft Dice per kind, as for the lesion map.
+    """
+    branch = model.image_branch
+    assert branch is not None and branch.spots is not None
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(int(rows.sum()) % (2**32))
+    kinds = [LESION_KINDS.index(k) + 1 for k in SPOT_KINDS]  # label codes
+    where = {
+        code: [(int(i), np.argwhere(label[i] == code)) for i in rows if (label[i] == code).any()] for code in kinds
+    }
+    pd, ph, pw = settings.spot_patch
+    d, h, w = label.shape[1:]
+    present_rows = rows[inputs["image_present"][rows, 0] > 0]
+    # the contrast channel is standardised over each whole volume: compute it on the volumes, cut patches after
+    slot = {int(i): k for k, i in enumerate(rows)}
+    with torch.no_grad():
+        volumes = np.concatenate(
+            [
+                branch.inputs(image).cpu().numpy()
+                for _, image in _image_batches(
+                    model, {k: v[rows] for k, v in inputs.items() if k.startswith("image")}, 64
+                )
+            ]
+        )  # (len(rows), 2, D, H, W)
+
+    def patch(i: int, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z0, y0, x0 = (
+            int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, (pd, ph, pw), (d, h, w), strict=True)
+        )
+        box = (slice(z0, z0 + pd), slice(y0, y0 + ph), slice(x0, x0 + pw))
+        return volumes[slot[i]][(slice(None), *box)], label[i][box]
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        for _ in range(settings.spot_batch):
+            u, chosen = rng.random(), None
+            for code, share in zip(kinds, settings.spot_focus, strict=True):
+                if u < share and where[code]:
+                    i, voxels = where[code][rng.integers(len(where[code]))]
+                    jitter = rng.integers(-1, 2, 3) * np.array([pd, ph, pw]) // 3
+                    chosen = (i, voxels[rng.integers(len(voxels))] + jitter)
+                    break
+                u -= share
+            if chosen is None:
+                chosen = (int(present_rows[rng.integers(len(present_rows))]), rng.integers(0, [d, h, w]))
+            x, lab = patch(*chosen)
+            images.append(x)
+            labels.append(lab)
+        x = torch.from_numpy(np.stack(images)).to(device)  # (B, 2, pd, ph, pw)
+        lab = torch.from_numpy(np.stack(labels).astype(np.int64)).to(device)  # (B, pd, ph, pw)
+        return x, torch.stack([(lab == code) for code in kinds], dim=1).float()  # (B, K, pd, ph, pw)
+
+    spots = branch.spots
+    spots.train()
+    opt = torch.optim.AdamW(spots.parameters(), lr=settings.spot_lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.spot_lr, total_steps=settings.spot_steps)
+    pos_weight = torch.tensor(settings.spot_pos_weight, device=device).view(-1, 1, 1, 1)
+    started, losses = time.monotonic(), []
+    for step in range(1, settings.spot_steps + 1):
+        x, target = batch()
+        logits = spots(x)  # (B, K, pd, ph, pw)
+        prob = torch.sigmoid(logits)
+        overlap = (prob * target).sum(dim=(0, 2, 3, 4))  # (K,)
+        dice = (2.0 * overlap + 1.0) / (prob.sum(dim=(0, 2, 3, 4)) + target.sum(dim=(0, 2, 3, 4)) + 1.0)
+        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight) + (1.0 - dice).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 250 == 0 or step == settings.spot_steps:
+            log.info("spots step %d: loss %.4f (%.0fs)", step, np.mean(losses[-250:]), time.monotonic() - started)
+    for param in spots.parameters():
+        param.requires_grad_(False)
+    spots.eval()
+
+
+def _staged(variant: Variant, baselines: Mapping[str, FusionModel], device: torch.device) -> FusionModel:
+    """A ``variant`` model whose branches are the baselines' (image, vitals), frozen: only the head learns."""
+    image = baselines.get("image")
+    spot_channels = image.cfg.spot_channels if image is not None else 0
+    model = FusionModel(FusionConfig(variant=variant, aux_seg=False, spot_channels=spot_channels)).to(device)
+    frozen: list[torch.nn.Module] = []
+    if model.image_branch is not None:
+        model.image_branch.load_state_dict(baselines["image"].image_branch.state_dict())  # type: ignore[union-attr]
+        frozen.append(model.image_branch)
+    if model.vitals_branch is not None:
+        model.vitals_branch.load_state_dict(baselines["vitals"].vitals_branch.state_dict())  # type: ignore[union-attr]
+        frozen.append(model.vitals_branch)
+    for branch in frozen:
+        for param in branch.parameters():
             param.requires_grad_(False)
     return model
 
@@ -315,12 +514,14 @@ def fit(
     aux: Mapping[str, np.ndarray] | None = None,
     baselines: Mapping[str, FusionModel] | None = None,
     extra_train: int = 0,
+    shared: dict[str, np.ndarray] | None = None,
 ) -> FusionModel:
     """Train one variant with early stopping, then fit its temperature on the validation split.
 
-    With ``baselines`` (trained "image" and "vitals" models) the fusion model is trained in stages: its
-    image and vitals branches are the baselines', frozen, so each patient's image concepts are computed
-    once and an epoch costs only the LSTM's forward pass and the head.
+    With ``baselines`` (trained "image" and "vitals" models) the model is trained in stages: its image and
+    vitals branches are the baselines', frozen, so each patient's image concepts are computed once and an
+    epoch costs only the LSTM's forward pass and the head. The fusion model is trained so, and the image
+    baseline's head is refitted so on its own trained branch.
 
     ``aux`` (any of ``AUX_KEYS``, N rows each) adds the auxiliary losses: the lesion map against
     ``finding_label``, the image concepts against ``image_factors``, the vital concepts against
@@ -328,27 +529,51 @@ def fit(
 
     ``extra_train``: the last rows are training-only records (vitals without a rendered volume, say); the
     validation split is drawn from the others, so it is the same patients whatever is added.
+
+    ``shared``: a dict the variants of one run pass along (the image baseline leaves its spot readouts there
+    for the staged fusion model, whose image branch is the same frozen one).
     """
     aux = {k: v for k, v in (aux or {}).items() if k in AUX_KEYS and v is not None}
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    staged = variant == "fusion" and baselines is not None
+    staged = baselines is not None
     trains_cnn = not staged and variant in ("fusion", "image")
     use_seg = trains_cnn and "finding_label" in aux and settings.aux_seg_weight > 0
     use_image_concepts = trains_cnn and "image_factors" in aux and settings.aux_concept_weight > 0
     use_vital_concepts = (
         not staged and variant in ("fusion", "vitals") and "vital_factors" in aux and settings.aux_concept_weight > 0
     )
-    if staged:
-        model = _staged_fusion(baselines, device)  # type: ignore[arg-type]
-        cached = image_embeddings(model, inputs)  # (N, E)
-    else:
-        model = FusionModel(FusionConfig(variant=variant, aux_seg=use_seg)).to(device)
-    log.info("%s: %d parameters on %s%s", variant, count_parameters(model), device, " (staged)" if staged else "")
     n_split = len(outcome) - extra_train
     train_idx, val_idx = split_indices(n_split, settings.val_fraction, seed)
     train_idx = np.concatenate([train_idx, np.arange(n_split, len(outcome))])
+    spots = None  # (N, F) spot readouts of the frozen detector, when the image branch has one
+    if staged:
+        model = _staged(variant, baselines, device)  # type: ignore[arg-type]
+        cached = None
+        if model.image_branch is not None:
+            cached = (shared or {}).get("image_concepts")  # the same frozen branch, earlier in this run
+            if cached is None or len(cached) != len(outcome):
+                if model.image_branch.spots is not None:
+                    spots = (shared or {}).get("spot_readouts")
+                    if spots is None or len(spots) != len(outcome):
+                        spots = spot_readouts(model, inputs)
+                cached = image_embeddings(model, inputs, spot_features=spots)  # (N, E)
+                if shared is not None:
+                    shared["image_concepts"] = cached
+    else:
+        train_spots = trains_cnn and "finding_label" in aux and settings.spot_steps > 0
+        cfg = FusionConfig(
+            variant=variant, aux_seg=use_seg, spot_channels=FusionConfig.spot_channels if train_spots else 0
+        )
+        model = FusionModel(cfg).to(device)
+        if train_spots:
+            fit_spot_detector(model, inputs, aux["finding_label"], train_idx, settings)
+            if variant == "image":  # no modality dropout: every patient's volume is the one seen in training
+                spots = spot_readouts(model, inputs)
+                if shared is not None:
+                    shared["spot_readouts"] = spots
+    log.info("%s: %d parameters on %s%s", variant, count_parameters(model), device, " (staged)" if staged else "")
     val_inputs = {k: v[val_idx] for k, v in inputs.items()}
     y_val = outcome[val_idx]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -366,15 +591,22 @@ def fit(
             concepts = torch.from_numpy(cached[rows]).to(device)  # (B, K_img)
             logit, vital_concepts = model.fuse(concepts, *(tensors[k] for k in C.INPUT_NAMES[1:]))  # (B, 1)
             return logit, {} if vital_concepts is None else {"vital_concepts": vital_concepts}
-        return model.forward_with_aux(*(tensors[k] for k in C.INPUT_NAMES))  # (B, 1), aux outputs
+        spot_features = None if spots is None else torch.from_numpy(spots[rows]).to(device)  # (B, F)
+        return model.forward_with_aux(*(tensors[k] for k in C.INPUT_NAMES), spot_features)  # (B, 1), aux outputs
+
+    def validation_logits() -> np.ndarray:
+        if not staged and spots is None:
+            return predict_logits(model, val_inputs)
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(val_idx), 128):
+                rows = val_idx[start : start + 128]
+                out.append(logits_of({k: inputs[k][rows] for k in batch_keys}, rows)[0].squeeze(1).cpu().numpy())
+        return np.concatenate(out)
 
     def validation_loss() -> float:
-        if not staged:
-            return log_loss(predict_logits(model, val_inputs), y_val)
-        model.eval()
-        with torch.no_grad():
-            logit, _ = logits_of({k: inputs[k][val_idx] for k in batch_keys}, val_idx)
-        return log_loss(logit.squeeze(1).cpu().numpy(), y_val)
+        return log_loss(validation_logits(), y_val)
 
     concept_targets = [
         (key, factors, names)
@@ -388,8 +620,9 @@ def fit(
     for epoch in range(1, epochs + 1):
         model.train()
         if staged:  # frozen branches stay in inference mode (BatchNorm statistics included)
-            model.image_branch.eval()  # type: ignore[union-attr]
-            model.vitals_branch.eval()  # type: ignore[union-attr]
+            for branch in (model.image_branch, model.vitals_branch):
+                if branch is not None:
+                    branch.eval()
         order = rng.permutation(train_idx)
         losses = []
         for start in range(0, len(order), settings.batch_size):
@@ -436,7 +669,7 @@ def fit(
                 log.info("%s: early stop after epoch %d (best %d)", variant, epoch, best_epoch)
                 break
     model.load_state_dict(best_state)
-    val_logits = predict_logits(model, val_inputs)
+    val_logits = validation_logits()
     model.cfg.temperature = fit_temperature(val_logits, y_val)
     val_metrics = binary_metrics(sigmoid(val_logits / model.cfg.temperature), y_val)
     model.cfg.info = {
@@ -450,6 +683,7 @@ def fit(
         "aux_seg_weight": settings.aux_seg_weight if use_seg else 0.0,
         "aux_concept_weight": settings.aux_concept_weight if (use_image_concepts or use_vital_concepts) else 0.0,
         "staged_from_baselines": staged,
+        "spot_steps": settings.spot_steps if model.image_branch is not None and model.image_branch.spots else 0,
     }
     log.info("%s: temperature %.3f, validation %s", variant, model.cfg.temperature, model.cfg.info["val_metrics"])
     return model.cpu().eval()
@@ -480,6 +714,7 @@ def run(
         "prevalence": round(float(outcome.mean()), 4),
     }
     trained: dict[str, FusionModel] = {}
+    shared: dict[str, np.ndarray] = {}
     for variant in sorted(variants, key=VARIANTS_BASELINES_FIRST.index):
         baselines = None
         if variant == "fusion" and settings.staged:
@@ -492,11 +727,38 @@ def run(
             v_info = {**info, "vitals_records_added": len(extra)}
             model = fit(v_inputs, v_outcome, variant, seed, settings, v_info, v_aux, extra_train=len(extra))
         else:
-            model = fit(inputs, outcome, variant, seed, settings, info, aux, baselines)
+            model = fit(inputs, outcome, variant, seed, settings, info, aux, baselines, shared=shared)
+            if variant == "image" and settings.staged:
+                # the head trained beside the CNN read concepts that kept moving; refit it on the frozen branch
+                model = fit(inputs, outcome, variant, seed, settings, info, aux, {"image": model}, shared=shared)
         save(model, out_dir / variant)
         trained[variant] = model
         log.info("saved %s", out_dir / variant)
+    if settings.calibration_extra > 0:
+        calibrate_saved(trained, cohort, seed, settings, out_dir)
     return out_dir
+
+
+def calibrate_saved(
+    models: Mapping[str, FusionModel], cohort: Any, seed: int, settings: TrainSettings, out_dir: Path
+) -> None:
+    """Refit the models' calibration on the validation split plus ``settings.calibration_extra`` patients of
+    the same seed rendered after everything training used, and save the configs again."""
+    n = len(cohort.outcome)
+    _, val_idx = split_indices(n, settings.val_fraction, seed)
+    inputs = cohort_inputs(cohort)
+    start = n + settings.vitals_extra  # after the training cohort and the vitals-only records
+    extra = make_cohort(settings.calibration_extra, seed, start=start)
+    held_out = [
+        ({k: v[val_idx] for k, v in inputs.items()}, np.asarray(cohort.outcome, dtype=np.float64)[val_idx]),
+        (cohort_inputs(extra), np.asarray(extra.outcome, dtype=np.float64)),
+    ]
+    source = (
+        f"validation split ({len(val_idx)}) + make_arrays({settings.calibration_extra}, seed={seed}, start={start})"
+    )
+    calibrate(models, held_out, source)
+    for variant, model in models.items():
+        save(model, out_dir / variant)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -515,6 +777,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--vitals-extra", type=int, default=TrainSettings.vitals_extra, help="vitals-only records for the vitals branch"
     )
+    parser.add_argument(
+        "--spot-steps", type=int, default=TrainSettings.spot_steps, help="patch batches for the spot detector"
+    )
+    parser.add_argument(
+        "--calibration-extra",
+        type=int,
+        default=TrainSettings.calibration_extra,
+        help="held-out patients added to the validation split for calibration",
+    )
+    parser.add_argument(
+        "--calibrate-only", action="store_true", help="refit the calibration of the models already in --out"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = TrainSettings(
@@ -526,8 +800,15 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         staged=not args.end_to_end,
         vitals_extra=args.vitals_extra,
+        spot_steps=args.spot_steps,
+        calibration_extra=args.calibration_extra,
     )
     variants = VARIANTS if args.variant == "all" else (args.variant,)
+    if args.calibrate_only:
+        torch.set_num_threads(settings.threads)
+        models = {v: load(args.out / v) for v in variants}
+        calibrate_saved(models, make_cohort(args.n, args.seed), args.seed, settings, args.out)
+        return
     run(args.seed, args.n, args.out, variants, settings)
 
 

@@ -116,18 +116,20 @@ def make_arrays(
     n: int,
     seed: int,
     *,
+    start: int = 0,
     image_dropout: float = 0.0,
     vitals_dropout: float = 0.0,
     workers: int | None = None,
 ) -> CohortArrays:
-    """Patients 0..n-1 of cohort ``seed`` as arrays; the same patients as ``iter_cohort(n, seed)``.
+    """Patients ``start..start+n-1`` of cohort ``seed`` as arrays; from 0, the same patients as
+    ``iter_cohort(n, seed)``.
 
     ``image_dropout``/``vitals_dropout``: probability that a patient's image (zeros, image_present 0) or
     whole vitals record (no samples) is withheld, drawn per patient from its own stream, so a patient is
     dropped consistently for a given rate. Ground truth is unaffected. ``workers``: processes (default 1;
     the work is CPU-bound numpy, so more than the free cores only slows everyone).
     """
-    ones = _map_patients(_build_one, seed, range(n), workers)
+    ones = _map_patients(_build_one, seed, range(start, start + n), workers)
 
     T, F = C.N_STEPS, C.N_FEATURES
     image = np.zeros((n, 1, *C.VOLUME_SHAPE), dtype=np.float32)
@@ -135,7 +137,7 @@ def make_arrays(
     vit = np.zeros((3, n, T, F), dtype=np.float32)
     empty_vitals = preprocess.vitals_tensors([])
     for i, one in enumerate(ones):
-        drop = np.random.default_rng([seed, i, P.STREAM_DROPOUT]).random(2)
+        drop = np.random.default_rng([seed, start + i, P.STREAM_DROPOUT]).random(2)
         if drop[0] < image_dropout:
             image[i] = preprocess.empty_image()
             present[i] = 0.0

@@ -53,7 +53,8 @@ def assert_parity(model: FusionModel, onnx_path: Path) -> None:
 @pytest.fixture(scope="module")
 def fresh_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[FusionModel, Path]:
     model = untrained_model(seed=3)
-    model.cfg.temperature = 1.7  # a non-trivial temperature must be baked into both outputs
+    model.cfg.temperature = 1.7  # a non-trivial calibration must be baked into both outputs
+    model.cfg.calibration_bias = 0.3
     path = export_model(model, tmp_path_factory.mktemp("onnx") / "model.onnx", trained=False)
     return model, path
 
@@ -69,6 +70,7 @@ def test_exported_metadata_is_read_by_the_runtime(fresh_export: tuple[FusionMode
     assert runtime.model_version == C.MODEL_VERSION
     assert runtime.trained is False
     assert runtime.info["temperature"] == pytest.approx(1.7)
+    assert runtime.info["calibration_bias"] == pytest.approx(0.3)
     feeds = patients(3, seed=4)
     batch = [ModelInputs(**{name: feeds[name][i] for name in C.INPUT_NAMES}) for i in range(3)]
     preds = runtime.predict(batch)
@@ -86,5 +88,6 @@ def test_committed_onnx_matches_the_shipped_weights() -> None:
     assert runtime.trained, "the committed model.onnx is an untrained placeholder"
     model = load(DEFAULT_WEIGHTS_DIR)
     assert runtime.info["temperature"] == pytest.approx(model.cfg.temperature)
+    assert runtime.info["calibration_bias"] == pytest.approx(model.cfg.calibration_bias)
     assert runtime.info["seed"] == model.cfg.info["seed"]
     assert_parity(model, DEFAULT_MODEL_PATH)

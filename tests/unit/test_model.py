@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from inference import contract as C
-from inference.calibrate import expected_calibration_error, fit_temperature, sigmoid
-from inference.model import CalibratedModel, FusionConfig, FusionModel, load, save
-from inference.train import TrainSettings, cohort_inputs, predict_logits, withhold
+from inference.calibrate import expected_calibration_error, fit_temperature, fit_temperature_and_bias, sigmoid
+from inference.model import CalibratedModel, FusionConfig, FusionModel, calibrated_logit, load, save
+from inference.train import TrainSettings, calibrate, cohort_inputs, predict_logits, withhold
 from inference.train import run as train_run
 
 
@@ -123,15 +123,30 @@ def test_all_masked_vitals_score_like_no_vitals() -> None:
         assert torch.allclose(model.forward_dict(a), model.forward_dict(b))
 
 
-def test_calibrated_model_divides_logit_by_temperature() -> None:
+def test_calibrated_model_divides_logit_by_temperature_and_adds_the_bias() -> None:
     torch.manual_seed(0)
-    model = FusionModel(FusionConfig(temperature=2.0)).eval()
+    model = FusionModel(FusionConfig(temperature=2.0, calibration_bias=0.25)).eval()
     inputs = random_batch(3)
     with torch.no_grad():
         raw = model.forward_dict(inputs)
         prob, logit = CalibratedModel(model)(*(inputs[n] for n in C.INPUT_NAMES))
-    assert torch.allclose(logit, raw / 2.0)
-    assert torch.allclose(prob, torch.sigmoid(raw / 2.0))
+    assert torch.allclose(logit, raw / 2.0 + 0.25)
+    assert torch.allclose(prob, torch.sigmoid(raw / 2.0 + 0.25))
+    assert np.allclose(calibrated_logit(model.cfg, raw.numpy()), logit.numpy(), atol=1e-6)
+
+
+def test_temperature_and_bias_recover_a_shifted_overconfident_model() -> None:
+    """A model three times too confident and 0.4 logits too low: temperature alone leaves the base rate
+    off, temperature and intercept together recover both."""
+    rng = np.random.default_rng(1)
+    true_logit = rng.normal(-1.2, 1.2, 40000)
+    y = (rng.random(40000) < sigmoid(true_logit)).astype(float)
+    model_logit = (true_logit - 0.4) * 3.0
+    t, b = fit_temperature_and_bias(model_logit, y)
+    assert 2.8 < t < 3.2 and 0.3 < b < 0.5
+    assert expected_calibration_error(sigmoid(model_logit / t + b), y) < 0.01
+    t_only = fit_temperature(model_logit, y)
+    assert expected_calibration_error(sigmoid(model_logit / t_only), y) > 0.02
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
@@ -169,7 +184,9 @@ def test_temperature_recovers_an_overconfident_scale() -> None:
 
 def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path) -> None:
     cohort = toy_cohort(192, seed=0)
-    settings = TrainSettings(epochs=5, cnn_epochs=5, batch_size=32, patience=5, lr=3e-3, vitals_extra=0)
+    settings = TrainSettings(
+        epochs=5, cnn_epochs=5, batch_size=32, patience=5, lr=3e-3, vitals_extra=0, spot_steps=30, calibration_extra=0
+    )
     out = train_run(
         seed=0, n=192, out_dir=tmp_path, variants=("fusion", "vitals", "image"), settings=settings, cohort=cohort
     )
@@ -177,6 +194,7 @@ def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path)
     assert (out / "vitals" / "weights.pt").is_file()
     assert fusion.cfg.info["seed"] == 0 and fusion.cfg.temperature > 0
     assert fusion.cfg.info["staged_from_baselines"] is True
+    assert image.cfg.info["staged_from_baselines"] is True, "the image baseline's head is refitted on its frozen CNN"
     # staged: the fusion model's image branch is the image baseline's, unchanged
     for name, tensor in fusion.image_branch.state_dict().items():  # type: ignore[union-attr]
         assert torch.equal(tensor, image.image_branch.state_dict()[name]), name  # type: ignore[union-attr]
@@ -185,3 +203,60 @@ def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path)
 
     auroc = roc_auc_score(test.outcome, predict_logits(fusion, cohort_inputs(test)))
     assert auroc > 0.65, f"fusion did not learn the planted signal (AUROC {auroc:.3f})"
+
+    # calibration on held-out patients: the staged fusion model and its image baseline share one CNN pass,
+    # and what is fitted is what predict_proba applies
+    models = {"fusion": fusion, "image": image, "vitals": load(out / "vitals")}
+    held_out = cohort_inputs(test), np.asarray(test.outcome, dtype=np.float64)
+    calibrate(models, [held_out], "toy held-out set")
+    for model in models.values():
+        assert model.cfg.info["calibration"]["n"] == 200
+        logits = calibrated_logit(model.cfg, predict_logits(model, held_out[0]))
+        assert abs(sigmoid(logits).mean() - held_out[1].mean()) < 0.02, "intercept fitted: mean prediction = event rate"
+
+
+def test_spot_readout_counts_distinct_peaks_not_voxels() -> None:
+    from inference.model import SPOT_KINDS, SpotDetector
+
+    logits = torch.full((1, len(SPOT_KINDS), 8, 16, 16), -8.0)
+    logits[0, 0, 2:4, 3:6, 3:6] = 3.0  # one spot of 18 voxels...
+    logits[0, 0, 2, 4, 4] = 4.0  # ...with one summit
+    logits[0, 0, 6, 12, 12] = 2.0  # a second, single-voxel spot
+    logits[0, 0, 6, 2, 12] = -1.0  # a peak below 0.5: not counted
+    out = SpotDetector.readout(logits)  # (1, 3K): counts, masses, maxima
+    k = len(SPOT_KINDS)
+    assert out.shape == (1, 3 * k)
+    assert torch.isclose(out[0, 0], torch.log1p(torch.tensor(2.0))), "two spots above 0.5, however many voxels"
+    assert torch.isclose(out[0, 1], torch.tensor(0.0)), "an empty map counts nothing"
+    assert torch.isclose(out[0, 2 * k], torch.sigmoid(torch.tensor(4.0)))
+
+
+def test_spot_detector_learns_to_count_small_planted_spots() -> None:
+    """Dark 2x2x2 spots (labelled as lacunes) among bright noise and a larger dark distractor slab: after
+    patch training the peak count tracks the true number of spots per volume."""
+    from inference.model import FusionModel as Model
+    from inference.train import fit_spot_detector, spot_readouts
+
+    rng = np.random.default_rng(3)
+    n = 48
+    D, H, W = C.VOLUME_SHAPE
+    image = (0.3 + 0.05 * rng.standard_normal((n, 1, D, H, W))).astype(np.float32)
+    image[:, :, 10:14, 40:60, 5:25] = -0.4  # an unlabelled dark structure every patient has
+    label = np.zeros((n, D, H, W), np.uint8)
+    counts = rng.integers(0, 4, n)
+    for i in range(n):
+        for _ in range(counts[i]):
+            z, y, x = rng.integers(2, D - 4), rng.integers(4, 36), rng.integers(30, W - 4)
+            image[i, 0, z : z + 2, y : y + 2, x : x + 2] = -0.4
+            label[i, z : z + 2, y : y + 2, x : x + 2] = 1
+    torch.manual_seed(0)
+    model = Model(FusionConfig(variant="image"))
+    settings = TrainSettings(spot_steps=400, spot_batch=8, spot_patch=(8, 16, 16), spot_focus=(0.5, 0.0))
+    inputs = {"image": image, "image_present": np.ones((n, 1), np.float32)}
+    fit_spot_detector(model, inputs, label, np.arange(n), settings)
+    assert not any(p.requires_grad for p in model.image_branch.spots.parameters()), "frozen after training"
+    found = np.expm1(spot_readouts(model, inputs)[:, 0]).round()
+    from scipy import ndimage
+
+    truth = np.array([ndimage.label(label[i] == 1)[1] for i in range(n)])
+    assert np.mean(found == truth) > 0.7, f"counts {found.tolist()} vs {truth.tolist()}"
