@@ -414,6 +414,8 @@ def fit_spot_detector(
     branch = model.image_branch
     assert branch is not None and branch.spots is not None
     device = next(model.parameters()).device
+    # patch draws are seeded by the training rows (fixed by the run's seed through the split); an odd key,
+    # kept because the shipped spot detector was trained with it and the training command must reproduce it
     rng = np.random.default_rng(int(rows.sum()) % (2**32))
     kinds = [LESION_KINDS.index(k) + 1 for k in SPOT_KINDS]  # label codes
     where = {
