@@ -28,6 +28,7 @@ from inference.train import (
     image_embeddings,
     make_cohort,
     predict_proba,
+    reuse_freed_memory,
     same_image_branch,
     withhold,
 )
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reuse_freed_memory()
     result = run(args.seed, args.n, args.report, args.weights)
     if args.json:
         print(json.dumps(result, indent=2))

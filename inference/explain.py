@@ -156,10 +156,12 @@ def lesion_map_attribution(
         internal_batch_size=n_steps,
     )  # one per layer: (1, K, d, h, w) lesion map, (1, K_spot, D, H, W) spot map
     size = attributed[0].shape[2:]
-    per_voxel = [
-        torch.nn.functional.interpolate(a.sum(dim=1, keepdim=True), size=size, mode="nearest") for a in attrs
-    ]  # each (1, 1, D, H, W)
-    return torch.stack(per_voxel).sum(dim=0)  # (1, 1, D, H, W)
+    total = torch.nn.functional.interpolate(attrs[0].sum(dim=1, keepdim=True), size=size, mode="nearest")
+    if len(attrs) > 1:  # the spot map covers the spot region only: add it there
+        spot = attrs[1].sum(dim=1, keepdim=True)  # (1, 1, d, h, w)
+        region = branch.spot_region or tuple((0, n) for n in size)
+        total[(slice(None), slice(None), *(slice(a, b) for a, b in region))] += spot
+    return total  # (1, 1, D, H, W)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,16 @@ BINARY_CONCEPTS = frozenset({"territorial", "hyperdense_vessel", "af"})
 LESION_KINDS: tuple[str, ...] = ("lacune", "wmd", "infarct", "hyperdense_vessel")
 #: Small, countable findings that the full-resolution spot detector maps (its channels); a subset of LESION_KINDS.
 SPOT_KINDS: tuple[str, ...] = ("lacune", "hyperdense_vessel")
+#: Where the spot detector looks: (z, y, x) voxel ranges [start, stop) of the contract grid, a box around the
+#: deep grey nuclei, internal capsules, corona radiata and the M1 segments of both middle cerebral arteries
+#: (about the grid centre: 61 mm right to 65 mm left, 68 mm anterior to 40 mm posterior, 47 mm below to 58 mm
+#: above). Every lacune and vessel sign of the 2,000-patient training cohort lies at least two slices and three
+#: voxels inside it; of 600 patients of another seed the nearest comes within one slice of its top
+#: (``tests/unit/test_model.py`` checks those). A finding outside it (a brainstem or cerebellar lacune, which
+#: the generator does not plant) would be seen by the lesion map only.
+#: Running the detector on this box, not the whole volume, keeps the full-resolution path inside the latency
+#: budget: it holds a fifth of the voxels.
+SPOT_REGION: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] = ((6, 28), (12, 44), (14, 50))
 #: What the concept head reads from each spot map: log(1 + peaks above 0.5), log(1 + summed peak probability), max.
 SPOT_READOUTS = 3
 WEIGHTS_FILE = "weights.pt"
@@ -59,6 +69,8 @@ class FusionConfig:
     n_demographics: int = C.N_DEMOGRAPHICS
     cnn_channels: tuple[int, int] = (16, 32)  # channels at half and at quarter resolution
     spot_channels: int = 12  # full-resolution spot detector (lacunes, vessel sign); 0: none (models before 0.3.0)
+    #: the box the spot detector runs on (``SPOT_REGION``); None: the whole volume (model 0.3.0)
+    spot_region: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = SPOT_REGION
     lstm_hidden: int = 32
     demo_embed: int = 8
     head_hidden: int = 32
@@ -98,6 +110,8 @@ class FusionConfig:
             raw[key] = tuple(raw[key])
         raw.pop("image_embed", None)  # configs before 0.2.0
         raw.setdefault("spot_channels", 0)  # configs before 0.3.0 had no spot detector
+        region = raw.get("spot_region")  # absent before 0.4.0: the whole volume
+        raw["spot_region"] = None if region is None else tuple((int(a), int(b)) for a, b in region)
         return cls(**raw)
 
 
@@ -195,6 +209,7 @@ class ImageBranch(nn.Module):
         self.seg_head = nn.Conv3d(c1, len(LESION_KINDS), 1)
         nn.init.constant_(self.seg_head.bias, -4.0)  # lesions fill ~1-2 % of voxels: start at that prior
         self.spots = SpotDetector(cfg.spot_channels) if cfg.spot_channels > 0 else None
+        self.spot_region = cfg.spot_region
         n_pooled = 2 * c2 + 3 * len(LESION_KINDS) + (SPOT_READOUTS * len(SPOT_KINDS) if self.spots else 0)
         # the pooled quantities live on different scales (a log-count of 6 beside a max of 0.01): standardise
         self.concept_head = nn.Sequential(
@@ -223,17 +238,37 @@ class ImageBranch(nn.Module):
     def inputs(self, image: torch.Tensor) -> torch.Tensor:
         return torch.cat([image, self.tissue_contrast(image)], dim=1)  # (B, 2, D, H, W)
 
-    def spot_readout(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, SPOT_READOUTS * len(SPOT_KINDS)) from the spot detector (empty without one)."""
+    def spot_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> the part the spot detector reads, (B, C, d, h, w) (``FusionConfig.spot_region``)."""
+        if self.spot_region is None:
+            return x
+        (z0, z1), (y0, y1), (x0, x1) = self.spot_region
+        return x[:, :, z0:z1, y0:y1, x0:x1]
+
+    def spot_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs(image)`` (B, 2, D, H, W) -> spot logits over the spot region (B, len(SPOT_KINDS), d, h, w)."""
+        assert self.spots is not None
+        return self.spots(self.spot_crop(inputs))
+
+    def spot_readout(self, image: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, SPOT_READOUTS * len(SPOT_KINDS)) from the spot detector (empty without one); ``inputs``:
+        ``self.inputs(image)`` when already computed."""
         if self.spots is None:
             return image.new_zeros((image.shape[0], 0))
-        return SpotDetector.readout(self.spots(self.inputs(image)))
+        return SpotDetector.readout(self.spot_logits(self.inputs(image) if inputs is None else inputs))
 
     def forward_with_seg(
         self, image: torch.Tensor, spot_features: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``spot_features``: ``spot_readout(image)`` computed beforehand (training caches it: the detector is
         frozen by then); computed here when None."""
+        pooled, seg = self.pooled_with_seg(image, spot_features)
+        return self.concept_head(pooled), seg  # (B, len(IMAGE_CONCEPTS)) raw, (B, K, d, h, w)
+
+    def pooled_with_seg(
+        self, image: torch.Tensor, spot_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the concept head reads (B, n_pooled) and the lesion-map logits (B, K, D/2, H/2, W/2)."""
         x = self.inputs(image)  # (B, 2, D, H, W)
         half = self.stem(x)  # (B, c1, D/2, H/2, W/2)
         ctx = self.context(self.down(half))  # (B, c2, D/4, H/4, W/4)
@@ -244,9 +279,9 @@ class ImageBranch(nn.Module):
         confident = torch.log1p(F.relu(2.0 * lesion - 1.0).sum(dim=(2, 3, 4)))  # (B, K): as much, counting p > 0.5
         sure = lesion.amax(dim=(2, 3, 4))  # (B, K): how sure of any
         if spot_features is None:
-            spot_features = self.spot_readout(image)  # (B, 3 * len(SPOT_KINDS))
+            spot_features = self.spot_readout(image, x)  # (B, 3 * len(SPOT_KINDS))
         pooled = [ctx.amax(dim=(2, 3, 4)), ctx.mean(dim=(2, 3, 4)), amount, confident, sure, spot_features]
-        return self.concept_head(torch.cat(pooled, dim=1)), seg  # (B, len(IMAGE_CONCEPTS)) raw, (B, K, d, h, w)
+        return torch.cat(pooled, dim=1), seg  # (B, n_pooled), (B, K, d, h, w)
 
 
 class VitalsBranch(nn.Module):

@@ -234,6 +234,7 @@ def test_spot_readout_counts_distinct_peaks_not_voxels() -> None:
 def test_spot_detector_learns_to_count_small_planted_spots() -> None:
     """Dark 2x2x2 spots (labelled as lacunes) among bright noise and a larger dark distractor slab: after
     patch training the peak count tracks the true number of spots per volume."""
+    from inference.model import SPOT_REGION
     from inference.model import FusionModel as Model
     from inference.train import fit_spot_detector, spot_readouts
 
@@ -241,12 +242,13 @@ def test_spot_detector_learns_to_count_small_planted_spots() -> None:
     n = 48
     D, H, W = C.VOLUME_SHAPE
     image = (0.3 + 0.05 * rng.standard_normal((n, 1, D, H, W))).astype(np.float32)
-    image[:, :, 10:14, 40:60, 5:25] = -0.4  # an unlabelled dark structure every patient has
+    (z0, z1), (y0, y1), (x0, x1) = SPOT_REGION
+    image[:, :, z0 + 4 : z0 + 8, y0 + 1 : y0 + 10, x0 + 1 : x0 + 16] = -0.4  # an unlabelled dark structure
     label = np.zeros((n, D, H, W), np.uint8)
     counts = rng.integers(0, 4, n)
     for i in range(n):
         for _ in range(counts[i]):
-            z, y, x = rng.integers(2, D - 4), rng.integers(4, 36), rng.integers(30, W - 4)
+            z, y, x = rng.integers(z0 + 1, z1 - 3), rng.integers(y0 + 12, y1 - 3), rng.integers(x0 + 18, x1 - 3)
             image[i, 0, z : z + 2, y : y + 2, x : x + 2] = -0.4
             label[i, z : z + 2, y : y + 2, x : x + 2] = 1
     torch.manual_seed(0)
@@ -260,3 +262,75 @@ def test_spot_detector_learns_to_count_small_planted_spots() -> None:
 
     truth = np.array([ndimage.label(label[i] == 1)[1] for i in range(n)])
     assert np.mean(found == truth) > 0.7, f"counts {found.tolist()} vs {truth.tolist()}"
+    # the detector reads only its region: a spot planted outside it is not counted
+    outside = image.copy()
+    outside[:, 0, 1:3, 2:4, 2:4] = -0.4
+    assert z0 >= 3 and y0 >= 4 and x0 >= 4, "the region leaves room for a spot outside it"
+    moved = np.expm1(spot_readouts(model, {**inputs, "image": outside})[:, 0]).round()
+    np.testing.assert_array_equal(moved, found)
+
+
+def test_concept_head_refit_recovers_concepts_from_frozen_features() -> None:
+    """The image concept head, refitted alone on pooled features that determine the concepts, learns them
+    (and leaves the head frozen); a head left as initialised does not know them."""
+    from inference.model import BINARY_CONCEPTS, IMAGE_CONCEPTS
+    from inference.train import refit_concept_head
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(3)
+    model = FusionModel(FusionConfig(variant="image", spot_channels=4))
+    assert model.image_branch is not None
+    width = model.image_branch.concept_head[0].num_features
+    n = 600
+    pooled = rng.standard_normal((n, width)).astype(np.float32)
+    factors = np.stack(
+        [
+            np.clip(np.round(1.5 + pooled[:, 0]), 0, 4),  # lacune count
+            np.clip(np.round(1.5 + pooled[:, 1] - pooled[:, 2]), 0, 3),  # WMD grade
+            (pooled[:, 3] > 0.8).astype(float),  # territorial
+            (pooled[:, 4] > 1.2).astype(float),  # vessel sign
+        ],
+        axis=1,
+    ).astype(np.float32)
+    present = np.ones((n, 1), np.float32)
+    present[:20] = 0.0  # absent images are left out of the fit
+    split = (np.arange(100, n), np.arange(0, 100))
+    result = refit_concept_head(model, pooled, factors, present, split, TrainSettings(concept_refit_epochs=150))
+
+    assert result["val_concept_loss_after"] < 0.5 * result["val_concept_loss_before"]
+    assert not any(p.requires_grad for p in model.image_branch.concept_head.parameters())
+    with torch.no_grad():
+        raw = model.image_branch.concept_head(torch.from_numpy(pooled[100:])).numpy()
+    for k, name in enumerate(IMAGE_CONCEPTS):
+        truth = factors[100:, k]
+        if name in BINARY_CONCEPTS:  # logits: ranked right (AUROC)
+            pos, neg = raw[truth > 0.5, k], raw[truth < 0.5, k]
+            auroc = (pos[:, None] > neg[None, :]).mean()
+            assert auroc > 0.95, f"{name}: AUROC {auroc:.3f}"
+        else:
+            r = np.corrcoef(raw[:, k], truth)[0, 1]
+            assert r > 0.8, f"{name}: r {r:.2f}"
+
+
+def test_spot_region_holds_every_lacune_and_vessel_sign() -> None:
+    """The spot detector reads only ``SPOT_REGION``: every lacune and vessel-sign voxel of patients it never
+    saw (seed 4242, the first 600, labels only) lies inside it (the nearest comes within one slice of its top)."""
+    from inference.model import LESION_KINDS, SPOT_KINDS, SPOT_REGION
+    from inference.synth.patient import generate_patient
+
+    lo = np.array([a for a, _ in SPOT_REGION])
+    hi = np.array([b for _, b in SPOT_REGION])
+    found = dict.fromkeys(SPOT_KINDS, 0)
+    for i in range(600):
+        patient = generate_patient(4242, i)
+        if not (patient.geometry.lacunes or patient.geometry.hyperdense_side):
+            continue
+        label = patient.finding_label()
+        for kind in SPOT_KINDS:
+            voxels = np.argwhere(label == LESION_KINDS.index(kind) + 1)  # (n, 3) z, y, x
+            if len(voxels):
+                found[kind] += 1
+                assert (voxels.min(axis=0) >= lo).all() and (voxels.max(axis=0) < hi).all(), (
+                    f"patient {i}: {kind} voxels span {voxels.min(axis=0)}..{voxels.max(axis=0)}, region {SPOT_REGION}"
+                )
+    assert found["lacune"] > 100 and found["hyperdense_vessel"] > 15, found
