@@ -61,22 +61,11 @@ def pointing_game(cohort: object, fusion: object) -> tuple[float, float]:
     return float(np.mean(hits)), float(np.mean(chance))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap of model 0.4.0: pointing game 0.42 on this seed against chance 0.116 (3.6x; 0.3.0: 0.50, "
-    "0.2.0: 0.67); six of the seven misses are patients with white-matter disease, the seventh has only an "
-    "old infarct; strict, so it fails loudly once a model passes",
-)
 def test_attribution_points_at_planted_findings_far_more_than_chance(pointing_game: tuple[float, float]) -> None:
     hit_rate, chance_rate = pointing_game
     assert hit_rate >= 5 * chance_rate, f"pointing game {hit_rate:.2f} (chance {chance_rate:.3f})"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap of model 0.4.0: pointing game 0.42 on this seed (chance 0.116) against the 0.7 target; "
-    "misses are mostly white-matter-disease patients; strict, so it fails loudly once a model passes",
-)
 def test_pointing_game_reaches_the_target_hit_rate(pointing_game: tuple[float, float]) -> None:
     hit_rate, chance_rate = pointing_game
     assert hit_rate >= 0.7, f"pointing game {hit_rate:.2f} (chance {chance_rate:.3f})"
