@@ -395,25 +395,6 @@ def _image_batches(model: FusionModel, inputs: Mapping[str, np.ndarray], batch_s
         yield start, image * present.view(-1, 1, 1, 1, 1)
 
 
-def image_embeddings(
-    model: FusionModel,
-    inputs: Mapping[str, np.ndarray],
-    batch_size: int = 32,
-    spot_features: np.ndarray | None = None,
-) -> np.ndarray:
-    """The image branch's raw concepts (N, K) of every patient, computed once (the branch is frozen)."""
-    assert model.image_branch is not None
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start, image in _image_batches(model, inputs, batch_size):
-            spots = None
-            if spot_features is not None:
-                spots = torch.from_numpy(spot_features[start : start + batch_size]).to(image.device)
-            out.append(model.image_branch.forward_with_seg(image, spots)[0].cpu().numpy())  # (B, E)
-    return np.concatenate(out)
-
-
 def image_pooled(
     model: FusionModel, inputs: Mapping[str, np.ndarray], spot_features: np.ndarray | None = None, batch_size: int = 32
 ) -> np.ndarray:
@@ -428,6 +409,20 @@ def image_pooled(
                 spots = torch.from_numpy(spot_features[start : start + batch_size]).to(image.device)
             out.append(model.image_branch.pooled_with_seg(image, spots)[0].cpu().numpy())  # (B, n_pooled)
     return np.concatenate(out)
+
+
+def image_embeddings(
+    model: FusionModel,
+    inputs: Mapping[str, np.ndarray],
+    batch_size: int = 32,
+    spot_features: np.ndarray | None = None,
+) -> np.ndarray:
+    """The image branch's raw concepts (N, K) of every patient, computed once (the branch is frozen)."""
+    assert model.image_branch is not None
+    pooled = image_pooled(model, inputs, spot_features, batch_size)  # (N, n_pooled)
+    with torch.no_grad():
+        x = torch.from_numpy(pooled).to(next(model.parameters()).device)
+        return model.image_branch.concept_head(x).cpu().numpy()  # (N, K)
 
 
 def refit_concept_head(
