@@ -270,6 +270,44 @@ def test_spot_detector_learns_to_count_small_planted_spots() -> None:
     np.testing.assert_array_equal(moved, found)
 
 
+def test_spot_patches_include_hard_negatives_where_others_have_findings() -> None:
+    """The spot detector's patch sampler: by the shares of the settings, patches near a labelled finding of the
+    patient, at a place where another patient has one but this one has none (hard negatives), or anywhere in the
+    region; a share whose kind has no example passes on."""
+    from inference.model import SPOT_REGION
+    from inference.train import spot_patch_centre
+
+    rs = np.random.default_rng(1)
+    lacune_at = {i: rs.integers(10, 30, (6, 3)) for i in (0, 3, 5)}
+    vessel_at = {2: np.array([[12, 20, 30], [12, 21, 30]])}
+    where = {1: list(lacune_at.items()), 4: list(vessel_at.items())}
+    without = {1: np.array([1, 2, 4, 6]), 4: np.array([0, 1, 3, 4, 5, 6])}
+    present = np.arange(7)
+    settings = TrainSettings(spot_focus=(0.2, 0.2), spot_negatives=(0.2, 0.2))
+    third = -(-np.array(settings.spot_patch) // 3)  # the jitter, rounded away from zero
+    rng = np.random.default_rng(0)
+    seen: dict[str, int] = {}
+    for _ in range(2000):
+        row, centre, why = spot_patch_centre(rng, settings, where, without, present, SPOT_REGION)
+        seen[why] = seen.get(why, 0) + 1
+        if why in ("lacune", "not lacune", "hyperdense_vessel", "not hyperdense_vessel"):
+            at = lacune_at if "lacune" in why else vessel_at
+            negative = why.startswith("not ")
+            assert (row in without[1 if "lacune" in why else 4]) == negative, (why, row)
+            sources = [at[row]] if not negative else list(at.values())
+            # within a third of the patch of some labelled voxel (of this patient, or of another for a negative)
+            assert any((np.abs(v - centre) <= third).all(axis=1).any() for v in sources), (why, row, centre)
+        else:
+            assert why == "background" and all(lo <= c < hi for c, (lo, hi) in zip(centre, SPOT_REGION, strict=True))
+    assert set(seen) == {"lacune", "not lacune", "hyperdense_vessel", "not hyperdense_vessel", "background"}
+    assert all(abs(count / 2000 - 0.2) < 0.04 for count in seen.values()), seen
+    # no patient has a vessel sign: its shares pass on (to the next kind, then to background)
+    no_vessel = {1: where[1], 4: []}
+    whys = [spot_patch_centre(rng, settings, no_vessel, without, present, SPOT_REGION)[2] for _ in range(1000)]
+    assert "hyperdense_vessel" not in whys and "not hyperdense_vessel" not in whys
+    assert 0.3 < whys.count("background") / 1000 < 0.5
+
+
 def test_concept_head_refit_recovers_concepts_from_frozen_features() -> None:
     """The image concept head, refitted alone on pooled features that determine the concepts, learns them
     (and leaves the head frozen); a head left as initialised does not know them."""
