@@ -126,9 +126,9 @@ def reuse_freed_memory() -> bool:
     serves every allocation over 32 MB with a fresh ``mmap`` and hands it back with ``munmap`` when freed, so
     every step faults its activations in page by page again: on the two-core machine half the CPU time of
     training went to the kernel (``strace -c``: munmap ~6 ms a call). ``M_MMAP_MAX`` 0 serves them from the
-    heap instead and a high ``M_TRIM_THRESHOLD`` keeps the heap; a CNN step of the image branch went from
-    5.6 s to 3.6 s (``bench/bench_train_step.py`` prints the ratio). Process-wide,
-    so only the command-line entry points of training and evaluation call it.
+    heap instead and a high ``M_TRIM_THRESHOLD`` keeps the heap; a CNN step of the image branch (batch 64, two
+    threads) went from 2.73 s to 1.74 s, system CPU from 1.87 s to 0.02 s (``python bench/bench_train_step.py
+    --runs 3 --steps 3``). Process-wide, so only the command-line entry points of training and evaluation call it.
     """
     import ctypes
     import ctypes.util
@@ -424,8 +424,13 @@ def image_embeddings(
     spot_features: np.ndarray | None = None,
 ) -> np.ndarray:
     """The image branch's raw concepts (N, K) of every patient, computed once (the branch is frozen)."""
+    return concepts_of_pooled(model, image_pooled(model, inputs, spot_features, batch_size))
+
+
+def concepts_of_pooled(model: FusionModel, pooled: np.ndarray) -> np.ndarray:
+    """The image concept head over pooled features (``image_pooled``, (N, n_pooled)) -> raw concepts (N, K)."""
     assert model.image_branch is not None
-    pooled = image_pooled(model, inputs, spot_features, batch_size)  # (N, n_pooled)
+    model.image_branch.concept_head.eval()
     with torch.no_grad():
         x = torch.from_numpy(pooled).to(next(model.parameters()).device)
         return model.image_branch.concept_head(x).cpu().numpy()  # (N, K)
@@ -559,14 +564,12 @@ def fit_spot_detector(
     # kept because the shipped spot detector was trained with it and the training command must reproduce it
     rng = np.random.default_rng(int(rows.sum()) % (2**32))
     kinds = [LESION_KINDS.index(k) + 1 for k in SPOT_KINDS]  # label codes
-    where = {
-        code: [(int(i), np.argwhere(label[i] == code)) for i in rows if (label[i] == code).any()] for code in kinds
-    }
-    present = inputs["image_present"][:, 0] > 0
-    without = {code: np.array([int(i) for i in rows if present[i] and not (label[i] == code).any()]) for code in kinds}
+    having = {code: [int(i) for i in rows if (label[i] == code).any()] for code in kinds}  # scanned once
+    where = {code: [(i, np.argwhere(label[i] == code)) for i in having[code]] for code in kinds}
+    present_rows = rows[inputs["image_present"][rows, 0] > 0]
+    without = {code: present_rows[~np.isin(present_rows, having[code])] for code in kinds}
     pd, ph, pw = settings.spot_patch
     d, h, w = label.shape[1:]
-    present_rows = rows[inputs["image_present"][rows, 0] > 0]
     # the detector reads only its region (``FusionConfig.spot_region``): draw the background patches there
     region = branch.spot_region or ((0, d), (0, h), (0, w))
     # the contrast channel is standardised over each whole volume: compute it on the volumes, cut patches after
@@ -878,10 +881,7 @@ def run(
                     refit_info["concept_head_refit"] = refit_concept_head(
                         model, pooled, aux["image_factors"], inputs["image_present"], split, settings
                     )
-                    assert model.image_branch is not None
-                    with torch.no_grad():
-                        x = torch.from_numpy(pooled).to(next(model.parameters()).device)  # (N, n_pooled)
-                        shared["image_concepts"] = model.image_branch.concept_head(x).cpu().numpy()  # (N, K_img)
+                    shared["image_concepts"] = concepts_of_pooled(model, pooled)  # (N, K_img)
                 info_refit = {**info, **refit_info}
                 model = fit(inputs, outcome, variant, seed, settings, info_refit, aux, {"image": model}, shared=shared)
         save(model, out_dir / variant)
