@@ -187,11 +187,25 @@ def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path)
     settings = TrainSettings(
         epochs=5, cnn_epochs=5, batch_size=32, patience=5, lr=3e-3, vitals_extra=0, spot_steps=30, calibration_extra=0
     )
+    head = toy_cohort(64, seed=2)  # patients the CNN never sees; the staged heads learn from them too
     out = train_run(
-        seed=0, n=192, out_dir=tmp_path, variants=("fusion", "vitals", "image"), settings=settings, cohort=cohort
+        seed=0,
+        n=192,
+        out_dir=tmp_path,
+        variants=("fusion", "vitals", "image"),
+        settings=settings,
+        cohort=cohort,
+        head=head,
     )
-    fusion, image = load(out / "fusion"), load(out / "image")
+    fusion, image, vitals = load(out / "fusion"), load(out / "image"), load(out / "vitals")
     assert (out / "vitals" / "weights.pt").is_file()
+    n_train = 192 - round(192 * settings.val_fraction)
+    for model in (fusion, image):
+        assert model.cfg.info["head_records_added"] == 64
+        assert model.cfg.info["n_train"] == n_train + 64, "the head cohort joins the training split"
+        assert model.cfg.info["n_val"] == 192 - n_train, "the validation split is the cohort's alone"
+    assert "head_records_added" not in vitals.cfg.info and vitals.cfg.info["n_train"] == n_train
+    assert image.cfg.info["concept_head_refit"]["epochs"] > 0
     assert fusion.cfg.info["seed"] == 0 and fusion.cfg.temperature > 0
     assert fusion.cfg.info["staged_from_baselines"] is True
     assert image.cfg.info["staged_from_baselines"] is True, "the image baseline's head is refitted on its frozen CNN"
