@@ -123,7 +123,7 @@ class TrainSettings:
     #: patients rendered after the calibration cohort, never seen by the CNN, from which the heads on its frozen
     #: features also learn (staged training only): the image concept head (``refit_concept_head``), the image
     #: baseline's risk head and the fusion head. Trained on the 1,600 training patients alone, the concept head
-    #: stops improving at once (seed 1001: lacune count r 0.734); with 2,000 more, r 0.779 and the fusion AUROC
+    #: improves on no epoch (seed 1001: lacune count r 0.734); with 2,000 more, r 0.779 and the fusion AUROC
     #: +0.0025 on four unseen cohorts; 4,000 added nothing more to the fusion AUROC (MODEL_CARD.md). 0: the
     #: training split alone.
     head_extra: int = 2000
