@@ -894,21 +894,21 @@ def run(
     }
     trained: dict[str, FusionModel] = {}
     shared: dict[str, np.ndarray] = {}
+    aux = {k: getattr(cohort, k) for k in AUX_KEYS if getattr(cohort, k, None) is not None}
+    # the staged heads' patients: the cohort, followed by the head cohort when there is one
+    h_inputs, h_outcome, h_aux = with_head_records(inputs, outcome, aux, head) if n_head else (inputs, outcome, aux)
+    h_info = {**info, "head_records_added": n_head} if n_head else info
     for variant in sorted(variants, key=VARIANTS_BASELINES_FIRST.index):
         baselines = None
         if variant == "fusion" and settings.staged:
             baselines = {v: trained[v] if v in trained else load(out_dir / v) for v in ("image", "vitals")}
-        aux = {k: getattr(cohort, k) for k in AUX_KEYS if getattr(cohort, k, None) is not None}
-        if n_head and variant != "vitals":
-            h_inputs, h_outcome, h_aux = with_head_records(inputs, outcome, aux, head)
         if variant == "vitals" and settings.vitals_extra > 0 and "vital_factors" in aux:
             # patients after the cohort's own, from the same seed: never in its validation split
             extra = make_vitals_cohort(settings.vitals_extra, seed, start=len(outcome))
             v_inputs, v_outcome, v_aux = with_vitals_records(inputs, outcome, aux, extra)
             v_info = {**info, "vitals_records_added": len(extra)}
             model = fit(v_inputs, v_outcome, variant, seed, settings, v_info, v_aux, extra_train=len(extra))
-        elif variant == "fusion" and n_head:  # staged: the head learns from the head cohort as well
-            h_info = {**info, "head_records_added": n_head}
+        elif variant == "fusion":  # staged, the head learns from the head cohort as well (n_head is 0 otherwise)
             model = fit(h_inputs, h_outcome, variant, seed, settings, h_info, h_aux, baselines, n_head, shared)
         else:
             model = fit(inputs, outcome, variant, seed, settings, info, aux, baselines, shared=shared)
@@ -916,21 +916,21 @@ def run(
                 # the heads trained beside the CNN read maps and concepts that kept moving, on patients the CNN
                 # had learnt: refit both, in turn, on the frozen branch (the concept head on its pooled features,
                 # then the risk head), on the training split and the head cohort, which the CNN never saw
-                refit_info: dict[str, object] = {"head_records_added": n_head} if n_head else {}
-                r_inputs, r_outcome, r_aux = (h_inputs, h_outcome, h_aux) if n_head else (inputs, outcome, aux)
-                if "image_factors" in r_aux:
+                refit_info: dict[str, object] = {}
+                if "image_factors" in h_aux:
                     pooled = image_pooled(model, inputs, shared.get("spot_readouts"))  # (N, n_pooled)
                     if n_head:
-                        pooled = np.concatenate([pooled, image_pooled(model, cohort_inputs(head))])
+                        head_rows = {k: v[len(outcome) :] for k, v in h_inputs.items()}  # views, no copy
+                        pooled = np.concatenate([pooled, image_pooled(model, head_rows)])
                     train_idx, val_idx = split_indices(len(outcome), settings.val_fraction, seed)
                     split = (np.concatenate([train_idx, len(outcome) + np.arange(n_head)]), val_idx)
                     refit_info["concept_head_refit"] = refit_concept_head(
-                        model, pooled, r_aux["image_factors"], r_inputs["image_present"], split, settings
+                        model, pooled, h_aux["image_factors"], h_inputs["image_present"], split, settings
                     )
                     shared["image_concepts"] = concepts_of_pooled(model, pooled)  # (N + n_head, K_img)
-                info_refit = {**info, **refit_info}
+                info_refit = {**h_info, **refit_info}
                 model = fit(
-                    r_inputs, r_outcome, variant, seed, settings, info_refit, r_aux, {"image": model}, n_head, shared
+                    h_inputs, h_outcome, variant, seed, settings, info_refit, h_aux, {"image": model}, n_head, shared
                 )
         save(model, out_dir / variant)
         trained[variant] = model
