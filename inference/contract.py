@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 MODEL_NAME = "stroke_fusion"
 #: Semantic version of the trained network + its preprocessing. Bump on any change here.
-MODEL_VERSION = "0.5.0"
+MODEL_VERSION = "0.6.0"
 #: Version directory in the Triton model repository (``triton_models/stroke_fusion/<n>/``).
 TRITON_MODEL_VERSION = 1
 MAX_BATCH = 32

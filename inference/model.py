@@ -75,6 +75,9 @@ class FusionConfig:
     demo_embed: int = 8
     head_hidden: int = 32
     dropout: float = 0.1
+    #: The fusion model's head: "logistic" (``LogisticHead``, since 0.6.0: one logistic model per presence
+    #: pattern over the concepts and their image x vital products) or "mlp" (the MLP, as the baselines have it).
+    head_kind: Literal["logistic", "mlp"] = "logistic"
     #: Train the lesion-map head against lesion masks and the concept heads against the known risk factors
     #: (when the data has them): dense signals where outcomes alone give one bit per patient.
     aux_seg: bool = True
@@ -110,6 +113,7 @@ class FusionConfig:
             raw[key] = tuple(raw[key])
         raw.pop("image_embed", None)  # configs before 0.2.0
         raw.setdefault("spot_channels", 0)  # configs before 0.3.0 had no spot detector
+        raw.setdefault("head_kind", "mlp")  # configs before 0.6.0: the MLP head
         region = raw.get("spot_region")  # absent before 0.4.0: the whole volume
         raw["spot_region"] = None if region is None else tuple((int(a), int(b)) for a, b in region)
         return cls(**raw)
@@ -341,13 +345,82 @@ class DemographicsBranch(nn.Module):
         return F.relu(self.fc(demographics))  # (B, demo_embed)
 
 
+#: The presence patterns ``LogisticHead`` keeps one logistic model for, in the order of its indicator inputs.
+PRESENCE_PATTERNS: tuple[str, ...] = ("both", "image", "vitals", "none")
+
+
+class LogisticHead(nn.Module):
+    """The fusion model's head (since 0.6.0): one logistic model per presence pattern, in one linear layer.
+
+    Pattern "both" reads the demographics, the image concepts, the vital concepts, each vital concept's positive
+    part (its excess over the population: z-scores above the mean, a rising trend, an AF probability) and every
+    image concept times every such excess (cross-modal interactions, an old infarct on labile blood pressure among
+    them); "image" the demographics and image concepts; "vitals" the demographics, vital concepts and their
+    excesses; "none" the demographics. Each pattern's features are standardised (``mean``, ``scale``: buffers
+    fitted with the weights) and zeroed unless the patient has that pattern, and each pattern has its own
+    intercept (the weight of its indicator), so a missing modality's values cannot move the score.
+
+    ``inference.train.fit_logistic_head`` fits it in closed form, L1-penalised, on the frozen branches' concepts
+    (its penalty chosen by cross-validated log-loss); it is differentiable, so end-to-end training can learn it too.
+    """
+
+    mean: torch.Tensor  # buffers (total,)
+    scale: torch.Tensor
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        kd, ki, kv = cfg.n_demographics, cfg.image_concepts, cfg.vital_concepts
+        self.widths = {"both": kd + ki + 2 * kv + ki * kv, "image": kd + ki, "vitals": kd + 2 * kv, "none": kd}
+        total = sum(self.widths.values())
+        self.register_buffer("mean", torch.zeros(total))
+        self.register_buffer("scale", torch.ones(total))
+        self.linear = nn.Linear(len(PRESENCE_PATTERNS) + total, 1, bias=False)
+
+    def features(
+        self,
+        demographics: torch.Tensor,
+        image_values: torch.Tensor,
+        image_present: torch.Tensor,
+        vital_values: torch.Tensor,
+        observed: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pattern indicators (B, 4), raw features of every pattern (B, total), which of them apply (B, total))."""
+        batch = demographics.shape[0]
+        excess = F.relu(vital_values)  # (B, K_vit)
+        products = (image_values.unsqueeze(2) * excess.unsqueeze(1)).reshape(batch, -1)  # (B, K_img * K_vit)
+        blocks = {
+            "both": [demographics, image_values, vital_values, excess, products],
+            "image": [demographics, image_values],
+            "vitals": [demographics, vital_values, excess],
+            "none": [demographics],
+        }
+        fi, fv = image_present, observed  # (B, 1) each
+        patterns = {"both": fi * fv, "image": fi * (1 - fv), "vitals": (1 - fi) * fv, "none": (1 - fi) * (1 - fv)}
+        raw = torch.cat([torch.cat(blocks[p], dim=1) for p in PRESENCE_PATTERNS], dim=1)  # (B, total)
+        applies = torch.cat([patterns[p].expand(batch, self.widths[p]) for p in PRESENCE_PATTERNS], dim=1)
+        return torch.cat([patterns[p] for p in PRESENCE_PATTERNS], dim=1), raw, applies
+
+    def forward(
+        self,
+        demographics: torch.Tensor,
+        image_values: torch.Tensor,
+        image_present: torch.Tensor,
+        vital_values: torch.Tensor,
+        observed: torch.Tensor,
+    ) -> torch.Tensor:
+        patterns, raw, applies = self.features(demographics, image_values, image_present, vital_values, observed)
+        standard = (raw - self.mean) / self.scale * applies  # (B, total): zero outside the patient's pattern
+        return self.linear(torch.cat([patterns, standard], dim=1))  # (B, 1)
+
+
 class FusionModel(nn.Module):
     """forward(inputs) -> uncalibrated logit (B, 1). Calibration is applied by ``calibrated``/export.
 
     Mid-level fusion through named concepts: each branch ends in the risk factors it can see (the image
-    branch ``IMAGE_CONCEPTS``, the vitals branch ``VITAL_CONCEPTS``), gated by presence; the head, a small
-    MLP, reads those, the presence flags and the demographics embedding. Interactions between modalities
-    (a damaged territory on labile blood pressure) are the head's to learn.
+    branch ``IMAGE_CONCEPTS``, the vitals branch ``VITAL_CONCEPTS``), gated by presence; the head reads those,
+    the presence flags and the demographics: for the fusion model a logistic model per presence pattern with
+    every image x vital concept product (``LogisticHead``), for the single-modality baselines (and configs
+    before 0.6.0) a small MLP over the concepts, flags and a demographics embedding.
     """
 
     def __init__(self, cfg: FusionConfig) -> None:
@@ -355,13 +428,17 @@ class FusionModel(nn.Module):
         self.cfg = cfg
         self.image_branch = ImageBranch(cfg) if cfg.uses_image else None
         self.vitals_branch = VitalsBranch(cfg) if cfg.uses_vitals else None
-        self.demo_branch = DemographicsBranch(cfg)
-        width = cfg.demo_embed
-        width += (cfg.image_concepts + 1) if cfg.uses_image else 0  # + image_present flag
-        width += (cfg.vital_concepts + 1) if cfg.uses_vitals else 0  # + vitals_present flag
-        self.head = nn.Sequential(
-            nn.Linear(width, cfg.head_hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.head_hidden, 1)
-        )
+        # the fusion model's head is the logistic one (it reads the demographics as they come); the baselines' an MLP
+        self.logistic = LogisticHead(cfg) if cfg.head_kind == "logistic" and cfg.variant == "fusion" else None
+        self.demo_branch = self.head = None
+        if self.logistic is None:
+            self.demo_branch = DemographicsBranch(cfg)
+            width = cfg.demo_embed
+            width += (cfg.image_concepts + 1) if cfg.uses_image else 0  # + image_present flag
+            width += (cfg.vital_concepts + 1) if cfg.uses_vitals else 0  # + vitals_present flag
+            self.head = nn.Sequential(
+                nn.Linear(width, cfg.head_hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.head_hidden, 1)
+            )
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         dims = C.input_spec(name).dims
@@ -423,14 +500,22 @@ class FusionModel(nn.Module):
 
         Returns (logit (B, 1), raw vital concepts (B, K_vit) or None for a model without a vitals branch).
         """
-        parts = [self.demo_branch(demographics)]  # (B, demo_embed)
         vital_concepts = None
+        if self.vitals_branch is not None:
+            vital_concepts = self.vitals_branch(vitals, vitals_mask, vitals_delta)  # (B, K_vit)
+        if self.logistic is not None:
+            assert image_concepts is not None and vital_concepts is not None
+            observed = (vitals_mask.sum(dim=(1, 2)) > 0).to(vitals.dtype).unsqueeze(1)  # (B, 1)
+            image_values = concept_values(image_concepts, IMAGE_CONCEPTS)  # (B, K_img)
+            vital_values = concept_values(vital_concepts, VITAL_CONCEPTS)  # (B, K_vit)
+            return self.logistic(demographics, image_values, image_present, vital_values, observed), vital_concepts
+        assert self.head is not None and self.demo_branch is not None
+        parts = [self.demo_branch(demographics)]  # (B, demo_embed)
         if self.image_branch is not None:
             assert image_concepts is not None
             parts += [concept_values(image_concepts, IMAGE_CONCEPTS) * image_present, image_present]  # (B, K), (B, 1)
-        if self.vitals_branch is not None:
+        if vital_concepts is not None:
             observed = (vitals_mask.sum(dim=(1, 2)) > 0).to(vitals.dtype).unsqueeze(1)  # (B, 1)
-            vital_concepts = self.vitals_branch(vitals, vitals_mask, vitals_delta)  # (B, K_vit)
             parts += [concept_values(vital_concepts, VITAL_CONCEPTS) * observed, observed]  # (B, K_vit), (B, 1)
         return self.head(torch.cat(parts, dim=1)), vital_concepts  # (B, 1), (B, K_vit) | None
 

@@ -56,6 +56,7 @@ from inference.model import (
     BINARY_CONCEPTS,
     IMAGE_CONCEPTS,
     LESION_KINDS,
+    PRESENCE_PATTERNS,
     SPOT_KINDS,
     VARIANTS,
     VITAL_CONCEPTS,
@@ -63,6 +64,7 @@ from inference.model import (
     FusionModel,
     Variant,
     calibrated_logit,
+    concept_values,
     count_parameters,
     load,
     save,
@@ -653,6 +655,103 @@ def fit_spot_detector(
     spots.eval()
 
 
+#: L1 penalties (inverse strength, standardised features) ``fit_logistic_head`` chooses from by 5-fold log-loss
+LOGISTIC_HEAD_CS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def vital_values(model: FusionModel, inputs: Mapping[str, np.ndarray], batch_size: int = 256) -> np.ndarray:
+    """The vitals branch's concepts as the head reads them (``concept_values``), (N, K_vit)."""
+    assert model.vitals_branch is not None
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(inputs["vitals"]), batch_size):
+            rows = slice(start, start + batch_size)
+            raw = model.vitals_branch(
+                *(torch.from_numpy(inputs[k][rows]) for k in ("vitals", "vitals_mask", "vitals_delta"))
+            )
+            out.append(concept_values(raw, VITAL_CONCEPTS).numpy())
+    return np.concatenate(out)
+
+
+def fit_logistic_head(
+    model: FusionModel,
+    image_concepts: np.ndarray,
+    inputs: Mapping[str, np.ndarray],
+    outcome: np.ndarray,
+    rows: np.ndarray,
+    seed: int,
+) -> dict[str, object]:
+    """Fit ``model.logistic`` on the frozen branches' concepts of ``rows``: one L1-penalised logistic regression
+    per presence pattern, every patient in every pattern its data allow (an imaged patient with vitals also
+    teaches "image" with the vitals left out, and so on), the penalty chosen per pattern by 5-fold
+    cross-validated log-loss from ``LOGISTIC_HEAD_CS``. Convex, so the same concepts give the same head.
+
+    Returns what was chosen, per pattern (penalty, non-zero weights, patients, cross-validated log-loss)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    head = model.logistic
+    assert head is not None
+    n = len(rows)
+    demo = torch.from_numpy(inputs["demographics"][rows])
+    image = concept_values(torch.from_numpy(image_concepts[rows]), IMAGE_CONCEPTS)
+    vital = torch.from_numpy(
+        vital_values(model, {k: inputs[k][rows] for k in ("vitals", "vitals_mask", "vitals_delta")})
+    )
+    has_image = inputs["image_present"][rows, 0] > 0
+    has_vitals = inputs["vitals_mask"][rows].sum(axis=(1, 2)) > 0
+    can = {"both": has_image & has_vitals, "image": has_image, "vitals": has_vitals, "none": np.ones(n, bool)}
+    one, zero = torch.ones(n, 1), torch.zeros(n, 1)
+    shown = {"both": (one, one), "image": (one, zero), "vitals": (zero, one), "none": (zero, zero)}
+    y = np.asarray(outcome[rows], dtype=np.float64)
+    weight = torch.zeros_like(head.linear.weight[0])  # (4 + total,)
+    mean, scale = torch.zeros_like(head.mean), torch.ones_like(head.scale)
+    chosen: dict[str, object] = {}
+    start = 0  # where the pattern's block starts among the features; its weights follow the 4 indicators
+    for k, pattern in enumerate(PRESENCE_PATTERNS):
+        block = slice(start, start + head.widths[pattern])
+        fi, fv = shown[pattern]
+        _, raw, _ = head.features(demo, image, fi, vital, fv)  # (n, total)
+        x = raw[:, block].double().numpy()[can[pattern]]
+        t = y[can[pattern]]
+        mu, sd = x.mean(axis=0), x.std(axis=0)
+        sd[sd < 1e-6] = 1.0  # a constant feature (a concept nobody in the cohort has) stays at zero weight
+        xs = (x - mu) / sd
+        folds = list(StratifiedKFold(5, shuffle=True, random_state=seed).split(xs, t))
+
+        def regression(c: float) -> Any:
+            return LogisticRegression(C=c, l1_ratio=1.0, solver="liblinear", max_iter=10000, tol=1e-6)
+
+        cv_loss = {
+            c: float(
+                np.mean([log_loss(regression(c).fit(xs[a], t[a]).decision_function(xs[b]), t[b]) for a, b in folds])
+            )
+            for c in LOGISTIC_HEAD_CS
+        }
+        best = min(cv_loss, key=cv_loss.__getitem__)
+        fitted = regression(best).fit(xs, t)
+        weight[k] = float(fitted.intercept_[0])
+        weight[len(PRESENCE_PATTERNS) + block.start : len(PRESENCE_PATTERNS) + block.stop] = torch.from_numpy(
+            fitted.coef_[0]
+        )
+        mean[block], scale[block] = torch.from_numpy(mu), torch.from_numpy(sd)
+        chosen[pattern] = {
+            "C": best,
+            "nonzero": int((fitted.coef_ != 0).sum()),
+            "of": head.widths[pattern],
+            "n": int(len(t)),
+            "cv_log_loss": round(cv_loss[best], 5),
+        }
+        start = block.stop
+    with torch.no_grad():
+        head.linear.weight.copy_(weight.unsqueeze(0))
+        head.mean.copy_(mean)
+        head.scale.copy_(scale)
+    log.info("fusion: logistic head per presence pattern %s", chosen)
+    return chosen
+
+
 def _staged(variant: Variant, baselines: Mapping[str, FusionModel], device: torch.device) -> FusionModel:
     """A ``variant`` model whose branches are the baselines' (image, vitals), frozen: only the head learns."""
     image = baselines.get("image")
@@ -745,10 +844,14 @@ def fit(
     log.info("%s: %d parameters on %s%s", variant, count_parameters(model), device, " (staged)" if staged else "")
     val_inputs = {k: v[val_idx] for k, v in inputs.items()}
     y_val = outcome[val_idx]
+    epochs = settings.cnn_epochs if model.image_branch is not None and not staged else settings.epochs
+    logistic_fit: dict[str, object] = {}
+    if staged and model.logistic is not None:  # fitted in closed form on the frozen concepts: no epochs
+        logistic_fit = fit_logistic_head(model, cached, inputs, outcome, train_idx, seed)
+        epochs = 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    epochs = settings.cnn_epochs if model.image_branch is not None and not staged else settings.epochs
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
     best_loss, best_state, best_epoch, stale = np.inf, copy.deepcopy(model.state_dict()), 0, 0
     use_dropout = variant == "fusion"
     # staged training never reads the volumes again: leave them out of the per-batch copies
@@ -853,6 +956,7 @@ def fit(
         "aux_concept_weight": settings.aux_concept_weight if (use_image_concepts or use_vital_concepts) else 0.0,
         "staged_from_baselines": staged,
         "spot_steps": settings.spot_steps if model.image_branch is not None and model.image_branch.spots else 0,
+        **({"logistic_head": logistic_fit} if logistic_fit else {}),
     }
     log.info("%s: temperature %.3f, validation %s", variant, model.cfg.temperature, model.cfg.info["val_metrics"])
     return model.cpu().eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,15 @@ import torch
 
 from inference import contract as C
 from inference.calibrate import expected_calibration_error, fit_temperature, fit_temperature_and_bias, sigmoid
-from inference.model import CalibratedModel, FusionConfig, FusionModel, calibrated_logit, load, save
+from inference.model import (
+    PRESENCE_PATTERNS,
+    CalibratedModel,
+    FusionConfig,
+    FusionModel,
+    calibrated_logit,
+    load,
+    save,
+)
 from inference.train import TrainSettings, calibrate, cohort_inputs, predict_logits, withhold
 from inference.train import run as train_run
 
@@ -123,6 +132,82 @@ def test_all_masked_vitals_score_like_no_vitals() -> None:
         assert torch.allclose(model.forward_dict(a), model.forward_dict(b))
 
 
+def test_fusion_head_is_logistic_per_presence_pattern_and_baselines_keep_the_mlp() -> None:
+    from inference.model import IMAGE_CONCEPTS, VITAL_CONCEPTS, concept_values
+
+    assert FusionModel(FusionConfig(variant="image")).logistic is None
+    assert FusionModel(FusionConfig(variant="vitals")).logistic is None
+    assert FusionModel(FusionConfig(head_kind="mlp")).logistic is None
+    torch.manual_seed(0)
+    model = FusionModel(FusionConfig()).eval()
+    head = model.logistic
+    assert head is not None and model.head is None
+    inputs = random_batch(3, seed=4)
+    i, j = IMAGE_CONCEPTS.index("territorial"), VITAL_CONCEPTS.index("lability_z")
+    # the "both" block: demographics, image concepts, vital concepts, their positive parts, then the products
+    n_before = 4 + C.N_DEMOGRAPHICS + len(IMAGE_CONCEPTS) + 2 * len(VITAL_CONCEPTS)
+    column = n_before + i * len(VITAL_CONCEPTS) + j
+    with torch.no_grad():
+        before = model.forward_dict(inputs)
+        head.linear.weight[0, column] += 1.5
+        head.scale[column - 4] = 2.0
+        after = model.forward_dict(inputs)
+        _, aux = model.forward_with_aux(*(inputs[k] for k in C.INPUT_NAMES))
+    image = concept_values(aux["image_concepts"], IMAGE_CONCEPTS)[:, i]
+    vital = concept_values(aux["vital_concepts"], VITAL_CONCEPTS)[:, j]
+    product = image * vital.clamp(min=0)  # an old infarct on labile blood pressure
+    old_weight = head.linear.weight[0, column] - 1.5
+    want = 1.5 * product / 2.0 + old_weight * (product / 2.0 - product)  # the new weight, the new scale
+    assert torch.allclose(after - before, want.unsqueeze(1), atol=1e-5)
+    # without the image the "both" block is not read at all
+    no_image = dict(inputs, image_present=torch.zeros(3, 1))
+    with torch.no_grad():
+        head.linear.weight[0, column] += 100.0
+        moved = model.forward_dict(no_image)
+        head.linear.weight[0, column] -= 100.0
+        assert torch.allclose(moved, model.forward_dict(no_image))
+
+
+def test_logistic_head_fit_finds_a_planted_cross_modal_interaction() -> None:
+    """``fit_logistic_head`` on concepts whose outcome hangs on one image concept times one vital excess: that
+    product gets the largest of the 20 product weights, and the head ranks patients as the truth does."""
+    from sklearn.metrics import roc_auc_score
+
+    from inference.model import IMAGE_CONCEPTS, VITAL_CONCEPTS
+    from inference.train import fit_logistic_head, vital_values
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n = 3000
+    model = FusionModel(FusionConfig()).eval()
+    inputs = {k: v.numpy() for k, v in random_batch(n, seed=5).items()}
+    image_concepts = rng.normal(1.0, 1.0, size=(n, len(IMAGE_CONCEPTS))).astype(np.float32)  # raw
+    excess = np.maximum(vital_values(model, inputs), 0)  # (n, K_vit), what the head multiplies by
+    j = int(np.argmax(excess.std(axis=0)))
+    truth = -1.5 + 1.2 * image_concepts[:, 0] * excess[:, j] / excess[:, j].std()  # lacunes x one vital excess
+    y = (rng.random(n) < sigmoid(truth)).astype(np.float64)
+    chosen = fit_logistic_head(model, image_concepts, inputs, y, np.arange(n), seed=0)
+    assert chosen["both"]["n"] == n  # type: ignore[index]
+    head = model.logistic
+    assert head is not None
+    ki, kv = len(IMAGE_CONCEPTS), len(VITAL_CONCEPTS)
+    first = len(PRESENCE_PATTERNS) + C.N_DEMOGRAPHICS + ki + 2 * kv  # the products of the "both" block
+    products = head.linear.weight[0, first : first + ki * kv].abs()
+    assert int(products.argmax()) == 0 * kv + j, "the planted product is the strongest"
+    with torch.no_grad():
+        batch = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        logit, _ = model.fuse(torch.from_numpy(image_concepts), *(batch[k] for k in C.INPUT_NAMES[1:]))
+    assert roc_auc_score(y, logit[:, 0].numpy()) > roc_auc_score(y, truth) - 0.01
+
+
+def test_configs_before_the_logistic_head_load_with_the_mlp_head() -> None:
+    raw = json.loads(FusionConfig().to_json())
+    del raw["head_kind"]
+    cfg = FusionConfig.from_json(json.dumps(raw))
+    assert cfg.head_kind == "mlp"
+    assert FusionModel(cfg).logistic is None and FusionModel(cfg).head is not None
+
+
 def test_calibrated_model_divides_logit_by_temperature_and_adds_the_bias() -> None:
     torch.manual_seed(0)
     model = FusionModel(FusionConfig(temperature=2.0, calibration_bias=0.25)).eval()
@@ -208,6 +293,12 @@ def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path)
     assert image.cfg.info["concept_head_refit"]["epochs"] > 0
     assert fusion.cfg.info["seed"] == 0 and fusion.cfg.temperature > 0
     assert fusion.cfg.info["staged_from_baselines"] is True
+    # the fusion head: one logistic model per presence pattern, its penalty chosen by cross-validation
+    from inference.train import LOGISTIC_HEAD_CS
+
+    chosen = fusion.cfg.info["logistic_head"]
+    assert set(chosen) == set(PRESENCE_PATTERNS)  # type: ignore[call-overload]
+    assert all(c["C"] in LOGISTIC_HEAD_CS and c["n"] == n_train + 64 for c in chosen.values())  # type: ignore[attr-defined]
     assert image.cfg.info["staged_from_baselines"] is True, "the image baseline's head is refitted on its frozen CNN"
     # staged: the fusion model's image branch is the image baseline's, unchanged
     for name, tensor in fusion.image_branch.state_dict().items():  # type: ignore[union-attr]
