@@ -715,6 +715,17 @@ def fit_logistic_head(
         _, raw, _ = head.features(demo, image, fi, vital, fv)  # (n, total)
         x = raw[:, block].double().numpy()[can[pattern]]
         t = y[can[pattern]]
+        start = block.stop
+        events = int(t.sum())
+        if min(events, len(t) - events) < 5:
+            # too few patients of one outcome to fit (or to cross-validate) anything: the pattern's features get no
+            # weight and its intercept is the event rate (smoothed); said in the config, not hidden
+            weight[k] = float(np.log((events + 0.5) / (len(t) - events + 0.5)))
+            chosen[pattern] = {"C": None, "nonzero": 0, "of": head.widths[pattern], "n": int(len(t)), "events": events}
+            log.warning(
+                "fusion: %d patients (%d events) with pattern %r: its model is the event rate", len(t), events, pattern
+            )
+            continue
         mu, sd = x.mean(axis=0), x.std(axis=0)
         sd[sd < 1e-6] = 1.0  # a constant feature (a concept nobody in the cohort has) stays at zero weight
         xs = (x - mu) / sd
@@ -741,9 +752,9 @@ def fit_logistic_head(
             "nonzero": int((fitted.coef_ != 0).sum()),
             "of": head.widths[pattern],
             "n": int(len(t)),
+            "events": events,
             "cv_log_loss": round(cv_loss[best], 5),
         }
-        start = block.stop
     with torch.no_grad():
         head.linear.weight.copy_(weight.unsqueeze(0))
         head.mean.copy_(mean)

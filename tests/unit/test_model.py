@@ -200,6 +200,29 @@ def test_logistic_head_fit_finds_a_planted_cross_modal_interaction() -> None:
     assert roc_auc_score(y, logit[:, 0].numpy()) > roc_auc_score(y, truth) - 0.01
 
 
+def test_logistic_head_fit_without_a_pattern_in_the_data_falls_back_to_the_event_rate() -> None:
+    """No training patient has an image: the "both" and "image" models cannot be fitted; they get no feature
+    weight and the event rate as intercept (recorded), and the vitals-only model is fitted as usual."""
+    from inference.train import fit_logistic_head
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    n = 400
+    model = FusionModel(FusionConfig()).eval()
+    inputs = {k: v.numpy() for k, v in random_batch(n, seed=6).items()}
+    inputs["image_present"] = np.zeros((n, 1), np.float32)
+    y = (rng.random(n) < 0.3).astype(np.float64)
+    chosen = fit_logistic_head(model, np.zeros((n, 4), np.float32), inputs, y, np.arange(n), seed=0)
+    assert chosen["both"]["n"] == 0 and chosen["both"]["C"] is None  # type: ignore[index]
+    assert chosen["image"]["n"] == 0 and chosen["vitals"]["n"] == n  # type: ignore[index]
+    assert chosen["vitals"]["C"] is not None  # type: ignore[index]
+    head = model.logistic
+    assert head is not None
+    both = head.linear.weight[0, PRESENCE_PATTERNS.index("both")]
+    assert abs(float(both.detach()) - np.log(0.5 / 0.5)) < 1e-6  # no patients, no events: even odds
+    assert torch.isfinite(head.linear.weight).all()
+
+
 def test_configs_before_the_logistic_head_load_with_the_mlp_head() -> None:
     raw = json.loads(FusionConfig().to_json())
     del raw["head_kind"]
