@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from inference.calibrate import binary_metrics, reliability_curve, sigmoid
 from inference.model import FusionModel, calibrated_logit, load
@@ -30,6 +29,7 @@ from inference.train import (
     predict_proba,
     reuse_freed_memory,
     same_image_branch,
+    vital_values,
     withhold,
 )
 
@@ -96,14 +96,8 @@ def concept_agreement(
     inputs = cohort_inputs(cohort)
     if image_concepts is None:
         image_concepts = image_embeddings(model, inputs)
-    vital = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(cohort.outcome), batch_size):
-            rows = slice(start, start + batch_size)
-            series = (torch.from_numpy(inputs[k][rows]) for k in ("vitals", "vitals_mask", "vitals_delta"))
-            vital.append(model.vitals_branch(*series).numpy())  # (B, K_vit) raw
-    outs = {"image_concepts": [image_concepts], "vital_concepts": vital}
+    # AF as a probability, the graded ones as they are: AUROC and Pearson r read them as the raw outputs would
+    outs = {"image_concepts": [image_concepts], "vital_concepts": [vital_values(model, inputs, batch_size)]}
     present = inputs["image_present"][:, 0] > 0
     observed = inputs["vitals_mask"].sum(axis=(1, 2)) > 0
     result: dict[str, dict[str, float]] = {}

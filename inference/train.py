@@ -685,9 +685,10 @@ def fit_logistic_head(
     """Fit ``model.logistic`` on the frozen branches' concepts of ``rows``: one L1-penalised logistic regression
     per presence pattern, every patient in every pattern its data allow (an imaged patient with vitals also
     teaches "image" with the vitals left out, and so on), the penalty chosen per pattern by 5-fold
-    cross-validated log-loss from ``LOGISTIC_HEAD_CS``. Convex, so the same concepts give the same head.
+    cross-validated log-loss from ``LOGISTIC_HEAD_CS``. Seeded (folds and solver): the same concepts and
+    ``seed`` give the same head.
 
-    Returns what was chosen, per pattern (penalty, non-zero weights, patients, cross-validated log-loss)."""
+    Returns what was chosen, per pattern (penalty, non-zero weights, patients, events, cross-validated log-loss)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
@@ -732,7 +733,11 @@ def fit_logistic_head(
         folds = list(StratifiedKFold(5, shuffle=True, random_state=seed).split(xs, t))
 
         def regression(c: float) -> Any:
-            return LogisticRegression(C=c, l1_ratio=1.0, solver="liblinear", max_iter=10000, tol=1e-6)
+            # liblinear's coordinate descent visits the features in a random order, and with correlated features
+            # (a concept, its positive part, its products) the L1 optimum is flat: seeded, or two runs differ
+            return LogisticRegression(
+                C=c, l1_ratio=1.0, solver="liblinear", max_iter=10000, tol=1e-6, random_state=seed
+            )
 
         cv_loss = {
             c: float(
@@ -857,6 +862,7 @@ def fit(
     y_val = outcome[val_idx]
     epochs = settings.cnn_epochs if model.image_branch is not None and not staged else settings.epochs
     logistic_fit: dict[str, object] = {}
+    started = time.monotonic()
     if staged and model.logistic is not None:  # fitted in closed form on the frozen concepts: no epochs
         logistic_fit = fit_logistic_head(model, cached, inputs, outcome, train_idx, seed)
         epochs = 0
@@ -864,7 +870,8 @@ def fit(
     opt = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
     best_loss, best_state, best_epoch, stale = np.inf, copy.deepcopy(model.state_dict()), 0, 0
-    use_dropout = variant == "fusion"
+    # modality dropout: for a fusion model trained by epochs (the logistic head learns each pattern separately)
+    use_dropout = variant == "fusion" and epochs > 0
     # staged training never reads the volumes again: leave them out of the per-batch copies
     batch_keys = [k for k in C.INPUT_NAMES if not (staged and k == "image")]
 
@@ -899,7 +906,6 @@ def fit(
         )
         if on
     ]
-    started = time.monotonic()
     for epoch in range(1, epochs + 1):
         model.train()
         if staged:  # frozen branches stay in inference mode (BatchNorm statistics included)

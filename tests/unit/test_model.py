@@ -198,6 +198,10 @@ def test_logistic_head_fit_finds_a_planted_cross_modal_interaction() -> None:
         batch = {k: torch.from_numpy(v) for k, v in inputs.items()}
         logit, _ = model.fuse(torch.from_numpy(image_concepts), *(batch[k] for k in C.INPUT_NAMES[1:]))
     assert roc_auc_score(y, logit[:, 0].numpy()) > roc_auc_score(y, truth) - 0.01
+    # the same concepts and seed give the same head, bit for bit
+    first_fit = head.linear.weight.detach().clone()
+    fit_logistic_head(model, image_concepts, inputs, y, np.arange(n), seed=0)
+    assert torch.equal(head.linear.weight.detach(), first_fit)
 
 
 def test_logistic_head_fit_without_a_pattern_in_the_data_falls_back_to_the_event_rate() -> None:
