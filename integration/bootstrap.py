@@ -132,7 +132,11 @@ def bootstrap(
         raise ValueError("STROKEWATCH_EHR__BASE_URL is not set (the FHIR R4 base URL)")
     pacs_auth = build_auth(settings.pacs.auth, settings.pacs.verify_tls)
     pacs = DicomWebPacs(
-        settings.pacs.dicomweb_url, auth=pacs_auth, timeout=settings.pacs.timeout_s, verify=settings.pacs.verify_tls
+        settings.pacs.dicomweb_url,
+        auth=pacs_auth,
+        timeout=settings.pacs.timeout_s,
+        verify=settings.pacs.verify_tls,
+        study_timezone=settings.pacs.study_zone(),
     )
     feed = None
     root = _orthanc_root(settings)
@@ -169,6 +173,7 @@ def bootstrap(
         identifier_system_for=settings.identifier_system_for,
         assessment_identifier_system=settings.assessment_identifier_system,
         lookback_hours=settings.pacs.lookback_hours,
+        clock_skew_s=settings.pacs.clock_skew_s,
         changes_from_beginning=settings.pacs.changes_from_beginning,
         explain=settings.explain_drivers,
         retry_backoff_s=settings.retry_backoff_s,

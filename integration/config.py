@@ -8,12 +8,16 @@ Obtain it through ``get_settings()``; nothing is built at import time.
 from __future__ import annotations
 
 import os
+from datetime import datetime, tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from integration.localzone import machine_zone, machine_zone_name
 
 _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "placeholder", "xxx", "todo", "sandbox"}
 
@@ -59,14 +63,45 @@ class PacsSettings(BaseModel):
     auth: AuthSettings = AuthSettings()
     timeout_s: float = 60.0
     poll_seconds: float = 30.0
-    lookback_hours: float = 24.0  # QIDO window for generic polling (and the first start of the Orthanc feed)
+    #: QIDO window for generic polling (and the first start of the Orthanc feed).
+    lookback_hours: float = Field(default=24.0, gt=0.0)
     #: Orthanc feed on first start: False = studies of the lookback window, then follow the feed from its end;
     #: True = replay Orthanc's whole change log (every study it ever stored).
     changes_from_beginning: bool = False
+    #: The PACS's IANA time zone (e.g. "Europe/Berlin"), for StudyDate/StudyTime without
+    #: TimezoneOffsetFromUTC (most PACS). None: this machine's local zone (`strokewatch doctor` says which).
+    timezone: str | None = None
+    #: Modality clocks run fast: a study dated up to this far in the future is found on the next poll.
+    clock_skew_s: float = Field(default=900.0, ge=0.0, le=86400.0)
     min_slices: int = 16
     #: Regex over BodyPartExamined / study / series descriptions that marks a head study (None: built-in).
     head_pattern: str | None = None
     verify_tls: bool = True
+
+    @field_validator("timezone")
+    @classmethod
+    def _iana_zone(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        try:
+            ZoneInfo(v.strip())
+        except (ZoneInfoNotFoundError, ValueError) as err:
+            raise ValueError(f"pacs.timezone {v!r} is not an IANA time zone name (e.g. Europe/Berlin)") from err
+        return v.strip()
+
+    def study_zone(self) -> tzinfo:
+        """The zone naive study dates are read in: ``timezone``, else this machine's local zone."""
+        return ZoneInfo(self.timezone) if self.timezone else machine_zone()
+
+    def study_zone_name(self) -> str:
+        """For humans (doctor): the zone in use and where it comes from."""
+        if self.timezone:
+            return f"{self.timezone} (pacs.timezone)"
+        name = machine_zone_name()
+        if name:
+            return f"{name} (this machine's zone; set pacs.timezone if the PACS is elsewhere)"
+        offset = f"{datetime.now().astimezone():%z}"
+        return f"UTC{offset} fixed offset (this machine's zone has no IANA name; set pacs.timezone)"
 
 
 class EhrSettings(BaseModel):

@@ -8,7 +8,7 @@ never library exceptions, so services can record them without knowing the librar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Protocol
 
 from inference.preprocess import Slice
@@ -19,8 +19,9 @@ from integration.domain.types import PatientInfo, SeriesRef, StudyRef
 class Pacs(Protocol):
     """A DICOMweb PACS (QIDO-RS / WADO-RS)."""
 
-    def find_studies(self, since: datetime, until: datetime) -> list[StudyRef]:
-        """Studies whose StudyDate/StudyTime fall in [since, until] (or all, for Orthanc-style feeds)."""
+    def find_studies(self, first: date, last: date) -> list[StudyRef]:
+        """Studies whose StudyDate (the PACS's local date) lies in [first, last], as QIDO-RS date-range
+        matching gives them; ``study_datetime`` timezone-aware (naive ones read in the PACS's zone)."""
         ...
 
     def get_study(self, study_uid: str) -> StudyRef | None: ...
@@ -49,6 +50,10 @@ class Ehr(Protocol):
 
     def find_patient(self, system: str | None, value: str) -> PatientInfo | None:
         """Patient by identifier; raises DomainError(AMBIGUOUS_PATIENT) when several match."""
+        ...
+
+    def patients_updated_since(self, since: datetime) -> list[PatientInfo]:
+        """Patients created or changed after ``since`` (with their identifiers), all pages followed."""
         ...
 
     def search_observations(

@@ -2,7 +2,7 @@
 
 Queries stay within characters no server needs percent-decoded (Orthanc 1.10 does not decode QIDO
 values): date ranges ``YYYYMMDD-YYYYMMDD``, UIDs, keywords, repeated ``includefield`` parameters.
-Modality and exact date/time filtering happen here, on the answers.
+Modality filtering happens here, on the answers; exact date/time filtering in ``domain.studytime``.
 
 Retrieval asks for a whole series as ``multipart/related; type="application/dicom"`` in whatever
 transfer syntax the PACS stored (``transfer-syntax=*``), splits the multipart stream itself and decodes
@@ -38,7 +38,9 @@ from integration.adapters.dicomweb_parse import (
     dicom_datetime,
     multipart_boundary,
 )
+from integration.domain.studytime import localize
 from integration.domain.types import DomainError, Outcome, SeriesRef, StudyRef
+from integration.localzone import machine_zone
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,9 @@ _INSTANCE_FIELDS = ("SOPClassUID", "ImageType", "SliceThickness", "ConvolutionKe
 class DicomWebPacs:
     """``Pacs`` over DICOMweb. ``base_url`` is the service root, e.g. ``http://pacs:8042/dicom-web``.
 
-    Naive DICOM dates/times (no TimezoneOffsetFromUTC) are read in ``study_timezone`` (default: this
-    machine's local zone); ``StudyRef.study_datetime`` is always timezone-aware.
+    Naive DICOM dates/times (no TimezoneOffsetFromUTC) are read in ``study_timezone`` (the PACS's zone,
+    with its DST rules; default: this machine's local zone); ``StudyRef.study_datetime`` is always
+    timezone-aware.
     """
 
     def __init__(
@@ -78,7 +81,7 @@ class DicomWebPacs:
         self._client = client or httpx.Client(auth=auth, timeout=timeout, verify=verify)
         self.study_modalities = tuple(m.upper() for m in study_modalities)
         self.page_size = page_size
-        self.study_timezone = study_timezone
+        self.study_timezone: tzinfo = study_timezone or machine_zone()
         self.max_pages = max_pages
 
     def close(self) -> None:
@@ -163,23 +166,17 @@ class DicomWebPacs:
 
     # -- Pacs port ---------------------------------------------------------------------------------------
 
-    def find_studies(self, since: datetime, until: datetime) -> list[StudyRef]:
-        """Studies whose StudyDate/StudyTime fall in [since, until] and whose modalities include CT/MR."""
-        lo, hi = self._aware(since), self._aware(until)
-        first, last = self._local_date(lo), self._local_date(hi)
+    def find_studies(self, first: date, last: date) -> list[StudyRef]:
+        """CT/MR studies whose StudyDate lies in [first, last] (QIDO-RS date-range matching on the PACS's
+        local dates). A superset of a detection window: ``StudyWindow.contains`` then decides exactly."""
+        if last < first:
+            raise ValueError("find_studies: last date before first")
         params = [("StudyDate", f"{first:%Y%m%d}-{last:%Y%m%d}"), *(("includefield", f) for f in _STUDY_FIELDS)]
         studies: list[StudyRef] = []
         for item in self._qido_pages("/studies", params, "0020000D"):
             ref = self._study_ref(item)
-            if ref is None or not self._wanted_modalities(ref):
-                continue
-            when = ref.study_datetime
-            if when is not None and attr_str(item, "00080030"):
-                if not lo <= when <= hi:
-                    continue
-            elif when is not None and not first <= when.date() <= last:  # date only: the day decides
-                continue
-            studies.append(ref)
+            if ref is not None and self._wanted_modalities(ref):
+                studies.append(ref)
         return studies
 
     def get_study(self, study_uid: str) -> StudyRef | None:
@@ -277,21 +274,14 @@ class DicomWebPacs:
         path = f"/studies/{study_uid}/series/{series_uid}/instances"
         return sum(1 for _ in self._qido_pages(path, [("includefield", "SOPInstanceUID")], "00080018"))
 
-    def _aware(self, when: datetime) -> datetime:
-        if when.tzinfo is not None:
-            return when
-        return when.replace(tzinfo=self.study_timezone) if self.study_timezone else when.astimezone()
-
-    def _local_date(self, when: datetime) -> date:
-        return when.astimezone(self.study_timezone).date() if self.study_timezone else when.astimezone().date()
-
     def _study_ref(self, item: dict[str, Any]) -> StudyRef | None:
         uid = attr_str(item, "0020000D")
         if not uid:
             return None
-        when = dicom_datetime(attr_str(item, "00080020"), attr_str(item, "00080030"), attr_str(item, "00080201"))
-        if when is not None and when.tzinfo is None:
-            when = self._aware(when)
+        study_time = attr_str(item, "00080030")
+        when = dicom_datetime(attr_str(item, "00080020"), study_time, attr_str(item, "00080201"))
+        if when is not None:
+            when = localize(when, self.study_timezone)
         return StudyRef(
             study_uid=uid,
             patient_id=attr_str(item, "00100020"),
@@ -299,6 +289,7 @@ class DicomWebPacs:
             study_datetime=when,
             modalities=attr_strs(item, "00080061"),
             description=attr_str(item, "00081030"),
+            date_only=when is not None and not study_time,
         )
 
     def _wanted_modalities(self, ref: StudyRef) -> bool:

@@ -139,8 +139,12 @@ class FhirEhr:
             )
         if not patients:
             return None
-        p = patients[0]
-        return PatientInfo(str(p["id"]), p.get("birthDate"), p.get("gender"))
+        return _patient_info(patients[0])
+
+    def patients_updated_since(self, since: datetime) -> list[PatientInfo]:
+        """Patients created or changed after ``since`` (``_lastUpdated``), every page followed."""
+        found = self.search("Patient", {"_lastUpdated": f"gt{_instant(since)}"})
+        return [_patient_info(p) for p in found if p.get("resourceType") == "Patient" and p.get("id")]
 
     def search_observations(
         self, patient_id: str, codes: Sequence[str], since: datetime | None, updated_since: datetime | None
@@ -334,6 +338,15 @@ def _has_identifier(patient: Mapping[str, Any], system: str | None, value: str) 
         and (system is None or i.get("system") == system)
         for i in patient.get("identifier") or []
     )
+
+
+def _patient_info(patient: Mapping[str, Any]) -> PatientInfo:
+    identifiers = tuple(
+        (str(i.get("system") or ""), str(i["value"]))
+        for i in patient.get("identifier") or []
+        if isinstance(i, Mapping) and i.get("value")
+    )
+    return PatientInfo(str(patient["id"]), patient.get("birthDate"), patient.get("gender"), identifiers)
 
 
 def _replaced(patient: Mapping[str, Any]) -> bool:

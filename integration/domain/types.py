@@ -20,7 +20,7 @@ class Outcome(StrEnum):
     CORRUPT_PIXEL_DATA = "corrupt_pixel_data"
     UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
     # patients / vitals
-    UNMATCHED_PATIENT = "unmatched_patient"  # held; retried when the Patient appears
+    UNMATCHED_PATIENT = "unmatched_patient"  # held; retried on a slow timer and when the Patient appears
     AMBIGUOUS_PATIENT = "ambiguous_patient"
     INSUFFICIENT_DATA = "insufficient_data"
     IMPLAUSIBLE_VALUE = "implausible_value"
@@ -67,9 +67,10 @@ class StudyRef:
     study_uid: str
     patient_id: str  # DICOM PatientID (PHI: never log it raw)
     issuer: str | None  # IssuerOfPatientID
-    study_datetime: datetime | None = None
+    study_datetime: datetime | None = None  # timezone-aware (the PACS's zone when the study has no offset)
     modalities: tuple[str, ...] = ()
     description: str = ""
+    date_only: bool = False  # StudyDate without StudyTime: the study stands for its whole local day
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,14 @@ class PatientInfo:
     fhir_id: str
     birth_date: str | None = None  # FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)
     gender: str | None = None
+    identifiers: tuple[tuple[str, str], ...] = ()  # (system or "", value) of Patient.identifier (PHI)
+
+    def carries(self, system: str | None, value: str) -> bool:
+        """True when an identifier has this value (ignoring case, as servers differ) in ``system``
+        (any system when None): how a DICOM PatientID is matched to the Patient."""
+        return any(
+            v.casefold() == value.casefold() and (system is None or s == system) for s, v in self.identifiers
+        )
 
 
 @dataclass(frozen=True)

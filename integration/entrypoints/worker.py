@@ -187,7 +187,11 @@ def publish(identifier: str) -> str:
 
 @stage_task("poll_ehr")
 def poll_ehr() -> int:
-    ids: list[str] = engine().store.all_patient_ids()
+    from integration.services.studies import release_held_studies
+
+    eng = engine()
+    release_held_studies(eng.services)  # held studies whose Patient has appeared: ingest them now
+    ids: list[str] = eng.store.all_patient_ids()
     enqueue("vitals", ids)
     return len(ids)
 

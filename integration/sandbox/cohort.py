@@ -8,7 +8,7 @@ from __future__ import annotations
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,14 +81,21 @@ def load_cohort(
     progress: Callable[[int], None] | None = None,
     patients: bool = True,
     studies: bool = True,
+    utc_offset_minutes: int | None = None,
 ) -> list[LoadedPatient]:
-    """Generate ``n`` synthetic patients (inference.synth) and load their FHIR data and DICOM series."""
+    """Generate ``n`` synthetic patients (inference.synth) and load their FHIR data and DICOM series.
+
+    ``utc_offset_minutes`` puts every patient's site in that UTC offset (DICOM TimezoneOffsetFromUTC and
+    the FHIR timestamps) instead of the generator's own choice: a site at the edge of the civil zones.
+    """
     from inference import synth
 
     window_end = window_end or datetime.now(UTC).replace(microsecond=0)
     loaded: list[LoadedPatient] = []
     with httpx.Client(timeout=120) as client, tempfile.TemporaryDirectory(prefix="sw-cohort-") as tmp:
         for i, patient in enumerate(synth.iter_cohort(n, seed)):
+            if utc_offset_minutes is not None:
+                patient = replace(patient, vitals=replace(patient.vitals, utc_offset_minutes=utc_offset_minutes))
             n_obs = 0
             if patients:
                 resources = synth.fhir_resources(patient, identifier_system=identifier_system, window_end=window_end)

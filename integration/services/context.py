@@ -32,6 +32,8 @@ class Services:
     identifier_system_for: Callable[[str | None], str | None] = lambda issuer: None
     assessment_identifier_system: str = "urn:strokewatch:risk-assessment"
     lookback_hours: float = 24.0
+    #: Modality clocks run fast: detection looks this far past now as well.
+    clock_skew_s: float = 900.0
     #: Orthanc feed on first start: replay the whole change log (True) or lookback window + feed end (False).
     changes_from_beginning: bool = False
     retry_backoff_s: float = 5.0

@@ -13,6 +13,7 @@ from inference.preprocess import PreprocessError, stack_slices, volume_tensor
 from integration.domain.identity import pseudonym
 from integration.domain.retry import backoff_at
 from integration.domain.series import choose
+from integration.domain.studytime import StudyWindow, detection_window
 from integration.domain.types import DomainError, Outcome
 from integration.services.context import Services
 
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 
 ORTHANC_CURSOR = "orthanc_changes"
 QIDO_CURSOR = "qido_last_poll"
+PATIENTS_CURSOR = "ehr_patients_seen"
+#: Patients are read back this far before the last poll: the EHR's clock and ours differ, and
+#: lastUpdated has coarse resolution on some servers.
+PATIENTS_OVERLAP = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -35,9 +40,11 @@ def detect_studies(svc: Services) -> list[str]:
     """Find studies not seen before; record them as 'detected'. Returns their UIDs (to enqueue).
 
     Orthanc: its /changes feed (StableStudy) from a persisted cursor. Any DICOMweb PACS: QIDO-RS over a
-    moving date window (lookback), de-duplicated by StudyInstanceUID against the database.
+    moving window (``lookback_hours`` behind now, ``clock_skew_s`` ahead of it, in any time zone: see
+    ``domain.studytime``), de-duplicated by StudyInstanceUID against the database.
     """
     now = svc.clock.now()
+    window = detection_window(now, timedelta(hours=svc.lookback_hours), timedelta(seconds=svc.clock_skew_s))
     new: list[str] = []
     if svc.feed is not None:
         stored = svc.store.get_cursor(ORTHANC_CURSOR)
@@ -45,7 +52,7 @@ def detect_studies(svc: Services) -> list[str]:
             # First start against a PACS with history: do not replay years of changes. Take the studies of
             # the lookback window by QIDO-RS once, then follow the feed from its current end.
             cursor = svc.feed.latest_cursor()
-            new += _qido_window(svc, now, now - timedelta(hours=svc.lookback_hours), "qido")
+            new += _studies_in_window(svc, window, "qido")
             svc.store.set_cursor(ORTHANC_CURSOR, str(cursor))
         else:
             cursor = int(stored or 0)
@@ -59,16 +66,20 @@ def detect_studies(svc: Services) -> list[str]:
             if done:
                 break
     else:
-        new += _qido_window(svc, now, now - timedelta(hours=svc.lookback_hours), "qido")
+        new += _studies_in_window(svc, window, "qido")
         svc.store.set_cursor(QIDO_CURSOR, now.isoformat())
     if new:
         log.info("detected %d new stud%s", len(new), "y" if len(new) == 1 else "ies")
     return new
 
 
-def _qido_window(svc: Services, now: datetime, since: datetime, source: str) -> list[str]:
-    """Studies in [since, now] not seen before (the lookback window is re-read each poll; the DB dedupes)."""
-    refs = svc.pacs.find_studies(since, now)
+def _studies_in_window(svc: Services, window: StudyWindow, source: str) -> list[str]:
+    """Studies taken within the window and not seen before, for both detection paths.
+
+    The PACS is asked for every StudyDate the window can have in any civil zone; the answers are then
+    kept exactly on their aware datetimes. The lookback is re-read at every poll; the store de-duplicates.
+    """
+    refs = [r for r in svc.pacs.find_studies(*window.query_dates()) if window.contains(r)]
     known = svc.store.known_studies(r.study_uid for r in refs)
     return [r.study_uid for r in refs if r.study_uid not in known and svc.store.add_study(r, source)]
 
@@ -159,6 +170,8 @@ def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
     svc.store.require_vitals_sync(patient.fhir_id)  # the vitals sync then flags the patient for scoring
     log.info("study %s ready for patient %s", study_uid, pseudonym(patient.fhir_id))
     svc.enqueue("vitals", [patient.fhir_id])
+    # Earlier studies of this patient held while the Patient was missing: it is here now.
+    svc.enqueue("ingest", svc.store.release_held_studies(row.dicom_patient_id, row.issuer))
     return IngestResult(study_uid, "ready", patient_fhir_id=patient.fhir_id)
 
 
@@ -166,7 +179,7 @@ def _study_failed(svc: Services, study_uid: str, attempts: int, err: DomainError
     now = svc.clock.now()
     svc.store.record_failure("ingest", study_uid, err.outcome, err.message, err.retryable)
     if err.outcome is Outcome.UNMATCHED_PATIENT:
-        # Held, not failed: retried on a slow schedule and as soon as vitals sync sees the Patient.
+        # Held, not failed: retried on a slow schedule, and at once when the EHR poll sees the Patient.
         status, retry_at = "held", backoff_at(now, attempts, svc.held_retry_s, cap_s=3600)
     elif err.retryable and attempts < svc.max_retries:
         status, retry_at = "retry", backoff_at(now, attempts, svc.retry_backoff_s, err.retry_after)
@@ -182,6 +195,34 @@ def _study_failed(svc: Services, study_uid: str, attempts: int, err: DomainError
     )
     log.warning("study %s: %s (%s): %s", study_uid, status, err.outcome.value, err.message)
     return IngestResult(study_uid, status, err.outcome.value, err.message)
+
+
+def release_held_studies(svc: Services) -> list[str]:
+    """Held (unmatched) studies whose Patient has appeared in the EHR since the last look: back in the
+    queue now, not at their next slow retry. One ``_lastUpdated`` search per EHR poll, and none at all
+    while nothing is held. Returns the released study UIDs (enqueued for ingest)."""
+    now = svc.clock.now()
+    held = svc.store.held_patient_keys()
+    stored = svc.store.get_cursor(PATIENTS_CURSOR)
+    if not held:
+        svc.store.set_cursor(PATIENTS_CURSOR, now.isoformat())
+        return []
+    since = datetime.fromisoformat(stored) if stored else now - timedelta(hours=svc.lookback_hours)
+    try:
+        patients = svc.ehr.patients_updated_since(since - PATIENTS_OVERLAP)
+    except DomainError as err:  # the held studies' own timer still retries them
+        log.warning("looking for the Patients of %d held stud(ies) failed: %s", len(held), err.outcome.value)
+        return []
+    released: list[str] = []
+    for issuer, patient_id in held:
+        system = svc.identifier_system_for(issuer)
+        if any(p.carries(system, patient_id) for p in patients):
+            released += svc.store.release_held_studies(patient_id, issuer)
+    svc.store.set_cursor(PATIENTS_CURSOR, now.isoformat())
+    if released:
+        log.info("released %d held stud%s: the Patient appeared", len(released), "y" if len(released) == 1 else "ies")
+        svc.enqueue("ingest", released)
+    return released
 
 
 def retry_study(svc: Services, study_uid: str) -> bool:

@@ -6,7 +6,7 @@ a re-sent study, or a worker killed mid-task; for the embedded broker and for Re
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -130,3 +130,27 @@ def test_study_of_unknown_patient_is_held_until_the_patient_appears(
     load_cohort(1, seed=33, dicomweb_url=fresh_orthanc_peer.dicomweb_url, fhir_base_url=fresh_fhir_peer.base_url,
                 identifier_system=MRN_SYSTEM, studies=False)
     wait_for(lambda: len(risk_assessments(fresh_fhir_peer.base_url)) == 1, 120, "assessment after match", worker)
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_study_from_a_utc_plus_14_site_stored_before_first_start_is_found_and_assessed(
+    start_worker: Any, store: Any, fresh_fhir_peer: Any, fresh_orthanc_peer: Any
+) -> None:
+    """Taken 30 min ago at UTC+14, where it is dated tomorrow for most of the day (any hour this runs)."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    loaded = load_cohort(1, seed=34, dicomweb_url=fresh_orthanc_peer.dicomweb_url,
+                         fhir_base_url=fresh_fhir_peer.base_url, identifier_system=MRN_SYSTEM,
+                         window_end=now - timedelta(minutes=10), utc_offset_minutes=14 * 60)  # study: now - 30 min
+    uid = loaded[0].study_uid
+    meta = httpx.get(f"{fresh_orthanc_peer.dicomweb_url}/studies", params={"StudyInstanceUID": uid,
+                                                                        "includefield": "00080201"}).json()
+    assert meta[0]["00080201"]["Value"] == ["+1400"]
+    wait_for(lambda: any(c["ChangeType"] == "StableStudy" for c in httpx.get(
+        f"{fresh_orthanc_peer.url}/changes", params={"since": 0, "limit": 1000}).json()["Changes"]),
+        30, "the study stable in Orthanc before the engine starts")
+    worker = start_worker()
+    wait_for(lambda: len(risk_assessments(fresh_fhir_peer.base_url)) == 1, 240, "its RiskAssessment", worker)
+    ra = risk_assessments(fresh_fhir_peer.base_url)[0]
+    assert ra["basis"][0]["identifier"]["value"].removeprefix("urn:oid:") == uid
+    assert store.get_study(uid).source == "qido"  # found by the first start's lookback, not the feed

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydicom.uid import generate_uid
 
 from integration.bootstrap import bootstrap
@@ -30,6 +31,41 @@ def poll(eng: Any, timeout: float = 30) -> list[str]:
         found = detect_studies(eng.services)
         time.sleep(0.5)
     return found
+
+
+def stable_in_orthanc(orthanc: Any, n: int, timeout: float = 15) -> None:
+    """Wait until Orthanc's change log holds n StableStudy events (the studies are complete)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        changes = httpx.get(f"{orthanc.url}/changes", params={"since": 0, "limit": 1000}, timeout=10).json()
+        if sum(c["ChangeType"] == "StableStudy" for c in changes["Changes"]) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"Orthanc did not report {n} stable studies")
+
+
+def test_first_start_finds_studies_of_sites_at_both_edges_of_the_civil_zones(
+    tmp_path: Path, fresh_orthanc_peer: Any, fresh_fhir_peer: Any
+) -> None:
+    """Taken 30 min ago at UTC+14 (already tomorrow there, most of the day) and UTC-12 (still yesterday
+    there, most of the day), stored before the engine's first start: both found by the lookback, once."""
+    taken = datetime.now(UTC) - timedelta(minutes=30)
+    edges = {}
+    for offset, hours in (("+1400", 14), ("-1200", -12)):
+        local = taken.astimezone(timezone(timedelta(hours=hours)))
+        series = ct_series(generate_uid(), study_date=f"{local:%Y%m%d}", study_time=f"{local:%H%M%S}")
+        for ds in series:
+            ds.TimezoneOffsetFromUTC = offset
+        store(fresh_orthanc_peer, series)
+        edges[offset] = series[0].StudyInstanceUID
+    stable_in_orthanc(fresh_orthanc_peer, 2)
+    for kind in ("orthanc", "generic"):
+        eng = engine_for(tmp_path, fresh_orthanc_peer, fresh_fhir_peer, kind)
+        try:
+            assert sorted(detect_studies(eng.services)) == sorted(edges.values()), kind
+            assert detect_studies(eng.services) == [], kind
+        finally:
+            eng.close()
 
 
 def today() -> tuple[str, str]:

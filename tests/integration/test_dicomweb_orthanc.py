@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import random
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
 
 import httpx
 import numpy as np
@@ -16,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, g
 from inference.preprocess import stack_slices, volume_tensor
 from integration.adapters.dicomweb import DicomWebPacs
 from integration.domain.series import SeriesRules, choose
+from integration.domain.studytime import StudyWindow
 from integration.domain.types import DomainError, Outcome
 from integration.sandbox import OrthancPeer, free_port
 
@@ -124,14 +126,33 @@ def test_find_studies_by_date_and_time_window(orthanc_peer: OrthancPeer, pacs: D
     store(orthanc_peer, [sr])
     ours = {morning, night, later, sr_only}
 
-    found = pacs.find_studies(datetime(1983, 6, 7, 9, 0, tzinfo=UTC), datetime(1983, 6, 7, 12, 0, tzinfo=UTC))
-    assert {s.study_uid for s in found} & ours == {morning}
-    ref = next(s for s in found if s.study_uid == morning)
-    assert ref.study_datetime == datetime(1983, 6, 7, 10, 15, tzinfo=UTC)
+    same_day = pacs.find_studies(date(1983, 6, 7), date(1983, 6, 7))  # QIDO date-range matching
+    assert {s.study_uid for s in same_day} & ours == {morning, night}  # the SR-only study is not CT/MR
+    window = StudyWindow(datetime(1983, 6, 7, 9, 0, tzinfo=UTC), datetime(1983, 6, 7, 12, 0, tzinfo=UTC))
+    assert {s.study_uid for s in same_day if window.contains(s)} & ours == {morning}
+    ref = next(s for s in same_day if s.study_uid == morning)
+    assert ref.study_datetime == datetime(1983, 6, 7, 10, 15, tzinfo=UTC) and not ref.date_only
     assert ref.patient_id == "SW-TEST-1" and ref.modalities == ("CT",) and ref.description == "CT HEAD W/O"
 
-    wide = pacs.find_studies(datetime(1983, 6, 6, tzinfo=UTC), datetime(1983, 6, 10, tzinfo=UTC))
-    assert {s.study_uid for s in wide} & ours == {morning, night, later}  # the SR-only study is not CT/MR
+    wide = pacs.find_studies(date(1983, 6, 6), date(1983, 6, 10))
+    assert {s.study_uid for s in wide} & ours == {morning, night, later}
+
+
+def test_study_times_are_read_in_their_offset_or_the_pacs_zone(orthanc_peer: OrthancPeer) -> None:
+    naive, offset, date_only = generate_uid(), generate_uid(), generate_uid()
+    store(orthanc_peer, ct_series(naive, n=1, study_date="19860115", study_time="231500"))
+    with_offset = ct_series(offset, n=1, study_date="19860116", study_time="131500")
+    with_offset[0].TimezoneOffsetFromUTC = "+1400"
+    store(orthanc_peer, with_offset)
+    no_time = ct_series(date_only, n=1, study_date="19860115", study_time="")
+    store(orthanc_peer, no_time)
+    with DicomWebPacs(orthanc_peer.dicomweb_url, study_timezone=ZoneInfo("Europe/Berlin")) as berlin:
+        refs = {r.study_uid: r for r in berlin.find_studies(date(1986, 1, 15), date(1986, 1, 16))}
+    assert refs[naive].study_datetime == datetime(1986, 1, 15, 22, 15, tzinfo=UTC)  # CET, winter
+    assert refs[offset].study_datetime == datetime(1986, 1, 15, 23, 15, tzinfo=UTC)  # its own offset wins
+    assert refs[date_only].date_only and refs[date_only].study_datetime == datetime(1986, 1, 14, 23, 0, tzinfo=UTC)
+    late = StudyWindow(datetime(1986, 1, 15, 22, 0, tzinfo=UTC), datetime(1986, 1, 15, 23, 30, tzinfo=UTC))
+    assert {u for u, r in refs.items() if late.contains(r)} == {naive, offset, date_only}
 
 
 def test_find_studies_follows_pages(orthanc_peer: OrthancPeer) -> None:
@@ -139,7 +160,7 @@ def test_find_studies_follows_pages(orthanc_peer: OrthancPeer) -> None:
     for uid in uids:
         store(orthanc_peer, ct_series(uid, n=1, study_date="19790101"))
     with DicomWebPacs(orthanc_peer.dicomweb_url, page_size=2, study_timezone=UTC) as small_pages:
-        found = small_pages.find_studies(datetime(1979, 1, 1, tzinfo=UTC), datetime(1979, 1, 1, 23, tzinfo=UTC))
+        found = small_pages.find_studies(date(1979, 1, 1), date(1979, 1, 1))
         assert set(uids) <= {s.study_uid for s in found}
         assert len(found) == len({s.study_uid for s in found})
         some = next(iter(small_pages.list_series(uids[0])))
@@ -231,7 +252,7 @@ def test_corrupt_pixel_data_names_the_instance(orthanc_peer: OrthancPeer, pacs: 
 def test_pacs_down_is_pacs_unavailable() -> None:
     down = DicomWebPacs(f"http://127.0.0.1:{free_port()}/dicom-web", timeout=2.0)
     for call in (
-        lambda: down.find_studies(datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC)),
+        lambda: down.find_studies(date(2024, 1, 1), date(2024, 1, 2)),
         lambda: down.get_study("1.2.3"),
         lambda: down.list_series("1.2.3"),
         lambda: down.retrieve_series("1.2.3", "1.2.3.4"),

@@ -74,6 +74,7 @@ def test_doctor_passes_against_the_real_peers(migrated: Path, orthanc_peer: Orth
         "pacs",
         "pacs auth",
         "pacs change feed",
+        "pacs time zone",
         "ehr",
         "ehr FHIR version",
         "ehr Observation search",
@@ -89,6 +90,15 @@ def test_doctor_passes_against_the_real_peers(migrated: Path, orthanc_peer: Orth
     assert "4.0" in checks["ehr FHIR version"].detail
     assert "head" in checks["database"].detail
     assert "onnxruntime" in checks["model"].detail
+
+
+def test_doctor_states_the_pacs_time_zone(migrated: Path, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer) -> None:
+    zoned = run_checks(settings(migrated, orthanc_peer.dicomweb_url, fhir_peer.base_url,
+                                pacs={"timezone": "Australia/Sydney", "clock_skew_s": 600}))
+    detail = by_name(zoned)["pacs time zone"].detail
+    assert "Australia/Sydney (pacs.timezone)" in detail and "600 s" in detail
+    default = by_name(run_checks(settings(migrated, orthanc_peer.dicomweb_url, fhir_peer.base_url)))
+    assert "this machine's zone" in default["pacs time zone"].detail
 
 
 def test_generic_pacs_polls_qido(migrated: Path, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer) -> None:

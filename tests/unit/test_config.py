@@ -159,3 +159,34 @@ def test_explicit_settings_ignore_nothing_and_validate_too() -> None:
     assert s.ehr.auth.token is not None
     with pytest.raises(ValidationError):
         Settings.model_validate({"no_such_setting": 1})
+
+
+def test_pacs_timezone_is_an_iana_zone_with_dst_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    monkeypatch.setenv("STROKEWATCH_PACS__TIMEZONE", "Australia/Sydney")
+    zone = Settings().pacs.study_zone()
+    assert zone == ZoneInfo("Australia/Sydney")
+    assert datetime(2026, 1, 1, 12, tzinfo=zone).utcoffset() == timedelta(hours=11)  # summer there
+    assert Settings().pacs.clock_skew_s == 900.0
+    monkeypatch.setenv("STROKEWATCH_PACS__TIMEZONE", "Mars/Olympus_Mons")
+    with pytest.raises(ValidationError, match="not an IANA time zone"):
+        Settings()
+    monkeypatch.setenv("STROKEWATCH_PACS__TIMEZONE", "UTC")
+    monkeypatch.setenv("STROKEWATCH_PACS__CLOCK_SKEW_S", "-5")
+    with pytest.raises(ValidationError, match="clock_skew_s"):
+        Settings()
+
+
+def test_default_pacs_zone_is_the_machines_named_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zoneinfo import ZoneInfo
+
+    from integration.localzone import machine_zone, machine_zone_name
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    assert machine_zone_name() == "America/New_York" and machine_zone() == ZoneInfo("America/New_York")
+    assert "America/New_York (this machine's zone" in Settings().pacs.study_zone_name()
+    monkeypatch.setenv("TZ", "XYZ+3")  # a POSIX rule: no IANA name, today's fixed offset instead
+    assert machine_zone_name() is None
+    assert not isinstance(machine_zone(), ZoneInfo)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from integration.adapters.db.store import SqlStore
 from integration.domain.types import DomainError, Outcome, PatientInfo, SeriesRef, StudyRef
 from integration.services.assess import assess_patients, publish
 from integration.services.context import Services
-from integration.services.studies import ingest_study, register_study
+from integration.services.studies import ingest_study, register_study, release_held_studies
 from integration.services.vitals import sync_vitals
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -50,7 +50,7 @@ class FakePacs:
         self.down = False
         self.retrievals = 0
 
-    def find_studies(self, since: datetime, until: datetime) -> list[StudyRef]:
+    def find_studies(self, first: date, last: date) -> list[StudyRef]:
         return [StudyRef(STUDY, "MRN1", None, NOW)]
 
     def get_study(self, uid: str) -> StudyRef | None:
@@ -92,6 +92,9 @@ class FakeEhr:
 
     def find_patient(self, system: str | None, value: str) -> PatientInfo | None:
         return self.patients.get(value)
+
+    def patients_updated_since(self, since: datetime) -> list[PatientInfo]:
+        return [PatientInfo(p.fhir_id, p.birth_date, p.gender, (("", mrn),)) for mrn, p in self.patients.items()]
 
     def search_observations(self, patient_id: str, codes: Sequence[str], since: datetime | None,
                             updated_since: datetime | None) -> list[dict[str, Any]]:
@@ -212,6 +215,23 @@ def test_unmatched_patient_is_held_then_retried_when_the_patient_appears(svc: Se
     retrievals = svc.pacs.retrievals  # type: ignore[attr-defined]
     assert ingest_study(svc, STUDY).status == "ready"
     assert svc.pacs.retrievals == retrievals  # type: ignore[attr-defined]
+
+
+def test_held_study_is_released_as_soon_as_the_ehr_poll_sees_its_patient(svc: Services) -> None:
+    assert release_held_studies(svc) == []  # nothing held: the EHR is not asked
+    svc.ehr.patients.clear()  # type: ignore[attr-defined]
+    register_study(svc, STUDY)
+    assert ingest_study(svc, STUDY).status == "held"
+    assert release_held_studies(svc) == []  # still no Patient
+    assert svc.store.get_study(STUDY).status == "held"
+    svc.ehr.patients["OTHER"] = PatientInfo("pat-9", None, None)  # type: ignore[attr-defined]
+    assert release_held_studies(svc) == []  # someone else's Patient
+    svc.ehr.patients["mrn1"] = PatientInfo("pat-1", None, None)  # type: ignore[attr-defined]  # case differs
+    assert release_held_studies(svc) == [STUDY]  # long before the held study's own timer
+    row = svc.store.get_study(STUDY)
+    assert row.status == "retry" and row.next_attempt_at is None
+    assert ("ingest", [STUDY]) in svc.enqueued  # type: ignore[attr-defined]
+    assert release_held_studies(svc) == []  # released once
 
 
 def test_non_brain_series_is_recorded_with_reason(svc: Services) -> None:

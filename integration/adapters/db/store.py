@@ -156,10 +156,33 @@ class SqlStore:
             )
             return s.scalar(q)
 
-    def held_studies_for(self, dicom_patient_id: str) -> list[str]:
+    def held_patient_keys(self, limit: int = 1000) -> list[tuple[str | None, str]]:
+        """Distinct (IssuerOfPatientID, PatientID) of studies held for an unmatched patient."""
         with self.sessions() as s:
-            q = select(Study.study_uid).where(Study.dicom_patient_id == dicom_patient_id, Study.status == "held")
-            return list(s.scalars(q))
+            q = (
+                select(Study.issuer, Study.dicom_patient_id)
+                .where(Study.status == "held", Study.dicom_patient_id.is_not(None))
+                .distinct()
+                .limit(limit)
+            )
+            return [(issuer, pid) for issuer, pid in s.execute(q)]
+
+    def release_held_studies(self, dicom_patient_id: str, issuer: str | None) -> list[str]:
+        """Held studies of this patient back to 'retry', due now (conditional: only rows still held)."""
+        with self.sessions.begin() as s:
+            q = select(Study.study_uid).where(
+                Study.dicom_patient_id == dicom_patient_id,
+                Study.issuer.is_(None) if issuer is None else Study.issuer == issuer,
+                Study.status == "held",
+            )
+            uids = list(s.scalars(q))
+            if uids:
+                s.execute(
+                    update(Study)
+                    .where(Study.study_uid.in_(uids), Study.status == "held")
+                    .values(status="retry", next_attempt_at=None)
+                )
+            return uids
 
     # -- patients ---------------------------------------------------------------------
     def upsert_patient(self, fhir_id: str, birth_date: str | None, gender: str | None) -> None:

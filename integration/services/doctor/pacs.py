@@ -40,6 +40,14 @@ def check_pacs(settings: Settings, *, timeout_s: float, quick: bool = False) -> 
         mode = note or "no authentication"
         results.append(CheckResult("pacs auth", True, f"{mode}: accepted"))
         results.append(_orthanc_feed(settings, client, http_auth))
+        results.append(
+            CheckResult(
+                "pacs time zone",
+                True,
+                f"study dates without TimezoneOffsetFromUTC are read in {pacs.study_zone_name()}; "
+                f"studies up to {pacs.clock_skew_s:g} s in the future are found (clock skew)",
+            )
+        )
     return results
 
 
