@@ -28,10 +28,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inference import synth  # noqa: E402
-from integration.sandbox.cohort import post_transaction, stow  # noqa: E402
-from integration.sandbox.fhir import FhirPeer  # noqa: E402
-from integration.sandbox.orthanc import OrthancPeer  # noqa: E402
+import synth  # noqa: E402
+from sandbox.cohort import post_transaction, stow  # noqa: E402
+from sandbox.fhir import FhirPeer  # noqa: E402
+from sandbox.orthanc import OrthancPeer  # noqa: E402
 
 SYSTEM = "urn:strokewatch:bench"
 MRN = "urn:oid:1.2.36.146.595.217.0.1"

@@ -56,8 +56,8 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from inference.export import DEFAULT_WEIGHTS_DIR, untrained_model
-    from inference.model import CalibratedModel, load
+    from modelling.export import DEFAULT_WEIGHTS_DIR, untrained_model
+    from modelling.model import CalibratedModel, load
 
     torch.set_num_threads(args.threads)
     opts = ort.SessionOptions()

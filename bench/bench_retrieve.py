@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_retrieve.py [--slices 160] [--size 512] [--repeats 5] [--syntax explicit|rle|j2k]
 
-Starts its own Orthanc (integration.sandbox.OrthancPeer) in a temporary directory, stores one synthetic
+Starts its own Orthanc (sandbox.OrthancPeer) in a temporary directory, stores one synthetic
 CT series, then times (median of --repeats, same process, alternating) the whole path to the model's
 image tensor:
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.preprocess import Slice, stack_slices, volume_tensor  # noqa: E402
 from integration.adapters.dicomweb import DicomWebPacs  # noqa: E402
-from integration.sandbox import OrthancPeer  # noqa: E402
+from sandbox import OrthancPeer  # noqa: E402
 
 LABELS = {
     "engine_retrieve": "engine   DicomWebPacs.retrieve_series (HU slices)",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.synth import generate_patient, make_arrays, write_dicom
-from inference.synth.anatomy import load_template
+from synth import generate_patient, make_arrays, write_dicom
+from synth.anatomy import load_template
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """Benchmark: one training step of the image branch's CNN, with glibc's default allocator settings and then
-with ``inference.train.reuse_freed_memory`` (freed memory kept for reuse), in the same process.
+with ``modelling.train.memory.reuse_freed_memory`` (freed memory kept for reuse), in the same process.
 
     .venv/bin/python bench/bench_train_step.py [--runs 5 --steps 4 --batch 64 --threads 2]
 
 A step is forward + backward + AdamW on a batch of random volumes of the contract's shape, as in
-``inference.train.fit``. Prints, per setting, the median over ``--runs`` rounds of the per-round median step
+``modelling.train.loop.fit``. Prints, per setting, the median over ``--runs`` rounds of the per-round median step
 time and the process's system (kernel) CPU time per step, then the ratio default / reuse. The default
 rounds run first: ``mallopt`` cannot be undone in a process. Figures, not assertions.
 """
@@ -23,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference import contract as C  # noqa: E402
-from inference.model import FusionConfig, FusionModel  # noqa: E402
-from inference.train import reuse_freed_memory  # noqa: E402
+from modelling.config import FusionConfig  # noqa: E402
+from modelling.model import FusionModel  # noqa: E402
+from modelling.train.memory import reuse_freed_memory  # noqa: E402
 
 
 def rounds(runs: int, steps: int, batch: int) -> tuple[float, float]:

@@ -5,7 +5,7 @@ plus N concurrent batch-1 clients (where Triton's dynamic batching merges reques
     .venv/bin/python bench/bench_triton.py [--iters 40] [--threads 2] [--clients 4]
 
 Triton here is the CPU-only server of the nvidia-pytriton wheel, running the same model.onnx with
-onnxruntime inside a python-backend model (inference/triton_pybackend.py); both runtimes get the same
+onnxruntime inside a python-backend model (sandbox/triton_pybackend.py); both runtimes get the same
 number of intra-op threads. Figures are printed, never asserted.
 """
 
@@ -28,10 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inference import contract as C  # noqa: E402
-from inference.runtime import DEFAULT_MODEL_PATH, ModelInputs, OnnxRuntimeModel  # noqa: E402
-from inference.triton_pybackend import write_repository  # noqa: E402
-from inference.triton_runtime import TritonModel  # noqa: E402
-from integration.sandbox.triton import TritonPeer, ensure_venv  # noqa: E402
+from inference.runtime import DEFAULT_MODEL_PATH, ModelInputs, OnnxRuntimeModel, TritonModel  # noqa: E402
+from sandbox.triton import TritonPeer, ensure_venv  # noqa: E402
+from sandbox.triton_pybackend import write_repository  # noqa: E402
 
 
 def patients(n: int, seed: int = 0) -> list[ModelInputs]:

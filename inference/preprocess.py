@@ -5,7 +5,7 @@ Two pure functions families (numpy only, no DICOM or FHIR parsing here):
 * images: decoded slices + their DICOM geometry -> a volume on the contract's physical grid;
 * vitals: timestamped samples in canonical units -> the regular time grid with masks and deltas.
 
-Training (``inference.synth``/``train``) and the engine call the same functions, so what the
+Training (``synth``, ``modelling.train``) and the engine call the same functions, so what the
 model saw in training is what it sees in production.
 """
 

@@ -90,7 +90,7 @@ parameters {{
 
 
 def onnx_trained_flag(onnx_path: Path = DEFAULT_ONNX_PATH) -> bool:
-    """Whether the exported model says it is trained (ONNX metadata written by inference.export)."""
+    """Whether the exported model says it is trained (ONNX metadata written by modelling.export)."""
     import onnx
 
     from inference.runtime import META_TRAINED

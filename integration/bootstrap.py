@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 
 from integration.config import AuthSettings, Settings, get_settings
+from integration.domain.checks import CheckResult, env_name
 from integration.domain.policy import RiskPolicy
 from integration.domain.series import SeriesRules
-from integration.ports import RiskModel
+from integration.ports import Probe, RiskModel
 from integration.services.context import Services
+
+if TYPE_CHECKING:
+    from integration.adapters.db.store import SqlStore
+    from integration.adapters.dicomweb import DicomWebPacs
+    from integration.adapters.fhir import FhirEhr
+    from integration.adapters.orthanc import OrthancChangeFeed
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +60,7 @@ def build_model(settings: Settings) -> RiskModel:
     model_path = settings.model_path or DEFAULT_MODEL_PATH
     if not settings.triton_url:
         return OnnxRuntimeModel(model_path)
-    from inference.triton_runtime import FallbackModel, TritonModel
+    from inference.runtime import FallbackModel, TritonModel
 
     triton = TritonModel(
         settings.triton_url,
@@ -61,8 +70,8 @@ def build_model(settings: Settings) -> RiskModel:
         timeout_s=settings.triton_timeout_s,
     )
     if settings.triton_fallback_to_embedded:
-        return FallbackModel(triton, OnnxRuntimeModel(model_path))  # type: ignore[return-value]
-    return triton  # type: ignore[return-value]
+        return FallbackModel(triton, OnnxRuntimeModel(model_path))
+    return triton
 
 
 class LazyModel:
@@ -72,6 +81,11 @@ class LazyModel:
         self._factory = factory
         self._model: RiskModel | None = None
         self._lock = threading.Lock()
+
+    @property
+    def built(self) -> RiskModel | None:
+        """The model if it has been built (closing must not build one)."""
+        return self._model
 
     def __call__(self) -> RiskModel:
         with self._lock:
@@ -85,11 +99,11 @@ class Engine:
     """Everything an entrypoint needs. Build with ``bootstrap()``; close with ``close()``."""
 
     settings: Settings
-    store: Any
+    store: SqlStore
     services: Services
-    pacs: Any
-    ehr: Any
-    feed: Any
+    pacs: DicomWebPacs
+    ehr: FhirEhr
+    feed: OrthancChangeFeed | None
     model: LazyModel
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -110,52 +124,43 @@ def _orthanc_root(settings: Settings) -> str | None:
     return None
 
 
-def bootstrap(
-    settings: Settings | None = None, *, migrate: bool = True, enqueue: Callable[[str, list[str]], None] | None = None
-) -> Engine:
+def build_store(settings: Settings, *, migrate: bool = False) -> SqlStore:
+    """The database as the Store port (the schema brought to head first when ``migrate``)."""
     from integration.adapters.db.session import make_engine, upgrade
     from integration.adapters.db.store import SqlStore
-    from integration.adapters.dicomweb import DicomWebPacs
-    from integration.adapters.fhir import FhirEhr
-    from integration.adapters.orthanc import OrthancChangeFeed, is_orthanc
 
-    settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate:
         upgrade(settings.db_url)
-    db_engine = make_engine(settings.db_url)
-    store = SqlStore(db_engine)
+    return SqlStore(make_engine(settings.db_url))
+
+
+def bootstrap(
+    settings: Settings | None = None, *, migrate: bool = True, enqueue: Callable[[str, list[str]], None] | None = None
+) -> Engine:
+    from integration.adapters.orthanc import is_orthanc
+
+    settings = settings or get_settings()
+    store = build_store(settings, migrate=migrate)
+    db_engine = store.engine
 
     if not settings.pacs.dicomweb_url:
         raise ValueError("STROKEWATCH_PACS__DICOMWEB_URL is not set (the PACS's DICOMweb base URL)")
     if not settings.ehr.base_url:
         raise ValueError("STROKEWATCH_EHR__BASE_URL is not set (the FHIR R4 base URL)")
     pacs_auth = build_auth(settings.pacs.auth, settings.pacs.verify_tls)
-    pacs = DicomWebPacs(
-        settings.pacs.dicomweb_url,
-        auth=pacs_auth,
-        timeout=settings.pacs.timeout_s,
-        verify=settings.pacs.verify_tls,
-        study_timezone=settings.pacs.study_zone(),
-    )
+    pacs = build_pacs(settings, pacs_auth)
     feed = None
     root = _orthanc_root(settings)
-    if settings.pacs.kind == "orthanc" or (settings.pacs.kind == "auto" and root and is_orthanc(root, auth=pacs_auth)):
+    if settings.pacs.kind == "orthanc" or (
+        settings.pacs.kind == "auto"
+        and root
+        and is_orthanc(root, auth=pacs_auth, timeout=min(5.0, settings.pacs.timeout_s), verify=settings.pacs.verify_tls)
+    ):
         if root is None:
             raise ValueError("pacs.kind=orthanc needs STROKEWATCH_PACS__ORTHANC_URL")
-        feed = OrthancChangeFeed(root, auth=pacs_auth)
-    ehr = FhirEhr(
-        settings.ehr.base_url,
-        auth=build_auth(settings.ehr.auth, settings.ehr.verify_tls),
-        timeout=settings.ehr.timeout_s,
-        max_retries=settings.ehr.max_retries,
-        backoff=settings.ehr.backoff_s,
-        page_size=settings.ehr.page_size,
-        create_mode=settings.ehr.create_mode,
-        incremental=settings.ehr.incremental,
-        max_retry_after=settings.ehr.max_retry_after_s,
-        verify=settings.ehr.verify_tls,
-    )
+        feed = build_feed(settings, root, pacs_auth)
+    ehr = build_ehr(settings)
     model = LazyModel(lambda: build_model(settings))
     policy = RiskPolicy(**settings.policy.model_dump())
     rules = SeriesRules(min_slices=settings.pacs.min_slices)
@@ -179,6 +184,7 @@ def bootstrap(
         retry_backoff_s=settings.retry_backoff_s,
         held_retry_s=settings.held_retry_s,
         max_retries=settings.max_task_retries,
+        stale_claim_s=settings.stale_claim_s,
     )
     if enqueue is not None:
         services.enqueue = enqueue
@@ -189,3 +195,142 @@ def bootstrap(
         if callable(close):
             engine._closers.append(close)
     return engine
+
+
+# -- preflight: the probes `strokewatch doctor` and /health/ready run ---------------------------------------
+
+
+@dataclass(frozen=True)
+class BoundProbe:
+    """A ``Probe`` from a callable taking ``quick``: an adapter's probe with what it reports bound in."""
+
+    name: str
+    check: Callable[..., list[CheckResult]]
+
+    def probe(self, *, quick: bool) -> list[CheckResult]:
+        return self.check(quick=quick)
+
+
+def build_pacs(settings: Settings, auth: httpx.Auth | None) -> DicomWebPacs:
+    """The PACS adapter as ``bootstrap()`` builds it (STROKEWATCH_PACS__DICOMWEB_URL must be set)."""
+    from integration.adapters.dicomweb import DicomWebPacs
+
+    assert settings.pacs.dicomweb_url
+    return DicomWebPacs(
+        settings.pacs.dicomweb_url,
+        auth=auth,
+        timeout=settings.pacs.timeout_s,
+        verify=settings.pacs.verify_tls,
+        study_timezone=settings.pacs.study_zone(),
+    )
+
+
+def build_feed(settings: Settings, root: str, auth: httpx.Auth | None) -> OrthancChangeFeed:
+    """Orthanc's change feed with the PACS's credentials, timeout and TLS verification."""
+    from integration.adapters.orthanc import OrthancChangeFeed
+
+    return OrthancChangeFeed(root, auth=auth, timeout=settings.pacs.timeout_s, verify=settings.pacs.verify_tls)
+
+
+def build_ehr(settings: Settings) -> FhirEhr:
+    """The EHR adapter as ``bootstrap()`` builds it (STROKEWATCH_EHR__BASE_URL must be set)."""
+    from integration.adapters.fhir import FhirEhr
+
+    ehr = settings.ehr
+    assert ehr.base_url
+    return FhirEhr(
+        ehr.base_url,
+        auth=build_auth(ehr.auth, ehr.verify_tls),
+        timeout=ehr.timeout_s,
+        max_retries=ehr.max_retries,
+        backoff=ehr.backoff_s,
+        page_size=ehr.page_size,
+        create_mode=ehr.create_mode,
+        incremental=ehr.incremental,
+        max_retry_after=ehr.max_retry_after_s,
+        verify=ehr.verify_tls,
+    )
+
+
+@contextmanager
+def open_probes(settings: Settings, *, engine: Engine | None = None, timeout_s: float = 10.0) -> Iterator[list[Probe]]:
+    """The probes in report order: database, broker, pacs (with the change feed), ehr, model.
+
+    With ``engine`` (readiness), they check that running engine's own store, adapters and model. Without,
+    the adapters are built from ``settings`` as ``bootstrap()`` builds them (same auth, timeouts, TLS
+    verification) and closed on exit; a PACS or EHR without a URL is a failed check naming the setting.
+    ``timeout_s`` bounds the broker connection, which the engine does not hold.
+    """
+    from inference.runtime import DEFAULT_MODEL_PATH
+    from integration.adapters.broker import BrokerProbe
+    from integration.adapters.db.session import DatabaseProbe
+    from integration.adapters.model_probe import ModelProbe
+
+    broker = BrokerProbe(settings.celery_broker_url, timeout_s=timeout_s)
+    model_path = Path(settings.model_path or DEFAULT_MODEL_PATH)
+    if engine is not None:
+        pacs = _pacs_probe(settings, engine.pacs, engine.feed)
+        model = ModelProbe(engine.model, model_path=model_path)
+        yield [DatabaseProbe(engine.store.engine), broker, pacs, engine.ehr, model]
+        return
+    with ExitStack() as opened:
+        store = build_store(settings)
+        opened.callback(store.engine.dispose)
+        lazy = LazyModel(lambda: build_model(settings))
+        opened.callback(_close_model, lazy)
+        model = ModelProbe(lazy, model_path=model_path)
+        yield [DatabaseProbe(store.engine), broker, _fresh_pacs(settings, opened), _fresh_ehr(settings, opened), model]
+
+
+def _fresh_pacs(settings: Settings, opened: ExitStack) -> Probe:
+    if not settings.pacs.dicomweb_url:
+        missing = CheckResult("pacs", False, "no DICOMweb URL configured", f"set {env_name('pacs', 'dicomweb_url')}")
+        return _stated(missing)
+    auth = build_auth(settings.pacs.auth, settings.pacs.verify_tls)
+    opened.callback(_close, auth)
+    pacs = build_pacs(settings, auth)
+    opened.callback(pacs.close)
+    root = _orthanc_root(settings)
+    feed = None
+    if settings.pacs.kind != "generic" and root is not None:  # kind=auto: the probe finds out, as bootstrap() does
+        feed = build_feed(settings, root, auth)
+        opened.callback(feed.close)
+    return _pacs_probe(settings, pacs, feed)
+
+
+def _pacs_probe(settings: Settings, pacs: DicomWebPacs, feed: OrthancChangeFeed | None) -> Probe:
+    """The PACS probe, followed (doctor) by how new studies are found: Orthanc's /changes or QIDO-RS polling."""
+    from integration.adapters.orthanc import orthanc_missing, polling_result
+
+    kind = settings.pacs.kind
+    polling = polling_result(settings.pacs.poll_seconds, settings.pacs.lookback_hours)
+    if feed is not None:
+        feed_probe: Probe = BoundProbe(feed.name, partial(feed.probe, fallback=polling if kind == "auto" else None))
+    else:
+        feed_probe = _stated(orthanc_missing(None) if kind == "orthanc" else polling)
+    return BoundProbe(pacs.name, partial(pacs.probe, feed=feed_probe))
+
+
+def _fresh_ehr(settings: Settings, opened: ExitStack) -> Probe:
+    if not settings.ehr.base_url:
+        return _stated(CheckResult("ehr", False, "no FHIR base URL configured", f"set {env_name('ehr', 'base_url')}"))
+    ehr = build_ehr(settings)
+    opened.callback(ehr.close)  # closes its auth too
+    return ehr
+
+
+def _stated(result: CheckResult) -> BoundProbe:
+    """A probe whose answer is known without asking a peer (a setting is missing; no feed to check)."""
+    return BoundProbe(result.name, lambda *, quick: [result])
+
+
+def _close(resource: object) -> None:
+    close = getattr(resource, "close", None)
+    if callable(close):
+        close()
+
+
+def _close_model(lazy: LazyModel) -> None:
+    model = lazy.built  # only what the probe built
+    for part in (model, getattr(model, "primary", None), getattr(model, "fallback", None)):
+        _close(part)

@@ -7,13 +7,23 @@ never library exceptions, so services can record them without knowing the librar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from typing import Any, Protocol
 
 from inference.preprocess import Slice
-from inference.runtime import ModelInputs, Prediction
-from integration.domain.types import PatientInfo, SeriesRef, StudyRef
+from inference.runtime.base import ModelInputs, Prediction
+from integration.domain.checks import CheckResult
+from integration.domain.records import (
+    AssessmentRecord,
+    AssessmentStatus,
+    BuiltVolume,
+    NewAssessment,
+    PatientRecord,
+    StudyRecord,
+    StudyStatus,
+)
+from integration.domain.types import Outcome, PatientInfo, SeriesDecision, SeriesRef, StudyRef, VitalValue
 
 
 class Pacs(Protocol):
@@ -89,4 +99,156 @@ class RiskModel(Protocol):
 
 
 class Clock(Protocol):
-    def now(self) -> datetime: ...
+    def now(self) -> datetime:
+        """The current time, timezone-aware."""
+        ...
+
+
+class Store(Protocol):
+    """The engine's record: studies, patients, vitals, assessments, failures and feed cursors.
+
+    Every state change is atomic; the ``claim_*`` methods are conditional updates that succeed for exactly
+    one caller, so concurrent workers never process the same item twice. Reads return domain records.
+    """
+
+    # -- feed cursors --
+    def get_cursor(self, name: str) -> str | None: ...
+
+    def set_cursor(self, name: str, value: str) -> None: ...
+
+    # -- studies --
+    def add_study(self, ref: StudyRef, source: str, now: datetime) -> bool:
+        """Record a study first seen ``now``; False when it is already known (de-duplication by UID)."""
+        ...
+
+    def known_studies(self, uids: Iterable[str]) -> set[str]: ...
+
+    def get_study(self, uid: str) -> StudyRecord | None: ...
+
+    def claim_study(self, uid: str, now: datetime) -> bool:
+        """detected | retry | held -> processing (attempts + 1), for one caller only."""
+        ...
+
+    def record_series_decisions(self, uid: str, decisions: Sequence[SeriesDecision], chosen_uid: str | None) -> None:
+        ...
+
+    def set_study_volume(self, uid: str, volume: BuiltVolume) -> None: ...
+
+    def set_study_ready(self, uid: str, patient_fhir_id: str) -> None: ...
+
+    def set_study_outcome(
+        self, uid: str, status: StudyStatus, outcome: Outcome, reason: str, next_attempt_at: datetime | None
+    ) -> None:
+        """A failed attempt: held, retry (at ``next_attempt_at``) or failed for good; releases the claim."""
+        ...
+
+    def requeue_study(self, uid: str) -> bool:
+        """Operator retry: back in the queue now with a fresh attempt count; False if unknown or processing."""
+        ...
+
+    def studies_due(self, now: datetime, limit: int = 100, grace_s: float = 30.0) -> list[str]: ...
+
+    def release_stale_claims(self, older_than: datetime) -> int: ...
+
+    def latest_ready_study(self, patient_fhir_id: str) -> StudyRecord | None: ...
+
+    def held_patient_keys(self, limit: int = 1000) -> list[tuple[str | None, str]]: ...
+
+    def release_held_studies(self, dicom_patient_id: str, issuer: str | None) -> list[str]: ...
+
+    # -- patients --
+    def upsert_patient(self, fhir_id: str, birth_date: str | None, gender: str | None) -> None: ...
+
+    def get_patient(self, fhir_id: str) -> PatientRecord | None: ...
+
+    def all_patient_ids(self) -> list[str]: ...
+
+    def mark_needs_assessment(self, fhir_id: str) -> None: ...
+
+    def patients_due(self, now: datetime, limit: int) -> list[str]: ...
+
+    def claim_patient(self, fhir_id: str, now: datetime) -> bool: ...
+
+    def release_patient(
+        self,
+        fhir_id: str,
+        *,
+        retry_at: datetime | None = None,
+        outcome: str | None = None,
+        reason: str | None = None,
+    ) -> None: ...
+
+    def require_vitals_sync(self, fhir_id: str) -> None: ...
+
+    def patients_needing_vitals(self, limit: int = 1000) -> list[str]: ...
+
+    def set_vitals_cursor(self, fhir_id: str, cursor: datetime | None, synced_at: datetime) -> None: ...
+
+    # -- vitals --
+    def replace_vitals(self, fhir_id: str, values: Sequence[VitalValue], removed_observation_ids: Iterable[str]) -> int:
+        """Upsert by (Observation, feature), drop removed Observations; returns how many rows changed."""
+        ...
+
+    def vitals_between(self, fhir_id: str, start: datetime, end: datetime) -> list[VitalValue]:
+        """Values with start < effective <= end, oldest first."""
+        ...
+
+    def latest_vital_time(self, fhir_id: str, not_after: datetime) -> datetime | None: ...
+
+    # -- assessments --
+    def get_assessment(self, identifier: str) -> AssessmentRecord | None: ...
+
+    def latest_assessment(self, fhir_id: str) -> AssessmentRecord | None:
+        """The patient's newest assessment that nothing supersedes."""
+        ...
+
+    def add_assessment(self, new: NewAssessment) -> bool:
+        """Insert (marking the one it supersedes); False when the identifier is already recorded."""
+        ...
+
+    def claim_assessment(self, identifier: str, now: datetime) -> bool: ...
+
+    def set_assessment_published(self, identifier: str, fhir_id: str, at: datetime) -> None: ...
+
+    def set_assessment_outcome(
+        self,
+        identifier: str,
+        status: AssessmentStatus,
+        outcome: Outcome,
+        reason: str,
+        next_attempt_at: datetime | None,
+    ) -> None: ...
+
+    def assessments_due(self, now: datetime, limit: int = 100) -> list[str]: ...
+
+    # -- failures and summaries --
+    def record_failure(
+        self,
+        stage: str,
+        subject: str,
+        outcome: Outcome,
+        message: str,
+        retryable: bool,
+        details: dict[str, Any] | None = None,
+    ) -> None: ...
+
+    def resolve_failures(self, stage: str, subject: str, now: datetime) -> None: ...
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Studies, patients and assessments by status, and open failures by outcome."""
+        ...
+
+
+
+
+class Probe(Protocol):
+    """One peer checked with the client, credentials and settings the engine itself uses (``strokewatch doctor``,
+    ``/health/ready``). Never raises for the peer's fault: each result says what is wrong and which
+    ``STROKEWATCH_*`` setting to change. ``quick`` (readiness): one cheap request, one result."""
+
+    @property
+    def name(self) -> str:
+        """What the first result is called ("database", "pacs", ...), also used when the probe times out."""
+        ...
+
+    def probe(self, *, quick: bool) -> list[CheckResult]: ...

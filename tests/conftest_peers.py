@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.sandbox import FhirPeer, OrthancPeer
+from sandbox import FhirPeer, OrthancPeer
 
 
 @pytest.fixture(scope="session")

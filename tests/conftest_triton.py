@@ -2,7 +2,7 @@
 
 The server is the nvidia-pytriton wheel's tritonserver in its own venv (created on first use by
 deploy/triton/setup_venv.sh); it serves the production model.onnx through a python-backend model
-generated from the same contract (inference/triton_pybackend.py), so Triton and the embedded runtime
+generated from the same contract (sandbox/triton_pybackend.py), so Triton and the embedded runtime
 must give the same numbers.
 
 Fixtures:
@@ -29,8 +29,8 @@ import pytest
 
 from inference import contract as C
 from inference.runtime import DEFAULT_MODEL_PATH
-from inference.triton_pybackend import write_repository
-from integration.sandbox.triton import TritonPeer, ensure_venv
+from sandbox.triton import TritonPeer, ensure_venv
+from sandbox.triton_pybackend import write_repository
 
 PeerFactory = Callable[..., TritonPeer]
 
@@ -43,7 +43,7 @@ def triton_venv() -> Path:
 @pytest.fixture(scope="session")
 def triton_onnx_path() -> Path:
     if not DEFAULT_MODEL_PATH.is_file():
-        pytest.fail(f"{DEFAULT_MODEL_PATH} is missing: run `strokewatch model export` (or inference.export)")
+        pytest.fail(f"{DEFAULT_MODEL_PATH} is missing: run `strokewatch model export` (modelling.export)")
     return DEFAULT_MODEL_PATH
 
 

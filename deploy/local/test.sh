@@ -16,5 +16,6 @@ if ! redis-cli -h 127.0.0.1 ping >/dev/null 2>&1; then
 fi
 
 .venv/bin/lint-imports                                   # the domain does no I/O; layers point inwards
-.venv/bin/mypy integration/domain integration/services  # strict (pyproject)
+.venv/bin/mypy integration/domain integration/services integration/adapters integration/ports.py \
+  integration/bootstrap.py                               # strict (pyproject)
 exec .venv/bin/python -m pytest tests "$@"

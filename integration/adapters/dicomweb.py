@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, tzinfo
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -38,9 +38,14 @@ from integration.adapters.dicomweb_parse import (
     dicom_datetime,
     multipart_boundary,
 )
+from integration.adapters.fhir_auth import ClientCredentialsAuth, auth_note, auth_rejected
+from integration.domain.checks import CheckResult, env_name, unreachable
 from integration.domain.studytime import localize
 from integration.domain.types import DomainError, Outcome, SeriesRef, StudyRef
 from integration.localzone import machine_zone
+
+if TYPE_CHECKING:
+    from integration.ports import Probe
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +267,39 @@ class DicomWebPacs:
         """One cheap QIDO request, for readiness probes and `strokewatch doctor`; raises DomainError."""
         self._qido("/studies", [("limit", "1")])
         return f"QIDO-RS answers at {self.base_url}"
+
+    # -- preflight (`strokewatch doctor`, readiness) -------------------------------------------------------
+
+    name = "pacs"
+
+    def probe(self, *, quick: bool, feed: Probe | None = None) -> list[CheckResult]:
+        """``pacs``: one QIDO-RS study search with this adapter's client and auth answers; (doctor) ``pacs auth``
+        says the credentials were accepted, then ``feed``'s results (how new studies are found) follow."""
+        url_var = env_name("pacs", "dicomweb_url")
+        auth = self._client.auth
+        token = auth.probe_token("pacs", quick=quick) if isinstance(auth, ClientCredentialsAuth) else None
+        if token is not None and not token.ok:
+            if quick:
+                return [CheckResult("pacs", False, token.detail, token.hint)]
+            return [CheckResult("pacs", False, "not tried: no credentials", token.hint), token]
+        qido = f"{self.base_url}/studies?limit=1"
+        try:
+            response = self._client.get(qido, headers={"Accept": DICOM_JSON})
+        except httpx.HTTPError as exc:
+            return [unreachable("pacs", qido, exc, url_var)]
+        except DomainError as err:  # the token, fetched on the request when ``quick`` found none
+            return [CheckResult("pacs", False, err.message, f"check {env_name('pacs', 'auth', 'token_url')}")]
+        if response.status_code in (401, 403):
+            rejected = auth_rejected("pacs", auth, response)
+            return [CheckResult("pacs", False, f"QIDO-RS {qido}: HTTP {response.status_code}", rejected.hint), rejected]
+        if response.status_code not in (200, 204):
+            hint = f"{url_var} must be the DICOMweb root (for Orthanc: http://HOST:8042/dicom-web)"
+            return [CheckResult("pacs", False, f"QIDO-RS {qido} answered HTTP {response.status_code}", hint)]
+        results = [CheckResult("pacs", True, f"QIDO-RS {self.base_url}/studies answers")]
+        if quick:
+            return results
+        results.append(CheckResult("pacs auth", True, f"{auth_note(auth, token)}: accepted"))
+        return results + (feed.probe(quick=False) if feed is not None else [])
 
     # -- helpers -----------------------------------------------------------------------------------------
 

@@ -25,6 +25,9 @@ import httpx
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from integration.adapters.fhir_auth import ClientCredentialsAuth, auth_note, auth_rejected
+from integration.adapters.fhir_capability import capability_checks
+from integration.domain.checks import CheckResult, env_name, unreachable
 from integration.domain.types import DomainError, Outcome, PatientInfo
 
 log = logging.getLogger(__name__)
@@ -227,6 +230,60 @@ class FhirEhr:
         return body
 
     # ------------------------------------------------------------------------------------------
+    # Preflight (`strokewatch doctor`, readiness)
+    # ------------------------------------------------------------------------------------------
+
+    name = "ehr"
+
+    def probe(self, *, quick: bool) -> list[CheckResult]:
+        """``ehr``: /metadata is a CapabilityStatement, asked once (no retries) with this adapter's client and auth.
+
+        Doctor (not ``quick``) adds what the statement says about the interactions the engine uses and
+        ``ehr auth``: a fresh OAuth2 token when configured, and a Patient search the credentials must pass.
+        """
+        url_var = env_name("ehr", "base_url")
+        token = self._auth.probe_token("ehr", quick=quick) if isinstance(self._auth, ClientCredentialsAuth) else None
+        if token is not None and not token.ok and quick:
+            return [CheckResult("ehr", False, token.detail, token.hint)]
+        auth = None if token is not None and not token.ok else self._auth  # no token: is the server there at all?
+        metadata = f"{self.base_url}/metadata"
+        try:
+            response = self._client.get(metadata, headers=self._headers, auth=auth)
+        except httpx.HTTPError as exc:
+            return [unreachable("ehr", metadata, exc, url_var)]
+        except DomainError as err:  # a token fetched again after a 401
+            return [CheckResult("ehr", False, err.message, f"check {env_name('ehr', 'auth', 'token_url')}")]
+        statement = _json_object(response)
+        if response.status_code != 200 or statement.get("resourceType") != "CapabilityStatement":
+            detail = f"{metadata} answered HTTP {response.status_code}, not a CapabilityStatement"
+            hint = f"{url_var} must be the FHIR R4 base (the URL that /metadata and /Patient hang off)"
+            return [CheckResult("ehr", False, detail, hint)]
+        software = statement.get("software") or {}
+        served = " ".join(str(software.get(k)) for k in ("name", "version") if software.get(k)) or "FHIR server"
+        results = [CheckResult("ehr", True, f"{served} at {self.base_url}: CapabilityStatement served")]
+        if quick:
+            return results
+        results += capability_checks(statement, url_var)
+        results.append(token if token is not None and not token.ok else self._probe_auth(auth, token))
+        return results
+
+    def _probe_auth(self, auth: httpx.Auth | None, token: CheckResult | None) -> CheckResult:
+        # /metadata is often anonymous; a search shows whether the credentials are accepted. Body never shown (PHI).
+        search = f"{self.base_url}/Patient?_count=1"
+        try:
+            response = self._client.get(search, headers=self._headers, auth=auth)
+        except httpx.HTTPError as exc:
+            return unreachable("ehr auth", search, exc, env_name("ehr", "base_url"))
+        except DomainError as err:
+            return CheckResult("ehr auth", False, err.message, f"check {env_name('ehr', 'auth', 'token_url')}")
+        if response.status_code in (401, 403):
+            return auth_rejected("ehr", auth, response)
+        if response.status_code != 200:
+            detail = f"GET Patient?_count=1 answered HTTP {response.status_code}"
+            return CheckResult("ehr auth", False, detail, f"check {env_name('ehr', 'base_url')}")
+        return CheckResult("ehr auth", True, f"{auth_note(auth, token)}: the server accepted a Patient search")
+
+    # ------------------------------------------------------------------------------------------
     # HTTP
     # ------------------------------------------------------------------------------------------
 
@@ -382,6 +439,15 @@ def _json(response: httpx.Response) -> dict[str, Any]:
         raise DomainError(
             Outcome.EHR_REJECTED, f"{response.request.method} answered {response.status_code} with non-JSON content"
         ) from None
+    return body if isinstance(body, dict) else {}
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    """The answer's JSON object, or {} (anything else, or no JSON): for messages, never raises."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
     return body if isinstance(body, dict) else {}
 
 

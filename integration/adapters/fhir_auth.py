@@ -1,7 +1,8 @@
 """Authentication to a FHIR server as ``httpx.Auth``: HTTP Basic, a static bearer token, OAuth2 client credentials.
 
 Secrets and tokens never reach a log line or an error message: errors name the token endpoint and the
-OAuth error code only.
+OAuth error code only. The preflight helpers at the end (``probe_token``, ``auth_rejected``) say which
+``STROKEWATCH_*`` auth setting to fix.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Literal
 
 import httpx
 
+from integration.domain.checks import CheckResult, env_name, short_error
 from integration.domain.types import DomainError, Outcome
 
 log = logging.getLogger(__name__)
@@ -129,18 +131,9 @@ class ClientCredentialsAuth(httpx.Auth):
             self._token = None
 
     def _fetch(self) -> _Token:
-        form = {"grant_type": "client_credentials"}
-        if self.scope:
-            form["scope"] = self.scope
-        auth: httpx.Auth | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT
-        if self.client_auth == "client_secret_basic":
-            # RFC 6749 2.3.1: id and secret are form-urlencoded before they go into Basic credentials.
-            auth = httpx.BasicAuth(_form_encode(self.client_id), _form_encode(self._client_secret))
-        else:
-            form |= {"client_id": self.client_id, "client_secret": self._client_secret}
         started = self._clock()
         try:
-            response = self._http.post(self.token_url, data=form, auth=auth, headers={"Accept": "application/json"})
+            response = self._request_token()
         except httpx.HTTPError as exc:
             raise DomainError(
                 Outcome.EHR_UNAVAILABLE, f"OAuth token endpoint {self.token_url} unreachable: {type(exc).__name__}"
@@ -151,6 +144,22 @@ class ClientCredentialsAuth(httpx.Auth):
                 f"OAuth token endpoint {self.token_url} answered {response.status_code}",
                 retry_after=_seconds(response.headers.get("Retry-After")),
             )
+        return self._token_from(response, started)
+
+    def _request_token(self) -> httpx.Response:
+        """POST the client-credentials grant, the client authenticated as ``client_auth`` says."""
+        form = {"grant_type": "client_credentials"}
+        if self.scope:
+            form["scope"] = self.scope
+        auth: httpx.Auth | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT
+        if self.client_auth == "client_secret_basic":
+            # RFC 6749 2.3.1: id and secret are form-urlencoded before they go into Basic credentials.
+            auth = httpx.BasicAuth(_form_encode(self.client_id), _form_encode(self._client_secret))
+        else:
+            form |= {"client_id": self.client_id, "client_secret": self._client_secret}
+        return self._http.post(self.token_url, data=form, auth=auth, headers={"Accept": "application/json"})
+
+    def _token_from(self, response: httpx.Response, started: float) -> _Token:
         body = _json_object(response)
         if response.status_code != 200:
             error = body.get("error", "no error code")
@@ -171,6 +180,101 @@ class ClientCredentialsAuth(httpx.Auth):
         self.tokens_fetched += 1
         log.info("OAuth token fetched from %s for client %s, valid %.0f s", self.token_url, self.client_id, lifetime)
         return _Token(value, started + lifetime - margin)
+
+    # -- preflight (`strokewatch doctor`, readiness) ----------------------------------------------------
+
+    def probe_token(self, peer: str, *, quick: bool) -> CheckResult:
+        """``{peer} auth``: a token requested exactly as the engine requests it (this ``client_auth``).
+
+        ``quick`` (readiness) takes the cached token when it is still fresh, so probes do not load the
+        identity provider; otherwise a new token is fetched now and kept for the requests that follow.
+        The result names the settings to fix, never the secret.
+        """
+        name, url = f"{peer} auth", self.token_url
+        if quick:
+            try:
+                self.access_token()
+            except DomainError as err:
+                return CheckResult(name, False, err.message, _client_hint(peer, self.client_auth))
+            return CheckResult(name, True, f"OAuth2 client credentials ({self.client_auth}): token from {url}")
+        started = self._clock()
+        try:
+            response = self._request_token()
+        except httpx.HTTPError as exc:
+            hint = f"check {env_name(peer, 'auth', 'token_url')}"
+            return CheckResult(name, False, f"token endpoint {url} unreachable: {short_error(exc)}", hint)
+        try:
+            token = self._token_from(response, started)
+        except DomainError:
+            error = _json_object(response).get("error") or f"HTTP {response.status_code}"
+            hint = _client_hint(peer, self.client_auth)
+            if response.status_code == 404:
+                hint = f"check {env_name(peer, 'auth', 'token_url')}"
+            return CheckResult(name, False, f"token endpoint {url} refused the client: {error}", hint)
+        with self._lock:
+            self._token = token
+        expires = _json_object(response).get("expires_in")
+        return CheckResult(
+            name,
+            True,
+            f"OAuth2 client credentials ({self.client_auth}): token fetched from {url}"
+            + (f" (expires in {expires} s)" if expires else ""),
+        )
+
+
+def auth_mode(auth: httpx.Auth | None) -> str:
+    """The ``auth.mode`` setting an ``httpx.Auth`` built by ``bootstrap.build_auth`` came from."""
+    if isinstance(auth, ClientCredentialsAuth):
+        return "oauth2"
+    if isinstance(auth, BearerAuth):
+        return "bearer"
+    if isinstance(auth, httpx.BasicAuth):
+        return "basic"
+    return "none"
+
+
+def auth_note(auth: httpx.Auth | None, token: CheckResult | None = None) -> str:
+    """How requests authenticate, for an accepted-credentials result (the token result's detail for OAuth2)."""
+    if token is not None:
+        return token.detail
+    return {"basic": "HTTP Basic", "bearer": "static bearer token", "oauth2": "OAuth2 client credentials"}.get(
+        auth_mode(auth), "no authentication"
+    )
+
+
+def auth_rejected(peer: str, auth: httpx.Auth | None, response: httpx.Response) -> CheckResult:
+    """``{peer} auth`` failed: a 401 or 403, with the settings of the configured auth mode to check."""
+    name, status, mode = f"{peer} auth", response.status_code, auth_mode(auth)
+    challenge = response.headers.get("WWW-Authenticate", "")
+    offered = f" (server offers: {challenge})" if challenge else ""
+    if status == 403:
+        return CheckResult(
+            name,
+            False,
+            f"HTTP 403: the credentials were accepted but lack permission{offered}",
+            f"grant the account/client read and write access, or change {env_name(peer, 'auth', 'scope')}",
+        )
+    fields = {
+        "none": f"set {env_name(peer, 'auth', 'mode')}=basic|bearer|oauth2 and its credentials",
+        "basic": f"check {env_name(peer, 'auth', 'username')} and {env_name(peer, 'auth', 'password')}",
+        "bearer": f"check {env_name(peer, 'auth', 'token')}",
+        "oauth2": f"check {env_name(peer, 'auth', 'client_id')}, {env_name(peer, 'auth', 'client_secret')} and "
+        f"{env_name(peer, 'auth', 'scope')}",
+    }[mode]
+    what = (
+        "the server demands authentication but none is configured"
+        if mode == "none"
+        else f"the server rejected the {mode} credentials"
+    )
+    return CheckResult(name, False, f"HTTP {status}: {what}{offered}", fields)
+
+
+def _client_hint(peer: str, method: str) -> str:
+    other = "client_secret_post" if method == "client_secret_basic" else "client_secret_basic"
+    return (
+        f"check {env_name(peer, 'auth', 'client_id')} and {env_name(peer, 'auth', 'client_secret')} "
+        f"(sent as {method}; set {env_name(peer, 'auth', 'client_auth')}={other} if the server expects that)"
+    )
 
 
 def _form_encode(text: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from integration.domain.checks import CheckResult, env_name
 from integration.domain.types import DomainError, Outcome
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,59 @@ class OrthancChangeFeed:
             raise DomainError(Outcome.INTERNAL_ERROR, f"Orthanc answered {response.status_code} for a study")
         uid = response.json().get("MainDicomTags", {}).get("StudyInstanceUID")
         return str(uid) if uid else None
+
+    # -- preflight (`strokewatch doctor`) ------------------------------------------------------------------
+
+    name = "pacs change feed"
+
+    def probe(self, *, quick: bool, fallback: CheckResult | None = None) -> list[CheckResult]:
+        """``pacs change feed``: Orthanc's /system and /changes answer this feed's client (nothing when ``quick``).
+
+        When they do not, ``fallback`` says how studies are found instead (pacs.kind=auto: QIDO-RS polling);
+        without one (pacs.kind=orthanc) the feed is required and the result fails, naming the settings.
+        """
+        if quick:
+            return []
+        try:
+            system = _json_object(self._client.get(f"{self.base_url}/system"))
+            changes = _json_object(self._client.get(f"{self.base_url}/changes", params={"limit": 0}))
+        except (httpx.HTTPError, DomainError):  # DomainError: an OAuth2 token could not be fetched
+            system = changes = None
+        if system is not None and "ApiVersion" in system and changes is not None:
+            detail = f"Orthanc {system.get('Version', '?')} at {self.base_url}: /changes available"
+            return [CheckResult(self.name, True, f"{detail} (last change {changes.get('Last')})")]
+        return [fallback if fallback is not None else orthanc_missing(self.base_url)]
+
+
+def polling_result(poll_seconds: float, lookback_hours: float) -> CheckResult:
+    """``pacs change feed`` without Orthanc's feed (pacs.kind=generic, or auto and not Orthanc): QIDO-RS polling."""
+    return CheckResult(
+        OrthancChangeFeed.name,
+        True,
+        f"generic DICOMweb: new studies found by QIDO-RS polling every {poll_seconds:g} s "
+        f"over a {lookback_hours:g} h window",
+    )
+
+
+def orthanc_missing(root: str | None) -> CheckResult:
+    """``pacs change feed`` failed: pacs.kind=orthanc but Orthanc does not answer at ``root`` (or none is known)."""
+    return CheckResult(
+        OrthancChangeFeed.name,
+        False,
+        f"pacs.kind is orthanc but {root or '(no Orthanc URL)'} does not answer Orthanc's /system and /changes",
+        f"set {env_name('pacs', 'orthanc_url')} to Orthanc's REST root, or {env_name('pacs', 'kind')}=generic",
+    )
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's JSON object; None for an error status or anything but an object."""
+    if response.status_code != 200:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def is_orthanc(

@@ -39,7 +39,8 @@ class AssessmentFacts:
     device_id: str | None = None
     drivers: Sequence[str] = field(default_factory=tuple)
     image_used: bool = True
-    supersedes_fhir_id: str | None = None
+    supersedes_identifier: str | None = None  # the assessment this one replaces (new data arrived)
+    supersedes_fhir_id: str | None = None  # its id in the EHR, when it has been written there
 
 
 def device_identifier(model_version: str) -> str:
@@ -92,8 +93,14 @@ def build_risk_assessment(facts: AssessmentFacts, policy: RiskPolicy) -> dict[st
             }
         )
     basis.extend({"reference": f"Observation/{oid}"} for oid in facts.observation_ids)
-    if facts.supersedes_fhir_id:
-        basis.append({"reference": f"RiskAssessment/{facts.supersedes_fhir_id}", "display": "superseded assessment"})
+    if facts.supersedes_identifier or facts.supersedes_fhir_id:
+        link: dict[str, Any] = {"display": "superseded assessment"}
+        if facts.supersedes_fhir_id:
+            link["reference"] = f"RiskAssessment/{facts.supersedes_fhir_id}"
+        if facts.supersedes_identifier:  # a logical reference, valid before the old one is in the EHR
+            link["type"] = "RiskAssessment"
+            link["identifier"] = {"system": facts.identifier_system, "value": facts.supersedes_identifier}
+        basis.append(link)
     resource: dict[str, Any] = {
         "resourceType": "RiskAssessment",
         "identifier": [{"system": facts.identifier_system, "value": facts.identifier}],

@@ -16,28 +16,23 @@ from rich.table import Table
 app = typer.Typer(
     help="StrokeWatch: stroke-risk assessments from your PACS and EHR, written back as FHIR.", no_args_is_help=True
 )
-sandbox_app = typer.Typer(help="A local sandbox PACS (Orthanc) and FHIR R4 server on 127.0.0.1.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 model_app = typer.Typer(help="Train, evaluate, export and explain the fusion model.", no_args_is_help=True)
-app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 console = Console()
 
 SANDBOX_DIR = Path(os.environ.get("STROKEWATCH_SANDBOX_DIR", "var/sandbox"))
-StateDir = Annotated[Path, typer.Option(help="Where the sandbox keeps its state and data.")]
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
 def _settings(**overrides: Any) -> Any:
     """Settings from env/config; with no PACS/EHR configured, a running sandbox is used (embedded default)."""
     from integration.config import Settings
     from integration.entrypoints.processes import sandbox_env
-    from integration.sandbox.state import status
 
     if not os.environ.get("STROKEWATCH_PACS__DICOMWEB_URL") and not os.environ.get("STROKEWATCH_CONFIG"):
-        st = status(SANDBOX_DIR)
-        if st is not None and st.healthy:
-            os.environ.update(sandbox_env(st.info))
+        os.environ.update(sandbox_env(SANDBOX_DIR))
     try:
         return Settings(**overrides)
     except Exception as err:  # pydantic ValidationError: show it plainly and stop
@@ -49,61 +44,6 @@ def _logging(level: str = "WARNING") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore"):  # request URLs can carry identifiers (PHI): never at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-# ---------------------------------------------------------------------------------------------
-# sandbox
-# ---------------------------------------------------------------------------------------------
-@sandbox_app.command("up")
-def sandbox_up(
-    state_dir: StateDir = SANDBOX_DIR,
-    triton: Annotated[bool, typer.Option(help="Also start a local Triton server.")] = False,
-) -> None:
-    """Start Orthanc (+DICOMweb) and the FHIR sandbox in the background."""
-    from integration.sandbox.state import start_detached
-
-    with console.status("Starting Orthanc and the FHIR sandbox..."):
-        info = start_detached(state_dir)
-    console.print(
-        f"PACS  (Orthanc) : {info.orthanc_url}   DICOMweb: {info.dicomweb_url}   "
-        f"DIMSE: {info.orthanc_aet}@127.0.0.1:{info.orthanc_dicom_port}"
-    )
-    console.print(f"EHR   (FHIR R4) : {info.fhir_base_url}")
-    if triton:
-        from integration.sandbox.triton import start_detached as start_triton
-
-        with console.status("Starting Triton..."):
-            url = start_triton(state_dir)
-        console.print(f"Triton          : {url}   (export STROKEWATCH_TRITON_URL={url})")
-
-
-@sandbox_app.command("down")
-def sandbox_down(state_dir: StateDir = SANDBOX_DIR) -> None:
-    """Stop the sandbox peers."""
-    from integration.sandbox.state import stop
-
-    try:
-        from integration.sandbox.triton import stop_detached as stop_triton
-
-        stop_triton(state_dir)
-    except ImportError:
-        pass
-    console.print("sandbox stopped" if stop(state_dir) else "no sandbox was running")
-
-
-@sandbox_app.command("status")
-def sandbox_status(state_dir: StateDir = SANDBOX_DIR) -> None:
-    """Is the sandbox running, and where?"""
-    from integration.sandbox.state import status
-
-    st = status(state_dir)
-    if st is None:
-        console.print("no sandbox recorded")
-        raise typer.Exit(1)
-    console.print(f"Orthanc {st.info.orthanc_url}: {'up' if st.orthanc_running else 'DOWN'}")
-    console.print(f"FHIR    {st.info.fhir_base_url}: {'up' if st.fhir_running else 'DOWN'}")
-    if not st.healthy:
-        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,26 +90,23 @@ def run() -> None:
 @app.command()
 def stop(
     data_dir: Annotated[Path, typer.Option(help="The engine's data directory.")] = Path("var/demo"),
-    state_dir: StateDir = SANDBOX_DIR,
+    state_dir: Annotated[Path, typer.Option(help="Where the sandbox keeps its state.")] = SANDBOX_DIR,
 ) -> None:
     """Stop a background engine started by `demo`, and the sandbox."""
     from integration.entrypoints.processes import stop_engine
-    from integration.sandbox.state import stop as stop_sandbox
 
     console.print("engine stopped" if stop_engine(data_dir) else "no background engine recorded")
-    console.print("sandbox stopped" if stop_sandbox(state_dir) else "no sandbox recorded")
+    _tool("sandbox.cli", "strokewatch sandbox").main(["down", "--state-dir", str(state_dir)])
 
 
 @app.command()
 def status() -> None:
     """Counts of studies, patients, assessments and open failures from the database."""
-    from integration.adapters.db.session import make_engine
-    from integration.adapters.db.store import SqlStore
+    from integration.bootstrap import build_store
 
     settings = _settings()
-    store = SqlStore(make_engine(settings.db_url))
-    counts = store.counts()
-    table = Table("what", "status", "count", title=f"StrokeWatch ({settings.db_url.split('///')[-1]})")
+    counts = build_store(settings).counts()
+    table = Table("what", "status", "count", title="StrokeWatch")
     for what, by_status in counts.items():
         for st, n in sorted(by_status.items()):
             table.add_row(what, st, str(n))
@@ -179,10 +116,11 @@ def status() -> None:
 @app.command()
 def doctor() -> None:
     """Check configuration, database, broker, PACS, EHR and model; say exactly what is wrong."""
+    from integration.bootstrap import open_probes
     from integration.services.doctor import run_checks
 
     settings = _settings()
-    results = run_checks(settings)
+    results = run_checks(settings, open_probes)
     table = Table("check", "ok", "detail")
     for r in results:
         warning = getattr(r, "warning", False)
@@ -228,41 +166,58 @@ def assess(patient: Annotated[str, typer.Option("--patient", help="FHIR Patient 
         engine.close()
 
 
-@app.command()
-def demo(
-    patients: Annotated[int, typer.Option(help="How many synthetic patients to load.")] = 8,
-    seed: Annotated[int, typer.Option(help="Cohort seed.")] = 2026,
-    data_dir: Annotated[Path, typer.Option(help="The demo engine's data directory (recreated).")] = Path("var/demo"),
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for all assessments.")] = 600,
-    keep_running: Annotated[bool, typer.Option(help="Leave the API + worker running afterwards.")] = True,
-) -> None:
+# ---------------------------------------------------------------------------------------------
+# The sandbox and the model's life cycle are tools beside the product, not part of it: these commands hand
+# their arguments to the tool's own typed CLI, imported by name only when called (the engine never imports
+# them; a production install may not have them).
+# ---------------------------------------------------------------------------------------------
+def _tool(module: str, what: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        console.print(f"[red]`{what}` is not available in this installation[/red] ({err}); it ships with the "
+                      "source checkout: run ./deploy/local/setup.sh")
+        raise typer.Exit(2) from err
+
+
+@app.command("sandbox", context_settings=_PASS_THROUGH)
+def sandbox(ctx: typer.Context) -> None:
+    """A local sandbox PACS (Orthanc) and FHIR R4 server on 127.0.0.1: up [--triton] | down | status."""
+    _tool("sandbox.cli", "strokewatch sandbox").main(list(ctx.args))
+
+
+@app.command("demo", context_settings=_PASS_THROUGH)
+def demo(ctx: typer.Context) -> None:
     """Sandbox PACS + EHR, a demo cohort, the engine detecting and scoring it by itself, and a summary."""
-    from integration.entrypoints.demo import run_demo
-
-    _logging()
-    code = run_demo(
-        console,
-        patients=patients,
-        seed=seed,
-        data_dir=data_dir,
-        sandbox_dir=SANDBOX_DIR,
-        timeout=timeout,
-        keep_running=keep_running,
-    )
-    raise typer.Exit(code)
+    _tool("sandbox.cli", "strokewatch demo").main(["demo", *ctx.args], prog_name="strokewatch")
 
 
-# ---------------------------------------------------------------------------------------------
-# model: each command hands its arguments to the module's own typed CLI (`python -m inference.<x> --help`)
-# ---------------------------------------------------------------------------------------------
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+# model: each command hands its arguments to the module's own typed CLI (`python -m modelling.<x> --help`)
+
+#: Top-level imports of the model's life cycle: the modelling package and its `.[model]` extra. The engine
+#: installs without them, so one missing means "install the model extra", not a bug.
+_MODEL_PACKAGES = frozenset(
+    {"modelling", "synth", "torch", "onnx", "onnxscript", "nilearn", "nibabel", "captum", "matplotlib", "sklearn"}
+)
 
 
 def _delegate(module: str, ctx: typer.Context) -> None:
     import importlib
 
     _logging("INFO")
-    importlib.import_module(f"inference.{module}").main(list(ctx.args))
+    try:
+        entry = importlib.import_module(f"modelling.{module}")
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in _MODEL_PACKAGES:
+            raise
+        console.print(
+            f"[red]`strokewatch model {module}` needs the modelling package and its dependencies[/red] "
+            f"(missing: {err.name}); from a source checkout: pip install -e '.\\[model]'"
+        )
+        raise typer.Exit(2) from err
+    entry.main(list(ctx.args))
 
 
 @model_app.command("train", context_settings=_PASS_THROUGH)

@@ -12,23 +12,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from integration.config import Settings
-from integration.sandbox._process import http_status, pid_alive, stop_pid
-from integration.sandbox.state import SandboxInfo
+from integration.entrypoints.pids import http_status, pid_alive, stop_pid
 
 ENGINE_STATE = "engine.json"
+SANDBOX_ENV_FILE = "engine.env"  # written by `strokewatch sandbox up` (sandbox/state.py)
 
 
-def sandbox_env(info: SandboxInfo) -> dict[str, str]:
-    """STROKEWATCH_* variables that point the engine at a running sandbox."""
-    return {
-        "STROKEWATCH_SANDBOX": "true",
-        "STROKEWATCH_PACS__DICOMWEB_URL": info.dicomweb_url,
-        "STROKEWATCH_PACS__ORTHANC_URL": info.orthanc_url,
-        "STROKEWATCH_PACS__KIND": "orthanc",
-        "STROKEWATCH_PACS__POLL_SECONDS": "1",
-        "STROKEWATCH_EHR__BASE_URL": info.fhir_base_url,
-        "STROKEWATCH_EHR__POLL_SECONDS": "30",
-    }
+def sandbox_env(state_dir: Path) -> dict[str, str]:
+    """The STROKEWATCH_* settings a running local sandbox left in ``state_dir/engine.env`` ({} when there
+    is none, or its PACS does not answer). The engine knows the sandbox only through this file."""
+    try:
+        lines = (state_dir / SANDBOX_ENV_FILE).read_text().splitlines()
+    except OSError:
+        return {}
+    env = {}
+    for line in lines:
+        key, sep, value = line.strip().partition("=")
+        if sep and key.startswith("STROKEWATCH_"):
+            env[key] = value
+    pacs = env.get("STROKEWATCH_PACS__ORTHANC_URL")
+    if not pacs or http_status(f"{pacs}/system") is None:
+        return {}
+    return env
 
 
 @dataclass(frozen=True)

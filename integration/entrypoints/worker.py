@@ -106,11 +106,12 @@ def _reset_after_fork(**_: Any) -> None:
 
 
 def enqueue(stage: str, ids: list[str]) -> None:
-    """Hand follow-up work to the queue (assess takes the whole batch in one task)."""
+    """Hand follow-up work to the queue: one task per id; assess takes batches of the model's max batch."""
     if not ids:
         return
     if stage == "assess":
-        app.send_task("strokewatch.assess", args=[list(ids)])
+        for start in range(0, len(ids), C.MAX_BATCH):
+            app.send_task("strokewatch.assess", args=[list(ids[start : start + C.MAX_BATCH])])
         return
     for item in ids:
         app.send_task(f"strokewatch.{stage}", args=[item])
@@ -139,9 +140,7 @@ def stage_task(name: str, **opts: Any) -> Callable[[F], F]:
 def detect() -> int:
     from integration.services.studies import detect_studies
 
-    new = detect_studies(engine().services)
-    enqueue("ingest", new)
-    return len(new)
+    return len(detect_studies(engine().services))
 
 
 @stage_task("ingest")
@@ -164,18 +163,9 @@ def vitals(patient_fhir_id: str) -> int:
 
 @stage_task("assess")
 def assess(patient_ids: list[str]) -> int:
-    from integration.services.assess import assess_patients
+    from integration.services.assess import assess_batch
 
-    svc = engine().services
-    # Opportunistic batching: take other due patients along, up to the contract's max batch.
-    batch = list(dict.fromkeys(patient_ids))
-    if len(batch) < C.MAX_BATCH:
-        batch += [p for p in svc.store.patients_due(svc.clock.now(), C.MAX_BATCH) if p not in batch]
-    results = assess_patients(svc, batch[: C.MAX_BATCH])
-    rest = batch[C.MAX_BATCH :]
-    if rest:
-        enqueue("assess", rest)
-    return sum(r.status == "scored" for r in results)
+    return sum(r.status == "scored" for r in assess_batch(engine().services, patient_ids))
 
 
 @stage_task("publish")
@@ -187,31 +177,19 @@ def publish(identifier: str) -> str:
 
 @stage_task("poll_ehr")
 def poll_ehr() -> int:
-    from integration.services.studies import release_held_studies
+    from integration.services.sweep import poll_ehr as poll
 
-    eng = engine()
-    release_held_studies(eng.services)  # held studies whose Patient has appeared: ingest them now
-    ids: list[str] = eng.store.all_patient_ids()
-    enqueue("vitals", ids)
-    return len(ids)
+    return poll(engine().services)
 
 
 @stage_task("sweep")
 def sweep() -> dict[str, int]:
     """Release dead claims and re-enqueue everything whose retry time has come."""
-    eng = engine()
-    svc, store = eng.services, eng.store
-    now = svc.clock.now()
-    released = store.release_stale_claims(now - timedelta(seconds=eng.settings.stale_claim_s))
-    studies = store.studies_due(now)
-    enqueue("ingest", studies)
-    enqueue("vitals", store.patients_needing_vitals())
-    patients = store.patients_due(now, 1000)
-    for start in range(0, len(patients), C.MAX_BATCH):
-        enqueue("assess", patients[start : start + C.MAX_BATCH])
-    pubs = store.assessments_due(now)
-    enqueue("publish", pubs)
-    return {"released": released, "studies": len(studies), "patients": len(patients), "publish": len(pubs)}
+    from dataclasses import asdict
+
+    from integration.services.sweep import sweep as sweep_service
+
+    return asdict(sweep_service(engine().services))
 
 
 def worker_argv(settings: Settings, *, beat: bool = True, concurrency: int | None = None) -> list[str]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
 
 from inference import contract as C
 from inference.preprocess import VitalSample, demographics_tensor, empty_image, vitals_tensors
-from inference.runtime import ModelContractError, ModelInputs, ModelUnavailableError
+from inference.runtime.base import ModelContractError, ModelInputs, ModelUnavailableError
 from integration.domain.assessment import (
     DEVICE_IDENTIFIER_SYSTEM,
     AssessmentFacts,
@@ -22,8 +22,10 @@ from integration.domain.assessment import (
 )
 from integration.domain.drivers import IMAGE, top_drivers
 from integration.domain.identity import assessment_identifier, pseudonym
+from integration.domain.records import AssessmentStatus, NewAssessment
 from integration.domain.retry import backoff_at
 from integration.domain.types import DomainError, Outcome, VitalValue
+from integration.domain.window import study_anchor, window_end, window_start
 from integration.ports import RiskModel
 from integration.services.context import Services
 
@@ -70,13 +72,11 @@ def prepare(svc: Services, patient_fhir_id: str, model_version: str) -> Prepared
     image, image_used = empty_image(), False
     if study is not None and study.volume_path and Path(study.volume_path).is_file():
         image, image_used = np.load(study.volume_path), True
-    anchor = study.study_datetime or study.detected_at if study is not None else None
-    last_vital = svc.store.latest_vital_time(patient_fhir_id, now)
-    candidates = [t for t in (anchor, last_vital) if t is not None]
-    if not candidates:
+    anchor = study_anchor(study.study_datetime, study.detected_at) if study is not None else None
+    end = window_end(now, anchor, svc.store.latest_vital_time(patient_fhir_id, now))
+    if end is None:
         raise DomainError(Outcome.INSUFFICIENT_DATA, "no study and no vital signs for this patient")
-    window_end = min(max(candidates), now).replace(microsecond=0)
-    vitals = svc.store.vitals_between(patient_fhir_id, window_end - timedelta(hours=C.WINDOW_HOURS), window_end)
+    vitals = svc.store.vitals_between(patient_fhir_id, window_start(end), end)
     if len(vitals) < svc.policy.min_vital_samples and not (image_used and svc.policy.image_only_when_no_vitals):
         raise DomainError(
             Outcome.INSUFFICIENT_DATA,
@@ -85,10 +85,8 @@ def prepare(svc: Services, patient_fhir_id: str, model_version: str) -> Prepared
         )
     if not image_used and not vitals:
         raise DomainError(Outcome.INSUFFICIENT_DATA, "no usable image and no vital signs in the window")
-    samples = [
-        VitalSample(C.FEATURE_INDEX[v.feature], (window_end - v.effective).total_seconds() / 3600.0, v.value)
-        for v in vitals
-    ]
+    samples = [VitalSample(C.FEATURE_INDEX[v.feature], (end - v.effective).total_seconds() / 3600.0, v.value)
+               for v in vitals]
     values, mask, delta = vitals_tensors(samples)
     inputs = ModelInputs(
         image=image.astype(np.float32),
@@ -96,7 +94,7 @@ def prepare(svc: Services, patient_fhir_id: str, model_version: str) -> Prepared
         vitals=values,
         vitals_mask=mask,
         vitals_delta=delta,
-        demographics=demographics_tensor(_age_at(patient.birth_date, window_end), patient.gender),
+        demographics=demographics_tensor(_age_at(patient.birth_date, end), patient.gender),
     )
     study_uid = study.study_uid if study is not None else None
     digest = hashlib.sha256()
@@ -104,11 +102,11 @@ def prepare(svc: Services, patient_fhir_id: str, model_version: str) -> Prepared
         digest.update(np.ascontiguousarray(getattr(inputs, name)).tobytes())
     return Prepared(
         patient_fhir_id=patient_fhir_id,
-        identifier=assessment_identifier(patient_fhir_id, study_uid, window_end, model_version),
+        identifier=assessment_identifier(patient_fhir_id, study_uid, end, model_version),
         inputs=inputs,
         study_uid=study_uid,
         modality=study.modality if study is not None else None,
-        window_end=window_end,
+        window_end=end,
         vitals=vitals,
         image_used=image_used,
         fingerprint=digest.hexdigest(),
@@ -126,7 +124,7 @@ def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]
         model = svc.model()
         version = model.model_version
     except (ModelUnavailableError, ModelContractError) as err:
-        return [_model_failed(svc, pid, err) for pid in claimed]
+        return [_deferred(svc, pid, err) for pid in claimed]
 
     ready: list[Prepared] = []
     for pid in claimed:
@@ -140,7 +138,7 @@ def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]
         existing = svc.store.get_assessment(prep.identifier)
         if existing is not None:  # same inputs, same model: already scored (replay, re-sent study)
             svc.store.release_patient(pid)
-            if existing.status != "published":
+            if existing.status is not AssessmentStatus.PUBLISHED:
                 svc.enqueue("publish", [existing.identifier])
             results.append(AssessResult(pid, "unchanged", existing.identifier, existing.probability))
             continue
@@ -151,12 +149,17 @@ def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]
     try:
         predictions = model.predict([p.inputs for p in ready])
     except (ModelUnavailableError, ModelContractError) as err:
-        return results + [_model_failed(svc, p.patient_fhir_id, err) for p in ready]
+        return results + [_deferred(svc, p.patient_fhir_id, err) for p in ready]
 
+    try:
+        device_id = _device_id(svc, version, model.trained)
+    except DomainError as err:  # the EHR is down: nothing is lost, the patients are scored again later
+        return results + [_deferred(svc, p.patient_fhir_id, err) for p in ready]
     drivers = _drivers(svc, model, ready, [p.probability for p in predictions])
     to_publish: list[str] = []
     for prep, pred, why in zip(ready, predictions, drivers, strict=True):
         previous = svc.store.latest_assessment(prep.patient_fhir_id)
+        supersedes = previous if previous is not None and previous.identifier != prep.identifier else None
         facts = AssessmentFacts(
             identifier_system=svc.assessment_identifier_system,
             identifier=prep.identifier,
@@ -169,33 +172,47 @@ def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]
             study_uid=prep.study_uid,
             modality=prep.modality,
             observation_ids=sorted({v.observation_id for v in prep.vitals}),
-            image_used=prep.image_used,
+            device_id=device_id,
             drivers=why,
+            image_used=prep.image_used,
+            supersedes_identifier=supersedes.identifier if supersedes else None,
+            supersedes_fhir_id=supersedes.fhir_id if supersedes else None,
         )
-        resource = build_risk_assessment(facts, svc.policy)
-        fields = dict(
-            identifier=prep.identifier,
-            patient_fhir_id=prep.patient_fhir_id,
-            study_uid=prep.study_uid,
-            window_end=prep.window_end,
-            model_version=pred.model_version,
-            runtime=pred.runtime,
-            trained=model.trained,
-            probability=pred.probability,
-            band=svc.policy.band(pred.probability),
-            input_fingerprint=prep.fingerprint,
-            n_vitals=len(prep.vitals),
-            resource=resource,
-            supersedes_identifier=previous.identifier if previous and previous.identifier != prep.identifier else None,
+        band = svc.policy.band(pred.probability)
+        svc.store.add_assessment(
+            NewAssessment(
+                identifier=prep.identifier,
+                patient_fhir_id=prep.patient_fhir_id,
+                study_uid=prep.study_uid,
+                window_end=prep.window_end,
+                model_version=pred.model_version,
+                runtime=pred.runtime,
+                trained=model.trained,
+                probability=pred.probability,
+                band=band,
+                input_fingerprint=prep.fingerprint,
+                n_vitals=len(prep.vitals),
+                resource=build_risk_assessment(facts, svc.policy),  # the one place it is built
+                supersedes_identifier=facts.supersedes_identifier,
+            )
         )
-        svc.store.add_assessment(fields)
         svc.store.release_patient(prep.patient_fhir_id)
         svc.store.resolve_failures("assess", prep.patient_fhir_id, svc.clock.now())
         to_publish.append(prep.identifier)
-        log.info("assessed %s: p=%.3f (%s)", pseudonym(prep.patient_fhir_id), pred.probability, fields["band"])
+        log.info("assessed %s: p=%.3f (%s)", pseudonym(prep.patient_fhir_id), pred.probability, band)
         results.append(AssessResult(prep.patient_fhir_id, "scored", prep.identifier, pred.probability))
     svc.enqueue("publish", to_publish)
     return results
+
+
+def assess_batch(svc: Services, patient_ids: list[str]) -> list[AssessResult]:
+    """Score these patients together with other due ones, up to the model's batch size (one model call);
+    the patients beyond it go back to the queue."""
+    batch = list(dict.fromkeys(patient_ids))
+    if len(batch) < C.MAX_BATCH:
+        batch += [p for p in svc.store.patients_due(svc.clock.now(), C.MAX_BATCH) if p not in batch]
+    svc.enqueue("assess", batch[C.MAX_BATCH :])
+    return assess_patients(svc, batch[: C.MAX_BATCH])
 
 
 def _withheld_variants(inputs: ModelInputs, image_used: bool) -> list[tuple[str, ModelInputs]]:
@@ -231,17 +248,22 @@ def _drivers(svc: Services, model: RiskModel, ready: list[Prepared], probabiliti
     ]
 
 
-def _model_failed(svc: Services, pid: str, err: Exception) -> AssessResult:
-    outcome = Outcome.MODEL_MISMATCH if isinstance(err, ModelContractError) else Outcome.MODEL_UNAVAILABLE
+def _deferred(svc: Services, pid: str, err: Exception) -> AssessResult:
+    """The model or the EHR (for the Device) is unavailable: record it; the patient stays due, tried later."""
+    if isinstance(err, DomainError):
+        outcome, reason = err.outcome, err.message
+    else:
+        outcome = Outcome.MODEL_MISMATCH if isinstance(err, ModelContractError) else Outcome.MODEL_UNAVAILABLE
+        reason = str(err)
     patient = svc.store.get_patient(pid)
     attempts = patient.attempts if patient else 1
     # Nothing is lost: the patient stays due and is tried again (a mismatch needs an operator; slow retries).
     base = svc.retry_backoff_s * (12 if outcome is Outcome.MODEL_MISMATCH else 1)
     retry_at = backoff_at(svc.clock.now(), attempts, base, cap_s=900)
-    svc.store.record_failure("assess", pid, outcome, str(err), True)
-    svc.store.release_patient(pid, retry_at=retry_at, outcome=outcome.value, reason=str(err))
-    log.warning("assessment of %s deferred: %s: %s", pseudonym(pid), outcome.value, err)
-    return AssessResult(pid, "retry", reason=f"{outcome.value}: {err}")
+    svc.store.record_failure("assess", pid, outcome, reason, True)
+    svc.store.release_patient(pid, retry_at=retry_at, outcome=outcome.value, reason=reason)
+    log.warning("assessment of %s deferred: %s: %s", pseudonym(pid), outcome.value, reason)
+    return AssessResult(pid, "retry", reason=f"{outcome.value}: {reason}")
 
 
 def _device_id(svc: Services, model_version: str, trained: bool) -> str:
@@ -259,32 +281,25 @@ def publish(svc: Services, identifier: str) -> str:
     now = svc.clock.now()
     if not svc.store.claim_assessment(identifier, now):
         row = svc.store.get_assessment(identifier)
-        return "unknown" if row is None else row.status
+        return "unknown" if row is None else row.status.value
     row = svc.store.get_assessment(identifier)
-    resource = dict(row.resource)
+    if row is None:
+        return "unknown"
     try:
-        resource["performer"] = {"reference": f"Device/{_device_id(svc, row.model_version, row.trained)}"}
-        if row.supersedes_identifier:
-            prev = svc.store.get_assessment(row.supersedes_identifier)
-            if prev is not None and prev.fhir_id:
-                link = {"reference": f"RiskAssessment/{prev.fhir_id}", "display": "superseded assessment"}
-                resource["basis"] = [*resource.get("basis", []), link]
-        fhir_id, created = svc.ehr.conditional_create(resource, svc.assessment_identifier_system, identifier)
+        fhir_id, created = svc.ehr.conditional_create(row.resource, svc.assessment_identifier_system, identifier)
     except DomainError as err:
         retry = err.retryable and row.attempts < svc.max_retries
         svc.store.record_failure("publish", identifier, err.outcome, err.message, err.retryable)
-        svc.store.update_assessment(
+        svc.store.set_assessment_outcome(
             identifier,
-            status="retry" if retry else "failed",
-            outcome=err.outcome.value,
-            reason=err.message,
-            next_attempt_at=backoff_at(now, row.attempts, svc.retry_backoff_s, err.retry_after) if retry else None,
+            AssessmentStatus.RETRY if retry else AssessmentStatus.FAILED,
+            err.outcome,
+            err.message,
+            backoff_at(now, row.attempts, svc.retry_backoff_s, err.retry_after) if retry else None,
         )
         log.warning("publish %s: %s", identifier, err.outcome.value)
         return "retry" if retry else "failed"
-    svc.store.update_assessment(
-        identifier, status="published", fhir_id=fhir_id, published_at=svc.clock.now(), outcome=None, reason=None
-    )
+    svc.store.set_assessment_published(identifier, fhir_id, svc.clock.now())
     svc.store.resolve_failures("publish", identifier, svc.clock.now())
     log.info("published RiskAssessment/%s (%s)", fhir_id, "created" if created else "already there")
     return "published"

@@ -6,11 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from integration.domain.policy import RiskPolicy
 from integration.domain.series import SeriesRules
-from integration.ports import ChangeFeed, Ehr, Pacs, RiskModel
+from integration.ports import ChangeFeed, Clock, Ehr, Pacs, RiskModel, Store
 
 
 class SystemClock:
@@ -20,7 +19,7 @@ class SystemClock:
 
 @dataclass
 class Services:
-    store: Any  # integration.adapters.db.store.SqlStore (or a test double with the same methods)
+    store: Store
     pacs: Pacs
     ehr: Ehr
     model: Callable[[], RiskModel]  # lazily built: workers that never assess never load the model
@@ -28,7 +27,7 @@ class Services:
     policy: RiskPolicy = field(default_factory=RiskPolicy)
     rules: SeriesRules = field(default_factory=SeriesRules)
     feed: ChangeFeed | None = None
-    clock: Any = field(default_factory=SystemClock)
+    clock: Clock = field(default_factory=SystemClock)
     identifier_system_for: Callable[[str | None], str | None] = lambda issuer: None
     assessment_identifier_system: str = "urn:strokewatch:risk-assessment"
     lookback_hours: float = 24.0
@@ -43,5 +42,8 @@ class Services:
     explain: bool = True
     #: Device id in the EHR per model version (filled on first publish).
     device_ids: dict[str, str] = field(default_factory=dict)
-    #: Called with (stage, ids) to hand follow-up work to the queue; the worker wires Celery here.
+    #: The one way follow-up work reaches the next stage: called with (stage, ids) by the services (never by
+    #: routes or tasks); the worker and the API wire Celery here. Ids only; an empty list is a no-op.
     enqueue: Callable[[str, list[str]], None] = lambda stage, ids: None
+    #: Reaper: claims older than this are considered dead and released.
+    stale_claim_s: float = 600.0

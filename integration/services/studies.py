@@ -11,6 +11,7 @@ import numpy as np
 
 from inference.preprocess import PreprocessError, stack_slices, volume_tensor
 from integration.domain.identity import pseudonym
+from integration.domain.records import BuiltVolume, StudyStatus
 from integration.domain.retry import backoff_at
 from integration.domain.series import choose
 from integration.domain.studytime import StudyWindow, detection_window
@@ -60,7 +61,7 @@ def detect_studies(svc: Services) -> list[str]:
             uids, cursor, done = svc.feed.stable_studies(cursor, 200)
             for uid in dict.fromkeys(uids):
                 ref = svc.pacs.get_study(uid)
-                if ref is not None and svc.store.add_study(ref, "orthanc-changes"):
+                if ref is not None and svc.store.add_study(ref, "orthanc-changes", now):
                     new.append(uid)
             svc.store.set_cursor(ORTHANC_CURSOR, str(cursor))
             if done:
@@ -70,6 +71,7 @@ def detect_studies(svc: Services) -> list[str]:
         svc.store.set_cursor(QIDO_CURSOR, now.isoformat())
     if new:
         log.info("detected %d new stud%s", len(new), "y" if len(new) == 1 else "ies")
+        svc.enqueue("ingest", new)
     return new
 
 
@@ -79,17 +81,20 @@ def _studies_in_window(svc: Services, window: StudyWindow, source: str) -> list[
     The PACS is asked for every StudyDate the window can have in any civil zone; the answers are then
     kept exactly on their aware datetimes. The lookback is re-read at every poll; the store de-duplicates.
     """
+    now = svc.clock.now()
     refs = [r for r in svc.pacs.find_studies(*window.query_dates()) if window.contains(r)]
     known = svc.store.known_studies(r.study_uid for r in refs)
-    return [r.study_uid for r in refs if r.study_uid not in known and svc.store.add_study(r, source)]
+    return [r.study_uid for r in refs if r.study_uid not in known and svc.store.add_study(r, source, now)]
 
 
 def register_study(svc: Services, study_uid: str, source: str = "api") -> bool:
-    """Record a study announced from outside (webhook, C-STORE SCP, CLI). False if unknown to the PACS."""
+    """Record a study announced from outside (webhook, C-STORE SCP, CLI) and queue its ingestion.
+    False if the PACS does not know it."""
     ref = svc.pacs.get_study(study_uid)
     if ref is None:
         return False
-    svc.store.add_study(ref, source)
+    svc.store.add_study(ref, source, svc.clock.now())
+    svc.enqueue("ingest", [study_uid])
     return True
 
 
@@ -111,46 +116,24 @@ def ingest_study(svc: Services, study_uid: str) -> IngestResult:
         row = svc.store.get_study(study_uid)
         return IngestResult(study_uid, "skipped", reason="unknown study" if row is None else f"status {row.status}")
     row = svc.store.get_study(study_uid)
+    attempts = row.attempts if row is not None else 1
     try:
         result = _ingest_claimed(svc, study_uid)
     except DomainError as err:
-        return _study_failed(svc, study_uid, row.attempts, err)
+        return _study_failed(svc, study_uid, attempts, err)
     except Exception as exc:  # a bug or an unforeseen input: record it, never lose the study
         log.exception("ingest of study %s crashed", study_uid)
-        return _study_failed(svc, study_uid, row.attempts, DomainError(Outcome.INTERNAL_ERROR, repr(exc)))
+        return _study_failed(svc, study_uid, attempts, DomainError(Outcome.INTERNAL_ERROR, repr(exc)))
     svc.store.resolve_failures("ingest", study_uid, svc.clock.now())
     return result
 
 
 def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
     row = svc.store.get_study(study_uid)
+    if row is None:
+        raise DomainError(Outcome.INTERNAL_ERROR, "the study vanished from the database while claimed")
     if row.volume_path is None:
-        series = svc.pacs.list_series(study_uid)
-        chosen, decisions = choose(series, svc.rules)
-        svc.store.record_series_decisions(study_uid, decisions, chosen.series.series_uid if chosen else None)
-        if chosen is None:
-            reasons = "; ".join(d.reason for d in decisions) or "the study has no series"
-            raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"no eligible brain CT/MR series: {reasons}")
-        modality, slices = svc.pacs.retrieve_series(study_uid, chosen.series.series_uid)
-        try:
-            image = volume_tensor(stack_slices(slices), modality)
-        except PreprocessError as err:
-            raise DomainError(_PREPROCESS_OUTCOMES.get(err.code, Outcome.CORRUPT_PIXEL_DATA), str(err)) from err
-        if not np.isfinite(image).all():
-            raise DomainError(Outcome.CORRUPT_PIXEL_DATA, "volume contains non-finite values")
-        path = svc.volumes_dir / f"{study_uid}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, image)
-        tmp.replace(path)  # atomic: a reader never sees half a volume
-        svc.store.update_study(
-            study_uid,
-            volume_path=str(path),
-            volume_sha256=hashlib.sha256(image.tobytes()).hexdigest(),
-            chosen_series_uid=chosen.series.series_uid,
-            modality=modality,
-        )
-        row = svc.store.get_study(study_uid)
+        svc.store.set_study_volume(study_uid, _build_volume(svc, study_uid))
 
     # Patient matching: DICOM PatientID (+ IssuerOfPatientID) -> FHIR Patient.identifier.
     if not row.dicom_patient_id:
@@ -164,9 +147,7 @@ def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
             f"({pseudonym(row.dicom_patient_id)}); held until the Patient appears",
         )
     svc.store.upsert_patient(patient.fhir_id, patient.birth_date, patient.gender)
-    svc.store.update_study(
-        study_uid, status="ready", outcome=None, reason=None, patient_fhir_id=patient.fhir_id, next_attempt_at=None
-    )
+    svc.store.set_study_ready(study_uid, patient.fhir_id)
     svc.store.require_vitals_sync(patient.fhir_id)  # the vitals sync then flags the patient for scoring
     log.info("study %s ready for patient %s", study_uid, pseudonym(patient.fhir_id))
     svc.enqueue("vitals", [patient.fhir_id])
@@ -175,26 +156,44 @@ def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
     return IngestResult(study_uid, "ready", patient_fhir_id=patient.fhir_id)
 
 
+def _build_volume(svc: Services, study_uid: str) -> BuiltVolume:
+    """Choose the series, retrieve it, build the model's volume tensor and write it atomically."""
+    series = svc.pacs.list_series(study_uid)
+    chosen, decisions = choose(series, svc.rules)
+    svc.store.record_series_decisions(study_uid, decisions, chosen.series.series_uid if chosen else None)
+    if chosen is None:
+        reasons = "; ".join(d.reason for d in decisions) or "the study has no series"
+        raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"no eligible brain CT/MR series: {reasons}")
+    modality, slices = svc.pacs.retrieve_series(study_uid, chosen.series.series_uid)
+    try:
+        image = volume_tensor(stack_slices(slices), modality)
+    except PreprocessError as err:
+        raise DomainError(_PREPROCESS_OUTCOMES.get(err.code, Outcome.CORRUPT_PIXEL_DATA), str(err)) from err
+    if not np.isfinite(image).all():
+        raise DomainError(Outcome.CORRUPT_PIXEL_DATA, "volume contains non-finite values")
+    path = svc.volumes_dir / f"{study_uid}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, image)
+    tmp.replace(path)  # atomic: a reader never sees half a volume
+    digest = hashlib.sha256(image.tobytes()).hexdigest()
+    return BuiltVolume(str(path), digest, chosen.series.series_uid, modality)
+
+
 def _study_failed(svc: Services, study_uid: str, attempts: int, err: DomainError) -> IngestResult:
     now = svc.clock.now()
     svc.store.record_failure("ingest", study_uid, err.outcome, err.message, err.retryable)
+    status: StudyStatus
     if err.outcome is Outcome.UNMATCHED_PATIENT:
         # Held, not failed: retried on a slow schedule, and at once when the EHR poll sees the Patient.
-        status, retry_at = "held", backoff_at(now, attempts, svc.held_retry_s, cap_s=3600)
+        status, retry_at = StudyStatus.HELD, backoff_at(now, attempts, svc.held_retry_s, cap_s=3600)
     elif err.retryable and attempts < svc.max_retries:
-        status, retry_at = "retry", backoff_at(now, attempts, svc.retry_backoff_s, err.retry_after)
+        status, retry_at = StudyStatus.RETRY, backoff_at(now, attempts, svc.retry_backoff_s, err.retry_after)
     else:
-        status, retry_at = "failed", None
-    svc.store.update_study(
-        study_uid,
-        status=status,
-        outcome=err.outcome.value,
-        reason=err.message,
-        next_attempt_at=retry_at,
-        claimed_at=None,
-    )
-    log.warning("study %s: %s (%s): %s", study_uid, status, err.outcome.value, err.message)
-    return IngestResult(study_uid, status, err.outcome.value, err.message)
+        status, retry_at = StudyStatus.FAILED, None
+    svc.store.set_study_outcome(study_uid, status, err.outcome, err.message, retry_at)
+    log.warning("study %s: %s (%s): %s", study_uid, status.value, err.outcome.value, err.message)
+    return IngestResult(study_uid, status.value, err.outcome.value, err.message)
 
 
 def release_held_studies(svc: Services) -> list[str]:
@@ -226,9 +225,8 @@ def release_held_studies(svc: Services) -> list[str]:
 
 
 def retry_study(svc: Services, study_uid: str) -> bool:
-    """Operator action: put a failed/held study back in the queue now."""
-    row = svc.store.get_study(study_uid)
-    if row is None or row.status in ("processing",):
+    """Operator action: put a failed/held study back in the queue now. False if unknown or in progress."""
+    if not svc.store.requeue_study(study_uid):
         return False
-    svc.store.update_study(study_uid, status="retry", next_attempt_at=None, attempts=0)
+    svc.enqueue("ingest", [study_uid])
     return True

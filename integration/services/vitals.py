@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from inference import contract as C
 from integration.domain.identity import pseudonym
 from integration.domain.types import DomainError
 from integration.domain.vitals import parse_observations, vital_codes
+from integration.domain.window import study_anchor, sync_since
 from integration.services.context import Services
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,7 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
         return VitalsResult(patient_fhir_id, 0, 0, 0, 0, "skipped", "unknown patient")
     now = svc.clock.now()
     study = svc.store.latest_ready_study(patient_fhir_id)
-    anchor = min(study.study_datetime or now, now) if study else now
-    since = anchor - timedelta(hours=C.WINDOW_HOURS)
+    since = sync_since(now, study_anchor(study.study_datetime, study.detected_at) if study else None)
     updated_since = patient.vitals_cursor - CURSOR_OVERLAP if patient.vitals_cursor else None
     try:
         resources = svc.ehr.search_observations(patient_fhir_id, vital_codes(), since, updated_since)
@@ -82,3 +81,13 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     )
     return VitalsResult(patient_fhir_id, len(resources), len(parsed.accepted), len(parsed.rejected), changed)
 
+
+
+def request_vitals_sync(svc: Services, patient_ids: list[str]) -> list[str]:
+    """An EHR notification named these patients: queue a vitals sync for those the engine follows.
+    Returns them (the others are ignored: the engine follows a patient from their first study)."""
+    known = [pid for pid in dict.fromkeys(patient_ids) if svc.store.get_patient(pid) is not None]
+    svc.enqueue("vitals", known)
+    if known:
+        log.info("EHR notification: vitals sync queued for %d patient(s)", len(known))
+    return known

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from inference import contract as C
-from integration.sandbox.cohort import load_cohort, stow
+from sandbox.cohort import load_cohort, stow
 from tests.e2e.conftest import MRN_SYSTEM, risk_assessments, wait_for
 
 N_PATIENTS = 3
@@ -62,7 +62,7 @@ def test_embedded_broker_scores_every_patient_once_and_survives_rerun_and_resend
         ra["basis"][0]["identifier"]["value"].removeprefix("urn:oid:") for ra in ras}
 
     # Re-send one study (Orthanc fires StableStudy again) and restart the worker: still one each.
-    from inference import synth
+    import synth
 
     patient = next(iter(synth.iter_cohort(1, 31)))
     files = synth.write_dicom(patient, tmp_path / "resend", window_end=datetime.now(UTC))

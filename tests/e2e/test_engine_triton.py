@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from integration.sandbox.cohort import load_cohort
+from sandbox.cohort import load_cohort
 from tests.e2e.conftest import MRN_SYSTEM, risk_assessments, wait_for
 
 N_PATIENTS = 2

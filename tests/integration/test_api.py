@@ -31,10 +31,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from integration.config import Settings
 from integration.entrypoints.api.app import create_app
-from integration.sandbox import FhirPeer, OrthancPeer, free_port
 from integration.services.assess import assess_patients, publish
 from integration.services.studies import ingest_study
 from integration.services.vitals import sync_vitals
+from sandbox import FhirPeer, OrthancPeer, free_port
 
 MRN_SYSTEM = "urn:oid:1.2.36.146.595.217.0.1"
 ASSESSMENT_SYSTEM = "urn:strokewatch:risk-assessment:api-test"

@@ -19,7 +19,7 @@ from integration.adapters.dicomweb import DicomWebPacs
 from integration.domain.series import SeriesRules, choose
 from integration.domain.studytime import StudyWindow
 from integration.domain.types import DomainError, Outcome
-from integration.sandbox import OrthancPeer, free_port
+from sandbox import OrthancPeer, free_port
 
 pytestmark = pytest.mark.peers
 

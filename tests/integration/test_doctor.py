@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
+import httpx
 import pytest
 
 from integration.adapters.db.session import upgrade
+from integration.adapters.fhir_capability import capability_checks
+from integration.bootstrap import open_probes
 from integration.config import Settings
-from integration.sandbox import FhirAuth, FhirPeer, OrthancPeer, free_port
-from integration.services.doctor import CheckResult, readiness, run_checks
-from integration.services.doctor.ehr import capability_checks
+from integration.domain.checks import CheckResult
+from integration.services import doctor
+from sandbox import FhirAuth, FhirPeer, OrthancPeer, free_port
 
 pytestmark = pytest.mark.peers
 
@@ -25,6 +31,16 @@ def settings(data_dir: Path, dicomweb_url: str, ehr_base_url: str, **extra: Any)
     pacs = {"dicomweb_url": dicomweb_url, **extra.pop("pacs", {})}
     ehr = {"base_url": ehr_base_url, **extra.pop("ehr", {})}
     return Settings.model_validate({"sandbox": True, "data_dir": data_dir, "pacs": pacs, "ehr": ehr, **extra})
+
+
+def run_checks(s: Settings | None, timeout_s: float = 10.0) -> list[CheckResult]:
+    """`strokewatch doctor`: the probes the composition root builds from these settings."""
+    return doctor.run_checks(s, open_probes, timeout_s=timeout_s)
+
+
+def readiness(s: Settings, timeout_s: float) -> list[CheckResult]:
+    with open_probes(s) as probes:
+        return doctor.readiness(probes, timeout_s=timeout_s)
 
 
 def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
@@ -217,6 +233,78 @@ def test_oauth2_wrong_client_secret_names_the_setting(
     assert not check.ok and "invalid_client" in check.detail
     assert "STROKEWATCH_EHR__AUTH__CLIENT_SECRET" in (check.hint or "")
     no_secret_in(results, "not-the-secret")
+
+
+class TokenRelay:
+    """A token endpoint on 127.0.0.1 that records how each client authenticated (the sandbox accepts either
+    way and cannot tell), refuses any method but ``accept``, and relays the rest to the sandbox's endpoint."""
+
+    def __init__(self, upstream: str, accept: str | None = None) -> None:
+        self.seen: list[str] = []
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                basic = self.headers.get("Authorization", "").lower().startswith("basic ")
+                method = "client_secret_basic" if basic else "client_secret_post"
+                if not basic and "client_secret" not in parse_qs(body.decode()):
+                    method = "none"
+                relay.seen.append(method)
+                if accept is not None and method != accept:
+                    status, content = 401, b'{"error": "invalid_client"}'
+                else:
+                    kept = ("authorization", "content-type")
+                    forwarded = {k: v for k, v in self.headers.items() if k.lower() in kept}
+                    answer = httpx.post(upstream, content=body, headers=forwarded)
+                    status, content = answer.status_code, answer.content
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/oauth/token"
+
+    def __enter__(self) -> TokenRelay:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
+def test_oauth2_token_is_requested_as_configured(
+    migrated: Path, orthanc_peer: OrthancPeer, fhir_with_auth: FhirPeer, method: str
+) -> None:
+    with TokenRelay(fhir_with_auth.token_url) as relay:
+        auth = {"mode": "oauth2", "client_id": OAUTH_CLIENT[0], "client_secret": OAUTH_CLIENT[1],
+                "token_url": relay.url, "client_auth": method}
+        results = run_checks(settings(migrated, orthanc_peer.dicomweb_url, fhir_with_auth.base_url, ehr={"auth": auth}))
+    assert failed(results) == [], results
+    assert relay.seen == [method]  # one token, fetched the engine's way and used for every request after it
+    assert method in by_name(results)["ehr auth"].detail
+    no_secret_in(results, OAUTH_CLIENT[1])
+
+
+def test_oauth2_wrong_client_auth_method_names_the_setting(
+    migrated: Path, orthanc_peer: OrthancPeer, fhir_with_auth: FhirPeer
+) -> None:
+    with TokenRelay(fhir_with_auth.token_url, accept="client_secret_post") as relay:
+        auth = {"mode": "oauth2", "client_id": OAUTH_CLIENT[0], "client_secret": OAUTH_CLIENT[1],
+                "token_url": relay.url}  # client_secret_basic, the default
+        results = run_checks(settings(migrated, orthanc_peer.dicomweb_url, fhir_with_auth.base_url, ehr={"auth": auth}))
+    check = by_name(results)["ehr auth"]
+    assert relay.seen == ["client_secret_basic"]
+    assert failed(results) == ["ehr auth"] and "invalid_client" in check.detail
+    assert "STROKEWATCH_EHR__AUTH__CLIENT_AUTH=client_secret_post" in (check.hint or "")
+    no_secret_in(results, OAUTH_CLIENT[1])
 
 
 def test_pacs_auth_rejected_and_accepted(migrated: Path, orthanc_with_auth: OrthancPeer, fhir_peer: FhirPeer) -> None:

@@ -18,7 +18,7 @@ from integration.adapters.fhir import FhirEhr, FhirRejected, _retry_after
 from integration.adapters.fhir_auth import BasicAuth, BearerAuth, ClientCredentialsAuth
 from integration.domain.types import DomainError, Outcome
 from integration.domain.vitals import parse_observations, vital_codes
-from integration.sandbox import FhirAuth, FhirPeer, free_port
+from sandbox import FhirAuth, FhirPeer, free_port
 
 pytestmark = pytest.mark.peers
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from integration.sandbox import FhirAuth, FhirPeer, SandboxError
+from sandbox import FhirAuth, FhirPeer, SandboxError
 
 pytestmark = pytest.mark.peers
 

@@ -14,11 +14,12 @@ from pydicom.uid import generate_uid
 
 from integration.bootstrap import Engine, bootstrap
 from integration.config import Settings
+from integration.domain.records import AssessmentStatus
 from integration.domain.types import DomainError, Outcome
-from integration.sandbox._process import free_port
 from integration.services.assess import assess_patients, publish
 from integration.services.studies import ingest_study, register_study
 from integration.services.vitals import sync_vitals
+from sandbox._process import free_port
 from tests.integration.test_dicomweb_orthanc import ct_series, non_image, store
 
 MRN_SYSTEM = "urn:oid:1.2.36.146.595.217.0.1"
@@ -128,7 +129,7 @@ def test_unmatched_patient_is_held(engine: Engine, fresh_orthanc_peer: Any, fres
     assert (res.status, res.outcome) == ("held", Outcome.UNMATCHED_PATIENT.value)
     assert "NOBODY-1" not in res.reason  # the PatientID is PHI: pseudonymised in the reason
     add_patient(fresh_fhir_peer.base_url, "NOBODY-1")
-    engine.store.update_study(uid, next_attempt_at=None)
+    assert engine.store.requeue_study(uid)
     assert ingest_study(engine.services, uid).status == "ready"
 
 
@@ -202,7 +203,7 @@ def test_ehr_503_on_publish_is_retried_then_published_once(engine: Engine, fresh
     fresh_fhir_peer.inject_fault(status=503, count=20, retry_after=1, path="RiskAssessment")
     assert publish(engine.services, ident) == "retry"
     fresh_fhir_peer.clear_faults()
-    engine.store.update_assessment(ident, next_attempt_at=None)
+    engine.store.set_assessment_outcome(ident, AssessmentStatus.RETRY, Outcome.EHR_UNAVAILABLE, "503", None)
     assert publish(engine.services, ident) == "published"
     assert publish(engine.services, ident) == "published"  # replay: no second write
     with httpx.Client() as http:

@@ -10,7 +10,7 @@ from pydicom.uid import generate_uid
 
 from integration.adapters.orthanc import OrthancChangeFeed, is_orthanc, orthanc_root
 from integration.domain.types import DomainError, Outcome
-from integration.sandbox import OrthancPeer, free_port
+from sandbox import OrthancPeer, free_port
 from tests.integration.test_dicomweb_orthanc import ct_series, store
 
 pytestmark = pytest.mark.peers

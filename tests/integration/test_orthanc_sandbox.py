@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from integration.sandbox import OrthancPeer, free_port, orthanc_config, start_detached, status, stop
+from integration.entrypoints.processes import sandbox_env
+from sandbox import OrthancPeer, free_port, orthanc_config, start_detached, status, stop
 
 pytestmark = pytest.mark.peers
 
@@ -187,9 +188,14 @@ def test_detached_sandbox_up_status_down(tmp_path: Path) -> None:
         assert httpx.get(f"{info.orthanc_url}/system").json()["DicomPort"] == info.orthanc_dicom_port
         assert info.dicomweb_url == f"{info.orthanc_url}/dicom-web"
         assert start_detached(state_dir) == info  # already up: the same sandbox, not a second one
+        # The engine learns the sandbox's URLs from engine.env, without importing the sandbox.
+        env = sandbox_env(state_dir)
+        assert env["STROKEWATCH_PACS__DICOMWEB_URL"] == info.dicomweb_url
+        assert env["STROKEWATCH_EHR__BASE_URL"] == info.fhir_base_url and env["STROKEWATCH_SANDBOX"] == "true"
     finally:
         assert stop(state_dir)
     assert status(state_dir) is None
+    assert sandbox_env(state_dir) == {}  # gone with the sandbox
     assert not _answers(info.orthanc_url)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{info.fhir_base_url}/metadata", timeout=2)

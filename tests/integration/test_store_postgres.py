@@ -14,7 +14,18 @@ from integration.adapters.db.store import SqlStore
 from integration.services.assess import assess_patients
 from integration.services.context import Services
 from integration.services.studies import ingest_study
-from tests.unit.test_services import STUDY, FakeClock, FakeEhr, FakeModel, FakePacs, run_flow
+from tests.unit.fakes import STUDY, FakeClock, FakeEhr, FakeModel, FakePacs
+from tests.unit.test_services import run_flow
+from tests.unit.test_store_contract import (  # noqa: F401  the Store contract, run here on PostgreSQL
+    test_assessments_are_unique_supersede_and_publish,
+    test_fresh_studies_are_due_only_after_the_grace_period,
+    test_held_studies_are_listed_by_patient_and_released_once,
+    test_latest_ready_study_is_the_newest_taken,
+    test_patients_are_claimed_once_and_back_off,
+    test_stale_claims_are_released_and_failures_counted,
+    test_studies_are_deduplicated_claimed_once_and_follow_their_states,
+    test_vitals_count_changes_and_read_the_half_open_window,
+)
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -31,6 +42,12 @@ def pg_url() -> Iterator[str]:
     yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     with psycopg.connect(ADMIN, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture()
+def store(pg_url: str) -> SqlStore:
+    upgrade(pg_url)
+    return SqlStore(make_engine(pg_url))
 
 
 @pytest.fixture()
@@ -56,7 +73,7 @@ def test_full_flow_on_postgres_and_claims_are_exclusive(svc: Services) -> None:
     assert [r.status for r in assess_patients(svc, ["pat-1"])] == ["unchanged"]  # same identity: no new row
     assert svc.store.counts()["assessments"] == {"published": 1}
     # the conditional UPDATE lets exactly one claimant through
-    svc.store.update_study(STUDY, status="retry")
+    assert svc.store.requeue_study(STUDY)
     assert svc.store.claim_study(STUDY, svc.clock.now()) is True
     assert svc.store.claim_study(STUDY, svc.clock.now()) is False
     assert ingest_study(svc, STUDY).status == "skipped"  # held by the first claim

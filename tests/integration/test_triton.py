@@ -18,11 +18,18 @@ import numpy as np
 import pytest
 
 from inference import contract as C
-from inference.runtime import ModelContractError, ModelInputs, ModelUnavailableError, OnnxRuntimeModel
-from inference.triton_pybackend import write_repository
-from inference.triton_runtime import CircuitBreaker, FallbackModel, TritonModel
-from integration.sandbox._process import free_port
-from integration.sandbox.triton import TritonPeer
+from inference.runtime import (
+    CircuitBreaker,
+    FallbackModel,
+    ModelContractError,
+    ModelInputs,
+    ModelUnavailableError,
+    OnnxRuntimeModel,
+    TritonModel,
+)
+from sandbox._process import free_port
+from sandbox.triton import TritonPeer
+from sandbox.triton_pybackend import write_repository
 
 pytestmark = pytest.mark.peers
 Proto = Literal["http", "grpc"]

@@ -7,8 +7,8 @@ import re
 import onnx
 
 from inference import contract as C
-from inference.export import check_graph_signature
 from inference.triton_config import DEFAULT_CONFIG_PATH, DEFAULT_ONNX_PATH, onnx_trained_flag, render
+from modelling.export import check_graph_signature
 
 
 def test_committed_config_pbtxt_is_regenerated_unchanged() -> None:

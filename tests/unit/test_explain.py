@@ -1,6 +1,6 @@
 """Explanations: attributions land on planted findings (pointing game), and render as text and a PNG.
 
-Uses the shipped weights (inference/weights/fusion) and a synthetic cohort from a seed not used in
+Uses the shipped weights (modelling/weights/fusion) and a synthetic cohort from a seed not used in
 training, so it checks the model that is actually served.
 """
 
@@ -14,10 +14,10 @@ import torch
 from scipy.ndimage import binary_dilation
 
 from inference import contract as C
-from inference.explain import brain_region, describe_region, explain_patient, pointing_hit, render_overlay
-from inference.export import DEFAULT_WEIGHTS_DIR
-from inference.model import load
-from inference.train import cohort_inputs
+from modelling.explain import brain_region, describe_region, explain_patient, pointing_hit, render_overlay
+from modelling.export import DEFAULT_WEIGHTS_DIR
+from modelling.model import load
+from modelling.train.data import cohort_inputs
 
 EXPLAIN_SEED = 4242  # not a training or evaluation seed
 N_PATIENTS = 48
@@ -26,7 +26,7 @@ N_POINTING = 12
 
 @pytest.fixture(scope="module")
 def cohort() -> object:
-    from inference.synth import make_arrays
+    from synth import make_arrays
 
     return make_arrays(N_PATIENTS, EXPLAIN_SEED)
 

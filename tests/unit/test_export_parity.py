@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from inference import contract as C
-from inference.export import DEFAULT_WEIGHTS_DIR, export_model, untrained_model
-from inference.model import CalibratedModel, FusionModel, load
 from inference.runtime import DEFAULT_MODEL_PATH, ModelInputs, OnnxRuntimeModel
+from modelling.export import DEFAULT_WEIGHTS_DIR, export_model, untrained_model
+from modelling.model import CalibratedModel, FusionModel, load
 
 TOLERANCE = 1e-4
 
@@ -83,7 +83,7 @@ def feeds_probability(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def test_committed_onnx_matches_the_shipped_weights() -> None:
-    """The model.onnx in triton_models/ is the export of inference/weights/fusion, not a stale file."""
+    """The model.onnx in triton_models/ is the export of modelling/weights/fusion, not a stale file."""
     runtime = OnnxRuntimeModel(DEFAULT_MODEL_PATH)
     assert runtime.trained, "the committed model.onnx is an untrained placeholder"
     model = load(DEFAULT_WEIGHTS_DIR)

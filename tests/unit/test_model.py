@@ -11,18 +11,14 @@ import pytest
 import torch
 
 from inference import contract as C
-from inference.calibrate import expected_calibration_error, fit_temperature, fit_temperature_and_bias, sigmoid
-from inference.model import (
-    PRESENCE_PATTERNS,
-    CalibratedModel,
-    FusionConfig,
-    FusionModel,
-    calibrated_logit,
-    load,
-    save,
-)
-from inference.train import TrainSettings, calibrate, cohort_inputs, predict_logits, withhold
-from inference.train import run as train_run
+from modelling.calibrate import expected_calibration_error, fit_temperature, fit_temperature_and_bias, sigmoid
+from modelling.config import FusionConfig
+from modelling.model import PRESENCE_PATTERNS, CalibratedModel, FusionModel, calibrated_logit, load, save
+from modelling.train.calibration import calibrate
+from modelling.train.data import cohort_inputs, withhold
+from modelling.train.features import predict_logits
+from modelling.train.pipeline import run as train_run
+from modelling.train.settings import TrainSettings
 
 
 @dataclass
@@ -133,7 +129,8 @@ def test_all_masked_vitals_score_like_no_vitals() -> None:
 
 
 def test_fusion_head_is_logistic_per_presence_pattern_and_baselines_keep_the_mlp() -> None:
-    from inference.model import IMAGE_CONCEPTS, VITAL_CONCEPTS, concept_values
+    from modelling.config import IMAGE_CONCEPTS, VITAL_CONCEPTS
+    from modelling.model import concept_values
 
     assert FusionModel(FusionConfig(variant="image")).logistic is None
     assert FusionModel(FusionConfig(variant="vitals")).logistic is None
@@ -173,8 +170,9 @@ def test_logistic_head_fit_finds_a_planted_cross_modal_interaction() -> None:
     product gets the largest of the 20 product weights, and the head ranks patients as the truth does."""
     from sklearn.metrics import roc_auc_score
 
-    from inference.model import IMAGE_CONCEPTS, VITAL_CONCEPTS
-    from inference.train import fit_logistic_head, vital_values
+    from modelling.config import IMAGE_CONCEPTS, VITAL_CONCEPTS
+    from modelling.train.features import vital_values
+    from modelling.train.heads import fit_logistic_head
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -207,7 +205,7 @@ def test_logistic_head_fit_finds_a_planted_cross_modal_interaction() -> None:
 def test_logistic_head_fit_without_a_pattern_in_the_data_falls_back_to_the_event_rate() -> None:
     """No training patient has an image: the "both" and "image" models cannot be fitted; they get no feature
     weight and the event rate as intercept (recorded), and the vitals-only model is fitted as usual."""
-    from inference.train import fit_logistic_head
+    from modelling.train.heads import fit_logistic_head
 
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
@@ -321,7 +319,7 @@ def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path)
     assert fusion.cfg.info["seed"] == 0 and fusion.cfg.temperature > 0
     assert fusion.cfg.info["staged_from_baselines"] is True
     # the fusion head: one logistic model per presence pattern, its penalty chosen by cross-validation
-    from inference.train import LOGISTIC_HEAD_CS
+    from modelling.train.heads import LOGISTIC_HEAD_CS
 
     chosen = fusion.cfg.info["logistic_head"]
     assert set(chosen) == set(PRESENCE_PATTERNS)  # type: ignore[call-overload]
@@ -348,7 +346,8 @@ def test_training_learns_a_planted_signal_and_saves_all_variants(tmp_path: Path)
 
 
 def test_spot_readout_counts_distinct_peaks_not_voxels() -> None:
-    from inference.model import SPOT_KINDS, SpotDetector
+    from modelling.branches import SpotDetector
+    from modelling.config import SPOT_KINDS
 
     logits = torch.full((1, len(SPOT_KINDS), 8, 16, 16), -8.0)
     logits[0, 0, 2:4, 3:6, 3:6] = 3.0  # one spot of 18 voxels...
@@ -366,9 +365,10 @@ def test_spot_readout_counts_distinct_peaks_not_voxels() -> None:
 def test_spot_detector_learns_to_count_small_planted_spots() -> None:
     """Dark 2x2x2 spots (labelled as lacunes) among bright noise and a larger dark distractor slab: after
     patch training the peak count tracks the true number of spots per volume."""
-    from inference.model import SPOT_REGION
-    from inference.model import FusionModel as Model
-    from inference.train import fit_spot_detector, spot_readouts
+    from modelling.config import SPOT_REGION
+    from modelling.model import FusionModel as Model
+    from modelling.train.features import spot_readouts
+    from modelling.train.spots import fit_spot_detector
 
     rng = np.random.default_rng(3)
     n = 48
@@ -406,8 +406,8 @@ def test_spot_patches_include_hard_negatives_where_others_have_findings() -> Non
     """The spot detector's patch sampler: by the shares of the settings, patches near a labelled finding of the
     patient, at a place where another patient has one but this one has none (hard negatives), or anywhere in the
     region; a share whose kind has no example passes on."""
-    from inference.model import SPOT_REGION
-    from inference.train import spot_patch_centre
+    from modelling.config import SPOT_REGION
+    from modelling.train.spots import spot_patch_centre
 
     rs = np.random.default_rng(1)
     lacune_at = {i: rs.integers(10, 30, (6, 3)) for i in (0, 3, 5)}
@@ -443,8 +443,8 @@ def test_spot_patches_include_hard_negatives_where_others_have_findings() -> Non
 def test_concept_head_refit_recovers_concepts_from_frozen_features() -> None:
     """The image concept head, refitted alone on pooled features that determine the concepts, learns them
     (and leaves the head frozen); a head left as initialised does not know them."""
-    from inference.model import BINARY_CONCEPTS, IMAGE_CONCEPTS
-    from inference.train import refit_concept_head
+    from modelling.config import BINARY_CONCEPTS, IMAGE_CONCEPTS
+    from modelling.train.heads import refit_concept_head
 
     torch.manual_seed(0)
     rng = np.random.default_rng(3)
@@ -485,8 +485,8 @@ def test_concept_head_refit_recovers_concepts_from_frozen_features() -> None:
 def test_spot_region_holds_every_lacune_and_vessel_sign() -> None:
     """The spot detector reads only ``SPOT_REGION``: every lacune and vessel-sign voxel of patients it never
     saw (seed 4242, the first 600, labels only) lies inside it (the nearest comes within one slice of its top)."""
-    from inference.model import LESION_KINDS, SPOT_KINDS, SPOT_REGION
-    from inference.synth.patient import generate_patient
+    from modelling.config import LESION_KINDS, SPOT_KINDS, SPOT_REGION
+    from synth.patient import generate_patient
 
     lo = np.array([a for a, _ in SPOT_REGION])
     hi = np.array([b for _, b in SPOT_REGION])

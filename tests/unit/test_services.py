@@ -1,149 +1,26 @@
-"""The use cases end to end over small fakes of the ports (PACS, EHR, model) and a real SQLite store."""
+"""The use cases end to end over the in-memory fakes of every port (tests/unit/fakes.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 
-from inference.preprocess import Slice
-from inference.runtime import ModelInputs, ModelUnavailableError, Prediction
-from integration.adapters.db.session import make_engine, upgrade
-from integration.adapters.db.store import SqlStore
-from integration.domain.types import DomainError, Outcome, PatientInfo, SeriesRef, StudyRef
+from integration.domain.types import DomainError, Outcome, PatientInfo, SeriesRef
 from integration.services.assess import assess_patients, publish
 from integration.services.context import Services
 from integration.services.studies import ingest_study, register_study, release_held_studies
 from integration.services.vitals import sync_vitals
-
-NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
-STUDY = "1.2.826.0.1.3680043.8.498.1"
-SERIES = "1.2.826.0.1.3680043.8.498.1.1"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = NOW
-
-    def now(self) -> datetime:
-        return self.t
-
-
-def ct_slices(n: int = 24) -> list[Slice]:
-    rng = np.random.default_rng(0)
-    out = []
-    for k in rng.permutation(n):  # file order is not geometry order
-        px = np.full((64, 64), 30.0, dtype=np.float32)
-        px[20:40, 20:40] = 60.0
-        out.append(Slice(px, (-110.0, -110.0, 5.0 * float(k)), (1, 0, 0, 0, 1, 0), (3.5, 3.5)))
-    return out
-
-
-class FakePacs:
-    def __init__(self) -> None:
-        self.series = [SeriesRef(STUDY, SERIES, "CT", 24, body_part="HEAD", series_description="AX BRAIN 5mm",
-                                 study_description="CT HEAD WO", sop_class_uid="1.2.840.10008.5.1.4.1.1.2")]
-        self.down = False
-        self.retrievals = 0
-
-    def find_studies(self, first: date, last: date) -> list[StudyRef]:
-        return [StudyRef(STUDY, "MRN1", None, NOW)]
-
-    def get_study(self, uid: str) -> StudyRef | None:
-        return StudyRef(STUDY, "MRN1", None, NOW - timedelta(hours=1)) if uid == STUDY else None
-
-    def list_series(self, uid: str) -> list[SeriesRef]:
-        if self.down:
-            raise DomainError(Outcome.PACS_UNAVAILABLE, "connection refused")
-        return self.series
-
-    def retrieve_series(self, study_uid: str, series_uid: str) -> tuple[str, list[Slice]]:
-        self.retrievals += 1
-        return "CT", ct_slices()
-
-
-def obs(oid: str, code: str, value: float, unit: str, when: datetime) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation", "id": oid, "status": "final",
-        "meta": {"lastUpdated": NOW.isoformat()},
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                  "code": "vital-signs"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-        "subject": {"reference": "Patient/pat-1"},
-        "effectiveDateTime": when.isoformat(),
-        "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
-    }
-
-
-class FakeEhr:
-    def __init__(self) -> None:
-        self.patients: dict[str, PatientInfo] = {"MRN1": PatientInfo("pat-1", "1950-03-04", "female")}
-        self.observations = [
-            obs("o1", "8867-4", 80, "/min", NOW - timedelta(hours=30)),
-            obs("o2", "8480-6", 150, "mm[Hg]", NOW - timedelta(hours=20)),
-            obs("o3", "8310-5", 98.6, "[degF]", NOW - timedelta(hours=10)),
-        ]
-        self.created: dict[str, tuple[str, dict[str, Any]]] = {}
-        self.fail_create: DomainError | None = None
-
-    def find_patient(self, system: str | None, value: str) -> PatientInfo | None:
-        return self.patients.get(value)
-
-    def patients_updated_since(self, since: datetime) -> list[PatientInfo]:
-        return [PatientInfo(p.fhir_id, p.birth_date, p.gender, (("", mrn),)) for mrn, p in self.patients.items()]
-
-    def search_observations(self, patient_id: str, codes: Sequence[str], since: datetime | None,
-                            updated_since: datetime | None) -> list[dict[str, Any]]:
-        return list(self.observations)
-
-    def conditional_create(self, resource: dict[str, Any], system: str, value: str) -> tuple[str, bool]:
-        if self.fail_create is not None:
-            raise self.fail_create
-        key = f"{resource['resourceType']}|{system}|{value}"
-        if key in self.created:
-            return self.created[key][0], False
-        fid = f"{resource['resourceType'].lower()}-{len(self.created) + 1}"
-        self.created[key] = (fid, resource)
-        return fid, True
-
-    def update(self, resource: dict[str, Any]) -> None:
-        raise AssertionError("not used")
-
-    def search(self, resource_type: str, params: dict[str, str]) -> list[dict[str, Any]]:
-        return []
-
-    def assessments(self) -> list[dict[str, Any]]:
-        return [r for k, (_, r) in self.created.items() if k.startswith("RiskAssessment|")]
-
-
-class FakeModel:
-    model_version = "9.9.9"
-    trained = True
-    runtime_name = "fake"
-
-    def __init__(self) -> None:
-        self.calls: list[int] = []
-        self.down = False
-
-    def predict(self, batch: Sequence[ModelInputs]) -> list[Prediction]:
-        if self.down:
-            raise ModelUnavailableError("triton is down")
-        self.calls.append(len(batch))
-        return [Prediction(0.1 + 0.5 * float(b.image_present[0]) * 0.5 + 0.01 * float(b.vitals_mask.sum()), 0.0,
-                           self.model_version, "fake") for b in batch]
+from tests.unit.fakes import NOW, SERIES, STUDY, FakeClock, FakeEhr, FakeModel, FakePacs, FakeStore, obs
 
 
 @pytest.fixture()
 def svc(tmp_path: Path) -> Services:
-    url = f"sqlite:///{tmp_path / 'sw.db'}"
-    upgrade(url)
     model = FakeModel()
-    s = Services(store=SqlStore(make_engine(url)), pacs=FakePacs(), ehr=FakeEhr(), model=lambda: model,
-                 volumes_dir=tmp_path / "volumes", clock=FakeClock())
+    clock = FakeClock()
+    s = Services(store=FakeStore(clock), pacs=FakePacs(), ehr=FakeEhr(), model=lambda: model,
+                 volumes_dir=tmp_path / "volumes", clock=clock)
     s.enqueued = []  # type: ignore[attr-defined]
     s.enqueue = lambda stage, ids: s.enqueued.append((stage, list(ids)))  # type: ignore[attr-defined]
     return s
@@ -198,8 +75,24 @@ def test_new_vitals_give_a_new_assessment_linked_to_the_old(svc: Services) -> No
     assert new.supersedes_identifier == first
     assert svc.store.get_assessment(first).superseded
     old_fhir = svc.store.get_assessment(first).fhir_id
-    assert {"reference": f"RiskAssessment/{old_fhir}", "display": "superseded assessment"} in \
-        svc.ehr.created[f"RiskAssessment|{svc.assessment_identifier_system}|{second}"][1]["basis"]  # type: ignore[attr-defined]
+    written = svc.ehr.created[f"RiskAssessment|{svc.assessment_identifier_system}|{second}"][1]  # type: ignore[attr-defined]
+    assert {"reference": f"RiskAssessment/{old_fhir}", "type": "RiskAssessment", "display": "superseded assessment",
+            "identifier": {"system": svc.assessment_identifier_system, "value": first}} in written["basis"]
+    assert written == new.resource  # built once, when scored; written as recorded
+    assert written["performer"]["reference"].startswith("Device/")
+
+
+def test_superseding_an_unpublished_assessment_links_it_by_identifier(svc: Services) -> None:
+    register_study(svc, STUDY)
+    ingest_study(svc, STUDY)
+    sync_vitals(svc, "pat-1")
+    first = assess_patients(svc, ["pat-1"])[0].identifier  # scored, not yet written to the EHR
+    svc.ehr.observations.append(obs("o4", "8867-4", 120, "/min", NOW - timedelta(minutes=30)))  # type: ignore[attr-defined]
+    sync_vitals(svc, "pat-1")
+    second = assess_patients(svc, ["pat-1"])[0].identifier
+    link = svc.store.get_assessment(second).resource["basis"][-1]
+    assert link == {"type": "RiskAssessment", "display": "superseded assessment",
+                    "identifier": {"system": svc.assessment_identifier_system, "value": first}}
 
 
 def test_unmatched_patient_is_held_then_retried_when_the_patient_appears(svc: Services) -> None:

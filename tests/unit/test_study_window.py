@@ -14,13 +14,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from integration.adapters.db.session import make_engine, upgrade
-from integration.adapters.db.store import SqlStore
 from integration.adapters.dicomweb_parse import dicom_datetime
 from integration.domain.studytime import StudyWindow, detection_window, local_day, localize
 from integration.domain.types import StudyRef
 from integration.services.context import Services
 from integration.services.studies import detect_studies
+from tests.unit.fakes import FakeClock, FakeEhr, FakeFeed, FakeModel, FakeStore
 
 OFFSETS = ("-1200", "-0500", "+0000", "+0530", "+1400", None)  # None: no TimezoneOffsetFromUTC
 
@@ -72,34 +71,9 @@ class QidoPacs:
         raise AssertionError("not used")
 
 
-class Feed:
-    """Orthanc's /changes: StableStudy events for UIDs, with an integer cursor."""
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def stable_studies(self, since: int, limit: int = 100) -> tuple[list[str], int, bool]:
-        return self.events[since : since + limit], min(len(self.events), since + limit), since + limit >= len(
-            self.events)
-
-    def latest_cursor(self) -> int:
-        return len(self.events)
-
-
-class Clock:
-    def __init__(self, t: datetime) -> None:
-        self.t = t
-
-    def now(self) -> datetime:
-        return self.t
-
-
-def services(tmp_path: Path, pacs: QidoPacs, clock: Clock, feed: Feed | None, name: str) -> Services:
-    url = f"sqlite:///{tmp_path / f'{name}.db'}"
-    upgrade(url)
-    return Services(store=SqlStore(make_engine(url)), pacs=pacs, ehr=None,  # type: ignore[arg-type]
-                    model=lambda: None,  # type: ignore[arg-type,return-value]
-                    volumes_dir=tmp_path, feed=feed, clock=clock, lookback_hours=24.0, clock_skew_s=900.0)
+def services(tmp_path: Path, pacs: QidoPacs, clock: FakeClock, feed: FakeFeed | None, name: str) -> Services:
+    return Services(store=FakeStore(clock), pacs=pacs, ehr=FakeEhr(), model=FakeModel,
+                    volumes_dir=tmp_path / name, feed=feed, clock=clock, lookback_hours=24.0, clock_skew_s=900.0)
 
 
 PATHS = ("qido", "orthanc-first-start")
@@ -112,8 +86,8 @@ def test_every_offset_is_found_exactly_once_across_midnight_utc(tmp_path: Path, 
     pacs = QidoPacs(ZoneInfo(pacs_zone))
     for k, offset in enumerate(OFFSETS):  # taken 30 min before the first poll, at every kind of site
         pacs.take(f"1.2.3.{k}", before - timedelta(minutes=30), offset)
-    clock = Clock(before)
-    feed = Feed() if path != "qido" else None
+    clock = FakeClock(before)
+    feed = FakeFeed() if path != "qido" else None
     svc = services(tmp_path, pacs, clock, feed, path)
     found = detect_studies(svc)
     for k, offset in enumerate(OFFSETS):  # taken just after midnight UTC, found by the next poll
@@ -144,8 +118,8 @@ def test_studies_without_offset_across_a_dst_change(tmp_path: Path, path: str, z
     minutes = (-50, -5, 5, 40)  # around the change, in the PACS's zone, no offset sent
     for m in minutes:
         pacs.take(f"9.{m + 100}", change_utc + timedelta(minutes=m), None)
-    clock = Clock(change_utc + timedelta(minutes=45))
-    feed = Feed() if path != "qido" else None
+    clock = FakeClock(change_utc + timedelta(minutes=45))
+    feed = FakeFeed() if path != "qido" else None
     svc = services(tmp_path, pacs, clock, feed, path)
     found = detect_studies(svc)
     clock.t += timedelta(hours=1)
@@ -167,7 +141,7 @@ def test_a_study_dated_ahead_by_a_fast_modality_clock_is_found_on_the_next_poll(
     pacs = QidoPacs(ZoneInfo("Asia/Kolkata"))
     pacs.take("7.1", now + timedelta(minutes=10), None)  # within the 15 min skew
     pacs.take("7.2", now + timedelta(minutes=40), "+0530")  # beyond it: found once it is near
-    clock = Clock(now)
+    clock = FakeClock(now)
     svc = services(tmp_path, pacs, clock, None, "skew")
     assert detect_studies(svc) == ["7.1"]
     clock.t = now + timedelta(minutes=26)
@@ -179,7 +153,7 @@ def test_a_date_only_study_counts_for_its_whole_local_day(tmp_path: Path) -> Non
     pacs = QidoPacs(ZoneInfo("Pacific/Kiritimati"))
     pacs.take("8.1", now, None, with_time=False)  # StudyDate 20261206, no StudyTime
     pacs.take("8.2", now - timedelta(days=3), None, with_time=False)  # a day outside the lookback
-    svc = services(tmp_path, pacs, Clock(now), None, "dateonly")
+    svc = services(tmp_path, pacs, FakeClock(now), None, "dateonly")
     assert detect_studies(svc) == ["8.1"]
 
 

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from inference import contract as C
 from inference import preprocess
-from inference.synth import (
+from synth import (
     fhir_resources,
     generate_patient,
     iter_cohort,
@@ -20,9 +20,9 @@ from inference.synth import (
     transaction_bundle,
     write_dicom,
 )
-from inference.synth import outcome as O
-from inference.synth.__main__ import main as cli_main
-from inference.synth.vitals import canonical_samples
+from synth import outcome as O
+from synth.__main__ import main as cli_main
+from synth.vitals import canonical_samples
 
 WINDOW_END = datetime(2025, 3, 4, 12, 0, tzinfo=UTC)
 
@@ -51,9 +51,9 @@ def test_arrays_match_the_contract(small) -> None:
 
 
 def test_training_targets_describe_the_planted_findings_and_traits(small) -> None:
-    from inference.synth import generate_patient
-    from inference.synth.findings import FINDING_KINDS
-    from inference.synth.outcome import COEF, IMAGE_FACTORS, INTERCEPT, VITAL_FACTORS, risk_logit
+    from synth import generate_patient
+    from synth.findings import FINDING_KINDS
+    from synth.outcome import COEF, IMAGE_FACTORS, INTERCEPT, VITAL_FACTORS, risk_logit
 
     assert small.finding_label.shape == (6, *C.VOLUME_SHAPE) and small.finding_label.dtype == np.uint8
     assert small.finding_label.max() <= len(FINDING_KINDS)
@@ -89,9 +89,9 @@ def test_training_targets_describe_the_planted_findings_and_traits(small) -> Non
 
 def test_training_targets_line_up_with_what_the_model_learns(small) -> None:
     """The model's concept outputs are trained column by column against the synth's factors and lesion kinds."""
-    from inference.model import BINARY_CONCEPTS, IMAGE_CONCEPTS, LESION_KINDS, VITAL_CONCEPTS
-    from inference.synth.findings import FINDING_KINDS
-    from inference.synth.outcome import IMAGE_FACTORS, VITAL_FACTORS
+    from modelling.config import BINARY_CONCEPTS, IMAGE_CONCEPTS, LESION_KINDS, VITAL_CONCEPTS
+    from synth.findings import FINDING_KINDS
+    from synth.outcome import IMAGE_FACTORS, VITAL_FACTORS
 
     assert IMAGE_CONCEPTS == IMAGE_FACTORS
     assert VITAL_CONCEPTS == VITAL_FACTORS
@@ -107,7 +107,7 @@ def test_training_targets_line_up_with_what_the_model_learns(small) -> None:
 
 
 def test_vitals_only_records_are_the_same_patients_without_a_volume(small) -> None:
-    from inference.synth.arrays import make_vitals_arrays
+    from synth.arrays import make_vitals_arrays
 
     records = make_vitals_arrays(3, seed=11, start=2)
     for name in ("vitals", "vitals_mask", "vitals_delta", "demographics", "outcome", "vital_factors"):
@@ -258,7 +258,7 @@ def test_planted_findings_appear_in_the_mask_and_the_image() -> None:
             continue
         mask = p.finding_mask()
         assert mask.sum() >= 8  # a territorial infarct covers many contract voxels
-        from inference.synth.arrays import patient_image_tensor
+        from synth.arrays import patient_image_tensor
 
         image, _ = patient_image_tensor(p)
         if p.modality == "CT":
@@ -313,7 +313,7 @@ def test_cli_writes_dicom_fhir_and_truth(tmp_path: Path) -> None:
 
 
 def test_planted_vitals_signal_survives_into_the_tensors() -> None:
-    from inference.synth.arrays import patient_vitals_tensors
+    from synth.arrays import patient_vitals_tensors
 
     hr, sbp, glu = C.FEATURE_INDEX["hr"], C.FEATURE_INDEX["sbp"], C.FEATURE_INDEX["glucose"]
     spread: dict[str, list[float]] = {"af": [], "sinus": [], "labile": [], "steady": []}
@@ -341,8 +341,8 @@ def test_fhir_path_through_the_engine_parser_gives_the_training_tensors() -> Non
     """Training/serving parity: FHIR JSON -> the engine's domain parser -> vitals_tensors == the array path."""
     from datetime import timedelta
 
-    from inference.synth.arrays import patient_vitals_tensors
     from integration.domain.vitals import parse_observations, to_samples
+    from synth.arrays import patient_vitals_tensors
 
     for patient in iter_cohort(4, 13):
         observations = fhir_resources(patient, identifier_system="urn:oid:1.2.3.4", window_end=WINDOW_END)[1:]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inference import contract as C
-from inference.runtime import ModelContractError, ModelUnavailableError
-from inference.triton_runtime import CircuitBreaker, check_served_metadata
+from inference.runtime import CircuitBreaker, ModelContractError, ModelUnavailableError, check_served_metadata
 
 
 class FakeClock:

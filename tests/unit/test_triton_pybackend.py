@@ -6,7 +6,7 @@ import re
 
 from inference import contract as C
 from inference import triton_config
-from inference.triton_pybackend import render_config
+from sandbox.triton_pybackend import render_config
 
 
 def _section(text: str, kind: str) -> str:

@@ -276,13 +276,3 @@ def list_failures(
             for r in rows
         ]
     return Page(items, total, offset, limit)
-
-
-def patient_of_study(sessions: Sessions, study_uid: str) -> str | None:
-    with sessions() as s:
-        return s.scalar(select(Study.patient_fhir_id).where(Study.study_uid == study_uid))
-
-
-def is_known_patient(sessions: Sessions, fhir_id: str) -> bool:
-    with sessions() as s:
-        return s.scalar(select(Patient.id).where(Patient.fhir_id == fhir_id)) is not None

@@ -1,12 +1,15 @@
-"""Engine/session construction and schema migration (Alembic, driven from code: no alembic.ini needed)."""
+"""Engine/session construction and schema migration (Alembic, driven from code: no alembic.ini needed),
+and the database's preflight probe."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
+
+from integration.domain.checks import CheckResult, short_error
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -63,3 +66,50 @@ def current_revision(url: str) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
+
+
+def head_revision() -> str | None:
+    """The newest revision of the migration scripts (what `strokewatch db upgrade` brings a schema to)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    return str(head) if head is not None else None
+
+
+class DatabaseProbe:
+    """``database`` (`strokewatch doctor`, readiness) through the SQLAlchemy engine the store uses: SELECT 1,
+    then (doctor) the schema's Alembic revision against the migrations' head. Never shows the password."""
+
+    name = "database"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def probe(self, *, quick: bool) -> list[CheckResult]:
+        url = self.engine.url
+        shown = url.render_as_string(hide_password=True)
+        upgrade_hint = "run `strokewatch db upgrade` (or `strokewatch run`, which migrates first)"
+        path = url.database or ""
+        if url.get_backend_name() == "sqlite" and path and path != ":memory:" and not Path(path).exists():
+            return [CheckResult(self.name, False, f"no database yet at {path}", upgrade_hint)]  # connecting creates it
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+                current = None if quick else _revision(conn)
+            head = None if quick else head_revision()
+        except Exception as exc:  # any driver's error: the message, never the URL's password
+            hint = "check STROKEWATCH_DATABASE_URL (unset: SQLite under STROKEWATCH_DATA_DIR) and that the server is up"
+            return [CheckResult(self.name, False, f"{shown}: cannot connect: {short_error(exc)}", hint)]
+        if quick:
+            return [CheckResult(self.name, True, f"{self.engine.dialect.name}: SELECT 1 answered")]
+        if current != head:
+            detail = f"{shown}: schema at revision {current or '(none)'}, migrations head is {head}"
+            return [CheckResult(self.name, False, detail, upgrade_hint)]
+        return [CheckResult(self.name, True, f"{shown}: reachable, schema at head ({head})")]
+
+
+def _revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    rev = MigrationContext.configure(conn).get_current_revision()
+    return str(rev) if rev is not None else None

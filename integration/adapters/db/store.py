@@ -1,12 +1,16 @@
-"""The Store port on SQLAlchemy: every state change is a short transaction; claims are conditional UPDATEs."""
+"""The Store port (``integration.ports.Store``) on SQLAlchemy.
+
+Every state change is a short transaction; claims are conditional UPDATEs; reads return the domain's
+records (``integration.domain.records``), never ORM rows, so nothing outside this package sees a session.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,13 +23,23 @@ from integration.adapters.db.models import (
     Study,
     VitalRow,
 )
+from integration.adapters.db.rows import assessment_record, patient_record, study_record
+from integration.domain.records import (
+    STUDY_CLAIMABLE,
+    AssessmentRecord,
+    AssessmentStatus,
+    BuiltVolume,
+    NewAssessment,
+    PatientRecord,
+    StudyRecord,
+    StudyStatus,
+)
 from integration.domain.types import Outcome, SeriesDecision, StudyRef, VitalValue
-
-#: States from which a study may be (re)claimed for ingestion.
-STUDY_CLAIMABLE = ("detected", "retry", "held")
 
 
 class SqlStore:
+    """``integration.ports.Store`` on a SQLAlchemy engine (SQLite embedded, PostgreSQL distributed)."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sessions: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
@@ -45,7 +59,7 @@ class SqlStore:
                 s.add(Cursor(name=name, value=value))
 
     # -- studies ----------------------------------------------------------------------
-    def add_study(self, ref: StudyRef, source: str) -> bool:
+    def add_study(self, ref: StudyRef, source: str, now: datetime) -> bool:
         """Record a newly seen study. False if it was already known (de-duplication by StudyInstanceUID)."""
         try:
             with self.sessions.begin() as s:
@@ -56,6 +70,7 @@ class SqlStore:
                         issuer=ref.issuer,
                         study_datetime=ref.study_datetime,
                         source=source,
+                        detected_at=now,
                     )
                 )
             return True
@@ -69,24 +84,67 @@ class SqlStore:
         with self.sessions() as s:
             return set(s.scalars(select(Study.study_uid).where(Study.study_uid.in_(uids))))
 
-    def get_study(self, uid: str) -> Study | None:
+    def get_study(self, uid: str) -> StudyRecord | None:
         with self.sessions() as s:
-            return s.scalar(select(Study).where(Study.study_uid == uid))
+            return study_record(s.scalar(select(Study).where(Study.study_uid == uid)))
 
     def claim_study(self, uid: str, now: datetime) -> bool:
         with self.sessions.begin() as s:
             res = s.execute(
                 update(Study)
-                .where(Study.study_uid == uid, Study.status.in_(STUDY_CLAIMABLE))
+                .where(Study.study_uid == uid, Study.status.in_([st.value for st in STUDY_CLAIMABLE]))
                 .values(status="processing", claimed_at=now, attempts=Study.attempts + 1)
             )
             return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
-    def update_study(self, uid: str, **values: Any) -> None:
+    def _update_study(self, uid: str, **values: Any) -> None:
         with self.sessions.begin() as s:
             s.execute(update(Study).where(Study.study_uid == uid).values(**values))
 
-    def record_series_decisions(self, uid: str, decisions: list[SeriesDecision], chosen_uid: str | None) -> None:
+    def set_study_volume(self, uid: str, volume: BuiltVolume) -> None:
+        self._update_study(
+            uid,
+            volume_path=volume.path,
+            volume_sha256=volume.sha256,
+            chosen_series_uid=volume.series_uid,
+            modality=volume.modality,
+        )
+
+    def set_study_ready(self, uid: str, patient_fhir_id: str) -> None:
+        self._update_study(
+            uid,
+            status=StudyStatus.READY.value,
+            outcome=None,
+            reason=None,
+            patient_fhir_id=patient_fhir_id,
+            next_attempt_at=None,
+            claimed_at=None,
+        )
+
+    def set_study_outcome(
+        self, uid: str, status: StudyStatus, outcome: Outcome, reason: str, next_attempt_at: datetime | None
+    ) -> None:
+        self._update_study(
+            uid,
+            status=status.value,
+            outcome=outcome.value,
+            reason=reason,
+            next_attempt_at=next_attempt_at,
+            claimed_at=None,
+        )
+
+    def requeue_study(self, uid: str) -> bool:
+        with self.sessions.begin() as s:
+            res = s.execute(
+                update(Study)
+                .where(Study.study_uid == uid, Study.status != StudyStatus.PROCESSING.value)
+                .values(status=StudyStatus.RETRY.value, next_attempt_at=None, attempts=0)
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    def record_series_decisions(
+        self, uid: str, decisions: Sequence[SeriesDecision], chosen_uid: str | None
+    ) -> None:
         with self.sessions.begin() as s:
             existing = {
                 r.series_uid: r for r in s.scalars(select(SeriesDecisionRow).where(SeriesDecisionRow.study_uid == uid))
@@ -113,7 +171,7 @@ class SqlStore:
             q = (
                 select(Study.study_uid)
                 .where(
-                    Study.status.in_(STUDY_CLAIMABLE),
+                    Study.status.in_([st.value for st in STUDY_CLAIMABLE]),
                     (Study.next_attempt_at.is_(None)) | (Study.next_attempt_at <= now),
                     (Study.status != "detected") | (Study.detected_at < fresh_before),
                 )
@@ -144,9 +202,9 @@ class SqlStore:
                 .values(status="scored")
             )
             n += res.rowcount  # type: ignore[attr-defined]
-        return n
+        return int(n)
 
-    def latest_ready_study(self, patient_fhir_id: str) -> Study | None:
+    def latest_ready_study(self, patient_fhir_id: str) -> StudyRecord | None:
         with self.sessions() as s:
             q = (
                 select(Study)
@@ -154,7 +212,7 @@ class SqlStore:
                 .order_by(Study.study_datetime.desc().nulls_last(), Study.id.desc())
                 .limit(1)
             )
-            return s.scalar(q)
+            return study_record(s.scalar(q))
 
     def held_patient_keys(self, limit: int = 1000) -> list[tuple[str | None, str]]:
         """Distinct (IssuerOfPatientID, PatientID) of studies held for an unmatched patient."""
@@ -165,7 +223,7 @@ class SqlStore:
                 .distinct()
                 .limit(limit)
             )
-            return [(issuer, pid) for issuer, pid in s.execute(q)]
+            return [(issuer, pid) for issuer, pid in s.execute(q) if pid is not None]
 
     def release_held_studies(self, dicom_patient_id: str, issuer: str | None) -> list[str]:
         """Held studies of this patient back to 'retry', due now (conditional: only rows still held)."""
@@ -197,9 +255,9 @@ class SqlStore:
             else:
                 row.birth_date, row.gender = birth_date, gender
 
-    def get_patient(self, fhir_id: str) -> Patient | None:
+    def get_patient(self, fhir_id: str) -> PatientRecord | None:
         with self.sessions() as s:
-            return s.scalar(select(Patient).where(Patient.fhir_id == fhir_id))
+            return patient_record(s.scalar(select(Patient).where(Patient.fhir_id == fhir_id)))
 
     def all_patient_ids(self) -> list[str]:
         with self.sessions() as s:
@@ -262,16 +320,16 @@ class SqlStore:
             s.execute(update(Patient).where(Patient.fhir_id == fhir_id).values(**values))
 
     # -- vitals -----------------------------------------------------------------------
-    def replace_vitals(self, fhir_id: str, values: list[VitalValue], removed_observation_ids: Iterable[str]) -> int:
+    def replace_vitals(
+        self, fhir_id: str, values: Sequence[VitalValue], removed_observation_ids: Iterable[str]
+    ) -> int:
         """Upsert values by (observation, feature); drop rows of Observations now excluded. Returns #changed."""
         changed = 0
         with self.sessions.begin() as s:
             removed = list(set(removed_observation_ids))
             if removed:
                 res = s.execute(
-                    VitalRow.__table__.delete().where(
-                        VitalRow.patient_fhir_id == fhir_id, VitalRow.observation_id.in_(removed)
-                    )
+                    delete(VitalRow).where(VitalRow.patient_fhir_id == fhir_id, VitalRow.observation_id.in_(removed))
                 )
                 changed += res.rowcount  # type: ignore[attr-defined]
             ids = list({v.observation_id for v in values})
@@ -281,8 +339,8 @@ class SqlStore:
                 for row in s.scalars(select(VitalRow).where(VitalRow.observation_id.in_(chunk))):
                     existing[(row.observation_id, row.feature)] = row
             for v in values:
-                row = existing.get((v.observation_id, v.feature))
-                if row is None:
+                found = existing.get((v.observation_id, v.feature))
+                if found is None:
                     row = VitalRow(
                         patient_fhir_id=fhir_id,
                         observation_id=v.observation_id,
@@ -293,8 +351,8 @@ class SqlStore:
                     s.add(row)
                     existing[(v.observation_id, v.feature)] = row
                     changed += 1
-                elif row.value != v.value or row.effective != v.effective:
-                    row.value, row.effective = v.value, v.effective
+                elif found.value != v.value or found.effective != v.effective:
+                    found.value, found.effective = v.value, v.effective
                     changed += 1
         return changed
 
@@ -316,11 +374,11 @@ class SqlStore:
             )
 
     # -- assessments ------------------------------------------------------------------
-    def get_assessment(self, identifier: str) -> Assessment | None:
+    def get_assessment(self, identifier: str) -> AssessmentRecord | None:
         with self.sessions() as s:
-            return s.scalar(select(Assessment).where(Assessment.identifier == identifier))
+            return assessment_record(s.scalar(select(Assessment).where(Assessment.identifier == identifier)))
 
-    def latest_assessment(self, fhir_id: str) -> Assessment | None:
+    def latest_assessment(self, fhir_id: str) -> AssessmentRecord | None:
         with self.sessions() as s:
             q = (
                 select(Assessment)
@@ -328,11 +386,25 @@ class SqlStore:
                 .order_by(Assessment.id.desc())
                 .limit(1)
             )
-            return s.scalar(q)
+            return assessment_record(s.scalar(q))
 
-    def add_assessment(self, fields: dict[str, Any]) -> bool:
+    def add_assessment(self, new: NewAssessment) -> bool:
         """Insert; False if an assessment with this identifier already exists."""
-        row = Assessment(**fields)
+        row = Assessment(
+            identifier=new.identifier,
+            patient_fhir_id=new.patient_fhir_id,
+            study_uid=new.study_uid,
+            window_end=new.window_end,
+            model_version=new.model_version,
+            runtime=new.runtime,
+            trained=new.trained,
+            probability=new.probability,
+            band=new.band,
+            input_fingerprint=new.input_fingerprint,
+            n_vitals=new.n_vitals,
+            resource=new.resource,
+            supersedes_identifier=new.supersedes_identifier,
+        )
         try:
             with self.sessions.begin() as s:
                 if row.supersedes_identifier:
@@ -355,9 +427,37 @@ class SqlStore:
             )
             return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
-    def update_assessment(self, identifier: str, **values: Any) -> None:
+    def _update_assessment(self, identifier: str, **values: Any) -> None:
         with self.sessions.begin() as s:
             s.execute(update(Assessment).where(Assessment.identifier == identifier).values(**values))
+
+    def set_assessment_published(self, identifier: str, fhir_id: str, at: datetime) -> None:
+        self._update_assessment(
+            identifier,
+            status=AssessmentStatus.PUBLISHED.value,
+            fhir_id=fhir_id,
+            published_at=at,
+            outcome=None,
+            reason=None,
+            claimed_at=None,
+        )
+
+    def set_assessment_outcome(
+        self,
+        identifier: str,
+        status: AssessmentStatus,
+        outcome: Outcome,
+        reason: str,
+        next_attempt_at: datetime | None,
+    ) -> None:
+        self._update_assessment(
+            identifier,
+            status=status.value,
+            outcome=outcome.value,
+            reason=reason,
+            next_attempt_at=next_attempt_at,
+            claimed_at=None,
+        )
 
     def assessments_due(self, now: datetime, limit: int = 100) -> list[str]:
         with self.sessions() as s:

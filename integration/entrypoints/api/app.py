@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse
 from integration.bootstrap import Engine, bootstrap
 from integration.config import Settings, get_settings
 from integration.domain.types import DomainError
-from integration.entrypoints.api.deps import Enqueue
 from integration.entrypoints.api.routes import (
     cds_hooks,
     failures,
@@ -30,6 +29,7 @@ from integration.entrypoints.api.routes import (
 
 log = logging.getLogger(__name__)
 
+Enqueue = Callable[[str, list[str]], None]
 EngineFactory = Callable[[Settings, Enqueue], Engine]
 
 
@@ -63,7 +63,6 @@ def create_app(
         resolved = settings or get_settings()
         engine = engine_factory(resolved, send)
         app.state.engine = engine
-        app.state.enqueue = send
         app.state.metrics = metrics.registry_for(engine.store)
         log.info("API ready (PACS %s, EHR %s)", resolved.pacs.dicomweb_url, resolved.ehr.base_url)
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -12,8 +11,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from integration.bootstrap import Engine
 from integration.config import Settings
 from integration.services.context import Services
-
-Enqueue = Callable[[str, list[str]], None]
 
 
 def get_engine(request: Request) -> Engine:
@@ -37,15 +34,9 @@ def get_sessions(engine: EngineDep) -> sessionmaker[Session]:
     return sessions
 
 
-def get_enqueue(request: Request) -> Enqueue:
-    enqueue: Enqueue = request.app.state.enqueue
-    return enqueue
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
-EnqueueDep = Annotated[Enqueue, Depends(get_enqueue)]
 
 
 @dataclass(frozen=True)

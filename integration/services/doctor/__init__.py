@@ -1,91 +1,97 @@
 """Connectivity and configuration checks: `strokewatch doctor` and the API's readiness probe.
 
-Each check talks to the real peer with a short timeout and returns a ``CheckResult`` saying exactly what
-is wrong and which ``STROKEWATCH_*`` variable to change. This is diagnostics, so it speaks HTTP (httpx),
-SQL and AMQP directly and reports status codes that the engine's adapters would fold into outcomes.
-Never prints secrets or response bodies (which may hold PHI); only URLs, status codes and counts.
+The checks are the adapters' own ``Probe``s, built by the composition root: each talks to its peer with
+the client, credentials and timeouts the engine uses, and says exactly what is wrong and which
+``STROKEWATCH_*`` variable to change. This module only runs them (in parallel, time-boxed) and adds what
+the settings alone say. Never prints secrets or response bodies (which may hold PHI).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from contextlib import AbstractContextManager
 
 from pydantic import ValidationError
-from sqlalchemy import Engine
 
 from integration.config import Settings
-from integration.services.doctor.ehr import check_ehr
-from integration.services.doctor.local import check_broker, check_database, check_model, check_settings
-from integration.services.doctor.pacs import check_pacs
-from integration.services.doctor.result import CheckResult, env_name
+from integration.domain.checks import CheckResult, env_name, short_error
+from integration.ports import Probe
+from integration.services.doctor.stated import check_settings, pacs_time_zone, patient_identifier_system
 
 log = logging.getLogger(__name__)
 
-Check = Callable[[], list[CheckResult]]
+#: Opens the probes for these settings (``bootstrap.open_probes``) and closes what it built on exit.
+OpenProbes = Callable[[Settings], AbstractContextManager[Sequence[Probe]]]
+
+#: What the settings say about a peer, reported after that peer's results when it answered (doctor only).
+_STATED: dict[str, Callable[[Settings], CheckResult]] = {"pacs": pacs_time_zone, "ehr": patient_identifier_system}
+_SETTINGS_HINT = "fix the STROKEWATCH_* variable named above (or the file named by STROKEWATCH_CONFIG)"
 
 
-def run_checks(settings: Settings | None = None, *, timeout_s: float = 10.0) -> list[CheckResult]:
-    """Everything `strokewatch doctor` reports, in a stable order. ``settings=None`` reads the environment."""
+def run_checks(settings: Settings | None, open_probes: OpenProbes, *, timeout_s: float = 10.0) -> list[CheckResult]:
+    """Everything `strokewatch doctor` reports, in a stable order. ``settings=None`` reads the environment.
+
+    ``timeout_s`` time-boxes the run (four times it in all); each peer's requests keep their own timeouts.
+    """
     if settings is None:
         try:
             settings = Settings()
         except (ValidationError, ValueError) as err:
             return [CheckResult("settings", False, _validation_message(err), _SETTINGS_HINT)]
-    checks: list[Check] = [
-        lambda: [check_settings(settings)],
-        lambda: [check_database(settings.db_url, timeout_s=timeout_s)],
-        lambda: [check_broker(settings, timeout_s=timeout_s)],
-        lambda: check_pacs(settings, timeout_s=timeout_s),
-        lambda: check_ehr(settings, timeout_s=timeout_s),
-        lambda: check_model(settings),
-    ]
-    return _run_parallel(checks, deadline_s=timeout_s * 4, names=_NAMES)
-
-
-def readiness(
-    settings: Settings,
-    *,
-    db_engine: Engine | None = None,
-    model: Callable[[], Any] | None = None,
-    timeout_s: float = 3.0,
-) -> list[CheckResult]:
-    """The readiness probe: DB, broker, PACS, EHR, model; one result each, concurrently, each time-boxed."""
-    checks: list[Check] = [
-        lambda: [check_database(settings.db_url, timeout_s=timeout_s, engine=db_engine, migrations=False)],
-        lambda: [check_broker(settings, timeout_s=timeout_s)],
-        lambda: check_pacs(settings, timeout_s=timeout_s, quick=True),
-        lambda: check_ehr(settings, timeout_s=timeout_s, quick=True),
-        lambda: check_model(settings, model=model)[:1],
-    ]
-    return _run_parallel(checks, deadline_s=timeout_s * 2, names=("database", "broker", "pacs", "ehr", "model"))
-
-
-_NAMES = ("settings", "database", "broker", "pacs", "ehr", "model")
-_SETTINGS_HINT = "fix the STROKEWATCH_* variable named above (or the file named by STROKEWATCH_CONFIG)"
-
-
-def _run_parallel(checks: Sequence[Check], *, deadline_s: float, names: Sequence[str]) -> list[CheckResult]:
-    out: list[CheckResult] = []
-    end = time.monotonic() + deadline_s
-    pool = ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="doctor")
+    results = [check_settings(settings)]
     try:
-        futures = [pool.submit(c) for c in checks]
-        for name, fut in zip(names, futures, strict=True):
-            try:
-                out.extend(fut.result(timeout=max(0.0, end - time.monotonic())))
-            except FutureTimeout:
-                out.append(CheckResult(name, False, f"no answer within {deadline_s:.0f} s"))
-            except Exception as exc:  # a check must never take the others down
-                log.warning("check %s crashed", name, exc_info=True)
-                out.append(CheckResult(name, False, f"check crashed: {exc!r}"))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        with open_probes(settings) as probes:
+            answers = _run_parallel(probes, quick=False, deadline_s=timeout_s * 4)
+    except Exception as exc:  # e.g. STROKEWATCH_DATA_DIR cannot be created: say so instead of crashing
+        log.warning("cannot build the probes", exc_info=exc)
+        return [*results, CheckResult("adapters", False, f"cannot build them: {short_error(exc)}", _SETTINGS_HINT)]
+    for probe, found in zip(probes, answers, strict=True):
+        results += found
+        stated = _STATED.get(probe.name)
+        if stated is not None and found and found[0].ok:
+            results.append(stated(settings))
+    return results
+
+
+def readiness(probes: Sequence[Probe], *, timeout_s: float = 3.0) -> list[CheckResult]:
+    """The readiness probe: one result per probe (database, broker, PACS, EHR, model), concurrently, time-boxed."""
+    return [found[0] for found in _run_parallel(probes, quick=True, deadline_s=timeout_s * 2) if found]
+
+
+def _run_parallel(probes: Sequence[Probe], *, quick: bool, deadline_s: float) -> list[list[CheckResult]]:
+    """Each probe's results, in order. A probe that crashes or is still running at the deadline gets a failed
+    result of its own; the others are unaffected. Probes run in daemon threads, so one stuck on a hung peer
+    never keeps the process alive."""
+    end = time.monotonic() + deadline_s
+    futures = [_start(probe, quick) for probe in probes]
+    out: list[list[CheckResult]] = []
+    for probe, future in zip(probes, futures, strict=True):
+        try:
+            out.append(future.result(timeout=max(0.0, end - time.monotonic())))
+        except FutureTimeout:
+            out.append([CheckResult(probe.name, False, f"no answer within {deadline_s:.0f} s")])
+        except Exception as exc:  # a probe must never take the others down
+            log.warning("check %s crashed", probe.name, exc_info=exc)
+            out.append([CheckResult(probe.name, False, f"check crashed: {exc!r}")])
     return out
+
+
+def _start(probe: Probe, quick: bool) -> Future[list[CheckResult]]:
+    future: Future[list[CheckResult]] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(probe.probe(quick=quick))
+        except BaseException as exc:  # handed to the waiting caller, which reports it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=f"doctor-{probe.name}", daemon=True).start()
+    return future
 
 
 def _validation_message(err: Exception) -> str:
@@ -93,21 +99,10 @@ def _validation_message(err: Exception) -> str:
         parts = []
         for e in err.errors():
             loc = "__".join(str(p) for p in e["loc"] if p)
-            var = f"STROKEWATCH_{loc.upper()}" if loc else "settings"
+            var = env_name(loc) if loc else "settings"
             parts.append(f"{var}: {e['msg']}")
         return "invalid settings: " + "; ".join(parts)
     return f"invalid settings: {err}"
 
 
-__all__ = [
-    "CheckResult",
-    "check_broker",
-    "check_database",
-    "check_ehr",
-    "check_model",
-    "check_pacs",
-    "check_settings",
-    "env_name",
-    "readiness",
-    "run_checks",
-]
+__all__ = ["CheckResult", "OpenProbes", "env_name", "readiness", "run_checks"]

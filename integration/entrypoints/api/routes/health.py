@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from integration.bootstrap import open_probes
 from integration.entrypoints.api.deps import EngineDep
 from integration.services.doctor import readiness
 
@@ -41,7 +42,8 @@ def live() -> dict[str, str]:
     responses={503: {"description": "At least one check failed; `checks` names it and says why"}},
 )
 def ready(engine: EngineDep) -> JSONResponse:
-    checks = readiness(engine.settings, db_engine=engine.store.engine, model=engine.model, timeout_s=3.0)
+    with open_probes(engine.settings, engine=engine, timeout_s=3.0) as probes:
+        checks = readiness(probes, timeout_s=3.0)
     ok = all(c.ok for c in checks)
     body: dict[str, Any] = {
         "status": "ready" if ok else "not ready",

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel
 
 from integration.adapters.db import queries
-from integration.entrypoints.api.deps import EnqueueDep, PagingDep, ServicesDep, SessionsDep
+from integration.entrypoints.api.deps import PagingDep, ServicesDep, SessionsDep
 from integration.services.studies import retry_study
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,10 @@ def get_study(study_uid: str, sessions: SessionsDep) -> queries.StudyDetail:
     summary="Put a failed or held study back in the queue now",
     responses={404: {"description": "Unknown study"}, 409: {"description": "The study is being processed"}},
 )
-def retry(study_uid: str, sessions: SessionsDep, services: ServicesDep, enqueue: EnqueueDep) -> Accepted:
+def retry(study_uid: str, sessions: SessionsDep, services: ServicesDep) -> Accepted:
     if queries.study_detail(sessions, study_uid) is None:
         raise HTTPException(404, f"unknown study {study_uid}")
     if not retry_study(services, study_uid):
         raise HTTPException(409, f"study {study_uid} is being processed; retry when it has finished")
-    enqueue("ingest", [study_uid])
     log.info("operator retry of study %s", study_uid)
     return Accepted(study_uid=study_uid, status="retry")

@@ -16,9 +16,9 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from integration.adapters.db import queries
-from integration.entrypoints.api.deps import EngineDep, EnqueueDep, ServicesDep, SessionsDep
+from integration.entrypoints.api.deps import EngineDep, ServicesDep
 from integration.services.studies import register_study
+from integration.services.vitals import request_vitals_sync
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
@@ -57,7 +57,7 @@ def _orthanc_study_uid(engine: Any, orthanc_id: str) -> str | None:
     summary="A study is complete on the PACS: record it and enqueue its ingestion",
     responses={404: {"description": "The PACS does not know the study"}, 422: {"description": "No study named"}},
 )
-def stable_study(body: StableStudy, engine: EngineDep, services: ServicesDep, enqueue: EnqueueDep) -> StudyAccepted:
+def stable_study(body: StableStudy, engine: EngineDep, services: ServicesDep) -> StudyAccepted:
     uid = body.StudyInstanceUID
     if not uid and body.ID:
         uid = _orthanc_study_uid(engine, body.ID)
@@ -67,7 +67,6 @@ def stable_study(body: StableStudy, engine: EngineDep, services: ServicesDep, en
         raise HTTPException(422, "give StudyInstanceUID or ID (Orthanc study ID)")
     if not register_study(services, uid, source="webhook"):
         raise HTTPException(404, f"the PACS does not know study {uid}")
-    enqueue("ingest", [uid])
     log.info("webhook: study %s enqueued", uid)
     return StudyAccepted(study_uid=uid, enqueued=True)
 
@@ -85,7 +84,7 @@ def stable_study(body: StableStudy, engine: EngineDep, services: ServicesDep, en
         }
     },
 )
-async def fhir_subscription(request: Request, sessions: SessionsDep, enqueue: EnqueueDep) -> NotificationAccepted:
+async def fhir_subscription(request: Request, services: ServicesDep) -> NotificationAccepted:
     # Read the body ourselves: servers send application/fhir+json, and "payload: none" sends nothing at all.
     raw = await request.body()
     try:
@@ -95,14 +94,7 @@ async def fhir_subscription(request: Request, sessions: SessionsDep, enqueue: En
     if not isinstance(body, dict):
         raise HTTPException(400, "the notification body is not a FHIR resource")
     referenced = list(dict.fromkeys(patient_ids(body)))
-    return await run_in_threadpool(_sync_known, sessions, enqueue, referenced)
-
-
-def _sync_known(sessions: Any, enqueue: Any, referenced: list[str]) -> NotificationAccepted:
-    known = [p for p in referenced if queries.is_known_patient(sessions, p)]
-    enqueue("vitals", known)
-    if known:
-        log.info("FHIR notification: vitals sync enqueued for %d patient(s)", len(known))
+    known = await run_in_threadpool(request_vitals_sync, services, referenced)
     return NotificationAccepted(patients=known, ignored=[p for p in referenced if p not in known])
 
 
