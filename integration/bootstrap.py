@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import ssl
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -13,14 +17,17 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from integration.config import AuthSettings, Settings, get_settings
+from integration.config import AuthSettings, Settings, TlsSettings, get_settings, read_secret_file
 from integration.domain.checks import CheckResult, env_name
+from integration.domain.identity import use_pseudonym_key
 from integration.domain.policy import RiskPolicy
+from integration.domain.redact import redact_text
 from integration.domain.series import SeriesRules
 from integration.ports import Probe, RiskModel
 from integration.services.context import Services
 
 if TYPE_CHECKING:
+    from inference.runtime.transport import TritonTls
     from integration.adapters.db.store import SqlStore
     from integration.adapters.dicomweb import DicomWebPacs
     from integration.adapters.fhir import FhirEhr
@@ -31,7 +38,18 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_auth(auth: AuthSettings, verify: bool = True) -> httpx.Auth | None:
+def build_tls(tls: TlsSettings, *setting: str) -> ssl.SSLContext:
+    """The SSL context of one peer's clients (``setting``: where ``tls`` lives, e.g. "pacs", "tls")."""
+    from integration.adapters.tls import ssl_context
+
+    return ssl_context(tls, setting)
+
+
+def build_auth(
+    auth: AuthSettings, tls: ssl.SSLContext | None = None, peer: str = "ehr", base_url: str | None = None
+) -> httpx.Auth | None:
+    """``peer``'s credentials; an OAuth2 token endpoint is reached with ``tls``, the peer's SSL context.
+    ``base_url``: the FHIR base whose SMART configuration names the token endpoint (smart-backend)."""
     from integration.adapters.fhir_auth import BasicAuth, BearerAuth, ClientCredentialsAuth
 
     if auth.mode == "basic":
@@ -48,9 +66,35 @@ def build_auth(auth: AuthSettings, verify: bool = True) -> httpx.Auth | None:
             client_secret=auth.client_secret.get_secret_value(),
             scope=auth.scope,
             client_auth=auth.client_auth,
-            verify=verify,
+            tls=tls,
+            tls_setting=env_name(peer, "tls"),
         )
+    if auth.mode == "smart-backend":
+        return build_smart_auth(auth, tls, peer, base_url)
     return None
+
+
+def build_smart_auth(auth: AuthSettings, tls: ssl.SSLContext | None, peer: str, base_url: str | None) -> httpx.Auth:
+    """SMART Backend Services: the private key is read now, so a wrong file or passphrase stops start-up with the
+    setting to fix; the token URL (unless configured) is discovered from ``base_url`` on first use."""
+    from integration.adapters.smart import SmartBackendAuth, key_alg, load_private_key, public_jwk
+
+    assert auth.client_id and auth.private_key_file
+    passphrase = auth.private_key_passphrase.get_secret_value() if auth.private_key_passphrase else None
+    key = load_private_key(auth.private_key_file, passphrase, setting=env_name(peer, "auth", "private_key_file"))
+    alg = key_alg(key, auth.alg, setting=env_name(peer, "auth", "alg"))
+    return SmartBackendAuth(
+        base_url,
+        auth.client_id,
+        key,
+        alg=alg,
+        kid=auth.kid or public_jwk(key, alg)["kid"],
+        token_url=auth.token_url,
+        scope=auth.scope,
+        peer=peer,
+        tls=tls,
+        tls_setting=env_name(peer, "tls"),
+    )
 
 
 def build_model(settings: Settings) -> RiskModel:
@@ -68,10 +112,36 @@ def build_model(settings: Settings) -> RiskModel:
         model_name=settings.triton_model_name,
         model_version=settings.triton_model_version,
         timeout_s=settings.triton_timeout_s,
+        tls=build_triton_tls(settings),
     )
     if settings.triton_fallback_to_embedded:
         return FallbackModel(triton, OnnxRuntimeModel(model_path))
     return triton
+
+
+def build_triton_tls(settings: Settings) -> TritonTls | None:
+    """Triton's TLS from ``triton_tls`` for an https:// or grpcs:// STROKEWATCH_TRITON_URL (None for plaintext). The
+    files are checked now, so a wrong path stops start-up; TLS settings with a plaintext URL are refused."""
+    from inference.runtime.transport import TritonTls
+    from integration.adapters.tls import ssl_context
+
+    tls = settings.triton_tls
+    url = (settings.triton_url or "").strip().lower()
+    if not url.startswith(("https://", "grpcs://")):
+        if tls != TlsSettings():
+            raise ValueError(
+                "STROKEWATCH_TRITON_TLS__* is set but STROKEWATCH_TRITON_URL is not https:// or grpcs://: "
+                "use a TLS URL for the settings to apply, or remove them"
+            )
+        return None
+    ssl_context(tls, ("triton_tls",))  # fail fast on a missing or unreadable file, naming the setting
+    return TritonTls(
+        http_context=partial(ssl_context, tls, ("triton_tls",)),
+        verify=tls.verify,
+        ca_bundle=str(tls.ca_bundle) if tls.ca_bundle else None,
+        client_cert=str(tls.client_cert) if tls.client_cert else None,
+        client_key=str(tls.client_key) if tls.client_key else None,
+    )
 
 
 class LazyModel:
@@ -129,7 +199,7 @@ def build_store(settings: Settings, *, migrate: bool = False) -> SqlStore:
     from integration.adapters.db.session import make_engine, upgrade
     from integration.adapters.db.store import SqlStore
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_data_dir(settings.data_dir)
     if migrate:
         upgrade(settings.db_url)
     return SqlStore(make_engine(settings.db_url))
@@ -143,23 +213,26 @@ def bootstrap(
     settings = settings or get_settings()
     store = build_store(settings, migrate=migrate)
     db_engine = store.engine
+    use_pseudonym_key(pseudonym_key(settings))
+    redact_log_records()
 
     if not settings.pacs.dicomweb_url:
         raise ValueError("STROKEWATCH_PACS__DICOMWEB_URL is not set (the PACS's DICOMweb base URL)")
     if not settings.ehr.base_url:
         raise ValueError("STROKEWATCH_EHR__BASE_URL is not set (the FHIR R4 base URL)")
-    pacs_auth = build_auth(settings.pacs.auth, settings.pacs.verify_tls)
-    pacs = build_pacs(settings, pacs_auth)
+    pacs_tls = build_tls(settings.pacs.tls, "pacs", "tls")
+    pacs_auth = build_auth(settings.pacs.auth, pacs_tls, "pacs")
+    pacs = build_pacs(settings, pacs_auth, pacs_tls)
     feed = None
     root = _orthanc_root(settings)
     if settings.pacs.kind == "orthanc" or (
         settings.pacs.kind == "auto"
         and root
-        and is_orthanc(root, auth=pacs_auth, timeout=min(5.0, settings.pacs.timeout_s), verify=settings.pacs.verify_tls)
+        and is_orthanc(root, auth=pacs_auth, timeout=min(5.0, settings.pacs.timeout_s), tls=pacs_tls)
     ):
         if root is None:
             raise ValueError("pacs.kind=orthanc needs STROKEWATCH_PACS__ORTHANC_URL")
-        feed = build_feed(settings, root, pacs_auth)
+        feed = build_feed(settings, root, pacs_auth, pacs_tls)
     ehr = build_ehr(settings)
     model = LazyModel(lambda: build_model(settings))
     policy = RiskPolicy(**settings.policy.model_dump())
@@ -211,8 +284,9 @@ class BoundProbe:
         return self.check(quick=quick)
 
 
-def build_pacs(settings: Settings, auth: httpx.Auth | None) -> DicomWebPacs:
-    """The PACS adapter as ``bootstrap()`` builds it (STROKEWATCH_PACS__DICOMWEB_URL must be set)."""
+def build_pacs(settings: Settings, auth: httpx.Auth | None, tls: ssl.SSLContext | None = None) -> DicomWebPacs:
+    """The PACS adapter as ``bootstrap()`` builds it (STROKEWATCH_PACS__DICOMWEB_URL must be set); ``tls``: the
+    PACS's SSL context when the caller shares one with the feed and the token endpoint, else built from pacs.tls."""
     from integration.adapters.dicomweb import DicomWebPacs
 
     assert settings.pacs.dicomweb_url
@@ -220,16 +294,20 @@ def build_pacs(settings: Settings, auth: httpx.Auth | None) -> DicomWebPacs:
         settings.pacs.dicomweb_url,
         auth=auth,
         timeout=settings.pacs.timeout_s,
-        verify=settings.pacs.verify_tls,
+        tls=tls or build_tls(settings.pacs.tls, "pacs", "tls"),
         study_timezone=settings.pacs.study_zone(),
     )
 
 
-def build_feed(settings: Settings, root: str, auth: httpx.Auth | None) -> OrthancChangeFeed:
-    """Orthanc's change feed with the PACS's credentials, timeout and TLS verification."""
+def build_feed(
+    settings: Settings, root: str, auth: httpx.Auth | None, tls: ssl.SSLContext | None = None
+) -> OrthancChangeFeed:
+    """Orthanc's change feed with the PACS's credentials, timeout and TLS (pacs.tls: CA, client certificate)."""
     from integration.adapters.orthanc import OrthancChangeFeed
 
-    return OrthancChangeFeed(root, auth=auth, timeout=settings.pacs.timeout_s, verify=settings.pacs.verify_tls)
+    return OrthancChangeFeed(
+        root, auth=auth, timeout=settings.pacs.timeout_s, tls=tls or build_tls(settings.pacs.tls, "pacs", "tls")
+    )
 
 
 def build_ehr(settings: Settings) -> FhirEhr:
@@ -238,9 +316,10 @@ def build_ehr(settings: Settings) -> FhirEhr:
 
     ehr = settings.ehr
     assert ehr.base_url
+    tls = build_tls(ehr.tls, "ehr", "tls")  # the FHIR server and its OAuth2 token endpoint
     return FhirEhr(
         ehr.base_url,
-        auth=build_auth(ehr.auth, ehr.verify_tls),
+        auth=build_auth(ehr.auth, tls, "ehr", base_url=ehr.base_url),
         timeout=ehr.timeout_s,
         max_retries=ehr.max_retries,
         backoff=ehr.backoff_s,
@@ -248,7 +327,7 @@ def build_ehr(settings: Settings) -> FhirEhr:
         create_mode=ehr.create_mode,
         incremental=ehr.incremental,
         max_retry_after=ehr.max_retry_after_s,
-        verify=ehr.verify_tls,
+        tls=tls,
     )
 
 
@@ -286,14 +365,18 @@ def _fresh_pacs(settings: Settings, opened: ExitStack) -> Probe:
     if not settings.pacs.dicomweb_url:
         missing = CheckResult("pacs", False, "no DICOMweb URL configured", f"set {env_name('pacs', 'dicomweb_url')}")
         return _stated(missing)
-    auth = build_auth(settings.pacs.auth, settings.pacs.verify_tls)
+    try:
+        tls = build_tls(settings.pacs.tls, "pacs", "tls")
+    except ValueError as err:  # a certificate file missing or unreadable: the message names the setting
+        return _stated(CheckResult("pacs", False, f"cannot build its client: {err}", _FIX_NAMED))
+    auth = build_auth(settings.pacs.auth, tls, "pacs")
     opened.callback(_close, auth)
-    pacs = build_pacs(settings, auth)
+    pacs = build_pacs(settings, auth, tls)
     opened.callback(pacs.close)
     root = _orthanc_root(settings)
     feed = None
     if settings.pacs.kind != "generic" and root is not None:  # kind=auto: the probe finds out, as bootstrap() does
-        feed = build_feed(settings, root, auth)
+        feed = build_feed(settings, root, auth, tls)
         opened.callback(feed.close)
     return _pacs_probe(settings, pacs, feed)
 
@@ -314,9 +397,15 @@ def _pacs_probe(settings: Settings, pacs: DicomWebPacs, feed: OrthancChangeFeed 
 def _fresh_ehr(settings: Settings, opened: ExitStack) -> Probe:
     if not settings.ehr.base_url:
         return _stated(CheckResult("ehr", False, "no FHIR base URL configured", f"set {env_name('ehr', 'base_url')}"))
-    ehr = build_ehr(settings)
+    try:
+        ehr = build_ehr(settings)
+    except ValueError as err:  # a certificate file missing or unreadable: the message names the setting
+        return _stated(CheckResult("ehr", False, f"cannot build its client: {err}", _FIX_NAMED))
     opened.callback(ehr.close)  # closes its auth too
     return ehr
+
+
+_FIX_NAMED = "fix the file or the setting named"
 
 
 def _stated(result: CheckResult) -> BoundProbe:
@@ -334,3 +423,86 @@ def _close_model(lazy: LazyModel) -> None:
     model = lazy.built  # only what the probe built
     for part in (model, getattr(model, "primary", None), getattr(model, "fallback", None)):
         _close(part)
+
+
+# -- secrets and PHI kept in -------------------------------------------------------------------------------
+
+PSEUDONYM_KEY_FILE = "pseudonym.key"
+
+
+def private_data_dir(data_dir: Path) -> None:
+    """data_dir holds PHI (database, volumes, logs) and the pseudonym key: created 0700; when it exists, it and
+    what lies directly in it (the databases, Celery beat's schedule, logs/, volumes/) lose any group and other
+    permission, like a umask of 077 would have given them. What the engine writes later is private from the start."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for entry in (data_dir, *data_dir.iterdir()):
+        try:
+            info = entry.lstat()
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        if not stat.S_ISLNK(info.st_mode) and mode & 0o077 and info.st_uid == os.getuid():
+            try:
+                entry.chmod(mode & 0o700)
+            except OSError as err:  # e.g. a file system without modes: say so, keep going
+                log.warning("cannot make %s private (%s)", entry, err.strerror)
+
+
+def pseudonym_key(settings: Settings) -> bytes:
+    """The key of the pseudonyms in logs and messages: ``privacy.pseudonym_key``, else ``data_dir/pseudonym.key``,
+    made on first start (256 random bits, hex, 0600) and reused, so pseudonyms are stable across restarts.
+    Processes starting together agree on one key: each writes its own aside and links it into place, and the
+    first link wins. The key is never logged."""
+    if settings.privacy.pseudonym_key is not None:
+        return settings.privacy.pseudonym_key.get_secret_value().encode()
+    path = settings.data_dir / PSEUDONYM_KEY_FILE
+    fix = f"fix the file's permissions or set {env_name('privacy', 'pseudonym_key')} (or its _FILE variable)"
+    if not path.exists():
+        aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        try:
+            with os.fdopen(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+                handle.write(secrets.token_hex(32) + "\n")
+            try:
+                os.link(aside, path)  # atomic, and never replaces a key another process linked first
+            except FileExistsError:
+                pass
+            finally:
+                aside.unlink()
+        except OSError as err:
+            raise ValueError(f"cannot create the pseudonym key {path} ({err.strerror}); {fix}") from None
+    try:
+        key = read_secret_file(path, f"the pseudonym key {path}")
+    except ValueError as err:
+        raise ValueError(f"{err}; {fix}") from None
+    if len(key) < 32:
+        raise ValueError(f"the pseudonym key {path} is shorter than 32 characters; {fix}")
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        path.chmod(0o600)
+    return key.encode()
+
+
+class _RedactingRecordFactory:
+    """Log records with credentials redacted (``redact_text``: URL passwords, tokens, secret parameters), also
+    in third-party libraries' messages and in tracebacks. Installed once per process by ``bootstrap``."""
+
+    def __init__(self, inner: Callable[..., logging.LogRecord]) -> None:
+        self.inner = inner
+
+    def __call__(self, *args: object, **kwargs: object) -> logging.LogRecord:
+        record = self.inner(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: the handler reports it as it always would
+            return record
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        if isinstance(record.exc_info, tuple) and record.exc_info[1] is not None:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        return record
+
+
+def redact_log_records() -> None:
+    factory = logging.getLogRecordFactory()
+    if not isinstance(factory, _RedactingRecordFactory):
+        logging.setLogRecordFactory(_RedactingRecordFactory(factory))

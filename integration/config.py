@@ -1,25 +1,32 @@
 """One typed settings object, validated at start-up (pydantic-settings, env prefix STROKEWATCH_).
 
 Nested groups use ``__``: ``STROKEWATCH_EHR__BASE_URL``, ``STROKEWATCH_PACS__AUTH__MODE=basic``.
-A TOML file named by ``STROKEWATCH_CONFIG`` supplies defaults that the environment overrides.
+A TOML file named by ``STROKEWATCH_CONFIG`` supplies defaults that the environment overrides. Secret settings may
+also come from files (``STROKEWATCH_<NAME>_FILE``, ``STROKEWATCH_SECRETS_DIR``: see ``SecretFilesSource``).
 Obtain it through ``get_settings()``; nothing is built at import time.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterator, Mapping
 from datetime import datetime, tzinfo
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from integration.localzone import machine_zone, machine_zone_name
 
 _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "placeholder", "xxx", "todo", "sandbox"}
+#: The system scopes a smart-backend client asks for unless ``auth.scope`` says otherwise (SMART v2 syntax): what the
+#: engine reads (patients, vital signs) and writes (its RiskAssessments, the model's Device).
+SMART_DEFAULT_SCOPE = "system/Patient.rs system/Observation.rs system/RiskAssessment.c system/Device.cu"
 
 
 class AuthSettings(BaseModel):
@@ -27,16 +34,32 @@ class AuthSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
 
-    mode: Literal["none", "basic", "bearer", "oauth2"] = "none"
+    mode: Literal["none", "basic", "bearer", "oauth2", "smart-backend"] = "none"
     username: str | None = None
     password: SecretStr | None = None
     token: SecretStr | None = None
-    token_url: str | None = None  # OAuth2 client-credentials token endpoint
+    token_url: str | None = None  # OAuth2 token endpoint (smart-backend: unset = from .well-known/smart-configuration)
     client_id: str | None = None
     client_secret: SecretStr | None = None
-    scope: str | None = None
+    scope: str | None = None  # smart-backend: unset = SMART_DEFAULT_SCOPE
     #: How the OAuth2 client authenticates at the token endpoint.
     client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    #: SMART Backend Services (mode "smart-backend"): the PEM private key that signs the client assertions
+    #: (RSA >= 2048 bits for RS384, P-384 for ES384; `strokewatch keys generate` makes one).
+    private_key_file: Path | None = None
+    private_key_passphrase: SecretStr | None = None  # for an encrypted private_key_file
+    #: The key id registered at the EHR; unset: the key's RFC 7638 thumbprint, as `strokewatch keys jwks` prints it.
+    kid: str | None = None
+    #: The assertions' algorithm; unset: RS384 for an RSA key, ES384 for a P-384 key.
+    alg: Literal["RS384", "ES384"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        """A variable set to "" is unset (``${X:-}`` in compose files): never an empty password that passes."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if not (isinstance(value, str) and not value.strip())}
+        return data
 
     @model_validator(mode="after")
     def _complete(self) -> AuthSettings:
@@ -44,14 +67,55 @@ class AuthSettings(BaseModel):
             "basic": ("username", "password"),
             "bearer": ("token",),
             "oauth2": ("token_url", "client_id", "client_secret"),
+            "smart-backend": ("client_id", "private_key_file"),
         }.get(self.mode, ())
         missing = [f for f in need if getattr(self, f) in (None, "")]
         if missing:
             raise ValueError(f"auth mode {self.mode!r} needs {', '.join(missing)}")
+        if self.mode == "smart-backend":
+            if self.client_secret is not None:
+                raise ValueError("auth mode 'smart-backend' signs with private_key_file; unset client_secret")
+            if not (self.scope or "").strip():
+                self.scope = SMART_DEFAULT_SCOPE
         return self
 
     def secrets(self) -> list[str]:
-        return [s.get_secret_value() for s in (self.password, self.token, self.client_secret) if s is not None]
+        values = (self.password, self.token, self.client_secret, self.private_key_passphrase)
+        return [s.get_secret_value() for s in values if s is not None]
+
+
+class TlsSettings(BaseModel):
+    """TLS to one peer (``STROKEWATCH_PACS__TLS__CA_BUNDLE``, ...), built into its SSL context by ``adapters/tls.py``:
+    TLS 1.2 or newer always; the server verified against ``ca_bundle`` (default: this machine's trust store);
+    ``client_cert`` (+ ``client_key`` when the key is in another file) presented for mutual TLS. PEM files."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    verify: bool = True  # False turns certificate verification off: for a test bench only, never a hospital
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None  # unencrypted PEM; None: the key is in client_cert's file
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsSettings:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("tls.client_key is set without tls.client_cert (the certificate it belongs to)")
+        return self
+
+
+def _verify_tls_alias(data: Any) -> Any:
+    """``verify_tls`` (deprecated) still sets ``tls.verify``."""
+    if not isinstance(data, dict) or "verify_tls" not in data:
+        return data
+    data = dict(data)
+    verify = data.pop("verify_tls")
+    tls = data.get("tls")
+    if isinstance(tls, TlsSettings):
+        tls = tls.model_dump()
+    tls = dict(tls or {})
+    tls.setdefault("verify", verify)
+    data["tls"] = tls
+    return data
 
 
 class PacsSettings(BaseModel):
@@ -76,7 +140,12 @@ class PacsSettings(BaseModel):
     min_slices: int = 16
     #: Regex over BodyPartExamined / study / series descriptions that marks a head study (None: built-in).
     head_pattern: str | None = None
-    verify_tls: bool = True
+    tls: TlsSettings = TlsSettings()  # DICOMweb and Orthanc's REST API (and an OAuth2 token endpoint of pacs.auth)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_verify_tls(cls, data: Any) -> Any:  # verify_tls: deprecated, use tls.verify
+        return _verify_tls_alias(data)
 
     @field_validator("timezone")
     @classmethod
@@ -118,13 +187,18 @@ class EhrSettings(BaseModel):
     patient_identifier_system: str | None = "urn:oid:1.2.36.146.595.217.0.1"
     #: IssuerOfPatientID -> identifier system, for PACS that serve several assigning authorities.
     issuer_systems: dict[str, str] = Field(default_factory=dict)
-    verify_tls: bool = True
+    tls: TlsSettings = TlsSettings()  # the FHIR server and the OAuth2 token endpoint of ehr.auth
     #: "search-first" for servers that ignore If-None-Exist (searches the identifier before creating).
     create_mode: Literal["if-none-exist", "search-first"] = "if-none-exist"
     #: False for servers that do not support _lastUpdated on Observation (full re-read each sync).
     incremental: bool = True
     #: A Retry-After longer than this is not waited for in-process; the task is re-scheduled instead.
     max_retry_after_s: float = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_verify_tls(cls, data: Any) -> Any:  # verify_tls: deprecated, use tls.verify
+        return _verify_tls_alias(data)
 
 
 class PolicySettings(BaseModel):
@@ -147,13 +221,194 @@ class PolicySettings(BaseModel):
         return self
 
 
+class PrivacySettings(BaseModel):
+    """Keeping PHI in: the key of the pseudonyms that stand in for patient identifiers in logs and messages."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    #: HMAC-SHA256 key for pseudonyms (at least 16 characters; a secret: may come from a file). Unset: a random
+    #: key created on first start in data_dir/pseudonym.key (0600) and reused, so pseudonyms stay stable.
+    pseudonym_key: SecretStr | None = None
+
+    @field_validator("pseudonym_key")
+    @classmethod
+    def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().encode()) < 16:
+            raise ValueError("privacy.pseudonym_key needs at least 16 characters (STROKEWATCH_PRIVACY__PSEUDONYM_KEY)")
+        return v
+
+
+class ApiTlsSettings(BaseModel):
+    """HTTPS on the API itself (uvicorn), optionally mutual TLS: ``STROKEWATCH_API_TLS__CERT``, ``__KEY``,
+    ``__CLIENT_CA``, ``__REQUIRE_CLIENT_CERT``. PEM files; unset ``cert``: plain HTTP (keep it on loopback)."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    cert: Path | None = None  # the certificate chain the API presents
+    key: Path | None = None  # its unencrypted private key; None: the key is in cert's file
+    client_ca: Path | None = None  # CA bundle that client certificates are verified against
+    require_client_cert: bool = False  # True: no TLS connection without a client certificate from client_ca
+
+    @model_validator(mode="after")
+    def _complete(self) -> ApiTlsSettings:
+        if self.cert is None and (self.key or self.client_ca or self.require_client_cert):
+            raise ValueError("api_tls needs cert (STROKEWATCH_API_TLS__CERT) for key, client_ca or require_client_cert")
+        if self.require_client_cert and self.client_ca is None:
+            raise ValueError("api_tls.require_client_cert needs client_ca (STROKEWATCH_API_TLS__CLIENT_CA)")
+        return self
+
+
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _https_or_loopback(url: str, setting: str) -> str:
+    """A key or token URL must be https (plain http only to this machine, for tests and the sandbox)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{setting}={url!r} is not an http(s) URL")
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
+        raise ValueError(f"{setting}={url!r} must use https (plain http only on 127.0.0.1/localhost)")
+    return url
+
+
+class ApiJwtSettings(BaseModel):
+    """OAuth2 bearer JWTs from the hospital's identity provider (``STROKEWATCH_API__JWT__ISSUER``, ``__AUDIENCE``,
+    ``__JWKS_URL``): RS256/ES256 only, keys from the JWKS (cached ``jwks_ttl_s``, refetched on an unknown ``kid``).
+    Roles come from ``roles_claim``: ``scope`` (space-separated) or a claim holding a list (``roles``,
+    ``realm_access.roles``)."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    issuer: str | None = None
+    audience: str | None = None
+    jwks_url: str | None = None
+    roles_claim: str = "scope"
+    read_role: str = "strokewatch.read"  # status, patients, studies, failures, metrics
+    operate_role: str = "strokewatch.operate"  # retry and anything that changes state; implies read
+    leeway_s: float = Field(default=30.0, ge=0.0, le=300.0)  # clock difference allowed on exp/nbf/iat
+    jwks_ttl_s: float = Field(default=300.0, gt=0.0)
+    timeout_s: float = Field(default=5.0, gt=0.0, le=60.0)  # each JWKS fetch
+
+    @model_validator(mode="after")
+    def _complete(self) -> ApiJwtSettings:
+        given = {name: getattr(self, name) for name in ("issuer", "audience", "jwks_url")}
+        missing = [f"STROKEWATCH_API__JWT__{name.upper()}" for name, value in given.items() if not value]
+        if len(missing) not in (0, 3):
+            raise ValueError(f"api.jwt is incomplete: set {', '.join(missing)} too (or none of the three)")
+        if self.jwks_url:
+            _https_or_loopback(self.jwks_url, "STROKEWATCH_API__JWT__JWKS_URL")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.jwks_url)
+
+
+class ApiSettings(BaseModel):
+    """Who may use the engine's HTTP API (``STROKEWATCH_API__*``). Outside the sandbox the API needs ``keys`` or
+    ``jwt``. API keys are stored only as hashes: ``STROKEWATCH_API__KEYS__<NAME>=<read|operate>:<sha256 hex>``,
+    as ``strokewatch keys api-key NAME --role ROLE`` prints it; clients send the key in ``X-API-Key``."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    keys: dict[str, str] = Field(default_factory=dict)
+    jwt: ApiJwtSettings = ApiJwtSettings()
+    docs: bool | None = None  # /docs and /openapi.json; None: on in the sandbox only
+    ready_public: bool = False  # /health/ready without credentials (e.g. for a load balancer's probe)
+    metrics_public: bool = False  # /metrics without credentials (e.g. for a Prometheus without a key)
+    #: Host header values accepted besides loopback, api_host and public_base_url's host ("*.x" wildcards allowed).
+    allowed_hosts: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)  # empty: no CORS headers at all
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    #: Also send each audit record to the EHR as a FHIR AuditEvent (failures are logged, not fatal).
+    audit_fhir: bool = False
+
+    @field_validator("keys")
+    @classmethod
+    def _hashed_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        for name, value in keys.items():
+            role, _, digest = value.partition(":")
+            if role not in ("read", "operate") or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(
+                    f"STROKEWATCH_API__KEYS__{name.upper()} must be '<read|operate>:<sha256 hex of the key>' "
+                    "(`strokewatch keys api-key NAME --role ROLE` prints the line); never the key itself"
+                )
+        return keys
+
+
+class CdsIssuerSettings(BaseModel):
+    """One EHR trusted to call the CDS Hooks service: its JWT ``iss`` and the JWKS its keys are published at."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    iss: str
+    jwks_url: str
+    #: Other JWKS URLs this issuer may name in a token's ``jku`` header (a ``jku`` not listed is refused).
+    jku: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _urls(self) -> CdsIssuerSettings:
+        for url in (self.jwks_url, *self.jku):
+            _https_or_loopback(url, "STROKEWATCH_CDS_HOOKS__ISSUERS")
+        return self
+
+
+class CdsHooksSettings(BaseModel):
+    """CDS Hooks 2.0 "Trusting CDS Clients": ``STROKEWATCH_CDS_HOOKS__ISSUERS='[{"iss": "...", "jwks_url":
+    "..."}]'``. A hook call needs a JWT from a listed issuer whose ``aud`` is this service's URL
+    (``public_url`` + ``/cds-services/<id>``); discovery stays open."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    issuers: list[CdsIssuerSettings] = Field(default_factory=list)
+    public_url: str | None = None  # the service root as the EHR calls it; unset: public_base_url or the API's URL
+    leeway_s: float = Field(default=30.0, ge=0.0, le=300.0)
+    max_token_lifetime_s: float = Field(default=300.0, gt=0.0, le=3600.0)  # the spec asks for at most 5 minutes
+    replay_cache_size: int = Field(default=10_000, ge=100, le=1_000_000)
+    jwks_ttl_s: float = Field(default=300.0, gt=0.0)
+    timeout_s: float = Field(default=5.0, gt=0.0, le=60.0)
+
+
+class WebhookSourceSettings(BaseModel):
+    """How one webhook source proves itself: an HMAC-SHA256 ``secret`` (preferred) or a static bearer ``token``."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    secret: SecretStr | None = None
+    token: SecretStr | None = None
+
+    @field_validator("secret", "token")
+    @classmethod
+    def _strong(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and (len(v.get_secret_value()) < 16 or v.get_secret_value().lower() in _PLACEHOLDERS):
+            raise ValueError("a webhook secret or token needs at least 16 random characters")
+        return v
+
+
+class WebhookSettings(BaseModel):
+    """``STROKEWATCH_WEBHOOKS__ORTHANC__SECRET``, ``STROKEWATCH_WEBHOOKS__FHIR__TOKEN``, ...: signed with
+    ``X-StrokeWatch-Timestamp`` (unix seconds) and ``X-StrokeWatch-Signature: sha256=<hex HMAC of
+    timestamp + "." + body>``, accepted within ``replay_window_s`` and once; or ``Authorization: Bearer <token>``."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    orthanc: WebhookSourceSettings = WebhookSourceSettings()
+    fhir: WebhookSourceSettings = WebhookSourceSettings()
+    replay_window_s: float = Field(default=300.0, ge=10.0, le=3600.0)
+    replay_cache_size: int = Field(default=10_000, ge=100, le=1_000_000)
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STROKEWATCH_", env_nested_delimiter="__", extra="forbid")
+    # env_ignore_empty: a variable set to "" is unset (`${X:-}` in compose files pass every variable through)
+    model_config = SettingsConfigDict(env_prefix="STROKEWATCH_", env_nested_delimiter="__", extra="forbid",
+                                      env_ignore_empty=True)
 
     sandbox: bool = False  # set by `strokewatch sandbox`/`demo`: placeholder secrets allowed
     data_dir: Path = Path("var")
-    database_url: str | None = None  # default: sqlite under data_dir
-    broker_url: str | None = None  # default: kombu SQLAlchemy transport on SQLite under data_dir
+    database_url: SecretStr | None = None  # a secret (it may carry a password); default: sqlite under data_dir
+    broker_url: SecretStr | None = None  # a secret too; default: kombu SQLAlchemy transport on SQLite under data_dir
     api_host: str = "127.0.0.1"
     api_port: int = 8400
     public_base_url: str | None = None  # how the API is reached by users (links in summaries)
@@ -161,6 +416,7 @@ class Settings(BaseSettings):
     pacs: PacsSettings = PacsSettings()
     ehr: EhrSettings = EhrSettings()
     policy: PolicySettings = PolicySettings()
+    privacy: PrivacySettings = PrivacySettings()
 
     model_path: Path | None = None  # default: triton_models/stroke_fusion/1/model.onnx
     triton_url: str | None = None  # unset: the embedded ONNX Runtime
@@ -169,6 +425,11 @@ class Settings(BaseSettings):
     triton_model_version: str = ""  # "" = latest ready
     triton_timeout_s: float = 10.0
     triton_fallback_to_embedded: bool = False
+    triton_tls: TlsSettings = TlsSettings()  # used with an https:// or grpcs:// STROKEWATCH_TRITON_URL
+    api_tls: ApiTlsSettings = ApiTlsSettings()
+    api: ApiSettings = ApiSettings()  # who may call the API (keys, IdP JWTs), docs, hosts, CORS, body limit, audit
+    cds_hooks: CdsHooksSettings = CdsHooksSettings()  # the EHRs trusted to call the CDS Hooks service
+    webhooks: WebhookSettings = WebhookSettings()  # secrets of the Orthanc and FHIR Subscription webhooks
 
     #: Name the inputs that drove each score in the RiskAssessment note (one extra batched model call).
     explain_drivers: bool = True
@@ -194,7 +455,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        # Secret settings may also come from files (STROKEWATCH_*_FILE, STROKEWATCH_SECRETS_DIR): below the
+        # environment, above the TOML file.
+        files = SecretFilesSource(settings_cls)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, files.without_file_variables(env_settings), files]
         path = os.environ.get("STROKEWATCH_CONFIG")
         if path:
             if not Path(path).is_file():
@@ -204,8 +468,8 @@ class Settings(BaseSettings):
 
     @field_validator("database_url", "broker_url")
     @classmethod
-    def _not_blank(cls, v: str | None) -> str | None:
-        return v or None
+    def _not_blank(cls, v: SecretStr | None) -> SecretStr | None:
+        return v if v is not None and v.get_secret_value().strip() else None
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Settings:
@@ -220,19 +484,29 @@ class Settings(BaseSettings):
     # -- derived values ------------------------------------------------------------
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'strokewatch.db').resolve()}"
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{(self.data_dir / 'strokewatch.db').resolve()}"
 
     @property
     def celery_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+        if self.broker_url is not None:
+            return self.broker_url.get_secret_value()
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
 
     @property
     def embedded_broker(self) -> bool:
         return self.celery_broker_url.startswith("sqla+")
 
     @property
+    def api_docs_enabled(self) -> bool:
+        """/docs and /openapi.json: as api.docs says; unset, on in the sandbox only."""
+        return self.api.docs if self.api.docs is not None else self.sandbox
+
+    @property
     def api_base_url(self) -> str:
-        return self.public_base_url or f"http://{self.api_host}:{self.api_port}"
+        scheme = "https" if self.api_tls.cert is not None else "http"
+        return self.public_base_url or f"{scheme}://{self.api_host}:{self.api_port}"
 
     def identifier_system_for(self, issuer: str | None) -> str | None:
         """The FHIR identifier system that holds a DICOM PatientID from this issuer."""
@@ -244,3 +518,150 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Secret settings from files (Docker and Kubernetes secrets)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: A secret file larger than this is refused before it is read whole: a PEM key chain fits, a wrong path does not.
+SECRET_FILE_MAX_BYTES = 64 * 1024
+#: A directory of secret files named after the settings (``database_url``, ``ehr__auth__client_secret``).
+SECRETS_DIR_ENV = "STROKEWATCH_SECRETS_DIR"
+_ENV_PREFIX = "STROKEWATCH_"
+
+
+def secret_setting_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every secret setting of ``model`` (typed ``SecretStr``/``SecretBytes``, in nested groups too) as its
+    path of field names, e.g. ``("ehr", "auth", "client_secret")``. New secret fields are found by their type."""
+    paths: list[tuple[str, ...]] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        kinds = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+        if any(kind in (SecretStr, SecretBytes) for kind in kinds):
+            paths.append((*prefix, name))
+            continue
+        for kind in kinds:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                paths += secret_setting_paths(kind, (*prefix, name))
+    return paths
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """The text of a secret file, trailing newline stripped. ``what`` names the variable in every error;
+    the contents never appear in one."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ValueError(f"{what}: no such file") from None
+    except OSError as err:
+        raise ValueError(f"{what}: cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what}: not a regular file")
+    if info.st_size > SECRET_FILE_MAX_BYTES:
+        raise ValueError(f"{what}: larger than {SECRET_FILE_MAX_BYTES} bytes; is it the right file?")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(SECRET_FILE_MAX_BYTES + 1)
+    except OSError as err:
+        raise ValueError(f"{what}: cannot be read ({err.strerror}); the engine's user needs read access") from None
+    if len(data) > SECRET_FILE_MAX_BYTES:
+        raise ValueError(f"{what}: larger than {SECRET_FILE_MAX_BYTES} bytes; is it the right file?")
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what}: not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"{what}: the file is empty")
+    return text
+
+
+class SecretFilesSource(PydanticBaseSettingsSource):
+    """Secret settings read from files, the Docker/Kubernetes convention:
+
+    - ``STROKEWATCH_<SETTING>_FILE=/run/secrets/x`` for every secret setting (``STROKEWATCH_DATABASE_URL_FILE``,
+      ``STROKEWATCH_EHR__AUTH__CLIENT_SECRET_FILE``, ``STROKEWATCH_PRIVACY__PSEUDONYM_KEY_FILE``);
+    - ``STROKEWATCH_SECRETS_DIR=/run/secrets``: each file there named after a secret setting, lower case, groups
+      joined by ``__`` (``database_url``, ``ehr__auth__client_secret``), like pydantic-settings' ``secrets_dir``
+      but for nested settings. Hidden entries (Kubernetes' ``..data``) are skipped; any other name is an error.
+
+    A ``_FILE`` variable wins over the directory; a setting given both as a variable and as its ``_FILE`` is an
+    error. Every problem (missing, unreadable, empty, oversized file) stops start-up naming the variable.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str] | None = None) -> None:
+        super().__init__(settings_cls)
+        self.environ = os.environ if environ is None else environ
+        self.paths = {"__".join(path): path for path in secret_setting_paths(settings_cls)}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the files for every secret setting at once
+
+    def __call__(self) -> dict[str, Any]:
+        env = {key.upper(): value for key, value in self.environ.items()}
+        values: dict[str, Any] = {}
+        directory = env.get(SECRETS_DIR_ENV)
+        if directory:
+            for path, text in self._directory(Path(directory)):
+                _put(values, path, text)
+        for name, path in self.paths.items():
+            variable = f"{_ENV_PREFIX}{name.upper()}"
+            file_variable = f"{variable}_FILE"
+            if file_variable not in env:
+                continue
+            if variable in env:
+                raise ValueError(f"both {variable} and {file_variable} are set; set only one of them")
+            if not env[file_variable]:
+                raise ValueError(f"{file_variable} is empty; name the file that holds the secret, or unset it")
+            _put(values, path, read_secret_file(Path(env[file_variable]), f"{file_variable}={env[file_variable]}"))
+        return values
+
+    def _directory(self, directory: Path) -> Iterator[tuple[tuple[str, ...], str]]:
+        where = f"{SECRETS_DIR_ENV}={directory}"
+        if not directory.is_dir():
+            raise ValueError(f"{where}: not a directory")
+        try:
+            entries = sorted(directory.iterdir())
+        except OSError as err:
+            raise ValueError(f"{where}: cannot be listed ({err.strerror})") from None
+        for entry in entries:
+            if entry.name.startswith(".") or entry.is_dir():
+                continue
+            key = entry.name.lower().removeprefix(_ENV_PREFIX.lower())
+            if key not in self.paths:
+                known = ", ".join(sorted(self.paths))
+                raise ValueError(f"{where}: the file {entry.name!r} names no secret setting (known: {known})")
+            yield self.paths[key], read_secret_file(entry, f"{where}: {entry.name}")
+
+    def without_file_variables(self, env_settings: PydanticBaseSettingsSource) -> PydanticBaseSettingsSource:
+        """``env_settings`` minus the ``*_FILE`` variables read here (the environment source would take
+        ``STROKEWATCH_EHR__AUTH__CLIENT_SECRET_FILE`` for an unknown setting ``client_secret_file``)."""
+        return _WithoutFileVariables(self.settings_cls, env_settings, list(self.paths.values()))
+
+
+class _WithoutFileVariables(PydanticBaseSettingsSource):
+    def __init__(
+        self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource, paths: list[tuple[str, ...]]
+    ) -> None:
+        super().__init__(settings_cls)
+        self.inner = inner
+        self.paths = paths
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        values = self.inner()
+        for path in self.paths:
+            group: Any = values
+            for name in path[:-1]:
+                group = group.get(name) if isinstance(group, dict) else None
+            if isinstance(group, dict):
+                group.pop(f"{path[-1]}_file", None)
+        return values
+
+
+def _put(values: dict[str, Any], path: tuple[str, ...], value: str) -> None:
+    for name in path[:-1]:
+        values = values.setdefault(name, {})
+    values[path[-1]] = value

@@ -45,7 +45,7 @@ def run_demo(
     with console.status("Starting the engine (API + worker + scheduler)..."):
         procs, _children = start_engine(settings, env, detached=True)
     console.print(f"[bold]Engine[/bold] API {procs.api_url}  logs {procs.log_dir}")
-    api = EngineApi(procs.api_url)
+    api = EngineApi(procs.api_url, info.api_key)
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -85,8 +85,8 @@ def run_demo(
     console.print(f"{published}/{len(loaded)} patients have a RiskAssessment in the EHR.")
     if keep_running:
         console.print(
-            f"The API is at {procs.api_url} (OpenAPI docs: {procs.api_url}/docs). "
-            "Stop everything with `strokewatch stop`."
+            f"The API is at {procs.api_url} (OpenAPI docs: {procs.api_url}/docs); it wants the sandbox's API key in "
+            f"X-API-Key (api_key in {Path(info.state_dir) / 'sandbox.json'}). Stop everything with `strokewatch stop`."
         )
     else:
         api.close()
@@ -97,10 +97,10 @@ def run_demo(
 
 
 class EngineApi:
-    """The engine's HTTP API, as the demo reads it."""
+    """The engine's HTTP API, as the demo reads it (with the sandbox's API key)."""
 
-    def __init__(self, base_url: str) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=30)
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=30, headers={"X-API-Key": api_key})
 
     def close(self) -> None:
         self._http.close()

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 from sandbox._process import ManagedProcess, Peer, SandboxError, basic_auth_header
 
 HOST = "127.0.0.1"
-_READY = re.compile(r"^ready (http://\S+)$", re.MULTILINE)
+_READY = re.compile(r"^ready (https?://\S+)$", re.MULTILINE)
 
 
 def repo_root() -> Path:
@@ -48,16 +49,33 @@ def require_node_modules(app_dir: Path | None = None) -> Path:
 
 
 @dataclass(frozen=True)
+class SmartClient:
+    """A SMART Backend Services client: its public JWKS (a JSON file, e.g. from `strokewatch keys jwks`) and the
+    system scopes it may be granted (space-separated; None: every system scope)."""
+
+    jwks_file: Path
+    scopes: str | None = None
+
+    def arg(self, client_id: str) -> str:
+        if "=" in client_id or ":" in str(self.jwks_file):
+            raise SandboxError("a SMART client id may not contain '=', nor its JWKS path ':'")
+        return f"{client_id}={self.jwks_file}" + (f":{self.scopes}" if self.scopes else "")
+
+
+@dataclass(frozen=True)
 class FhirAuth:
     """Authentication the sandbox demands. Any mix; none set means no authentication.
 
     basic: (user, password) for HTTP Basic. bearer: a static token. oauth_clients: client_id -> secret
-    for OAuth2 client credentials at `FhirPeer.token_url`; issued tokens last `token_ttl` seconds.
+    for OAuth2 client credentials at `FhirPeer.token_url`. smart_clients: client_id -> SmartClient for SMART
+    Backend Services (private_key_jwt at the same endpoint; tokens limited to the granted scopes). Issued
+    tokens last `token_ttl` seconds.
     """
 
     basic: tuple[str, str] | None = None
     bearer: str | None = None
     oauth_clients: dict[str, str] = field(default_factory=dict)
+    smart_clients: dict[str, SmartClient] = field(default_factory=dict)
     token_ttl: int = 3600
 
     def args(self) -> list[str]:
@@ -68,9 +86,40 @@ class FhirAuth:
             argv += ["--auth-bearer", self.bearer]
         for client_id, secret in self.oauth_clients.items():
             argv += ["--oauth-client", f"{client_id}:{secret}"]
-        if self.oauth_clients:
+        for client_id, client in self.smart_clients.items():
+            argv += ["--smart-client", client.arg(client_id)]
+        if self.oauth_clients or self.smart_clients:
             argv += ["--oauth-token-ttl", str(self.token_ttl)]
         return argv
+
+
+@dataclass(frozen=True)
+class FhirTls:
+    """HTTPS for the sandbox (PEM files); with ``client_ca`` it requires client certificates issued by that CA.
+    ``ca`` (the CA of ``cert``) and ``client_cert``/``client_key`` are for the peer's own test-control requests."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def args(self) -> list[str]:
+        argv = ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+        return argv + (["--tls-client-ca", str(self.client_ca)] if self.client_ca is not None else [])
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.ca is not None:
+            context.load_verify_locations(cafile=str(self.ca))
+        else:  # the peer's own child process
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.client_cert is not None:
+            context.load_cert_chain(str(self.client_cert), str(self.client_key) if self.client_key else None)
+        return context
 
 
 class FhirPeer(Peer):
@@ -88,8 +137,10 @@ class FhirPeer(Peer):
         base_path: str = "/fhir",
         app_dir: Path | None = None,
         start_timeout: float = 60.0,
+        tls: FhirTls | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.tls = tls
         self.port = port
         self.omit_total = omit_total
         self.test_controls = test_controls
@@ -126,7 +177,7 @@ class FhirPeer(Peer):
             argv.append("--omit-total")
         if self.test_controls:
             argv.append("--enable-test-controls")
-        return argv + self.auth.args()
+        return argv + self.auth.args() + (self.tls.args() if self.tls is not None else [])
 
     def start(self) -> FhirPeer:
         if self._process and self._process.running():
@@ -158,7 +209,8 @@ class FhirPeer(Peer):
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"{self.url}/$test/{action}", data=data, method=method,
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
+        context = self.tls.client_context() if self.tls is not None else None
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
             result: dict[str, Any] = json.load(response)
             return result
 
@@ -189,7 +241,8 @@ class FhirPeer(Peer):
         self._control("DELETE", "faults")
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start or reset: requests, faulted, tokensIssued, and the pending fault."""
+        """Counters: requests and faulted (since start or reset), tokensIssued and tokenRequests (since start),
+        and the pending fault."""
         return self._control("GET", "stats")
 
     def auth_headers(self) -> dict[str, str]:

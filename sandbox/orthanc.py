@@ -9,10 +9,15 @@ configuration with default ports, for running Orthanc by hand (a test keeps the 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import ssl
+import subprocess
+import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +90,82 @@ def orthanc_config(
     }
 
 
+@dataclass(frozen=True)
+class OrthancTls:
+    """HTTPS for a sandbox Orthanc (PEM files). With ``client_ca`` it requires client certificates issued by that
+    CA (mutual TLS). ``ca`` (the CA of ``cert``) and ``client_cert``/``client_key`` are what the peer's own requests
+    (readiness, reset) use; without ``ca`` they do not verify the server, which is the peer's own child."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def config(self, combined: Path) -> dict[str, Any]:
+        """Orthanc 1.10's TLS settings; ``combined`` is where the key and certificate are written as one PEM."""
+        combined.write_bytes(self.key.read_bytes().rstrip(b"\n") + b"\n" + self.cert.read_bytes())
+        combined.chmod(0o600)
+        config: dict[str, Any] = {"SslEnabled": True, "SslCertificate": str(combined)}
+        if self.client_ca is not None:
+            config |= {"SslVerifyPeers": True, "SslTrustedClientCertificates": str(self.client_ca)}
+        return config
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.ca is not None:
+            context.load_verify_locations(cafile=str(self.ca))
+        else:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.client_cert is not None:
+            context.load_cert_chain(str(self.client_cert), str(self.client_key) if self.client_key else None)
+        return context
+
+
+_SHIM_SOURCE = """
+void *SSL_get1_peer_certificate(const void *ssl);
+void *SSL_get_peer_certificate(const void *ssl) { return SSL_get1_peer_certificate(ssl); }
+"""
+
+
+def civetweb_ssl_shim(directory: Path) -> Path | None:
+    """A directory to put first in Orthanc's LD_LIBRARY_PATH so that its HTTPS works, or None when none is needed.
+
+    Debian 12's civetweb (under Orthanc 1.10.1) loads ``libssl.so`` at run time and calls
+    ``SSL_get_peer_certificate``, which OpenSSL 3 only has as a macro: the pointer is NULL and Orthanc crashes
+    (SIGSEGV) on the first HTTPS request. The shim is a ``libssl.so`` defining that one function as OpenSSL 3's
+    ``SSL_get1_peer_certificate`` and depending on the real libssl.so.3 for everything else (and a ``libcrypto.so``
+    depending on libcrypto.so.3), built here with gcc.
+    """
+    try:
+        libssl = ctypes.CDLL("libssl.so.3")
+    except OSError:
+        return None  # not OpenSSL 3
+    if hasattr(libssl, "SSL_get_peer_certificate"):
+        return None
+    if (directory / "libssl.so").exists() and (directory / "libcrypto.so").exists():
+        return directory
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        raise SandboxError("Orthanc 1.10.1 needs a small libssl shim for HTTPS with OpenSSL 3 (it crashes otherwise); "
+                           "building it needs a C compiler: apt-get install -y gcc")
+    directory.mkdir(parents=True, exist_ok=True)
+    source = directory / "civetweb_ssl_shim.c"
+    source.write_text(_SHIM_SOURCE)
+    for target, extra in (("libssl.so", [str(source), "-l:libssl.so.3"]), ("libcrypto.so", ["-l:libcrypto.so.3"])):
+        command = [gcc, "-shared", "-fPIC", "-Wl,--no-as-needed", "-o", str(directory / target), *extra]
+        if target == "libcrypto.so":
+            command.insert(1, "-xc")
+            command.insert(2, "/dev/null")
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise SandboxError(f"building the libssl shim for Orthanc's HTTPS failed: {done.stderr.strip()[:500]}")
+    return directory
+
+
 class OrthancPeer(Peer):
     """Orthanc with its own storage under `workdir`, on free ports unless given."""
 
@@ -101,6 +182,7 @@ class OrthancPeer(Peer):
         users: dict[str, str] | None = None,
         binary: str = ORTHANC_BINARY,
         start_timeout: float = 30.0,
+        tls: OrthancTls | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
@@ -109,6 +191,7 @@ class OrthancPeer(Peer):
         self.users = dict(users or {})
         self.binary = binary
         self.start_timeout = start_timeout
+        self.tls = tls
         self._fixed_ports = (http_port, dicom_port)
         self.http_port = http_port or 0
         self.dicom_port = dicom_port or 0
@@ -123,8 +206,8 @@ class OrthancPeer(Peer):
 
     @property
     def url(self) -> str:
-        """HTTP base of Orthanc's REST API, e.g. http://127.0.0.1:8042."""
-        return f"http://{HOST}:{self.http_port}"
+        """Base of Orthanc's REST API, e.g. http://127.0.0.1:8042 (https:// with ``tls``)."""
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.http_port}"
 
     @property
     def dicomweb_url(self) -> str:
@@ -161,13 +244,27 @@ class OrthancPeer(Peer):
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         config = orthanc_config(self.storage_dir, self.http_port, self.dicom_port, self.aet, self.stable_age,
                                 self.modalities, self.users)
-        self.config_path.write_text(json.dumps(config, indent=2))
         # Without TCP_NODELAY, DIMSE pays ~50 ms per instance (Nagle + delayed ACK).
-        self._process = ManagedProcess([self.binary, str(self.config_path)], self.log_path, env={"TCP_NODELAY": "1"})
+        env = {"TCP_NODELAY": "1"}
+        if self.tls is not None:
+            config |= self.tls.config(self.workdir / "orthanc-server.pem")
+            config["DicomWeb"]["Ssl"] = True
+            shim = civetweb_ssl_shim(self.workdir / "ssl-shim")
+            if shim is not None:
+                env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(shim), os.environ.get("LD_LIBRARY_PATH")]))
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self._process = ManagedProcess([self.binary, str(self.config_path)], self.log_path, env=env)
         self._process.start()
-        headers = self.auth_headers()
-        self._process.wait_until(lambda: http_status(f"{self.url}/system", headers) == 200,
-                                 self.start_timeout, f"Orthanc on port {self.http_port}")
+        self._process.wait_until(self._answers, self.start_timeout, f"Orthanc on port {self.http_port}")
+
+    def _answers(self) -> bool:
+        if self.tls is None:
+            return http_status(f"{self.url}/system", self.auth_headers()) == 200
+        try:
+            self._request("GET", "/system", timeout=2)
+        except (OSError, urllib.error.URLError):
+            return False
+        return True
 
 
 
@@ -177,9 +274,10 @@ class OrthancPeer(Peer):
             self._request("DELETE", f"/patients/{patient}")
         self._request("DELETE", "/changes")
 
-    def _request(self, method: str, path: str) -> bytes:
+    def _request(self, method: str, path: str, timeout: float = 30) -> bytes:
         request = urllib.request.Request(self.url + path, method=method, headers=self.auth_headers())
-        with urllib.request.urlopen(request, timeout=30) as response:
+        context = self.tls.client_context() if self.tls is not None else None
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             body: bytes = response.read()
             return body
 

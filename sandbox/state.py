@@ -7,10 +7,13 @@ they share is a JSON state file in `state_dir` with the pids, ports and URLs.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
+from integration.entrypoints.api.security.keys import new_key, settings_line
+from integration.entrypoints.api.security.policy import Role
 from sandbox._process import SandboxError, http_status, pid_alive, stop_pid
 from sandbox.fhir import FhirPeer
 from sandbox.orthanc import Modalities, OrthancPeer
@@ -36,6 +39,9 @@ class SandboxInfo:
     started_at: str
     orthanc_config: str = ""  # both paths appear in their process's command line:
     fhir_server: str = ""  # a check that a recorded pid was not reused by another program
+    #: The engine's API key for this sandbox (the demo sends it; the engine gets only its hash, in engine.env).
+    #: A test credential: made fresh at each start, kept in the 0600 state file, gone when the sandbox stops.
+    api_key: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -58,8 +64,10 @@ class SandboxStatus:
 
 
 def engine_env(info: SandboxInfo) -> dict[str, str]:
-    """STROKEWATCH_* variables that point the engine at a running sandbox."""
+    """STROKEWATCH_* variables that point the engine at a running sandbox (and admit its API key)."""
+    key_env = dict([settings_line("sandbox", Role.OPERATE, info.api_key).split("=", 1)]) if info.api_key else {}
     return {
+        **key_env,
         "STROKEWATCH_SANDBOX": "true",
         "STROKEWATCH_PACS__DICOMWEB_URL": info.dicomweb_url,
         "STROKEWATCH_PACS__ORTHANC_URL": info.orthanc_url,
@@ -83,14 +91,20 @@ def read_info(state_dir: Path) -> SandboxInfo | None:
 
 
 def write_info(info: SandboxInfo) -> None:
-    path = state_path(Path(info.state_dir))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(info.to_json())
-    tmp.replace(path)
+    _write_private(state_path(Path(info.state_dir)), info.to_json())  # it holds the API key: 0600
     env = "".join(f"{k}={v}\n" for k, v in engine_env(info).items())
-    env_path = Path(info.state_dir) / ENGINE_ENV_FILE
-    env_path.with_suffix(".tmp").write_text("# written by the sandbox; removed when it stops\n" + env)
-    env_path.with_suffix(".tmp").replace(env_path)
+    # settings may carry credentials: 0600
+    _write_private(Path(info.state_dir) / ENGINE_ENV_FILE, "# written by the sandbox; removed when it stops\n" + env)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text``, readable by this user only."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    tmp.replace(path)
 
 
 def status(state_dir: Path) -> SandboxStatus | None:
@@ -148,6 +162,7 @@ def start_detached(
         started_at=datetime.now(UTC).isoformat(timespec="seconds"),
         orthanc_config=str(pacs.config_path),
         fhir_server=str(ehr.server_path),
+        api_key=new_key(),
     )
     write_info(info)
     return info

@@ -63,12 +63,18 @@ function resourceCapability(type) {
   };
 }
 
-export function smartConfiguration(tokenUrl) {
+export function smartConfiguration(tokenUrl, authMethods = ['client_secret_basic', 'client_secret_post']) {
+  const asymmetric = authMethods.includes('private_key_jwt');
+  const symmetric = authMethods.some((method) => method.startsWith('client_secret'));
   return {
     token_endpoint: tokenUrl,
     grant_types_supported: ['client_credentials'],
-    token_endpoint_auth_methods_supported: ['client_secret_basic', 'client_secret_post'],
-    scopes_supported: ['system/*.read', 'system/*.write', 'system/*.*'],
-    capabilities: ['client-confidential-symmetric'],
+    token_endpoint_auth_methods_supported: authMethods,
+    ...(asymmetric ? { token_endpoint_auth_signing_alg_values_supported: ['RS384', 'ES384'] } : {}),
+    scopes_supported: ['system/*.read', 'system/*.write', 'system/*.*', 'system/*.cruds', 'system/*.rs'],
+    capabilities: [
+      ...(symmetric ? ['client-confidential-symmetric'] : []),
+      ...(asymmetric ? ['client-confidential-asymmetric'] : []),
+    ],
   };
 }

@@ -1,23 +1,29 @@
-// StrokeWatch FHIR R4 sandbox: Medplum's FhirRouter over an in-memory store, served by node:http.
+// StrokeWatch FHIR R4 sandbox: Medplum's FhirRouter over an in-memory store, served by node:http or node:https.
 //
 //   node server.mjs --port 8080 --host 127.0.0.1 [--base-path /fhir] [--omit-total]
 //                   [--auth-basic user:pass] [--auth-bearer TOKEN]
 //                   [--oauth-client id:secret ...] [--oauth-token-ttl SECONDS]
+//                   [--smart-client CLIENT_ID=PATH_TO_JWKS_JSON[:scopes] ...]
 //                   [--enable-test-controls] [--verbose]
+//                   [--tls-cert CERT.pem --tls-key KEY.pem [--tls-client-ca CA.pem]]
 //
-// Prints "ready http://HOST:PORT/fhir" once listening (--port 0 picks a free port). No persistence.
+// With --tls-cert/--tls-key it serves HTTPS (node:https, TLS 1.2+); with --tls-client-ca it also requires a client
+// certificate issued by that CA (mutual TLS) and refuses the connection without one.
+// Prints "ready http(s)://HOST:PORT/fhir" once listening (--port 0 picks a free port). No persistence.
 import './node-compat.mjs'; // must come before any @medplum import
 import { OperationOutcomeError, getStatus, isOk, normalizeOperationOutcome } from '@medplum/core';
 import { FhirRouter } from '@medplum/fhir-router';
 import http from 'node:http';
+import https from 'node:https';
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { Auth } from './auth.mjs';
+import { Auth, requiredScopes } from './auth.mjs';
 import { capabilityStatement, smartConfiguration } from './capability.mjs';
 import { SandboxRepository, loadR4Definitions } from './repository.mjs';
 
 const FHIR_JSON = 'application/fhir+json; charset=utf-8';
 const MAX_BODY_BYTES = 64 * 1024 * 1024;
+const MAX_TOKEN_BODY_BYTES = 64 * 1024;
 const VERSION = JSON.parse(readFileSync(new URL('./package.json', import.meta.url))).version;
 
 const { values: opts } = parseArgs({
@@ -31,9 +37,13 @@ const { values: opts } = parseArgs({
     'auth-basic': { type: 'string' },
     'auth-bearer': { type: 'string' },
     'oauth-client': { type: 'string', multiple: true, default: [] },
+    'smart-client': { type: 'string', multiple: true, default: [] },
     'oauth-token-ttl': { type: 'string', default: '3600' },
     'enable-test-controls': { type: 'boolean', default: false },
     verbose: { type: 'boolean', default: false },
+    'tls-cert': { type: 'string' },
+    'tls-key': { type: 'string' },
+    'tls-client-ca': { type: 'string' },
   },
 });
 const basePath = '/' + opts['base-path'].replace(/^\/+|\/+$/g, '');
@@ -41,6 +51,7 @@ const auth = new Auth({
   basic: opts['auth-basic'],
   bearer: opts['auth-bearer'],
   oauthClients: opts['oauth-client'],
+  smartClients: opts['smart-client'],
   tokenTtl: Number(opts['oauth-token-ttl']),
 });
 
@@ -65,12 +76,12 @@ function outcome(code, text) {
   return { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code, details: { text } }] };
 }
 
-async function readBody(req) {
+async function readBody(req, limit = MAX_BODY_BYTES) {
   const chunks = [];
   let size = 0;
   for await (const chunk of req) {
     size += chunk.length;
-    if (size > MAX_BODY_BYTES) throw Object.assign(new Error('request body too large'), { status: 413 });
+    if (size > limit) throw Object.assign(new Error('request body too large'), { status: 413 });
     chunks.push(chunk);
   }
   return Buffer.concat(chunks).toString('utf8');
@@ -117,7 +128,8 @@ async function handle(req, res) {
 
   if (!inBase && path === '/oauth/token' && auth.oauthEnabled) {
     if (req.method !== 'POST') return send(res, 405, outcome('not-supported', 'use POST'));
-    const result = auth.token(new URLSearchParams(await readBody(req)), req.headers.authorization);
+    const form = new URLSearchParams(await readBody(req, MAX_TOKEN_BODY_BYTES));
+    const result = auth.token(form, req.headers.authorization, `${origin}/oauth/token`);
     const text = JSON.stringify(result.body);
     res.writeHead(result.status, { 'Content-Type': 'application/json', ...result.headers });
     return res.end(text);
@@ -130,7 +142,7 @@ async function handle(req, res) {
   }
   if (req.method === 'GET' && local === '.well-known/smart-configuration' && auth.oauthEnabled) {
     res.writeHead(200, { 'Content-Type': 'application/json' });
-    return res.end(JSON.stringify(smartConfiguration(`${origin}/oauth/token`)));
+    return res.end(JSON.stringify(smartConfiguration(`${origin}/oauth/token`, auth.tokenAuthMethods)));
   }
   const refusal = auth.refusal(req.headers.authorization);
   if (refusal) {
@@ -150,6 +162,11 @@ async function handle(req, res) {
     body = parseJson(text);
   } else if (req.method === 'POST' || req.method === 'PUT') {
     return send(res, 400, outcome('invalid', 'Missing request body'));
+  }
+  const shortfall = auth.insufficientScope(req.headers.authorization, requiredScopes(req.method, local, body));
+  if (shortfall) {
+    const challenge = `Bearer realm="fhir", error="insufficient_scope"`;
+    return send(res, 403, outcome('forbidden', shortfall), { 'WWW-Authenticate': challenge });
   }
 
   const fhirRequest = {
@@ -259,25 +276,51 @@ async function testControl(req, res, action) {
     return json(200, { fault });
   }
   if (action === 'stats' && req.method === 'GET') {
-    return json(200, { ...stats, tokensIssued: auth.tokensIssued, fault });
+    return json(200, { ...stats, tokensIssued: auth.tokensIssued, tokenRequests: auth.tokenRequests, fault });
   }
   json(404, { error: `unknown test control: ${req.method} ${action}` });
 }
 
-const server = http.createServer((req, res) => {
+function serverOptions() {
+  if (!opts['tls-cert'] !== !opts['tls-key']) {
+    console.error('--tls-cert and --tls-key go together');
+    process.exit(2);
+  }
+  if (!opts['tls-cert']) {
+    if (opts['tls-client-ca']) {
+      console.error('--tls-client-ca needs --tls-cert and --tls-key');
+      process.exit(2);
+    }
+    return null;
+  }
+  const options = {
+    cert: readFileSync(opts['tls-cert']),
+    key: readFileSync(opts['tls-key']),
+    minVersion: 'TLSv1.2',
+  };
+  if (opts['tls-client-ca']) {
+    Object.assign(options, { ca: readFileSync(opts['tls-client-ca']), requestCert: true, rejectUnauthorized: true });
+  }
+  return options;
+}
+
+const tlsOptions = serverOptions();
+const scheme = tlsOptions ? 'https' : 'http';
+const listener = (req, res) => {
   handle(req, res).catch((err) => {
     const status = err.status ?? 500;
     if (status >= 500) console.error(err);
     if (!res.headersSent) send(res, status, outcome(status >= 500 ? 'exception' : 'invalid', err.message));
     else res.destroy();
   });
-});
+};
+const server = tlsOptions ? https.createServer(tlsOptions, listener) : http.createServer(listener);
 server.keepAliveTimeout = 30_000;
 
 server.listen(Number(opts.port), opts.host, () => {
   const { port } = server.address();
   const host = opts.host === '0.0.0.0' || opts.host === '::' ? '127.0.0.1' : opts.host;
-  origin = `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
+  origin = `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`;
   repo = new SandboxRepository({
     baseUrl: origin + basePath,
     resourceTypes,

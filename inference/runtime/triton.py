@@ -22,11 +22,19 @@ import numpy as np
 
 from inference import contract as C
 from inference.runtime.base import ModelContractError, ModelInputs, ModelUnavailableError, Prediction, stack_inputs
-from inference.runtime.transport import GrpcTransport, HttpTransport, Transport, TransportError
+from inference.runtime.transport import GrpcTransport, HttpTransport, Transport, TransportError, TritonTls
 
 log = logging.getLogger(__name__)
 
 Protocol_ = Literal["http", "grpc"]
+
+#: URL scheme -> (protocol, TLS)
+_SCHEMES: dict[str, tuple[Protocol_, bool]] = {
+    "http": ("http", False),
+    "https": ("http", True),
+    "grpc": ("grpc", False),
+    "grpcs": ("grpc", True),
+}
 
 
 class CircuitBreaker:
@@ -89,7 +97,10 @@ class CircuitBreaker:
 
 
 class TritonModel:
-    """RiskModel over a Triton server. ``url`` is ``host:port`` (an ``http://``/``grpc://`` prefix is allowed)."""
+    """RiskModel over a Triton server. ``url`` is ``host:port`` or a URL: ``http://``, ``grpc://``, or with TLS
+    ``https://``/``grpcs://`` (its scheme must agree with ``protocol``). ``tls`` configures TLS (CA, client
+    certificate); an https/grpcs URL without it verifies against this machine's trust store. A plaintext URL with
+    ``tls`` is refused: TLS settings that would silently not apply are a mistake."""
 
     def __init__(
         self,
@@ -102,10 +113,11 @@ class TritonModel:
         retries: int = 2,
         backoff_s: float = 0.2,
         breaker: CircuitBreaker | None = None,
+        tls: TritonTls | None = None,
     ) -> None:
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
-        self.url = url.split("://", 1)[-1].rstrip("/")
+        self.url, self.tls = _endpoint(url, protocol, tls)
         self.protocol: Protocol_ = protocol
         self.model_name = model_name
         self.pinned_version = str(model_version or "")
@@ -114,6 +126,7 @@ class TritonModel:
         self.backoff_s = backoff_s
         self.breaker = breaker or CircuitBreaker()
         self.runtime_name = f"triton-{protocol}"
+        self.scheme = ("https" if protocol == "http" else "grpcs") if self.tls is not None else protocol
         self._local = threading.local()  # one client per thread: tritonclient's clients are not thread-safe
         self._clients: list[Transport] = []
         self._clients_lock = threading.Lock()
@@ -174,6 +187,7 @@ class TritonModel:
         return {
             "url": self.url,
             "protocol": self.protocol,
+            "tls": self.tls is not None,
             "server": {"name": server.get("name"), "version": server.get("version")},
             "model_name": self.model_name,
             "pinned_version": self.pinned_version or "latest",
@@ -217,7 +231,7 @@ class TritonModel:
             transport = None  # a forked worker (Celery prefork) must not share its parent's sockets/channels
         if transport is None:
             cls = HttpTransport if self.protocol == "http" else GrpcTransport
-            transport = cls(self.url, self.timeout_s)
+            transport = cls(self.url, self.timeout_s, self.tls)
             self._local.transport = transport
             self._local.pid = os.getpid()
             with self._clients_lock:
@@ -241,7 +255,7 @@ class TritonModel:
             except TransportError as err:
                 if err.kind == "contract":
                     raise ModelContractError(f"Triton rejected the {what} request: {err}") from err
-                if err.kind == "not_found":
+                if err.kind in ("not_found", "tls"):
                     raise ModelUnavailableError(f"Triton at {self.url}: {err}") from err
                 self._drop_transport()  # a timed-out or reset connection is not reused
                 if attempt >= self.retries:
@@ -275,6 +289,31 @@ class TritonModel:
         for transport in clients:
             transport.close()
         self._local = threading.local()
+
+
+def _endpoint(url: str, protocol: Protocol_, tls: TritonTls | None) -> tuple[str, TritonTls | None]:
+    """(host:port, TLS or None) from a Triton URL, refusing a scheme that disagrees with the protocol or the TLS."""
+    scheme, sep, rest = url.strip().partition("://")
+    address = (rest if sep else url.strip()).rstrip("/")
+    if not sep:
+        return address, tls  # host:port: TLS exactly when configured
+    wanted = _SCHEMES.get(scheme.lower())
+    if wanted is None:
+        raise ValueError(
+            f"STROKEWATCH_TRITON_URL {url!r}: unknown scheme {scheme!r}; use http://, https://, grpc:// or grpcs://"
+        )
+    scheme_protocol, secure = wanted
+    if scheme_protocol != protocol:
+        raise ValueError(
+            f"STROKEWATCH_TRITON_URL is {scheme}:// but STROKEWATCH_TRITON_PROTOCOL is {protocol}: use {protocol}:// "
+            f"or {'https' if protocol == 'http' else 'grpcs'}:// with this protocol, or change the protocol"
+        )
+    if not secure and tls is not None:
+        raise ValueError(
+            f"TLS is configured for Triton (STROKEWATCH_TRITON_TLS__*) but STROKEWATCH_TRITON_URL is plaintext "
+            f"{scheme}://: use {scheme}s:// (or remove the TLS settings)"
+        )
+    return address, (tls or TritonTls()) if secure else None
 
 
 def check_served_metadata(metadata: dict[str, Any], model_name: str) -> None:

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from integration.domain.checks import CheckResult
+from integration.domain.redact import redact_text, redact_url
 
 _HINT = "check STROKEWATCH_BROKER_URL (unset: the embedded SQLite broker under STROKEWATCH_DATA_DIR)"
 
@@ -31,7 +31,7 @@ class BrokerProbe:
             return [self._embedded(self.url.removeprefix("sqla+"))]
         from kombu.connection import Connection
 
-        shown = _redact(self.url)
+        shown = redact_url(self.url)
         try:
             with Connection(self.url, connect_timeout=self.timeout_s) as conn:  # type: ignore[no-untyped-call]
                 conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=self.timeout_s)
@@ -40,14 +40,16 @@ class BrokerProbe:
         return [CheckResult(self.name, True, f"{shown}: connected")]
 
     def _embedded(self, url: str) -> CheckResult:
-        shown = _redact(url)
+        shown = redact_url(url)
         path = url.split("///", 1)[-1]
         if url.startswith("sqlite") and path and not Path(path).exists():
             parent = next((p for p in Path(path).parents if p.exists()), None)
             if parent is not None and os.access(parent, os.W_OK):
                 return CheckResult(self.name, True, f"embedded broker: will be created at {path} on first start")
             return CheckResult(self.name, False, f"embedded broker: cannot create {path}", _HINT)
-        engine = create_engine(url, connect_args={"timeout": self.timeout_s} if url.startswith("sqlite") else {})
+        engine = create_engine(
+            url, connect_args={"timeout": self.timeout_s} if url.startswith("sqlite") else {}, hide_parameters=True
+        )
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -58,12 +60,5 @@ class BrokerProbe:
         return CheckResult(self.name, True, f"embedded broker ({shown}): reachable")
 
 
-def _redact(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can parse (amqp://...): drop everything before the host
-        return url.split("@")[-1]
-
-
 def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return redact_text(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__

@@ -19,6 +19,7 @@ connection after every WADO-RS answer). Never logs patient identifiers.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, tzinfo
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,9 @@ from integration.adapters.dicomweb_parse import (
     multipart_boundary,
 )
 from integration.adapters.fhir_auth import ClientCredentialsAuth, auth_note, auth_rejected
+from integration.adapters.tls import default_context, presents_client_cert, tls_failure
 from integration.domain.checks import CheckResult, env_name, unreachable
+from integration.domain.ids import is_dicom_uid, shown
 from integration.domain.studytime import localize
 from integration.domain.types import DomainError, Outcome, SeriesRef, StudyRef
 from integration.localzone import machine_zone
@@ -65,7 +68,8 @@ class DicomWebPacs:
 
     Naive DICOM dates/times (no TimezoneOffsetFromUTC) are read in ``study_timezone`` (the PACS's zone,
     with its DST rules; default: this machine's local zone); ``StudyRef.study_datetime`` is always
-    timezone-aware.
+    timezone-aware. ``tls`` is the context from ``adapters.tls.ssl_context`` (default: TLS 1.2+, verified against
+    this machine's trust store).
     """
 
     def __init__(
@@ -74,7 +78,7 @@ class DicomWebPacs:
         *,
         auth: httpx.Auth | None = None,
         timeout: float = 30.0,
-        verify: bool | str = True,
+        tls: ssl.SSLContext | None = None,
         client: httpx.Client | None = None,
         study_modalities: tuple[str, ...] = ("CT", "MR"),
         page_size: int = 100,
@@ -83,7 +87,8 @@ class DicomWebPacs:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._owns_client = client is None
-        self._client = client or httpx.Client(auth=auth, timeout=timeout, verify=verify)
+        self._tls = tls or default_context()
+        self._client = client or httpx.Client(auth=auth, timeout=timeout, verify=self._tls)
         self.study_modalities = tuple(m.upper() for m in study_modalities)
         self.page_size = page_size
         self.study_timezone: tzinfo = study_timezone or machine_zone()
@@ -111,9 +116,9 @@ class DicomWebPacs:
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as err:
                 if attempt == 1:  # a keep-alive connection the server had closed: one immediate retry
                     continue
-                raise _unavailable(f"{method} {path}", err) from err
+                raise _unavailable(f"{method} {path}", err, self._tls) from err
             except (httpx.TransportError, httpx.InvalidURL) as err:
-                raise _unavailable(f"{method} {path}", err) from err
+                raise _unavailable(f"{method} {path}", err, self._tls) from err
             if response.status_code >= 500 or response.status_code in (408, 429):
                 if stream:
                     response.close()
@@ -185,6 +190,7 @@ class DicomWebPacs:
         return studies
 
     def get_study(self, study_uid: str) -> StudyRef | None:
+        _checked_uids(study_uid)
         params = [("StudyInstanceUID", study_uid), *(("includefield", f) for f in _STUDY_FIELDS)]
         for item in self._qido("/studies", params):
             if attr_str(item, "0020000D") == study_uid:
@@ -192,6 +198,7 @@ class DicomWebPacs:
         return None
 
     def list_series(self, study_uid: str) -> list[SeriesRef]:
+        _checked_uids(study_uid)
         params = [("includefield", f) for f in _SERIES_FIELDS]
         answers = list(self._qido_pages(f"/studies/{study_uid}/series", params, "0020000E"))
         study_description: str | None = None
@@ -233,6 +240,7 @@ class DicomWebPacs:
         Parts are decoded as they arrive, so decoding overlaps the transfer and only about one
         instance is buffered at a time.
         """
+        _checked_uids(study_uid, series_uid)
         path = f"/studies/{study_uid}/series/{series_uid}"
         headers = {"Accept": SERIES_ACCEPT, "Accept-Encoding": "identity"}
         response = self._send("GET", path, headers=headers, stream=True)
@@ -286,7 +294,8 @@ class DicomWebPacs:
         try:
             response = self._client.get(qido, headers={"Accept": DICOM_JSON})
         except httpx.HTTPError as exc:
-            return [unreachable("pacs", qido, exc, url_var)]
+            tls = env_name("pacs", "tls")
+            return [unreachable("pacs", qido, exc, url_var, tls, presents_client_cert(self._tls))]
         except DomainError as err:  # the token, fetched on the request when ``quick`` found none
             return [CheckResult("pacs", False, err.message, f"check {env_name('pacs', 'auth', 'token_url')}")]
         if response.status_code in (401, 403):
@@ -304,11 +313,13 @@ class DicomWebPacs:
     # -- helpers -----------------------------------------------------------------------------------------
 
     def _first_instance(self, study_uid: str, series_uid: str) -> dict[str, Any]:
+        _checked_uids(study_uid, series_uid)  # the series UID comes from the PACS's answer
         params = [("limit", "1"), *(("includefield", f) for f in _INSTANCE_FIELDS)]
         found = self._qido(f"/studies/{study_uid}/series/{series_uid}/instances", params)
         return found[0] if found else {}
 
     def _count_instances(self, study_uid: str, series_uid: str) -> int:
+        _checked_uids(study_uid, series_uid)
         path = f"/studies/{study_uid}/series/{series_uid}/instances"
         return sum(1 for _ in self._qido_pages(path, [("includefield", "SOPInstanceUID")], "00080018"))
 
@@ -334,6 +345,13 @@ class DicomWebPacs:
         if not self.study_modalities or not ref.modalities:  # unknown: let series selection decide
             return True
         return any(m.upper() in self.study_modalities for m in ref.modalities)
+
+
+def _checked_uids(*uids: str) -> None:
+    """UIDs go into WADO-RS/QIDO-RS paths and queries: refuse anything but a DICOM UID before a request is made."""
+    for uid in uids:
+        if not is_dicom_uid(uid):
+            raise DomainError(Outcome.INTERNAL_ERROR, f"refused {shown(uid)}: not a DICOM UID (PS3.5 9.1)")
 
 
 def _body_chunks(response: httpx.Response, path: str) -> Iterator[bytes]:
@@ -368,7 +386,10 @@ def _retry_after(response: httpx.Response) -> float | None:
             return None
 
 
-def _unavailable(what: str, err: Exception) -> DomainError:
+def _unavailable(what: str, err: Exception, tls: ssl.SSLContext | None = None) -> DomainError:
+    problem = tls_failure(err, "pacs", env_name("pacs", "dicomweb_url"), tls)
+    if problem is not None:  # retried like any outage: it works once the certificates are fixed
+        return DomainError(Outcome.PACS_UNAVAILABLE, f"PACS TLS failed ({what}): {problem.explanation}; {problem.hint}")
     kind = "timed out" if isinstance(err, httpx.TimeoutException) else "is unreachable"
     return DomainError(Outcome.PACS_UNAVAILABLE, f"PACS {kind} ({what}): {type(err).__name__}: {err}")
 

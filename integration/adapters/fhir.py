@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -27,7 +28,9 @@ from pydantic import ValidationError
 
 from integration.adapters.fhir_auth import ClientCredentialsAuth, auth_note, auth_rejected
 from integration.adapters.fhir_capability import capability_checks
+from integration.adapters.tls import default_context, presents_client_cert, tls_failure
 from integration.domain.checks import CheckResult, env_name, unreachable
+from integration.domain.redact import describe_exception
 from integration.domain.types import DomainError, Outcome, PatientInfo
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,8 @@ class FhirEhr:
     ``create_mode="search-first"`` is for servers that ignore If-None-Exist: it searches for the identifier
     before creating (still sending the header). ``incremental=False`` is for servers that do not support
     ``_lastUpdated`` on Observation: every sync re-reads the whole window (parsing de-duplicates).
+    ``tls`` is the context from ``adapters.tls.ssl_context`` (default: TLS 1.2+, this machine's trust store);
+    a failed handshake is EHR_UNAVAILABLE naming the certificate problem, without in-process retries.
     """
 
     def __init__(
@@ -87,7 +92,7 @@ class FhirEhr:
         max_pages: int = 10_000,
         create_mode: CreateMode = "if-none-exist",
         incremental: bool = True,
-        verify: bool = True,
+        tls: ssl.SSLContext | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -100,7 +105,8 @@ class FhirEhr:
         self.incremental = incremental
         self._sleep = sleep
         self._owns_client = client is None
-        self._client = client or httpx.Client(timeout=timeout, verify=verify)
+        self._tls = tls or default_context()
+        self._client = client or httpx.Client(timeout=timeout, verify=self._tls)
         self._auth = auth
         self._headers = {"Accept": FHIR_JSON, "User-Agent": "strokewatch"}
         redact_httpx_queries()
@@ -218,6 +224,16 @@ class FhirEhr:
                 return None
             raise
 
+    def create(self, resource: dict[str, Any]) -> str:
+        """A plain create (POST), for records that are written once and never matched again (AuditEvent).
+        Returns the server-assigned id ("" when the server sends none)."""
+        rtype = _resource_type(resource)
+        _validate(resource)
+        response = self._send("POST", f"{self.base_url}/{rtype}", json=resource, headers={"Content-Type": FHIR_JSON})
+        body = _json(response)
+        rid = body.get("id") if body.get("resourceType") == rtype else None
+        return str(rid or _id_from_location(response.headers.get("Location")) or "")
+
     def capability(self) -> dict[str, Any]:
         """The CapabilityStatement (GET /metadata), for `strokewatch doctor`."""
         body = _json(self._send("GET", f"{self.base_url}/metadata"))
@@ -250,7 +266,8 @@ class FhirEhr:
         try:
             response = self._client.get(metadata, headers=self._headers, auth=auth)
         except httpx.HTTPError as exc:
-            return [unreachable("ehr", metadata, exc, url_var)]
+            failed = unreachable("ehr", metadata, exc, url_var, env_name("ehr", "tls"), presents_client_cert(self._tls))
+            return [failed] if quick or token is None or token.ok else [failed, token]  # with why no token
         except DomainError as err:  # a token fetched again after a 401
             return [CheckResult("ehr", False, err.message, f"check {env_name('ehr', 'auth', 'token_url')}")]
         statement = _json_object(response)
@@ -273,7 +290,8 @@ class FhirEhr:
         try:
             response = self._client.get(search, headers=self._headers, auth=auth)
         except httpx.HTTPError as exc:
-            return unreachable("ehr auth", search, exc, env_name("ehr", "base_url"))
+            url_var, tls = env_name("ehr", "base_url"), env_name("ehr", "tls")
+            return unreachable("ehr auth", search, exc, url_var, tls, presents_client_cert(self._tls))
         except DomainError as err:
             return CheckResult("ehr auth", False, err.message, f"check {env_name('ehr', 'auth', 'token_url')}")
         if response.status_code in (401, 403):
@@ -332,6 +350,10 @@ class FhirEhr:
             except httpx.TimeoutException as exc:
                 problem = f"{what}: timed out ({type(exc).__name__})"
             except httpx.TransportError as exc:
+                tls = tls_failure(exc, "ehr", env_name("ehr", "base_url"), self._tls)
+                if tls is not None:  # no point retrying at once; the task layer retries once it is fixed
+                    message = f"{what}: TLS failed: {tls.explanation}; {tls.hint}"
+                    raise DomainError(Outcome.EHR_UNAVAILABLE, message) from exc
                 problem = f"{what}: cannot reach {urlsplit(self.base_url).netloc} ({type(exc).__name__})"
             else:
                 status = response.status_code
@@ -465,7 +487,21 @@ def _diagnostics(response: httpx.Response) -> str:
         where = ", ".join(issue.get("expression") or [])
         if text:
             texts.append(f"{text} ({where})" if where else str(text))
-    return "; ".join(texts)[:500]
+    return _scrub("; ".join(texts), response)[:500]
+
+
+def _scrub(text: str, response: httpx.Response) -> str:
+    """A server's diagnostics often echo the search that failed (``identifier=urn:...|MRN``): every value the
+    request searched by is replaced by its pseudonym, so no MRN reaches a failure record or a log line."""
+    try:
+        params = response.request.url.params
+    except RuntimeError:  # a response built without a request (tests)
+        return text
+    values = {part for key, value in params.multi_items() if "identifier" in key
+              for part in (value, *value.split("|")[1:])}
+    if not text or not values:
+        return text
+    return describe_exception(Exception(text), values, limit=10 * len(text)).removeprefix("Exception: ")
 
 
 def _rejected(what: str, response: httpx.Response) -> FhirRejected:

@@ -8,6 +8,7 @@ OAuth error code only. The preflight helpers at the end (``probe_token``, ``auth
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -16,7 +17,8 @@ from typing import Literal
 
 import httpx
 
-from integration.domain.checks import CheckResult, env_name, short_error
+from integration.adapters.tls import default_context, presents_client_cert
+from integration.domain.checks import CheckResult, chain_text, env_name, short_error, tls_problem
 from integration.domain.types import DomainError, Outcome
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class ClientCredentialsAuth(httpx.Auth):
     """
 
     requires_response_body = False
+    #: The ``auth.mode`` setting this class implements (a subclass authenticating the client otherwise names its own).
+    mode = "oauth2"
 
     def __init__(
         self,
@@ -75,12 +79,12 @@ class ClientCredentialsAuth(httpx.Auth):
         refresh_margin_s: float = 60.0,
         default_lifetime_s: float = 300.0,
         timeout: float = 30.0,
-        verify: bool = True,
+        tls: ssl.SSLContext | None = None,
+        tls_setting: str = env_name("ehr", "tls"),
         token_client: httpx.Client | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not (token_url and client_id and client_secret):
-            raise ValueError("OAuth2 client credentials need token_url, client_id and client_secret")
+        self._require(token_url, client_id, client_secret)
         self.token_url = token_url
         self.client_id = client_id
         self._client_secret = client_secret
@@ -88,13 +92,20 @@ class ClientCredentialsAuth(httpx.Auth):
         self.client_auth = client_auth
         self.refresh_margin_s = refresh_margin_s
         self.default_lifetime_s = default_lifetime_s
-        self._http = token_client or httpx.Client(timeout=timeout, verify=verify)
+        self._tls = tls or default_context()
+        self._http = token_client or httpx.Client(timeout=timeout, verify=self._tls)
+        self.tls_setting = tls_setting  # the TLS settings of the peer these credentials are for, for messages
         self._owns_http = token_client is None
         self._clock = clock
         self._lock = threading.Lock()
         self._token: _Token | None = None
         #: How many tokens this object has fetched (for `strokewatch doctor` and tests).
         self.tokens_fetched = 0
+
+    def _require(self, token_url: str, client_id: str, client_secret: str) -> None:
+        """Refuses incomplete credentials (``SmartBackendAuth`` needs no secret)."""
+        if not (token_url and client_id and client_secret):
+            raise ValueError("OAuth2 client credentials need token_url, client_id and client_secret")
 
     def __repr__(self) -> str:
         return f"ClientCredentialsAuth(token_url={self.token_url!r}, client_id={self.client_id!r})"
@@ -135,8 +146,10 @@ class ClientCredentialsAuth(httpx.Auth):
         try:
             response = self._request_token()
         except httpx.HTTPError as exc:
+            problem = tls_problem(chain_text(exc), self.tls_setting, client_cert=presents_client_cert(self._tls))
+            reason = f"TLS failed: {problem.explanation}; {problem.hint}" if problem else type(exc).__name__
             raise DomainError(
-                Outcome.EHR_UNAVAILABLE, f"OAuth token endpoint {self.token_url} unreachable: {type(exc).__name__}"
+                Outcome.EHR_UNAVAILABLE, f"OAuth token endpoint {self.token_url} unreachable: {reason}"
             ) from None
         if response.status_code >= 500 or response.status_code in (408, 429):
             raise DomainError(
@@ -201,6 +214,11 @@ class ClientCredentialsAuth(httpx.Auth):
         try:
             response = self._request_token()
         except httpx.HTTPError as exc:
+            problem = tls_problem(chain_text(exc), env_name(peer, "tls"), env_name(peer, "auth", "token_url"),
+                                  client_cert=presents_client_cert(self._tls))
+            if problem is not None:
+                detail = f"token endpoint {url}: TLS failed: {problem.explanation}"
+                return CheckResult(name, False, detail, problem.hint)
             hint = f"check {env_name(peer, 'auth', 'token_url')}"
             return CheckResult(name, False, f"token endpoint {url} unreachable: {short_error(exc)}", hint)
         try:
@@ -225,7 +243,7 @@ class ClientCredentialsAuth(httpx.Auth):
 def auth_mode(auth: httpx.Auth | None) -> str:
     """The ``auth.mode`` setting an ``httpx.Auth`` built by ``bootstrap.build_auth`` came from."""
     if isinstance(auth, ClientCredentialsAuth):
-        return "oauth2"
+        return auth.mode
     if isinstance(auth, BearerAuth):
         return "bearer"
     if isinstance(auth, httpx.BasicAuth):
@@ -237,9 +255,9 @@ def auth_note(auth: httpx.Auth | None, token: CheckResult | None = None) -> str:
     """How requests authenticate, for an accepted-credentials result (the token result's detail for OAuth2)."""
     if token is not None:
         return token.detail
-    return {"basic": "HTTP Basic", "bearer": "static bearer token", "oauth2": "OAuth2 client credentials"}.get(
-        auth_mode(auth), "no authentication"
-    )
+    notes = {"basic": "HTTP Basic", "bearer": "static bearer token", "oauth2": "OAuth2 client credentials",
+             "smart-backend": "SMART Backend Services"}
+    return notes.get(auth_mode(auth), "no authentication")
 
 
 def auth_rejected(peer: str, auth: httpx.Auth | None, response: httpx.Response) -> CheckResult:
@@ -255,11 +273,13 @@ def auth_rejected(peer: str, auth: httpx.Auth | None, response: httpx.Response) 
             f"grant the account/client read and write access, or change {env_name(peer, 'auth', 'scope')}",
         )
     fields = {
-        "none": f"set {env_name(peer, 'auth', 'mode')}=basic|bearer|oauth2 and its credentials",
+        "none": f"set {env_name(peer, 'auth', 'mode')}=basic|bearer|oauth2|smart-backend and its credentials",
         "basic": f"check {env_name(peer, 'auth', 'username')} and {env_name(peer, 'auth', 'password')}",
         "bearer": f"check {env_name(peer, 'auth', 'token')}",
         "oauth2": f"check {env_name(peer, 'auth', 'client_id')}, {env_name(peer, 'auth', 'client_secret')} and "
         f"{env_name(peer, 'auth', 'scope')}",
+        "smart-backend": f"check {env_name(peer, 'auth', 'client_id')}, {env_name(peer, 'auth', 'scope')} and that the "
+        "JWKS printed by `strokewatch keys jwks` is registered for the client at the server",
     }[mode]
     what = (
         "the server demands authentication but none is configured"

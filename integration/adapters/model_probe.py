@@ -13,7 +13,8 @@ from typing import Any
 
 from inference import contract as C
 from inference.runtime import FallbackModel, ModelContractError, ModelUnavailableError, TritonModel
-from integration.domain.checks import CheckResult, env_name
+from integration.domain.checks import CheckResult, chain_text, env_name, tls_problem
+from integration.domain.redact import redact_text, redact_url
 from integration.ports import RiskModel
 
 _TRITON_CONTRACT_HINT = (
@@ -40,6 +41,8 @@ class ModelProbe:
         except ModelContractError as err:
             hint = f"re-export the model for contract {C.MODEL_VERSION} (`strokewatch model export`)"
             return [CheckResult(self.name, False, f"{self.model_path}: {err}", hint)]
+        except ValueError as err:  # Triton settings that contradict each other (URL scheme, protocol, TLS files)
+            return [CheckResult(self.name, False, f"cannot build the Triton client: {err}", "fix the setting named")]
         except (ModelUnavailableError, OSError, RuntimeError) as err:
             if not self.model_path.is_file():
                 hint = f"run `strokewatch model export` or set {env_name('model_path')}"
@@ -57,15 +60,21 @@ class ModelProbe:
 
 
 def _served(triton: TritonModel) -> list[CheckResult]:
+    url = redact_url(triton.url)  # user:password in a Triton URL behind a proxy is never shown
     try:
         info: dict[str, Any] = triton.describe()
     except ModelContractError as err:
-        return [CheckResult("model", False, f"Triton {triton.url}: {err}", _TRITON_CONTRACT_HINT)]
+        return [CheckResult("model", False, f"Triton {url}: {redact_text(str(err))}", _TRITON_CONTRACT_HINT)]
     except Exception as err:  # unavailable, or any transport error the client raises
-        return [CheckResult("model", False, f"Triton {triton.url}: {err}", _TRITON_HINT)]
+        problem = tls_problem(chain_text(err), env_name("triton_tls"), env_name("triton_url"),
+                              client_cert=triton.tls is not None and triton.tls.client_cert is not None)
+        if problem is not None:
+            detail = f"Triton {url}: TLS failed: {problem.explanation}"
+            return [CheckResult("model", False, detail, problem.hint)]
+        return [CheckResult("model", False, f"Triton {url}: {redact_text(str(err))}", _TRITON_HINT)]
     server = info.get("server") or {}
     detail = (
-        f"Triton {server.get('version') or ''} at {info.get('url')} ({info.get('protocol')}): model "
+        f"Triton {server.get('version') or ''} at {redact_url(str(info.get('url')))} ({info.get('protocol')}): model "
         f"{info.get('model_name')} ready (versions {', '.join(info.get('ready_versions') or []) or '?'}), "
         f"model {info.get('model_version')}, matches the contract"
     )

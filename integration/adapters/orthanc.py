@@ -14,18 +14,22 @@ A study deleted between its event and our lookup is dropped silently (there is n
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 import httpx
 
+from integration.adapters.tls import default_context, tls_failure
 from integration.domain.checks import CheckResult, env_name
+from integration.domain.ids import is_orthanc_id, require_orthanc_id
 from integration.domain.types import DomainError, Outcome
 
 log = logging.getLogger(__name__)
 
 
 class OrthancChangeFeed:
-    """``ChangeFeed`` over Orthanc's REST API; ``base_url`` is the REST root, e.g. ``http://pacs:8042``."""
+    """``ChangeFeed`` over Orthanc's REST API; ``base_url`` is the REST root, e.g. ``http://pacs:8042``.
+    ``tls``: the PACS's context from ``adapters.tls.ssl_context`` (default: TLS 1.2+, system trust store)."""
 
     def __init__(
         self,
@@ -34,11 +38,12 @@ class OrthancChangeFeed:
         client: httpx.Client | None = None,
         *,
         timeout: float = 30.0,
-        verify: bool | str = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._owns_client = client is None
-        self._client = client or httpx.Client(auth=auth, timeout=timeout, verify=verify)
+        self._tls = tls or default_context()
+        self._client = client or httpx.Client(auth=auth, timeout=timeout, verify=self._tls)
 
     def close(self) -> None:
         if self._owns_client:
@@ -48,6 +53,10 @@ class OrthancChangeFeed:
         try:
             response = self._client.get(f"{self.base_url}{path}", params=params)
         except httpx.TransportError as err:
+            problem = tls_failure(err, "pacs", env_name("pacs", "orthanc_url"), self._tls)
+            if problem is not None:
+                message = f"Orthanc TLS failed (GET {path}): {problem.explanation}; {problem.hint}"
+                raise DomainError(Outcome.PACS_UNAVAILABLE, message) from err
             raise DomainError(Outcome.PACS_UNAVAILABLE, f"Orthanc is unreachable (GET {path}): {err}") from err
         if response.status_code >= 500 or response.status_code in (401, 403, 408, 429):
             raise DomainError(Outcome.PACS_UNAVAILABLE, f"Orthanc answered {response.status_code} to GET {path}")
@@ -69,7 +78,10 @@ class OrthancChangeFeed:
         for change in page.get("Changes", []):
             if change.get("ChangeType") != "StableStudy":
                 continue
-            uid = self.study_uid(str(change.get("ID", "")))
+            if not is_orthanc_id(change.get("ID")):
+                log.warning("Orthanc change %s names no valid study id; skipped", change.get("Seq"))
+                continue
+            uid = self.study_uid(str(change["ID"]))
             if uid and uid not in uids:
                 uids.append(uid)
         last = int(page.get("Last", since))
@@ -85,6 +97,7 @@ class OrthancChangeFeed:
         """The StudyInstanceUID of an Orthanc study id (None when Orthanc no longer has it)."""
         if not orthanc_id:
             return None
+        require_orthanc_id(orthanc_id)  # before it goes into a URL: no "../instances/x/file", no "x?y"
         response = self._get(f"/studies/{orthanc_id}")
         if response.status_code == 404:  # deleted since the event
             return None
@@ -108,7 +121,11 @@ class OrthancChangeFeed:
         try:
             system = _json_object(self._client.get(f"{self.base_url}/system"))
             changes = _json_object(self._client.get(f"{self.base_url}/changes", params={"limit": 0}))
-        except (httpx.HTTPError, DomainError):  # DomainError: an OAuth2 token could not be fetched
+        except (httpx.HTTPError, DomainError) as err:  # DomainError: an OAuth2 token could not be fetched
+            problem = tls_failure(err, "pacs", env_name("pacs", "orthanc_url"), self._tls)
+            if problem is not None:  # Orthanc may well be there: say why it cannot be reached
+                return [CheckResult(self.name, False, f"{self.base_url}: TLS failed: {problem.explanation}",
+                                    problem.hint)]
             system = changes = None
         if system is not None and "ApiVersion" in system and changes is not None:
             detail = f"Orthanc {system.get('Version', '?')} at {self.base_url}: /changes available"
@@ -153,10 +170,10 @@ def is_orthanc(
     auth: httpx.Auth | None = None,
     client: httpx.Client | None = None,
     timeout: float = 5.0,
-    verify: bool | str = True,
+    tls: ssl.SSLContext | None = None,
 ) -> bool:
     """True when ``base_url`` (a REST root, or a DICOMweb root ending in /dicom-web) is Orthanc (GET /system)."""
-    return orthanc_root(base_url, auth=auth, client=client, timeout=timeout, verify=verify) is not None
+    return orthanc_root(base_url, auth=auth, client=client, timeout=timeout, tls=tls) is not None
 
 
 def orthanc_root(
@@ -165,14 +182,14 @@ def orthanc_root(
     auth: httpx.Auth | None = None,
     client: httpx.Client | None = None,
     timeout: float = 5.0,
-    verify: bool | str = True,
+    tls: ssl.SSLContext | None = None,
 ) -> str | None:
     """The Orthanc REST root behind ``base_url``, or None when it is not Orthanc or does not answer."""
     url = base_url.rstrip("/")
     candidates = [url]
     if url.endswith("/dicom-web"):
         candidates.append(url[: -len("/dicom-web")])
-    http = client or httpx.Client(auth=auth, timeout=timeout, verify=verify)
+    http = client or httpx.Client(auth=auth, timeout=timeout, verify=tls or default_context())
     try:
         for root in candidates:
             try:

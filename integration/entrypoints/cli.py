@@ -20,6 +20,8 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 model_app = typer.Typer(help="Train, evaluate, export and explain the fusion model.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
+keys_app = typer.Typer(help="Keys and credentials.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 SANDBOX_DIR = Path(os.environ.get("STROKEWATCH_SANDBOX_DIR", "var/sandbox"))
@@ -69,13 +71,18 @@ def run() -> None:
     settings = _settings()
     upgrade(settings.db_url)
     env = {k: v for k, v in os.environ.items() if k.startswith("STROKEWATCH_")}
-    procs, children = start_engine(settings, env, detached=False)
+    try:
+        procs, children = start_engine(settings, env, detached=False)
+    except RuntimeError as err:  # a refusal or a child that died at start-up: the message says what to do
+        console.print(f"[red]StrokeWatch did not start:[/red] {err}")
+        raise typer.Exit(1) from None
 
     def _terminate(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM (systemd, docker stop) stops the children like Ctrl-C
 
     signal.signal(signal.SIGTERM, _terminate)
-    console.print(f"StrokeWatch is running. API: {procs.api_url}  (docs: {procs.api_url}/docs)  logs: {procs.log_dir}")
+    docs = f"  (docs: {procs.api_url}/docs)" if settings.api_docs_enabled else ""
+    console.print(f"StrokeWatch is running. API: {procs.api_url}{docs}  logs: {procs.log_dir}")
     try:
         while all(c.poll() is None for c in children):
             time.sleep(1)
@@ -103,9 +110,19 @@ def stop(
 def status() -> None:
     """Counts of studies, patients, assessments and open failures from the database."""
     from integration.bootstrap import build_store
+    from integration.domain.checks import short_error
+    from integration.domain.redact import redact_text, redact_url
 
     settings = _settings()
-    counts = build_store(settings).counts()
+    database = redact_url(settings.db_url)  # a password in either URL is shown as ***
+    console.print(f"database: {database}\nbroker:   {redact_url(settings.celery_broker_url)}")
+    try:
+        counts = build_store(settings).counts()
+    except Exception as exc:  # the driver's message, never a traceback with the URL in it
+        console.print(f"[red]cannot read the database[/red] {database}: {redact_text(short_error(exc))}\n"
+                      "check STROKEWATCH_DATABASE_URL (unset: SQLite under STROKEWATCH_DATA_DIR) and that the "
+                      "server is up; `strokewatch doctor` checks every peer")
+        raise typer.Exit(1) from None
     table = Table("what", "status", "count", title="StrokeWatch")
     for what, by_status in counts.items():
         for st, n in sorted(by_status.items()):
@@ -164,6 +181,82 @@ def assess(patient: Annotated[str, typer.Option("--patient", help="FHIR Patient 
                 raise typer.Exit(1)
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# keys: SMART Backend Services
+# ---------------------------------------------------------------------------------------------
+@keys_app.command("generate")
+def keys_generate(
+    alg: Annotated[str, typer.Option("--alg", help="RS384 (RSA 3072) or ES384 (P-384).")] = "ES384",
+    out: Annotated[Path, typer.Option("--out", help="Directory for private-key.pem (0600) and jwks.json.")] = Path(
+        "var/keys"
+    ),
+    passphrase_file: Annotated[
+        Path | None, typer.Option("--passphrase-file", help="Encrypt the private key with the passphrase in this file.")
+    ] = None,
+) -> None:
+    """Make a key pair for SMART Backend Services: the private key for the engine, the JWKS for the EHR."""
+    from integration.adapters.smart import parse_alg, write_key_pair
+
+    try:
+        passphrase = _passphrase(passphrase_file)
+        private, public = write_key_pair(out, parse_alg(alg), passphrase)
+    except (ValueError, OSError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(
+        f"private key: {private} (0600; set STROKEWATCH_EHR__AUTH__PRIVATE_KEY_FILE to it"
+        + (", and STROKEWATCH_EHR__AUTH__PRIVATE_KEY_PASSPHRASE_FILE to the passphrase file)" if passphrase else ")")
+        + f"\npublic JWKS: {public} (register it for your client id at the EHR)"
+    )
+
+
+@keys_app.command("jwks")
+def keys_jwks(
+    key: Annotated[Path, typer.Option("--key", help="The PEM private key (e.g. from `keys generate`).")],
+    kid: Annotated[str | None, typer.Option("--kid", help="Key id (default: the key's RFC 7638 thumbprint).")] = None,
+    passphrase_file: Annotated[
+        Path | None, typer.Option("--passphrase-file", help="The passphrase of an encrypted key.")
+    ] = None,
+) -> None:
+    """Print the public JWKS of a private key (kid, alg, use: sig), to register at the EHR."""
+    import json
+
+    from integration.adapters.smart import jwks, key_alg, load_private_key
+
+    try:
+        private = load_private_key(key, _passphrase(passphrase_file), setting="--key")
+    except ValueError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(jwks(private, key_alg(private), kid), indent=2))
+
+
+def _passphrase(path: Path | None) -> str | None:
+    from integration.config import read_secret_file
+
+    return read_secret_file(path, f"--passphrase-file {path}") if path is not None else None
+
+
+@keys_app.command("api-key")
+def keys_api_key(
+    name: Annotated[str, typer.Argument(help="Who uses the key (lower case, e.g. dashboard); named in the audit log.")],
+    role: Annotated[str, typer.Option("--role", help="read (status, patients, studies, failures, metrics) or "
+                                                     "operate (also retry and other changes).")] = "read",
+) -> None:
+    """Make an API key for a machine client: prints the key once, and the setting that admits it (its hash)."""
+    from integration.entrypoints.api.security.keys import new_key, settings_line
+    from integration.entrypoints.api.security.policy import Role
+
+    try:
+        key = new_key()
+        line = settings_line(name, Role(role), key)
+    except ValueError as err:  # an unknown role or a name unfit for a variable
+        console.print(f"[red]{err}[/red] (role: read or operate)")
+        raise typer.Exit(2) from None
+    typer.echo(f"API key (shown once; the client sends it as X-API-Key): {key}")
+    typer.echo(f"Setting for the engine (the key's SHA-256; add it to its environment or secrets):\n{line}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,18 +50,34 @@ class EngineProcesses:
 
 
 def _spawn(argv: list[str], env: dict[str, str], log_path: Path, detached: bool) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    # Logs, like every file the engine writes, are for the engine's user only: the folder 0700, the log 0600
+    # (narrowed if an earlier run left it wider), and the child's umask 077 for what it creates itself.
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    out = os.fdopen(fd, "ab")  # handed to the child
     return subprocess.Popen(
-        argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=detached
+        argv,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=detached,
+        umask=0o077,
     )
 
 
 def start_engine(
     settings: Settings, env: dict[str, str], *, detached: bool
 ) -> tuple[EngineProcesses, list[subprocess.Popen[bytes]]]:
-    """Start the API (uvicorn) and one worker (with beat). Waits until the API answers."""
+    """Start the API (uvicorn) and one worker (with beat). Waits until the API answers. Refuses (RuntimeError naming
+    the settings) an API without authentication outside the sandbox, or listening beyond loopback without it."""
+    from integration.entrypoints.api.security.guard import startup_problem
     from integration.entrypoints.worker import worker_argv
+
+    problem = startup_problem(settings)
+    if problem:
+        raise RuntimeError(problem)
 
     data_dir = settings.data_dir.resolve()
     log_dir = data_dir / "logs"
@@ -76,6 +96,7 @@ def start_engine(
             str(settings.api_port),
             "--log-level",
             "warning",
+            *uvicorn_tls_args(settings),
         ],
         full_env,
         log_dir / "api.log",
@@ -88,7 +109,7 @@ def start_engine(
             raise RuntimeError(f"the API exited at start-up; see {log_dir / 'api.log'}")
         if worker.poll() is not None:
             raise RuntimeError(f"the worker exited at start-up; see {log_dir / 'worker.log'}")
-        if http_status(f"{settings.api_base_url}/health/live") == 200:
+        if _api_live(settings):
             break
         time.sleep(0.3)
     else:
@@ -97,6 +118,52 @@ def start_engine(
     if detached:
         (data_dir / ENGINE_STATE).write_text(json.dumps(asdict(procs), indent=2))
     return procs, [api, worker]
+
+
+def uvicorn_tls_args(settings: Settings) -> list[str]:
+    """uvicorn's flags for HTTPS (api_tls.cert/key) and client certificates (api_tls.client_ca: verified when sent;
+    required with api_tls.require_client_cert). Files are checked here so a wrong path is named before start."""
+    tls = settings.api_tls
+    if tls.cert is None:
+        return []
+    for name, path in (("cert", tls.cert), ("key", tls.key), ("client_ca", tls.client_ca)):
+        if path is not None and not path.is_file():
+            raise RuntimeError(f"STROKEWATCH_API_TLS__{name.upper()}={path}: no such file")
+    args = ["--ssl-certfile", str(tls.cert.resolve())]
+    if tls.key is not None:
+        args += ["--ssl-keyfile", str(tls.key.resolve())]
+    if tls.client_ca is not None:
+        required = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+        args += ["--ssl-ca-certs", str(tls.client_ca.resolve()), "--ssl-cert-reqs", str(int(required))]
+    return args
+
+
+def _api_live(settings: Settings) -> bool:
+    """Whether the API started here is up. Over HTTPS the poll goes to the local listener and trusts exactly the
+    certificate the API was given (pinned, so a hospital-issued certificate for another host name works). An API that
+    requires client certificates answers no one without one: a completed TLS handshake with its certificate proves it
+    is up (uvicorn listens only once the application has started)."""
+    tls = settings.api_tls
+    if tls.cert is None:
+        return http_status(f"{settings.api_base_url}/health/live") == 200
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.api_host, settings.api_host)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False  # the pinned certificate is the identity check
+    context.load_verify_locations(cafile=str(tls.cert))
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if tls.require_client_cert:
+        try:
+            with socket.create_connection((host, settings.api_port), timeout=2) as raw, context.wrap_socket(raw):
+                return True
+        except OSError:
+            return False
+    url = f"https://{host if ':' not in host else f'[{host}]'}:{settings.api_port}/health/live"
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=2) as response:
+            return int(response.status) == 200
+    except OSError:  # HTTPError and URLError included
+        return False
 
 
 def stop_pids(pids: list[int]) -> None:

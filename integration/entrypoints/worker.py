@@ -75,6 +75,9 @@ app = Celery("strokewatch")
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
+    # Any Celery process of the engine (worker, beat, started by `strokewatch run` or directly as in compose)
+    # creates its files private: beat's schedule, logs, volumes hold or point at PHI.
+    os.umask(0o077)
     sender.conf.update(celery_config(get_settings()))
 
 

@@ -23,6 +23,7 @@ from integration.domain.assessment import (
 from integration.domain.drivers import IMAGE, top_drivers
 from integration.domain.identity import assessment_identifier, pseudonym
 from integration.domain.records import AssessmentStatus, NewAssessment
+from integration.domain.redact import redact_text
 from integration.domain.retry import backoff_at
 from integration.domain.types import DomainError, Outcome, VitalValue
 from integration.domain.window import study_anchor, window_end, window_start
@@ -254,7 +255,7 @@ def _deferred(svc: Services, pid: str, err: Exception) -> AssessResult:
         outcome, reason = err.outcome, err.message
     else:
         outcome = Outcome.MODEL_MISMATCH if isinstance(err, ModelContractError) else Outcome.MODEL_UNAVAILABLE
-        reason = str(err)
+        reason = redact_text(str(err))  # credentials in a Triton URL never reach the failures table
     patient = svc.store.get_patient(pid)
     attempts = patient.attempts if patient else 1
     # Nothing is lost: the patient stays due and is tried again (a mismatch needs an operator; slow retries).

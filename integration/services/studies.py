@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -11,7 +13,9 @@ import numpy as np
 
 from inference.preprocess import PreprocessError, stack_slices, volume_tensor
 from integration.domain.identity import pseudonym
+from integration.domain.ids import is_dicom_uid, shown
 from integration.domain.records import BuiltVolume, StudyStatus
+from integration.domain.redact import describe_exception
 from integration.domain.retry import backoff_at
 from integration.domain.series import choose
 from integration.domain.studytime import StudyWindow, detection_window
@@ -89,7 +93,10 @@ def _studies_in_window(svc: Services, window: StudyWindow, source: str) -> list[
 
 def register_study(svc: Services, study_uid: str, source: str = "api") -> bool:
     """Record a study announced from outside (webhook, C-STORE SCP, CLI) and queue its ingestion.
-    False if the PACS does not know it."""
+    False if the PACS does not know it, or it is not a DICOM UID (it would go into a PACS URL)."""
+    if not is_dicom_uid(study_uid):
+        log.warning("refused to register %s: not a DICOM UID", shown(study_uid))
+        return False
     ref = svc.pacs.get_study(study_uid)
     if ref is None:
         return False
@@ -122,8 +129,12 @@ def ingest_study(svc: Services, study_uid: str) -> IngestResult:
     except DomainError as err:
         return _study_failed(svc, study_uid, attempts, err)
     except Exception as exc:  # a bug or an unforeseen input: record it, never lose the study
-        log.exception("ingest of study %s crashed", study_uid)
-        return _study_failed(svc, study_uid, attempts, DomainError(Outcome.INTERNAL_ERROR, repr(exc)))
+        # Never repr(exc): a driver's message can carry bound values (MRNs) and URLs with credentials. The type,
+        # a redacted first line with the study's PatientID pseudonymised, and the frames (code, not values).
+        message = describe_exception(exc, [row.dicom_patient_id if row is not None else None])
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("ingest of study %s crashed: %s\n%s", study_uid, message, frames)
+        return _study_failed(svc, study_uid, attempts, DomainError(Outcome.INTERNAL_ERROR, message))
     svc.store.resolve_failures("ingest", study_uid, svc.clock.now())
     return result
 
@@ -158,6 +169,8 @@ def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
 
 def _build_volume(svc: Services, study_uid: str) -> BuiltVolume:
     """Choose the series, retrieve it, build the model's volume tensor and write it atomically."""
+    if not is_dicom_uid(study_uid):  # it goes into PACS URLs and names a file: "../x" must reach neither
+        raise DomainError(Outcome.INTERNAL_ERROR, f"refused {shown(study_uid)}: not a DICOM UID")
     series = svc.pacs.list_series(study_uid)
     chosen, decisions = choose(series, svc.rules)
     svc.store.record_series_decisions(study_uid, decisions, chosen.series.series_uid if chosen else None)
@@ -172,9 +185,12 @@ def _build_volume(svc: Services, study_uid: str) -> BuiltVolume:
     if not np.isfinite(image).all():
         raise DomainError(Outcome.CORRUPT_PIXEL_DATA, "volume contains non-finite values")
     path = svc.volumes_dir / f"{study_uid}.npy"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, image)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # patient data: the engine's user only
+    os.fchmod(fd, 0o600)  # also when a crashed attempt left the file behind with another mode
+    with os.fdopen(fd, "wb") as handle:
+        np.save(handle, image)
     tmp.replace(path)  # atomic: a reader never sees half a volume
     digest = hashlib.sha256(image.tobytes()).hexdigest()
     return BuiltVolume(str(path), digest, chosen.series.series_uid, modality)

@@ -1,7 +1,9 @@
 """The HTTP API against a real SQLite database and the real sandbox peers (Orthanc, FHIR sandbox).
 
 The engine's services run in-process on what the API announced; the queue hop is recorded (the e2e tests
-cover Celery), so each test can check exactly what the API handed to the queue.
+cover Celery), so each test can check exactly what the API handed to the queue. The API is authenticated: the
+client sends an operate API key, the webhooks' bearer token, and for CDS Hooks a JWT signed by a test EHR whose
+JWKS is served on loopback (the refusals are in test_api_auth.py, test_cds_hooks.py and test_webhooks.py).
 """
 
 from __future__ import annotations
@@ -31,16 +33,24 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from integration.config import Settings
 from integration.entrypoints.api.app import create_app
+from integration.entrypoints.api.security.keys import digest, new_key
 from integration.services.assess import assess_patients, publish
 from integration.services.studies import ingest_study
 from integration.services.vitals import sync_vitals
 from sandbox import FhirPeer, OrthancPeer, free_port
+from tests.integration.test_api_idp import Idp
 
 MRN_SYSTEM = "urn:oid:1.2.36.146.595.217.0.1"
 ASSESSMENT_SYSTEM = "urn:strokewatch:risk-assessment:api-test"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 pytestmark = pytest.mark.peers
+
+API_KEY = new_key()
+WEBHOOK_TOKEN = f"webhook-token-{uuid.uuid4().hex}"
+#: What a client of the authenticated API sends: an operate key, and the webhooks' bearer token.
+CREDENTIALS = {"X-API-Key": API_KEY, "Authorization": f"Bearer {WEBHOOK_TOKEN}"}
+CDS_SERVICE_URL = "http://testserver/cds-services/strokewatch-stroke-risk"
 
 
 @dataclass
@@ -52,7 +62,8 @@ class RecordingQueue:
             self.sent.append((stage, list(ids)))
 
 
-def settings_for(data_dir: Path, pacs: OrthancPeer, ehr_base_url: str) -> Settings:
+def settings_for(data_dir: Path, pacs: OrthancPeer, ehr_base_url: str, cds_ehr: Idp | None = None) -> Settings:
+    """Sandbox settings with the API's credentials: CREDENTIALS admitted; CDS Hooks calls from ``cds_ehr``."""
     return Settings.model_validate(
         {
             "sandbox": True,
@@ -60,6 +71,12 @@ def settings_for(data_dir: Path, pacs: OrthancPeer, ehr_base_url: str) -> Settin
             "pacs": {"dicomweb_url": pacs.dicomweb_url, "orthanc_url": pacs.url, "kind": "orthanc"},
             "ehr": {"base_url": ehr_base_url, "patient_identifier_system": MRN_SYSTEM},
             "assessment_identifier_system": ASSESSMENT_SYSTEM,
+            "api": {"keys": {"test": f"operate:{digest(API_KEY)}"}, "allowed_hosts": ["testserver"]},
+            "webhooks": {"orthanc": {"token": WEBHOOK_TOKEN}, "fhir": {"token": WEBHOOK_TOKEN}},
+            "cds_hooks": {
+                "issuers": [{"iss": cds_ehr.issuer, "jwks_url": cds_ehr.jwks_url}] if cds_ehr else [],
+                "public_url": "http://testserver",
+            },
         }
     )
 
@@ -196,8 +213,24 @@ def captured_logs() -> Iterator[Captured]:
 
 
 @pytest.fixture(scope="module")
+def cds_ehr() -> Iterator[Idp]:
+    """The EHR that calls the CDS Hooks service: its signing keys, its JWKS on loopback."""
+    with Idp(issuer="https://ehr.test/fhir") as ehr:
+        yield ehr
+
+
+def cds_call(ehr: Idp) -> dict[str, str]:
+    """The Authorization header of one CDS Hooks call (a fresh jti each time)."""
+    return {"Authorization": f"Bearer {ehr.token(aud=CDS_SERVICE_URL)}"}
+
+
+@pytest.fixture(scope="module")
 def api(
-    captured_logs: Captured, tmp_path_factory: pytest.TempPathFactory, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer
+    captured_logs: Captured,
+    tmp_path_factory: pytest.TempPathFactory,
+    orthanc_peer: OrthancPeer,
+    fhir_peer: FhirPeer,
+    cds_ehr: Idp,
 ) -> Iterator[Api]:
     orthanc_peer.reset()
     fhir_peer.reset()
@@ -208,8 +241,9 @@ def api(
         loaded.append(Loaded(mrn, str(dcmread(io.BytesIO(files[0])).StudyInstanceUID)))
     patient_with_vitals(fhir_peer.base_url, "API-MRN-1")
     queue = RecordingQueue()
-    app = create_app(settings_for(tmp_path_factory.mktemp("api"), orthanc_peer, fhir_peer.base_url), enqueue=queue)
-    with TestClient(app) as client:
+    settings = settings_for(tmp_path_factory.mktemp("api"), orthanc_peer, fhir_peer.base_url, cds_ehr)
+    app = create_app(settings, enqueue=queue)
+    with TestClient(app, headers=CREDENTIALS) as client:
         yield Api(client, queue, loaded[0], loaded[1])
 
 
@@ -256,7 +290,7 @@ def test_readiness_ok_with_every_peer_up(api: Api) -> None:
 def test_readiness_503_names_the_ehr_when_it_is_down(tmp_path: Path, orthanc_peer: OrthancPeer) -> None:
     closed = f"http://127.0.0.1:{free_port()}/fhir"
     app = create_app(settings_for(tmp_path, orthanc_peer, closed), enqueue=RecordingQueue())
-    with TestClient(app) as client:
+    with TestClient(app, headers=CREDENTIALS) as client:
         resp = client.get("/health/ready")
     body = resp.json()
     assert resp.status_code == 503
@@ -417,6 +451,8 @@ def test_served_by_uvicorn_the_webhook_puts_a_celery_message_on_the_embedded_bro
         "STROKEWATCH_DATA_DIR": str(tmp_path / "data"),
         "STROKEWATCH_PACS__DICOMWEB_URL": orthanc_peer.dicomweb_url,
         "STROKEWATCH_EHR__BASE_URL": fhir_peer.base_url,
+        "STROKEWATCH_API__KEYS__TEST": f"operate:{digest(API_KEY)}",
+        "STROKEWATCH_WEBHOOKS__ORTHANC__TOKEN": WEBHOOK_TOKEN,
     }
     argv = [sys.executable, "-m", "uvicorn", "--factory", "integration.entrypoints.api.app:create_app"]
     with open(tmp_path / "api.log", "wb") as log:
@@ -430,9 +466,10 @@ def test_served_by_uvicorn_the_webhook_puts_a_celery_message_on_the_embedded_bro
             except httpx.TransportError:
                 assert server.poll() is None, (tmp_path / "api.log").read_text()
                 time.sleep(0.1)
-        resp = httpx.post(f"{base}/webhooks/orthanc/stable-study", json={"StudyInstanceUID": uid})
+        assert httpx.get(f"{base}/studies/{uid}").status_code == 401  # served by uvicorn, still authenticated
+        resp = httpx.post(f"{base}/webhooks/orthanc/stable-study", json={"StudyInstanceUID": uid}, headers=CREDENTIALS)
         assert resp.status_code == 202, resp.text
-        assert httpx.get(f"{base}/studies/{uid}").json()["source"] == "webhook"
+        assert httpx.get(f"{base}/studies/{uid}", headers=CREDENTIALS).json()["source"] == "webhook"
     finally:
         server.terminate()
         server.wait(30)
@@ -446,15 +483,17 @@ def test_served_by_uvicorn_the_webhook_puts_a_celery_message_on_the_embedded_bro
 
 
 def test_cds_hooks_discovery_lists_the_patient_view_service(api: Api) -> None:
-    services = api.client.get("/cds-services").json()["services"]
+    services = api.client.get("/cds-services", headers={"X-API-Key": "", "Authorization": ""}).json()["services"]
     assert [(s["hook"], s["id"]) for s in services] == [("patient-view", "strokewatch-stroke-risk")]
 
 
-def test_cds_hooks_patient_view_card_shows_the_latest_risk(processed: Api) -> None:
+def test_cds_hooks_patient_view_card_shows_the_latest_risk(processed: Api, cds_ehr: Idp) -> None:
     pid = processed.engine.store.get_study(processed.matched.study_uid).patient_fhir_id
     body = {"hook": "patient-view", "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
             "context": {"patientId": pid, "userId": "Practitioner/1"}}
-    cards = processed.client.post("/cds-services/strokewatch-stroke-risk", json=body).json()["cards"]
+    cards = processed.client.post(
+        "/cds-services/strokewatch-stroke-risk", json=body, headers=cds_call(cds_ehr)
+    ).json()["cards"]
     assert len(cards) == 1
     card = cards[0]
     row = processed.engine.store.latest_assessment(pid)
@@ -465,10 +504,9 @@ def test_cds_hooks_patient_view_card_shows_the_latest_risk(processed: Api) -> No
     assert card["source"]["label"] == "StrokeWatch"
 
 
-def test_cds_hooks_unknown_patient_gets_no_card_and_bad_hooks_are_refused(api: Api) -> None:
+def test_cds_hooks_unknown_patient_gets_no_card_and_bad_hooks_are_refused(api: Api, cds_ehr: Idp) -> None:
     body = {"hook": "patient-view", "hookInstance": "x", "context": {"patientId": "nobody"}}
-    assert api.client.post("/cds-services/strokewatch-stroke-risk", json=body).json() == {"cards": []}
-    assert api.client.post("/cds-services/strokewatch-stroke-risk",
-                           json={**body, "hook": "order-sign"}).status_code == 400
-    assert api.client.post("/cds-services/strokewatch-stroke-risk",
-                           json={**body, "context": {}}).status_code == 400
+    url = "/cds-services/strokewatch-stroke-risk"
+    assert api.client.post(url, json=body, headers=cds_call(cds_ehr)).json() == {"cards": []}
+    assert api.client.post(url, json={**body, "hook": "order-sign"}, headers=cds_call(cds_ehr)).status_code == 400
+    assert api.client.post(url, json={**body, "context": {}}, headers=cds_call(cds_ehr)).status_code == 400

@@ -190,3 +190,154 @@ def test_default_pacs_zone_is_the_machines_named_zone(monkeypatch: pytest.Monkey
     monkeypatch.setenv("TZ", "XYZ+3")  # a POSIX rule: no IANA name, today's fixed offset instead
     assert machine_zone_name() is None
     assert not isinstance(machine_zone(), ZoneInfo)
+
+
+# -- secret settings from files (Docker/Kubernetes secrets) -----------------------------------------------------
+
+
+def _secret_file(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def test_every_secret_setting_is_found_by_its_type() -> None:
+    from integration.config import secret_setting_paths
+
+    names = {"__".join(p) for p in secret_setting_paths(Settings)}
+    assert {"database_url", "broker_url", "privacy__pseudonym_key", "pacs__auth__password", "pacs__auth__token",
+            "pacs__auth__client_secret", "ehr__auth__password", "ehr__auth__token",
+            "ehr__auth__client_secret"} <= names
+    assert "ehr__base_url" not in names and "pacs__auth__username" not in names
+
+
+def test_any_secret_setting_comes_from_its_file_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each secret setting (found by type, so new ones are covered too) through STROKEWATCH_<NAME>_FILE."""
+    from integration.config import secret_setting_paths
+
+    monkeypatch.setenv("STROKEWATCH_SANDBOX", "true")  # lets auth modes stay "none" while their secrets are set
+    for path in secret_setting_paths(Settings):
+        name = "__".join(path)
+        value = f"value-of-{name}-0123456789"
+        monkeypatch.setenv(f"STROKEWATCH_{name.upper()}_FILE", str(_secret_file(tmp_path, name, value + "\n")))
+        s = Settings()
+        node: object = s
+        for part in path:
+            node = getattr(node, part)
+        assert node.get_secret_value() == value, name  # type: ignore[attr-defined]  # newline stripped
+        assert value not in repr(s)
+
+
+def test_file_variable_feeds_nested_groups_beside_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__MODE", "oauth2")
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__TOKEN_URL", "https://idp.example/token")
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__CLIENT_ID", "strokewatch")
+    secret = _secret_file(tmp_path, "client_secret", "s3cr3t-from-a-file\r\n")
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__CLIENT_SECRET_FILE", str(secret))
+    db = _secret_file(tmp_path, "db", "postgresql+psycopg://sw:pg-pass-123@db/strokewatch\n")
+    monkeypatch.setenv("STROKEWATCH_DATABASE_URL_FILE", str(db))
+    s = Settings()
+    assert s.ehr.auth.client_secret is not None and s.ehr.auth.client_secret.get_secret_value() == "s3cr3t-from-a-file"
+    assert s.ehr.auth.mode == "oauth2" and s.ehr.auth.client_id == "strokewatch"
+    assert s.db_url == "postgresql+psycopg://sw:pg-pass-123@db/strokewatch"
+    assert "pg-pass-123" not in repr(s) and "s3cr3t" not in repr(s)
+
+
+def test_placeholder_secret_from_a_file_is_refused_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STROKEWATCH_PACS__AUTH__MODE", "basic")
+    monkeypatch.setenv("STROKEWATCH_PACS__AUTH__USERNAME", "engine")
+    monkeypatch.setenv("STROKEWATCH_PACS__AUTH__PASSWORD_FILE", str(_secret_file(tmp_path, "pw", "changeme\n")))
+    with pytest.raises(ValidationError, match="pacs.auth has a placeholder secret"):
+        Settings()
+
+
+def test_secrets_dir_holds_files_named_after_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kubernetes mounts a Secret as files plus hidden ..data links; Docker as /run/secrets/<name>."""
+    secrets = tmp_path / "secrets"
+    (secrets / "..2026_01_01").mkdir(parents=True)
+    _secret_file(secrets / "..2026_01_01", "ehr__auth__token", "bearer-token-from-k8s\n")
+    (secrets / "..data").symlink_to("..2026_01_01")
+    (secrets / "ehr__auth__token").symlink_to("..data/ehr__auth__token")
+    _secret_file(secrets, "BROKER_URL", "redis://:redis-pass-1@redis:6379/0\n")  # case does not matter
+    _secret_file(secrets, "privacy__pseudonym_key", "k" * 40 + "\n")
+    monkeypatch.setenv("STROKEWATCH_SECRETS_DIR", str(secrets))
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__MODE", "bearer")
+    s = Settings()
+    assert s.ehr.auth.token is not None and s.ehr.auth.token.get_secret_value() == "bearer-token-from-k8s"
+    assert s.celery_broker_url == "redis://:redis-pass-1@redis:6379/0" and not s.embedded_broker
+    assert s.privacy.pseudonym_key is not None and s.privacy.pseudonym_key.get_secret_value() == "k" * 40
+
+    # The environment wins over the directory; a _FILE variable wins over the directory as well.
+    monkeypatch.setenv("STROKEWATCH_BROKER_URL", "redis://redis:6379/1")
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__TOKEN_FILE", str(_secret_file(tmp_path, "t", "token-from-file-var")))
+    s = Settings()
+    assert s.celery_broker_url == "redis://redis:6379/1"
+    assert s.ehr.auth.token is not None and s.ehr.auth.token.get_secret_value() == "token-from-file-var"
+
+
+def test_a_file_in_the_secrets_dir_that_names_no_secret_setting_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _secret_file(tmp_path, "ehr__auth__clientsecret", "typo-in-the-name\n")
+    monkeypatch.setenv("STROKEWATCH_SECRETS_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=r"STROKEWATCH_SECRETS_DIR=.*'ehr__auth__clientsecret' names no secret") as err:
+        Settings()
+    assert "typo-in-the-name" not in str(err.value) and "ehr__auth__client_secret" in str(err.value)
+    monkeypatch.setenv("STROKEWATCH_SECRETS_DIR", str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="STROKEWATCH_SECRETS_DIR=.*nope: not a directory"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "no such file"),
+        ("", "the file is empty"),
+        ("\n", "the file is empty"),
+        ("x" * (64 * 1024 + 1), "larger than 65536 bytes"),
+        (b"\xff\xfe-not-text", "not UTF-8 text"),
+        ("dir", "not a regular file"),
+    ],
+)
+def test_a_bad_secret_file_stops_start_up_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | bytes | None, expected: str
+) -> None:
+    path = tmp_path / "secret"
+    if content == "dir":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("STROKEWATCH_EHR__AUTH__TOKEN_FILE", str(path))
+    with pytest.raises(ValueError, match=expected) as err:
+        Settings()
+    assert f"STROKEWATCH_EHR__AUTH__TOKEN_FILE={path}" in str(err.value)
+    assert "xxxxxxxx" not in str(err.value) and "not-text" not in str(err.value)  # contents never echoed
+
+
+def test_a_secret_given_both_ways_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STROKEWATCH_DATABASE_URL", "postgresql://db/x")
+    monkeypatch.setenv("STROKEWATCH_DATABASE_URL_FILE", str(_secret_file(tmp_path, "db", "postgresql://db/y")))
+    with pytest.raises(ValueError, match="both STROKEWATCH_DATABASE_URL and STROKEWATCH_DATABASE_URL_FILE"):
+        Settings()
+
+
+def test_database_and_broker_urls_are_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STROKEWATCH_DATABASE_URL", "postgresql+psycopg://sw:db-pass-42@db/sw")
+    monkeypatch.setenv("STROKEWATCH_BROKER_URL", "amqp://sw:mq-pass-42@mq:5672//")
+    s = Settings()
+    assert s.db_url.endswith("@db/sw") and s.celery_broker_url.startswith("amqp://")
+    assert "db-pass-42" not in repr(s) and "mq-pass-42" not in repr(s) and "db-pass-42" not in str(s.model_dump())
+    monkeypatch.setenv("STROKEWATCH_DATABASE_URL", "  ")
+    assert Settings().database_url is None  # blank: the SQLite default
+
+
+def test_a_short_pseudonym_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STROKEWATCH_PRIVACY__PSEUDONYM_KEY", "too-short")
+    with pytest.raises(ValidationError, match="STROKEWATCH_PRIVACY__PSEUDONYM_KEY"):
+        Settings()
+    monkeypatch.setenv("STROKEWATCH_PRIVACY__PSEUDONYM_KEY", "a-long-enough-hmac-key")
+    assert Settings().privacy.pseudonym_key is not None

@@ -42,3 +42,37 @@ def test_dockerfile_copies_what_exists() -> None:
                 assert (ROOT / src).exists(), src
     installs = [line for line in text.splitlines() if "pip install" in line]
     assert installs and not any("model" in line or "torch" in line for line in installs)  # serving needs no torch
+
+
+def _compose_api_env(extra: dict[str, str]) -> dict[str, str]:
+    import yaml
+
+    exe = shutil.which("docker-compose") or "docker-compose"
+    env = {**os.environ, "POSTGRES_PASSWORD": "example-only", "STROKEWATCH_EHR__BASE_URL": "http://ehr/fhir", **extra}
+    out = subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), "config"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return {k: str(v) for k, v in yaml.safe_load(out.stdout)["services"]["api"]["environment"].items()}
+
+
+def test_the_compose_api_refuses_to_start_without_a_credential_and_starts_with_an_api_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from integration.config import Settings
+    from integration.entrypoints.api.security.guard import startup_problem
+
+    for key in [k for k in os.environ if k.startswith("STROKEWATCH_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no strokewatch.toml of the checkout
+    for name, value in _compose_api_env({}).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.api_host == "0.0.0.0"
+    problem = startup_problem(settings)
+    assert problem is not None and "STROKEWATCH_API__KEYS__<NAME>" in problem
+
+    line = "operate:" + "ab" * 32
+    for name, value in _compose_api_env({"STROKEWATCH_API__KEYS": f'{{"ops": "{line}"}}'}).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert startup_problem(settings) is None and len(settings.api.keys) == 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.domain.types import DomainError, Outcome, PatientInfo, SeriesRef
+from integration.domain.types import DomainError, Outcome, PatientInfo, SeriesRef, StudyRef
 from integration.services.assess import assess_patients, publish
 from integration.services.context import Services
 from integration.services.studies import ingest_study, register_study, release_held_studies
@@ -133,6 +133,20 @@ def test_non_brain_series_is_recorded_with_reason(svc: Services) -> None:
     res = ingest_study(svc, STUDY)
     assert res.status == "failed" and res.outcome == Outcome.NO_ELIGIBLE_SERIES.value
     assert "not a CT/MR image" in (res.reason or "")
+
+
+@pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2.3?x=y", "1.2.03", "1." + "2" * 70])
+def test_a_study_uid_that_is_not_a_dicom_uid_never_reaches_the_pacs_or_a_file_name(svc: Services, uid: str) -> None:
+    calls: list[str] = []
+    svc.pacs.get_study = lambda u: calls.append(u)  # type: ignore[method-assign]
+    svc.pacs.list_series = lambda u: calls.append(u) or []  # type: ignore[method-assign]
+    assert register_study(svc, uid) is False
+    svc.store.add_study(StudyRef(uid, "MRN1", None, NOW), "qido", NOW)  # as if a peer had announced it
+    res = ingest_study(svc, uid)
+    assert (res.status, res.outcome) == ("failed", Outcome.INTERNAL_ERROR.value)
+    assert "not a DICOM UID" in (res.reason or "")
+    assert calls == [] and svc.pacs.retrievals == 0  # type: ignore[attr-defined]
+    assert not svc.volumes_dir.exists() or not any(svc.volumes_dir.iterdir())
 
 
 def test_pacs_down_is_retried_later_not_lost(svc: Services) -> None:

@@ -3,24 +3,30 @@ and the database's preflight probe."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from integration.domain.checks import CheckResult, short_error
+from integration.domain.redact import redact_text, redact_url
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def make_engine(url: str) -> Engine:
-    """SQLite gets WAL + a busy timeout so several worker processes can share one file."""
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
+    """SQLite gets WAL + a busy timeout so several worker processes can share one file, created private (0600).
+
+    ``hide_parameters``: the rows hold MRNs, birth dates and vital values, and a driver's error would carry the
+    statement's bound parameters into logs and the failures table.
+    """
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True, "hide_parameters": True}
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = make_url(url).database
+        if path and path != ":memory:" and not path.startswith("file:"):
+            private_sqlite_file(Path(path))
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
@@ -35,6 +41,24 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
     return engine
+
+
+def private_sqlite_file(path: Path) -> None:
+    """A SQLite database file that only the engine's user can read: created empty with mode 0600 (in a 0700
+    folder when the folder is new) before SQLite opens it, since SQLite gives its -wal/-shm/-journal files the
+    database file's mode; an existing database (and those files) others could read is narrowed to 0600."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # SQLite takes an empty file as new
+    except FileExistsError:
+        for part in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
+            try:
+                info = part.stat()
+                if info.st_mode & 0o077 and info.st_uid == os.getuid():
+                    part.chmod(0o600)
+            except FileNotFoundError:
+                continue
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -87,7 +111,7 @@ class DatabaseProbe:
 
     def probe(self, *, quick: bool) -> list[CheckResult]:
         url = self.engine.url
-        shown = url.render_as_string(hide_password=True)
+        shown = redact_url(url.render_as_string(hide_password=False))
         upgrade_hint = "run `strokewatch db upgrade` (or `strokewatch run`, which migrates first)"
         path = url.database or ""
         if url.get_backend_name() == "sqlite" and path and path != ":memory:" and not Path(path).exists():
@@ -99,7 +123,7 @@ class DatabaseProbe:
             head = None if quick else head_revision()
         except Exception as exc:  # any driver's error: the message, never the URL's password
             hint = "check STROKEWATCH_DATABASE_URL (unset: SQLite under STROKEWATCH_DATA_DIR) and that the server is up"
-            return [CheckResult(self.name, False, f"{shown}: cannot connect: {short_error(exc)}", hint)]
+            return [CheckResult(self.name, False, f"{shown}: cannot connect: {redact_text(short_error(exc))}", hint)]
         if quick:
             return [CheckResult(self.name, True, f"{self.engine.dialect.name}: SELECT 1 answered")]
         if current != head:

@@ -2,6 +2,8 @@
 
 The engine (adapters, store, services) is built once at start-up by ``integration.bootstrap`` and closed at
 shutdown; routes reach it through ``deps``. Follow-up work goes to the queue through ``enqueue``.
+Every route runs ``security.guard.authorize`` first (see ``security``); outside the sandbox the app refuses to
+start without an API credential configured, and /docs is off unless ``api.docs`` asks for it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from integration.bootstrap import Engine, bootstrap
@@ -26,6 +28,9 @@ from integration.entrypoints.api.routes import (
     studies,
     webhooks,
 )
+from integration.entrypoints.api.security import middleware
+from integration.entrypoints.api.security.audit import AuditLog
+from integration.entrypoints.api.security.guard import ApiStartRefused, Guard, authorize, startup_problem
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +57,50 @@ def create_app(
     """``settings`` default to the environment (``get_settings()``); ``enqueue`` to the Celery queue.
 
     Celery's broker comes from the environment's settings too, so pass ``enqueue`` when ``settings`` differ.
+    Raises ``ApiStartRefused`` (naming the settings to set) when the API must not start unauthenticated.
     """
+    resolved = settings or get_settings()
+    problem = startup_problem(resolved)
+    if problem:
+        raise ApiStartRefused(problem)
     send: Enqueue = enqueue or celery_enqueue
+    guard = Guard(resolved)
+    audit_log = AuditLog(resolved.data_dir)
     # httpx logs every request URL at INFO, and FHIR searches carry identifiers (MRNs) in the query string.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        resolved = settings or get_settings()
         engine = engine_factory(resolved, send)
         app.state.engine = engine
         app.state.metrics = metrics.registry_for(engine.store)
+        if resolved.api.audit_fhir:
+            audit_log.forward_to(engine.ehr.create)  # each record also as a FHIR AuditEvent
         log.info("API ready (PACS %s, EHR %s)", resolved.pacs.dicomweb_url, resolved.ehr.base_url)
         try:
             yield
         finally:
+            audit_log.close()
+            guard.close()
             engine.close()
 
+    docs = resolved.api_docs_enabled
     app = FastAPI(
         title="StrokeWatch",
         summary="Stroke risk from PACS images and EHR vitals, written back as FHIR RiskAssessments.",
         version="0.1.0",
         lifespan=lifespan,
+        dependencies=[Depends(authorize)],  # every route, including any added later
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
     )
+    app.state.guard = guard
     for module in (health, status, patients, studies, failures, webhooks, metrics, cds_hooks):
         app.include_router(module.router)
     app.add_exception_handler(DomainError, _domain_error)  # type: ignore[arg-type]
+    middleware.install(app, resolved, audit_log)
     return app
 
 

@@ -46,7 +46,7 @@ class Paging:
 
 
 def get_paging(
-    offset: Annotated[int, Query(ge=0, description="Items to skip")] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000, description="Items to skip")] = 0,  # SQL needs a bound
     limit: Annotated[int, Query(ge=1, le=500, description="Items per page")] = 50,
 ) -> Paging:
     return Paging(offset, limit)

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from integration.domain.redact import describe_exception, redact_url
 from integration.entrypoints.api.deps import EngineDep
 
 router = APIRouter(tags=["status"])
@@ -23,6 +24,9 @@ class StatusOut(BaseModel):
     #: studies/patients/assessments by status; open_failures by outcome.
     counts: dict[str, dict[str, int]]
     model: ModelStatus
+    #: Where state and the task queue live; a password in either URL is shown as ``***``.
+    database: str
+    broker: str
     pacs: dict[str, Any]
     ehr: dict[str, Any]
 
@@ -34,17 +38,19 @@ def status(engine: EngineDep) -> StatusOut:
         model = engine.model()
         model_status = ModelStatus(version=model.model_version, runtime=model.runtime_name, trained=model.trained)
     except Exception as exc:  # shown, not raised: status must answer while the model is down
-        model_status = ModelStatus(error=f"{type(exc).__name__}: {exc}")
+        model_status = ModelStatus(error=describe_exception(exc))
     return StatusOut(
         counts=engine.store.counts(),
         model=model_status,
+        database=redact_url(settings.db_url),
+        broker=redact_url(settings.celery_broker_url),
         pacs={
-            "dicomweb_url": settings.pacs.dicomweb_url,
+            "dicomweb_url": redact_url(settings.pacs.dicomweb_url),
             "auth": settings.pacs.auth.mode,
             "detection": "orthanc-changes" if engine.feed is not None else "qido-polling",
         },
         ehr={
-            "base_url": settings.ehr.base_url,
+            "base_url": redact_url(settings.ehr.base_url),
             "auth": settings.ehr.auth.mode,
             "patient_identifier_system": settings.ehr.patient_identifier_system,
         },

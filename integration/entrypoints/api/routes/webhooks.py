@@ -1,7 +1,9 @@
 """Push alternatives to polling: Orthanc says a study is stable; a FHIR Subscription says vitals changed.
 
 Both answer 202 and hand the work to the queue; polling still runs, so a lost notification loses nothing.
-Bodies may hold PHI: never log them, only study UIDs and FHIR ids.
+Bodies may hold PHI: never log them, only study UIDs and FHIR ids. Callers are verified before the route runs
+(``security.webhooks``: HMAC signature or bearer token per source); ids are checked by pattern before they go
+anywhere near a URL.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
+from integration.domain.ids import is_dicom_uid, is_orthanc_id, shown
 from integration.entrypoints.api.deps import EngineDep, ServicesDep
 from integration.services.studies import register_study
 from integration.services.vitals import request_vitals_sync
@@ -55,9 +58,17 @@ def _orthanc_study_uid(engine: Any, orthanc_id: str) -> str | None:
     response_model=StudyAccepted,
     status_code=status.HTTP_202_ACCEPTED,
     summary="A study is complete on the PACS: record it and enqueue its ingestion",
-    responses={404: {"description": "The PACS does not know the study"}, 422: {"description": "No study named"}},
+    responses={
+        401: {"description": "Not signed (or not with the Orthanc webhook's secret or token)"},
+        404: {"description": "The PACS does not know the study"},
+        422: {"description": "No study named, or an id that is not a DICOM UID / Orthanc id"},
+    },
 )
-def stable_study(body: StableStudy, engine: EngineDep, services: ServicesDep) -> StudyAccepted:
+def stable_study(body: StableStudy, request: Request, engine: EngineDep, services: ServicesDep) -> StudyAccepted:
+    if body.StudyInstanceUID is not None and not is_dicom_uid(body.StudyInstanceUID):
+        raise HTTPException(422, f"StudyInstanceUID {shown(body.StudyInstanceUID)} is not a DICOM UID")
+    if body.ID is not None and not is_orthanc_id(body.ID):
+        raise HTTPException(422, f"ID {shown(body.ID)} is not an Orthanc id (5 groups of 8 hex digits)")
     uid = body.StudyInstanceUID
     if not uid and body.ID:
         uid = _orthanc_study_uid(engine, body.ID)
@@ -65,6 +76,7 @@ def stable_study(body: StableStudy, engine: EngineDep, services: ServicesDep) ->
             raise HTTPException(404, f"Orthanc has no study {body.ID}")
     if not uid:
         raise HTTPException(422, "give StudyInstanceUID or ID (Orthanc study ID)")
+    request.state.audit_studies = [uid]
     if not register_study(services, uid, source="webhook"):
         raise HTTPException(404, f"the PACS does not know study {uid}")
     log.info("webhook: study %s enqueued", uid)
@@ -95,6 +107,7 @@ async def fhir_subscription(request: Request, services: ServicesDep) -> Notifica
         raise HTTPException(400, "the notification body is not a FHIR resource")
     referenced = list(dict.fromkeys(patient_ids(body)))
     known = await run_in_threadpool(request_vitals_sync, services, referenced)
+    request.state.audit_patients = known
     return NotificationAccepted(patients=known, ignored=[p for p in referenced if p not in known])
 
 
