@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,11 +21,13 @@ import httpx
 from integration.config import AuthSettings, Settings, TlsSettings, get_settings, read_secret_file
 from integration.domain.checks import CheckResult, env_name
 from integration.domain.identity import use_pseudonym_key
+from integration.domain.limits import ImageLimits
 from integration.domain.policy import RiskPolicy
 from integration.domain.redact import redact_text
+from integration.domain.retention import RetentionPolicy
 from integration.domain.series import SeriesRules
 from integration.ports import Probe, RiskModel
-from integration.services.context import Services
+from integration.services.context import Services, SystemClock
 
 if TYPE_CHECKING:
     from inference.runtime.transport import TritonTls
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from integration.adapters.dicomweb import DicomWebPacs
     from integration.adapters.fhir import FhirEhr
     from integration.adapters.orthanc import OrthancChangeFeed
+    from integration.services.retention import Housekeeping
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,17 @@ def build_tls(tls: TlsSettings, *setting: str) -> ssl.SSLContext:
 
 
 def build_auth(
-    auth: AuthSettings, tls: ssl.SSLContext | None = None, peer: str = "ehr", base_url: str | None = None
+    auth: AuthSettings,
+    tls: ssl.SSLContext | None = None,
+    peer: str = "ehr",
+    base_url: str | None = None,
+    *,
+    timeout_s: float = 30.0,
+    retry_after_cap_s: float = 900.0,
 ) -> httpx.Auth | None:
-    """``peer``'s credentials; an OAuth2 token endpoint is reached with ``tls``, the peer's SSL context.
-    ``base_url``: the FHIR base whose SMART configuration names the token endpoint (smart-backend)."""
+    """``peer``'s credentials; an OAuth2 token endpoint is reached with ``tls``, the peer's SSL context, within
+    ``auth.timeout_s`` (unset: ``timeout_s``, the peer's). ``base_url``: the FHIR base whose SMART configuration names
+    the token endpoint (smart-backend). The endpoint's Retry-After is clamped to ``retry_after_cap_s``."""
     from integration.adapters.fhir_auth import BasicAuth, BearerAuth, ClientCredentialsAuth
 
     if auth.mode == "basic":
@@ -68,13 +79,17 @@ def build_auth(
             client_auth=auth.client_auth,
             tls=tls,
             tls_setting=env_name(peer, "tls"),
+            timeout=auth.timeout_s or timeout_s,
+            retry_after_cap_s=retry_after_cap_s,
         )
     if auth.mode == "smart-backend":
-        return build_smart_auth(auth, tls, peer, base_url)
+        return build_smart_auth(auth, tls, peer, base_url, timeout_s=auth.timeout_s or timeout_s,
+                                retry_after_cap_s=retry_after_cap_s)
     return None
 
 
-def build_smart_auth(auth: AuthSettings, tls: ssl.SSLContext | None, peer: str, base_url: str | None) -> httpx.Auth:
+def build_smart_auth(auth: AuthSettings, tls: ssl.SSLContext | None, peer: str, base_url: str | None, *,
+                     timeout_s: float = 30.0, retry_after_cap_s: float = 900.0) -> httpx.Auth:
     """SMART Backend Services: the private key is read now, so a wrong file or passphrase stops start-up with the
     setting to fix; the token URL (unless configured) is discovered from ``base_url`` on first use."""
     from integration.adapters.smart import SmartBackendAuth, key_alg, load_private_key, public_jwk
@@ -94,6 +109,8 @@ def build_smart_auth(auth: AuthSettings, tls: ssl.SSLContext | None, peer: str, 
         peer=peer,
         tls=tls,
         tls_setting=env_name(peer, "tls"),
+        timeout=timeout_s,
+        retry_after_cap_s=retry_after_cap_s,
     )
 
 
@@ -202,7 +219,10 @@ def build_store(settings: Settings, *, migrate: bool = False) -> SqlStore:
     private_data_dir(settings.data_dir)
     if migrate:
         upgrade(settings.db_url)
-    return SqlStore(make_engine(settings.db_url))
+    db = settings.db
+    engine = make_engine(settings.db_url, connect_timeout_s=db.connect_timeout_s,
+                         statement_timeout_s=db.statement_timeout_s, sqlite_busy_timeout_s=db.sqlite_busy_timeout_s)
+    return SqlStore(engine)
 
 
 def bootstrap(
@@ -221,7 +241,7 @@ def bootstrap(
     if not settings.ehr.base_url:
         raise ValueError("STROKEWATCH_EHR__BASE_URL is not set (the FHIR R4 base URL)")
     pacs_tls = build_tls(settings.pacs.tls, "pacs", "tls")
-    pacs_auth = build_auth(settings.pacs.auth, pacs_tls, "pacs")
+    pacs_auth = build_pacs_auth(settings, pacs_tls)
     pacs = build_pacs(settings, pacs_auth, pacs_tls)
     feed = None
     root = _orthanc_root(settings)
@@ -258,6 +278,9 @@ def bootstrap(
         held_retry_s=settings.held_retry_s,
         max_retries=settings.max_task_retries,
         stale_claim_s=settings.stale_claim_s,
+        max_lost_claims=settings.max_lost_claims,
+        redeliver_after_s=settings.redeliver_after_s,
+        limits=image_limits(settings),
     )
     if enqueue is not None:
         services.enqueue = enqueue
@@ -268,6 +291,40 @@ def bootstrap(
         if callable(close):
             engine._closers.append(close)
     return engine
+
+
+# -- retention: what `strokewatch db prune` and the scheduled prune delete ----------------------------------
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    """The ``retention`` settings as the domain's policy."""
+    r = settings.retention
+    return RetentionPolicy(
+        vitals=timedelta(days=r.vitals_days),
+        resolved_failures=timedelta(days=r.resolved_failures_days),
+        superseded_assessments=timedelta(days=r.superseded_assessments_days),
+        volumes=timedelta(days=r.volumes_days),
+        broker_messages=timedelta(hours=r.broker_messages_hours),
+        batch_size=r.batch_size,
+    )
+
+
+@contextmanager
+def open_housekeeping(settings: Settings, *, store: SqlStore | None = None) -> Iterator[Housekeeping]:
+    """What a prune needs: the store (``store``, or one opened here and closed on exit), the volumes folder, the
+    policy and, with the embedded broker, its message table (closed on exit)."""
+    from integration.adapters.broker import EmbeddedBrokerMessages
+    from integration.services.retention import Housekeeping
+
+    with ExitStack() as opened:
+        if store is None:
+            store = build_store(settings)
+            opened.callback(store.engine.dispose)
+        broker = None
+        if settings.embedded_broker:
+            broker = EmbeddedBrokerMessages(settings.celery_broker_url)
+            opened.callback(broker.close)
+        yield Housekeeping(store, settings.data_dir / "volumes", retention_policy(settings), SystemClock(), broker)
 
 
 # -- preflight: the probes `strokewatch doctor` and /health/ready run ---------------------------------------
@@ -296,7 +353,21 @@ def build_pacs(settings: Settings, auth: httpx.Auth | None, tls: ssl.SSLContext 
         timeout=settings.pacs.timeout_s,
         tls=tls or build_tls(settings.pacs.tls, "pacs", "tls"),
         study_timezone=settings.pacs.study_zone(),
+        limits=image_limits(settings),
+        retrieve_deadline_s=settings.pacs.retrieve_deadline_s,
+        retry_after_cap_s=settings.retry_after_cap_s,
     )
+
+
+def build_pacs_auth(settings: Settings, tls: ssl.SSLContext | None) -> httpx.Auth | None:
+    """The PACS's credentials; its token endpoint (if any) with the PACS's TLS and timeouts."""
+    return build_auth(settings.pacs.auth, tls, "pacs", timeout_s=settings.pacs.timeout_s,
+                      retry_after_cap_s=settings.retry_after_cap_s)
+
+
+def image_limits(settings: Settings) -> ImageLimits:
+    """The caps on images, series and multipart answers (``limits``; the FHIR one goes to the EHR client)."""
+    return ImageLimits(**settings.limits.model_dump(exclude={"max_fhir_resources_per_sync"}))
 
 
 def build_feed(
@@ -319,7 +390,8 @@ def build_ehr(settings: Settings) -> FhirEhr:
     tls = build_tls(ehr.tls, "ehr", "tls")  # the FHIR server and its OAuth2 token endpoint
     return FhirEhr(
         ehr.base_url,
-        auth=build_auth(ehr.auth, tls, "ehr", base_url=ehr.base_url),
+        auth=build_auth(ehr.auth, tls, "ehr", base_url=ehr.base_url, timeout_s=ehr.timeout_s,
+                        retry_after_cap_s=settings.retry_after_cap_s),
         timeout=ehr.timeout_s,
         max_retries=ehr.max_retries,
         backoff=ehr.backoff_s,
@@ -327,7 +399,9 @@ def build_ehr(settings: Settings) -> FhirEhr:
         create_mode=ehr.create_mode,
         incremental=ehr.incremental,
         max_retry_after=ehr.max_retry_after_s,
+        retry_after_cap_s=settings.retry_after_cap_s,
         tls=tls,
+        max_resources=settings.limits.max_fhir_resources_per_sync,
     )
 
 
@@ -369,7 +443,7 @@ def _fresh_pacs(settings: Settings, opened: ExitStack) -> Probe:
         tls = build_tls(settings.pacs.tls, "pacs", "tls")
     except ValueError as err:  # a certificate file missing or unreadable: the message names the setting
         return _stated(CheckResult("pacs", False, f"cannot build its client: {err}", _FIX_NAMED))
-    auth = build_auth(settings.pacs.auth, tls, "pacs")
+    auth = build_pacs_auth(settings, tls)
     opened.callback(_close, auth)
     pacs = build_pacs(settings, auth, tls)
     opened.callback(pacs.close)

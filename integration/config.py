@@ -52,6 +52,8 @@ class AuthSettings(BaseModel):
     kid: str | None = None
     #: The assertions' algorithm; unset: RS384 for an RSA key, ES384 for a P-384 key.
     alg: Literal["RS384", "ES384"] | None = None
+    #: Each request to the token endpoint (and SMART discovery), in seconds; unset: the peer's ``timeout_s``.
+    timeout_s: float | None = Field(default=None, gt=0.0, le=300.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -126,6 +128,9 @@ class PacsSettings(BaseModel):
     orthanc_url: str | None = None  # Orthanc REST root, when different from dicomweb_url minus /dicom-web
     auth: AuthSettings = AuthSettings()
     timeout_s: float = 60.0
+    #: One WADO-RS series retrieval, first byte to last: a PACS trickling bytes is cut off after this long
+    #: (pacs_unavailable, retried later). ``timeout_s`` bounds each connect and read within it.
+    retrieve_deadline_s: float = Field(default=600.0, gt=0.0, le=86400.0)
     poll_seconds: float = 30.0
     #: QIDO window for generic polling (and the first start of the Orthanc feed).
     lookback_hours: float = Field(default=24.0, gt=0.0)
@@ -236,6 +241,38 @@ class PrivacySettings(BaseModel):
         if v is not None and len(v.get_secret_value().encode()) < 16:
             raise ValueError("privacy.pseudonym_key needs at least 16 characters (STROKEWATCH_PRIVACY__PSEUDONYM_KEY)")
         return v
+
+
+class LimitsSettings(BaseModel):
+    """Caps on what the PACS and the EHR may send, checked before anything is allocated (``STROKEWATCH_LIMITS__*``).
+    Beyond one, the object gets the outcome ``too_large`` (not retried; replay it after raising the limit)."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    max_rows: int = Field(default=4096, ge=64, le=65535)  # pixels per column of one image
+    max_columns: int = Field(default=4096, ge=64, le=65535)
+    #: Frames of one multi-frame (Enhanced CT/MR) instance.
+    max_frames_per_instance: int = Field(default=2000, ge=1, le=100_000)
+    #: Image planes of one series (instances; a multi-frame instance counts its frames): thin-slice CT needs ~600.
+    max_slices_per_series: int = Field(default=2000, ge=16, le=100_000)
+    #: Bytes of one series as received and as decoded float32 slices (an ingest peaks at about twice this).
+    max_series_bytes: int = Field(default=1 << 30, ge=1 << 20, le=1 << 36)
+    #: The header block of one multipart part, one part (one instance), and the parts of one WADO-RS answer.
+    multipart_max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
+    multipart_max_part_bytes: int = Field(default=512 << 20, ge=1 << 20, le=1 << 36)
+    multipart_max_parts: int = Field(default=2000, ge=16, le=100_000)
+    #: FHIR resources one vitals sync may read (all pages together); more is refused, not truncated.
+    max_fhir_resources_per_sync: int = Field(default=50_000, ge=100, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LimitsSettings:
+        if self.multipart_max_part_bytes > self.max_series_bytes:
+            raise ValueError("limits.multipart_max_part_bytes is larger than limits.max_series_bytes (one part is "
+                             "at most a whole series)")
+        if self.multipart_max_parts < self.max_slices_per_series:
+            raise ValueError("limits.multipart_max_parts is below limits.max_slices_per_series: a series within the "
+                             "slice limit would be refused; raise both together")
+        return self
 
 
 class ApiTlsSettings(BaseModel):
@@ -400,6 +437,45 @@ class WebhookSettings(BaseModel):
     replay_cache_size: int = Field(default=10_000, ge=100, le=1_000_000)
 
 
+class RetentionSettings(BaseModel):
+    """What the engine deletes once nothing needs it (``strokewatch db prune``, and a scheduled job every
+    ``interval_hours``): ``STROKEWATCH_RETENTION__VITALS_DAYS``, ... Deletes run ``batch_size`` rows per transaction."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    interval_hours: float = Field(default=24.0, ge=0.1, le=24.0 * 31)  # how often the scheduled prune runs
+    #: Vital signs taken longer ago than this, outside every patient's current window.
+    vitals_days: float = Field(default=400.0, ge=30.0)
+    #: Failures resolved (by a later success) longer ago than this; open failures are never deleted.
+    resolved_failures_days: float = Field(default=90.0, ge=1.0)
+    #: Assessments superseded by a newer one, scored longer ago than this (the current one is kept).
+    superseded_assessments_days: float = Field(default=365.0, ge=1.0)
+    #: Study volumes (data_dir/volumes/*.npy) seen longer ago than this that no scoring will read again.
+    volumes_days: float = Field(default=7.0, ge=1.0)
+    #: Messages the embedded broker delivered longer ago than this (its table keeps every one).
+    broker_messages_hours: float = Field(default=1.0, ge=0.5)
+    batch_size: int = Field(default=1000, ge=10, le=100_000)
+    #: The engine's log files (data_dir/logs/*.log): rotated beyond this size, keeping ``log_backups`` old ones.
+    log_max_bytes: int = Field(default=50 << 20, ge=1 << 20, le=1 << 40)
+    log_backups: int = Field(default=5, ge=0, le=100)
+    #: How often the log files' sizes are checked (a scheduled job; also at every start).
+    log_check_s: float = Field(default=60.0, ge=5.0, le=86400.0)
+
+
+class DbSettings(BaseModel):
+    """Timeouts of the database connections (``STROKEWATCH_DB__CONNECT_TIMEOUT_S``, ...). PostgreSQL gets
+    ``connect_timeout`` and a server-side ``statement_timeout``; SQLite waits ``sqlite_busy_timeout_s`` for a lock."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    #: Connecting to PostgreSQL (libpq counts whole seconds; at least 2 are used).
+    connect_timeout_s: float = Field(default=10.0, gt=0.0, le=300.0)
+    #: Any one SQL statement on PostgreSQL; 0 turns it off (schema migrations always run without it).
+    statement_timeout_s: float = Field(default=60.0, ge=0.0, le=86400.0)
+    #: How long a SQLite connection waits for another process's write lock before "database is locked".
+    sqlite_busy_timeout_s: float = Field(default=30.0, gt=0.0, le=600.0)
+
+
 class Settings(BaseSettings):
     # env_ignore_empty: a variable set to "" is unset (`${X:-}` in compose files pass every variable through)
     model_config = SettingsConfigDict(env_prefix="STROKEWATCH_", env_nested_delimiter="__", extra="forbid",
@@ -417,6 +493,8 @@ class Settings(BaseSettings):
     ehr: EhrSettings = EhrSettings()
     policy: PolicySettings = PolicySettings()
     privacy: PrivacySettings = PrivacySettings()
+    limits: LimitsSettings = LimitsSettings()  # sizes of images, series, multipart answers and FHIR searches
+    db: DbSettings = DbSettings()  # connect, statement and SQLite lock timeouts
 
     model_path: Path | None = None  # default: triton_models/stroke_fusion/1/model.onnx
     triton_url: str | None = None  # unset: the embedded ONNX Runtime
@@ -430,6 +508,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()  # who may call the API (keys, IdP JWTs), docs, hosts, CORS, body limit, audit
     cds_hooks: CdsHooksSettings = CdsHooksSettings()  # the EHRs trusted to call the CDS Hooks service
     webhooks: WebhookSettings = WebhookSettings()  # secrets of the Orthanc and FHIR Subscription webhooks
+    retention: RetentionSettings = RetentionSettings()  # what is deleted when (db prune, scheduled), log rotation
 
     #: Name the inputs that drove each score in the RiskAssessment note (one extra batched model call).
     explain_drivers: bool = True
@@ -441,8 +520,18 @@ class Settings(BaseSettings):
     retry_backoff_s: float = 5.0
     #: Studies whose patient is not (yet) in the EHR are retried this often (doubling, capped at 1 h).
     held_retry_s: float = 60.0
-    #: Reaper: claims older than this are considered dead and released.
+    #: A peer's Retry-After (PACS, EHR, token endpoint) is honoured up to this many seconds; longer, infinite or
+    #: far-future values are clamped to it, and garbage (``-1``, ``nan``, ``soon``) is no hint at all.
+    retry_after_cap_s: float = Field(default=900.0, ge=1.0, le=86400.0)
+    #: Reaper: claims older than this are considered dead and released. Keep it above task_time_limit_s: a claim
+    #: reaped while its task still runs is counted as lost.
     stale_claim_s: int = 600
+    #: After this many claims lost to a dying worker (killed, out of memory, hard time limit) a study, a patient's
+    #: assessment or a publish is failed as ``worker_lost`` instead of retried; an operator replays it.
+    max_lost_claims: int = Field(default=3, ge=1, le=100)
+    #: Work the sweep (every 5 s) or the EHR poll has queued is not queued again for this long: one message per
+    #: piece of work however long the backlog; a lost message is re-sent after it. Longer than a message waits.
+    redeliver_after_s: float = Field(default=120.0, ge=15.0, le=3600.0)
     worker_concurrency: int = 2
     log_level: str = "INFO"
 

@@ -8,7 +8,7 @@ never library exceptions, so services can record them without knowing the librar
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Protocol
 
 from inference.preprocess import Slice
@@ -20,6 +20,7 @@ from integration.domain.records import (
     BuiltVolume,
     NewAssessment,
     PatientRecord,
+    ReleasedClaims,
     StudyRecord,
     StudyStatus,
 )
@@ -148,7 +149,37 @@ class Store(Protocol):
 
     def studies_due(self, now: datetime, limit: int = 100, grace_s: float = 30.0) -> list[str]: ...
 
-    def release_stale_claims(self, older_than: datetime) -> int: ...
+    def lease_due_studies(self, now: datetime, until: datetime, limit: int = 100, grace_s: float = 30.0) -> list[str]:
+        """``studies_due``, taken for enqueueing: each returned row's next-attempt time moves to ``until``
+        atomically, so it is handed out once per lease (again at ``until`` only if its message was lost).
+        The other ``lease_*`` methods do the same for their ``*_due`` query."""
+        ...
+
+    def release_stale_claims(self, older_than: datetime, max_lost_claims: int = 3) -> ReleasedClaims:
+        """Reaper: claims taken before ``older_than`` belong to workers that died. Each such row counts a lost
+        claim; with fewer than ``max_lost_claims`` it goes back to the queue, else it is failed with outcome
+        ``worker_lost`` (studies failed, patients not re-flagged, assessments failed) and listed in ``given_up``."""
+        ...
+
+    def requeue_patient(self, fhir_id: str) -> bool:
+        """Operator replay: flag the patient for scoring now with fresh attempt and lost-claim counts; False if
+        unknown or being assessed."""
+        ...
+
+    def requeue_assessment(self, identifier: str) -> bool:
+        """Operator replay: the assessment back to ``retry``, due now, with fresh attempt and lost-claim counts
+        (a published one is re-sent: the conditional create finds it); False if unknown or being published."""
+        ...
+
+    def clear_study_volume(self, uid: str, path: str) -> bool:
+        """Forget the study's volume file (retention removed it, or it is lost) so that an ingest rebuilds it.
+        Conditional: only while the row still names ``path`` and is not being processed."""
+        ...
+
+    def studies_with_volumes(self, detected_before: datetime, after_uid: str, limit: int) -> list[StudyRecord]:
+        """Studies (ready or failed) that name a volume file and were first seen before ``detected_before``,
+        by study UID after ``after_uid`` (paging)."""
+        ...
 
     def latest_ready_study(self, patient_fhir_id: str) -> StudyRecord | None: ...
 
@@ -161,11 +192,11 @@ class Store(Protocol):
 
     def get_patient(self, fhir_id: str) -> PatientRecord | None: ...
 
-    def all_patient_ids(self) -> list[str]: ...
-
     def mark_needs_assessment(self, fhir_id: str) -> None: ...
 
     def patients_due(self, now: datetime, limit: int) -> list[str]: ...
+
+    def lease_due_patients(self, now: datetime, until: datetime, limit: int) -> list[str]: ...
 
     def claim_patient(self, fhir_id: str, now: datetime) -> bool: ...
 
@@ -180,13 +211,27 @@ class Store(Protocol):
 
     def require_vitals_sync(self, fhir_id: str) -> None: ...
 
-    def patients_needing_vitals(self, limit: int = 1000) -> list[str]: ...
+    def patients_needing_vitals(self, now: datetime, limit: int = 1000) -> list[str]:
+        """Never synced since their last study, and past any sync backoff (``vitals_next_attempt_at``)."""
+        ...
+
+    def lease_patients_needing_vitals(self, now: datetime, until: datetime, limit: int = 1000) -> list[str]: ...
+
+    def lease_patients_in_window(self, now: datetime, since: datetime, until: datetime, limit: int = 1000) -> list[str]:
+        """Patients with a ready study whose anchor (``domain.window.study_anchor``) is at or after ``since``, past
+        any sync backoff, least recently synced first; leased (``vitals_next_attempt_at`` := ``until``)."""
+        ...
+
+    def set_vitals_retry(self, fhir_id: str, attempts: int, retry_at: datetime) -> None:
+        """A failed vitals sync, the ``attempts``-th in a row: not due before ``retry_at`` (a success resets both)."""
+        ...
 
     def set_vitals_cursor(self, fhir_id: str, cursor: datetime | None, synced_at: datetime) -> None: ...
 
     # -- vitals --
     def replace_vitals(self, fhir_id: str, values: Sequence[VitalValue], removed_observation_ids: Iterable[str]) -> int:
-        """Upsert by (Observation, feature), drop removed Observations; returns how many rows changed."""
+        """Upsert this patient's rows by (Observation, feature), drop removed Observations; returns how many rows
+        changed. Matched within the patient: another patient's Observation with the same id is never touched."""
         ...
 
     def vitals_between(self, fhir_id: str, start: datetime, end: datetime) -> list[VitalValue]:
@@ -194,6 +239,12 @@ class Store(Protocol):
         ...
 
     def latest_vital_time(self, fhir_id: str, not_after: datetime) -> datetime | None: ...
+
+    def prune_vitals(self, before: datetime, window: timedelta, batch_size: int, *, dry_run: bool = False) -> int:
+        """Delete vitals taken before ``before`` outside each patient's current windows: the ``window`` before
+        their latest input (newest ready study's anchor or newest vital) and before each of their current
+        (non-superseded) assessments' window ends. ``batch_size`` rows per transaction; returns how many (would) go."""
+        ...
 
     # -- assessments --
     def get_assessment(self, identifier: str) -> AssessmentRecord | None: ...
@@ -221,6 +272,13 @@ class Store(Protocol):
 
     def assessments_due(self, now: datetime, limit: int = 100) -> list[str]: ...
 
+    def lease_due_assessments(self, now: datetime, until: datetime, limit: int = 100) -> list[str]: ...
+
+    def prune_superseded_assessments(self, before: datetime, batch_size: int, *, dry_run: bool = False) -> int:
+        """Delete assessments that a newer one superseded and that were scored before ``before`` (none being
+        published). Returns how many (would) go."""
+        ...
+
     # -- failures and summaries --
     def record_failure(
         self,
@@ -230,15 +288,31 @@ class Store(Protocol):
         message: str,
         retryable: bool,
         details: dict[str, Any] | None = None,
-    ) -> None: ...
+    ) -> None:
+        """One open row per (stage, subject, outcome): a repeat counts ``occurrences`` and moves ``last_seen_at``
+        (refreshing message, details, retryable) instead of adding a row."""
+        ...
 
     def resolve_failures(self, stage: str, subject: str, now: datetime) -> None: ...
 
+    def prune_resolved_failures(self, before: datetime, batch_size: int, *, dry_run: bool = False) -> int:
+        """Delete failures resolved before ``before`` (open ones stay). Returns how many (would) go."""
+        ...
+
     def counts(self) -> dict[str, dict[str, int]]:
-        """Studies, patients and assessments by status, and open failures by outcome."""
+        """Studies, patients and assessments by status; open failures by outcome (``open_failures``: rows, i.e.
+        distinct problems; ``open_failure_occurrences``: how often they were seen)."""
         ...
 
 
+
+
+class BrokerMessages(Protocol):
+    """The embedded broker's message table (kombu's SQLAlchemy transport keeps every delivered message)."""
+
+    def delete_delivered(self, before: datetime, batch_size: int, *, dry_run: bool = False) -> int:
+        """Delete messages delivered before ``before``; returns how many (would) go."""
+        ...
 
 
 class Probe(Protocol):

@@ -7,9 +7,11 @@ will use (or, before the first start, whether that file can be created). Never s
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import column, create_engine, delete, false, func, inspect, select, text
+from sqlalchemy import table as sa_table
 
 from integration.domain.checks import CheckResult
 from integration.domain.redact import redact_text, redact_url
@@ -62,3 +64,42 @@ class BrokerProbe:
 
 def _first_line(exc: BaseException) -> str:
     return redact_text(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
+
+
+class EmbeddedBrokerMessages:
+    """``ports.BrokerMessages`` on the embedded broker's database (kombu's SQLAlchemy transport).
+
+    The transport marks a message ``visible = false`` when it hands it to a worker and never deletes it; a late
+    acknowledgement and a redelivery after a lost worker use the worker's in-memory copy, not the row. So a row
+    delivered long before (``before``: longer than any task runs) is dead weight. Its ``timestamp`` is the
+    delivery time in this machine's local time (naive), as kombu writes it.
+    """
+
+    def __init__(self, url: str, *, table: str = "kombu_message", timeout_s: float = 30.0) -> None:
+        url = url.removeprefix("sqla+")
+        self.engine = create_engine(
+            url, connect_args={"timeout": timeout_s} if url.startswith("sqlite") else {}, hide_parameters=True
+        )
+        self.messages = sa_table(table, column("id"), column("visible"), column("timestamp"))
+        self.table = table
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def delete_delivered(self, before: datetime, batch_size: int, *, dry_run: bool = False) -> int:
+        if not inspect(self.engine).has_table(self.table):
+            return 0  # nothing was ever sent
+        local = before.astimezone().replace(tzinfo=None)
+        delivered = (self.messages.c.visible == false(), self.messages.c.timestamp < local)
+        if dry_run:
+            with self.engine.connect() as conn:
+                return int(conn.scalar(select(func.count()).select_from(self.messages).where(*delivered)) or 0)
+        removed = 0
+        while True:  # short transactions: the workers poll this table every few milliseconds
+            with self.engine.begin() as conn:
+                ids = list(conn.scalars(select(self.messages.c.id).where(*delivered).limit(batch_size)))
+                if ids:
+                    conn.execute(delete(self.messages).where(self.messages.c.id.in_(ids)))
+            removed += len(ids)
+            if len(ids) < batch_size:
+                return removed

@@ -14,14 +14,21 @@ signal; CT is not inverted because the photometric interpretation applies after 
 HU keep their meaning. Multi-frame Enhanced CT/MR objects yield one Slice per frame, with geometry and
 rescale from the per-frame or shared functional groups.
 
+Hostile input is refused before anything is allocated for it: Rows, Columns, NumberOfFrames and BitsAllocated
+are read from the header alone and checked against ``domain.limits.ImageLimits`` (TOO_LARGE), uncompressed pixel
+data must be exactly as long as declared, a transfer syntax must agree with the encoding it names (native vs
+encapsulated), each JPEG/JPEG-LS/JPEG 2000 codestream must declare the header's size (a codec allocates what its
+codestream says), and a deflated object is inflated in bounded steps before pydicom inflates it whole.
+
 Errors are DomainErrors naming the SOP Instance UID (not PHI): CORRUPT_PIXEL_DATA,
-UNSUPPORTED_TRANSFER_SYNTAX, INCONSISTENT_GEOMETRY, NOT_IMAGE (colour images).
+UNSUPPORTED_TRANSFER_SYNTAX, INCONSISTENT_GEOMETRY, NOT_IMAGE (colour images), TOO_LARGE.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +37,23 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 from inference.preprocess import Slice
+from integration.domain.ids import is_dicom_uid, shown
+from integration.domain.limits import ImageLimits, too_large
 from integration.domain.types import DomainError, Outcome
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: the first item of encapsulated pixel data
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _INT_TYPES = {(8, 0): "<u1", (8, 1): "<i1", (16, 0): "<u2", (16, 1): "<i2", (32, 0): "<u4", (32, 1): "<i4"}
+_BITS_ALLOCATED = (8, 16, 32)
+#: Explicit VR elements with a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +89,11 @@ class _BufferReader:
 
 
 def _uid(ds: Dataset) -> str:
-    return str(ds.get("SOPInstanceUID", "(no SOP Instance UID)"))
+    """The SOP Instance UID for messages; anything that is not a UID is shown escaped and cut."""
+    uid = str(ds.get("SOPInstanceUID", "") or "")
+    if not uid:
+        return "(no SOP Instance UID)"
+    return uid if is_dicom_uid(uid) else shown(uid)
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -205,88 +223,265 @@ def _n_frames(ds: Dataset) -> int:
         return 1
 
 
-def decode_dataset(ds: Dataset) -> DecodedInstance:
-    """A fully read dataset (pixel data included) -> its slices, through pydicom's decoders."""
+def _declared(ds: Dataset, limits: ImageLimits, series_bytes_left: int | None) -> tuple[int, int, int, int]:
+    """(rows, columns, frames, bits allocated) as the header declares them, refused before a pixel is decoded
+    when they are unusable (CORRUPT_PIXEL_DATA) or beyond the limits (TOO_LARGE): pydicom and the codecs
+    allocate from these numbers."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(ds)} has unreadable Rows/Columns/"
+                                                      "BitsAllocated") from err
+    if rows <= 0 or columns <= 0:
+        raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(ds)} declares {rows} x {columns} pixels")
+    if bits not in _BITS_ALLOCATED:
+        raise DomainError(Outcome.CORRUPT_PIXEL_DATA,
+                          f"instance {_uid(ds)} declares BitsAllocated {bits}; a CT/MR image has 8, 16 or 32")
+    frames = _n_frames(ds)
+    decoded = limits.check_image(rows, columns, frames, f"instance {_uid(ds)}")
+    if series_bytes_left is not None and decoded > series_bytes_left:
+        raise too_large(f"the series would decode to more than {limits.max_series_bytes} bytes at instance "
+                        f"{_uid(ds)}", str(limits.max_series_bytes), "MAX_SERIES_BYTES")
+    return rows, columns, frames, bits
+
+
+def _native_length(ds: Dataset, length: int, rows: int, columns: int, frames: int, bits: int) -> None:
+    """Uncompressed pixel data must hold exactly what the header declares (plus one pad byte to an even length)."""
+    expected = rows * columns * frames * bits // 8
+    if length == expected or (expected % 2 and length == expected + 1):
+        return
+    problem = "truncated" if length < expected else "longer than declared"
+    raise DomainError(
+        Outcome.CORRUPT_PIXEL_DATA,
+        f"instance {_uid(ds)}: PixelData is {problem}: {length} bytes for {rows}x{columns}x{frames} pixels of "
+        f"{bits} bits ({expected} bytes)",
+    )
+
+
+def _syntax_lies(ds: Dataset, syntax: UID, encapsulated: bool) -> None:
+    """A compressed syntax has encapsulated (fragmented, undefined-length) pixel data and a native one has not;
+    the other way round the transfer syntax lies about the encoding."""
+    if syntax.is_encapsulated != encapsulated:
+        kind = "encapsulated (compressed)" if syntax.is_encapsulated else "native (uncompressed)"
+        actual = "with a defined length" if syntax.is_encapsulated else "encapsulated in fragments"
+        raise DomainError(
+            Outcome.CORRUPT_PIXEL_DATA,
+            f"instance {_uid(ds)}: transfer syntax {syntax.name} declares {kind} pixel data, but PixelData is "
+            f"{actual}",
+        )
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG, JPEG-LS or JPEG 2000 codestream declares for itself; None when it does not say.
+    A codec allocates what its codestream says, whatever the DICOM header says."""
+    if frame[:4] != b"\xff\x4f\xff\x51" and frame[4:8] == b"jP  ":  # a JP2 file wrapped around the codestream
+        at = frame.find(b"\xff\x4f\xff\x51", 0, 4096)
+        frame = frame[at:] if at >= 0 else b""
+    if frame[:4] == b"\xff\x4f\xff\x51":  # J2K: SOC, then SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz
+        if len(frame) < 24:
+            return None
+        xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[8:24])
+        return ysiz - y0, xsiz - x0
+    if frame[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(frame):  # JPEG / JPEG-LS markers up to the first SOFn
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+            if pos + 9 > len(frame):
+                return None
+            rows, columns = struct.unpack(">HH", frame[pos + 5 : pos + 9])
+            return rows, columns
+        if marker == 0xDA:
+            return None
+        (length,) = struct.unpack(">H", frame[pos + 2 : pos + 4])
+        pos += 2 + length
+    return None
+
+
+def _check_codestreams(ds: Dataset, rows: int, columns: int, frames: int) -> None:
+    for k, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+        size = _codestream_size(frame[:65536])
+        if size is not None and (size[1] != columns or size[0] not in (0, rows)):  # JPEG: 0 rows = set by DNL
+            raise DomainError(
+                Outcome.CORRUPT_PIXEL_DATA,
+                f"instance {_uid(ds)} frame {k + 1}: the codestream declares {size[0]} x {size[1]} pixels, the "
+                f"header {rows} x {columns}",
+            )
+        if k + 1 >= frames:
+            return
+
+
+def decode_dataset(
+    ds: Dataset, limits: ImageLimits | None = None, series_bytes_left: int | None = None
+) -> DecodedInstance:
+    """A fully read dataset (pixel data included) -> its slices, through pydicom's decoders; every size the
+    header and the codestreams declare is checked against ``limits`` first."""
+    limits = limits or ImageLimits()
     _check_grayscale(ds)
     if "PixelData" not in ds:
         raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(ds)} has no PixelData")
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if syntax is not None and not _decodable(syntax):
-        raise DomainError(
-            Outcome.UNSUPPORTED_TRANSFER_SYNTAX,
-            f"instance {_uid(ds)}: no decoder for transfer syntax {syntax.name} ({syntax}); "
-            "install pylibjpeg-libjpeg/-openjpeg/-rle or python-gdcm",
-        )
+        raise _unsupported(ds, syntax)
+    rows, columns, frames, bits = _declared(ds, limits, series_bytes_left)
+    if syntax is not None:
+        # Read from a file, encapsulated data has an undefined length; built in memory, it starts with an item.
+        starts_with_item = bytes(ds.PixelData[:4]) == _ITEM_TAG
+        _syntax_lies(ds, syntax, ds["PixelData"].is_undefined_length or (syntax.is_encapsulated and starts_with_item))
+        if syntax.is_encapsulated:
+            try:
+                _check_codestreams(ds, rows, columns, frames)
+            except (ValueError, struct.error) as err:  # broken fragment items
+                raise _corrupt(ds, err) from err
+        else:
+            _native_length(ds, len(ds.PixelData), rows, columns, frames, bits)
     try:
+        ds.pixel_array_options(allow_excess_frames=False)  # never more frames than the (checked) header says
         array = ds.pixel_array
     except Exception as err:  # a decoder that exists failed: the data is bad (ValueError, RuntimeError, ...)
         raise _corrupt(ds, err) from err
-    frames = array.reshape(-1, int(ds.Rows), int(ds.Columns))
-    expected = _n_frames(ds)
-    if frames.shape[0] != expected:
-        raise _corrupt(ds, ValueError(f"decoded {frames.shape[0]} frames, header says {expected}"))
-    return DecodedInstance(_uid(ds), str(ds.get("Modality", "")), _to_slices(ds, frames))
+    if array.size != rows * columns * frames:
+        raise _corrupt(ds, ValueError(f"decoded {array.size} pixels, header says {rows}x{columns}x{frames}"))
+    return DecodedInstance(_uid(ds), str(ds.get("Modality", "")), _to_slices(ds, array.reshape(frames, rows, columns)))
 
 
 def _decodable(syntax: UID) -> bool:
+    if not syntax.is_transfer_syntax:
+        return False
     try:
         return bool(get_decoder(syntax).is_available)
     except NotImplementedError:  # pydicom knows no decoder at all (video, private syntaxes)
         return False
 
 
+def _unsupported(ds: Dataset, syntax: UID) -> DomainError:
+    return DomainError(
+        Outcome.UNSUPPORTED_TRANSFER_SYNTAX,
+        f"instance {_uid(ds)}: no decoder for transfer syntax {syntax.name} ({shown(str(syntax))}); "
+        "install pylibjpeg-libjpeg/-openjpeg/-rle or python-gdcm",
+    )
+
+
 def _corrupt(ds: Dataset, err: BaseException) -> DomainError:
     return DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(ds)}: pixel data cannot be decoded ({err})")
 
 
-def _uncompressed_view(ds: Dataset, buffer: memoryview, offset: int) -> np.ndarray | None:
-    """Pixels straight from the buffer when the syntax is uncompressed little endian; None to use pydicom."""
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is None or syntax.is_compressed or not syntax.is_little_endian or syntax.is_deflated:
+def _file_meta(view: memoryview) -> tuple[str | None, int]:
+    """(TransferSyntaxUID, where the file meta group ends) read by hand, before pydicom reads anything: a
+    deflated dataset is inflated whole by ``dcmread``, so its size must be known first."""
+    if bytes(view[128:132]) != b"DICM":
+        return None, 0
+    pos, syntax = 132, None
+    while pos + 8 <= len(view):
+        group, element = struct.unpack("<HH", view[pos : pos + 4])
+        if group != 2:
+            break
+        vr = bytes(view[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > len(view):
+                break
+            (length,) = struct.unpack("<I", view[pos + 8 : pos + 12])
+            start = pos + 12
+        else:
+            (length,) = struct.unpack("<H", view[pos + 6 : pos + 8])
+            start = pos + 8
+        if element == 0x0010:
+            syntax = bytes(view[start : start + length]).rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = start + length
+    return syntax, pos
+
+
+def _check_inflated_size(view: memoryview, offset: int, limit: int) -> None:
+    """Deflated Explicit VR Little Endian: inflate in bounded steps; a dataset over ``limit`` is a zip bomb."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, data = 0, bytes(view[offset:])
+    while data:
+        total += len(inflater.decompress(data, 1 << 20))
+        if total > limit:
+            raise too_large(f"a deflated object inflates to more than {limit} bytes", str(limit),
+                            "MULTIPART_MAX_PART_BYTES")
+        data = inflater.unconsumed_tail
+        if inflater.eof:
+            break
+
+
+def _pixel_element(header: Dataset, syntax: UID, view: memoryview, offset: int) -> tuple[int, int] | None:
+    """(where the PixelData value starts, its length: 0xFFFFFFFF when encapsulated) from the element header
+    where pydicom stopped; None when no PixelData follows there."""
+    head = bytes(view[offset : offset + 12])
+    tag = _PIXEL_DATA_TAG if syntax.is_little_endian else b"\x7f\xe0\x00\x10"
+    if head[:4] != tag or len(head) < 8:
         return None
-    dtype = _INT_TYPES.get((int(ds.get("BitsAllocated", 0)), int(ds.get("PixelRepresentation", 0))))
-    header = bytes(buffer[offset : offset + 12])
-    if dtype is None or header[:4] != _PIXEL_DATA_TAG:
-        return None
+    order = "<" if syntax.is_little_endian else ">"
     if syntax.is_implicit_VR:
-        (length,), start = struct.unpack("<I", header[4:8]), offset + 8
-    elif header[4:6] in (b"OB", b"OW"):
-        (length,), start = struct.unpack("<I", header[8:12]), offset + 12
-    else:
-        return None
-    rows, cols, n_frames = int(ds.Rows), int(ds.Columns), _n_frames(ds)
-    count = rows * cols * n_frames
-    if length == _UNDEFINED_LENGTH or length < count * np.dtype(dtype).itemsize or start + length > len(buffer):
-        raise _corrupt(
-            ds, ValueError(f"PixelData holds {min(length, len(buffer) - start)} bytes, {rows}x{cols}x{n_frames} "
-                           f"pixels of {np.dtype(dtype).itemsize} bytes are expected")
-        )
-    raw = np.frombuffer(buffer, dtype=dtype, count=count, offset=start)
-    return _fix_unused_bits(raw, ds).reshape(n_frames, rows, cols)
+        return offset + 8, struct.unpack(order + "I", head[4:8])[0]
+    if head[4:6] in _LONG_VRS and len(head) == 12:
+        return offset + 12, struct.unpack(order + "I", head[8:12])[0]
+    return offset + 8, struct.unpack(order + "H", head[6:8])[0]
 
 
-def decode_part10(buffer: bytes | bytearray | memoryview) -> DecodedInstance:
-    """One DICOM Part 10 object (a file, or one part of a WADO-RS multipart answer) -> its slices."""
+def decode_part10(
+    buffer: bytes | bytearray | memoryview, limits: ImageLimits | None = None, series_bytes_left: int | None = None
+) -> DecodedInstance:
+    """One DICOM Part 10 object (a file, or one part of a WADO-RS multipart answer) -> its slices.
+
+    Only the header is parsed before the declared sizes are checked against ``limits`` (and against what is
+    left of the series' byte budget, ``series_bytes_left``); a deflated object is measured before it is read."""
+    limits = limits or ImageLimits()
     view = memoryview(buffer).cast("B")
+    syntax_text, meta_end = _file_meta(view)
+    if syntax_text is not None:
+        if not UID(syntax_text).is_transfer_syntax:
+            raise DomainError(Outcome.UNSUPPORTED_TRANSFER_SYNTAX,
+                              f"a retrieved object names {shown(syntax_text)} as its transfer syntax")
+        if UID(syntax_text).is_deflated:
+            _check_inflated_size(view, meta_end, limits.multipart_max_part_bytes)
     reader = _BufferReader(view)
     try:
         header = pydicom.dcmread(reader, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError, OSError) as err:
+    except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError, OSError, zlib.error) as err:
         raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"a retrieved object is not readable DICOM ({err})") from err
     offset = reader.tell()
     if "TransferSyntaxUID" not in header.file_meta:
         raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(header)} has no transfer syntax in its meta")
+    syntax = header.file_meta.TransferSyntaxUID
     _check_grayscale(header)
-    frames = _uncompressed_view(header, view, offset)
-    if frames is not None:
-        return DecodedInstance(_uid(header), str(header.get("Modality", "")), _to_slices(header, frames))
+    if not _decodable(syntax):
+        raise _unsupported(header, syntax)
+    rows, columns, frames, bits = _declared(header, limits, series_bytes_left)
+    element = None if syntax.is_deflated else _pixel_element(header, syntax, view, offset)
+    if element is not None:
+        start, length = element
+        _syntax_lies(header, syntax, length == _UNDEFINED_LENGTH)
+        if not syntax.is_encapsulated:
+            _native_length(header, min(length, len(view) - start), rows, columns, frames, bits)
+            if syntax.is_little_endian:
+                return DecodedInstance(_uid(header), str(header.get("Modality", "")),
+                                       _to_slices(header, _native_view(header, view, start, rows, columns, frames)))
     reader.seek(0)
     try:
         full = pydicom.dcmread(reader, force=True)
     except Exception as err:  # truncated elements etc.
         raise _corrupt(header, err) from err
-    return decode_dataset(full)
+    return decode_dataset(full, limits, series_bytes_left)
 
 
-def decode_file(path: str | Path) -> DecodedInstance:
-    return decode_part10(Path(path).read_bytes())
+def _native_view(ds: Dataset, view: memoryview, start: int, rows: int, columns: int, frames: int) -> np.ndarray:
+    """Uncompressed little-endian pixels straight from the buffer, without a copy (lengths already checked)."""
+    dtype = _INT_TYPES.get((int(ds.get("BitsAllocated", 0)), int(ds.get("PixelRepresentation", 0))))
+    if dtype is None:
+        raise DomainError(Outcome.CORRUPT_PIXEL_DATA,
+                          f"instance {_uid(ds)} has PixelRepresentation {ds.get('PixelRepresentation')}")
+    raw = np.frombuffer(view, dtype=dtype, count=rows * columns * frames, offset=start)
+    return _fix_unused_bits(raw, ds).reshape(frames, rows, columns)
+
+
+def decode_file(path: str | Path, limits: ImageLimits | None = None) -> DecodedInstance:
+    return decode_part10(Path(path).read_bytes(), limits)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, tzinfo
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -43,6 +45,8 @@ from integration.adapters.fhir_auth import ClientCredentialsAuth, auth_note, aut
 from integration.adapters.tls import default_context, presents_client_cert, tls_failure
 from integration.domain.checks import CheckResult, env_name, unreachable
 from integration.domain.ids import is_dicom_uid, shown
+from integration.domain.limits import ImageLimits, too_large
+from integration.domain.retry import DEFAULT_RETRY_AFTER_CAP_S, parse_retry_after
 from integration.domain.studytime import localize
 from integration.domain.types import DomainError, Outcome, SeriesRef, StudyRef
 from integration.localzone import machine_zone
@@ -60,7 +64,7 @@ _STUDY_FIELDS = ("StudyDate", "StudyTime", "TimezoneOffsetFromUTC", "ModalitiesI
 _SERIES_FIELDS = ("Modality", "SeriesDescription", "BodyPartExamined", "NumberOfSeriesRelatedInstances",
                   "StudyDescription")
 _INSTANCE_FIELDS = ("SOPClassUID", "ImageType", "SliceThickness", "ConvolutionKernel", "ImageOrientationPatient",
-                    "NumberOfFrames")
+                    "NumberOfFrames", "Rows", "Columns")
 
 
 class DicomWebPacs:
@@ -84,6 +88,10 @@ class DicomWebPacs:
         page_size: int = 100,
         study_timezone: tzinfo | None = None,
         max_pages: int = 1000,
+        limits: ImageLimits | None = None,
+        retrieve_deadline_s: float = 600.0,
+        retry_after_cap_s: float = DEFAULT_RETRY_AFTER_CAP_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._owns_client = client is None
@@ -93,6 +101,13 @@ class DicomWebPacs:
         self.page_size = page_size
         self.study_timezone: tzinfo = study_timezone or machine_zone()
         self.max_pages = max_pages
+        #: Sizes of series, instances and multipart answers, checked before anything is allocated for them.
+        self.limits = limits or ImageLimits()
+        #: One series retrieval, request to last byte, takes at most this long (a trickling PACS is cut off).
+        self.retrieve_deadline_s = retrieve_deadline_s
+        #: A Retry-After beyond this is clamped to it; garbage is no hint.
+        self.retry_after_cap_s = retry_after_cap_s
+        self._clock = clock
 
     def close(self) -> None:
         if self._owns_client:
@@ -125,7 +140,7 @@ class DicomWebPacs:
                 raise DomainError(
                     Outcome.PACS_UNAVAILABLE,
                     f"PACS answered {response.status_code} to {method} {path}",
-                    retry_after=_retry_after(response),
+                    retry_after=_retry_after(response, self.retry_after_cap_s),
                 )
             if response.status_code in (401, 403):
                 if stream:
@@ -203,8 +218,13 @@ class DicomWebPacs:
         answers = list(self._qido_pages(f"/studies/{study_uid}/series", params, "0020000E"))
         study_description: str | None = None
         refs: list[SeriesRef] = []
+        refused: list[str] = []
         for item in answers:
             series_uid = attr_str(item, "0020000E")
+            if not is_dicom_uid(series_uid):  # it would go into the next URLs: skipped, said, never used
+                refused.append(shown(series_uid))
+                log.warning("study %s: series %s skipped: not a DICOM UID (PS3.5 9.1)", study_uid, shown(series_uid))
+                continue
             instance = self._first_instance(study_uid, series_uid)
             n_instances = attr_int(item, "00201209")
             if n_instances is None:
@@ -230,19 +250,26 @@ class DicomWebPacs:
                     convolution_kernel=attr_str(instance, "00181210"),
                     orientation=attr_floats(instance, "00200037", 6),
                     frames_per_instance=attr_int(instance, "00280008") or 1,
+                    rows=attr_int(instance, "00280010"),
+                    columns=attr_int(instance, "00280011"),
                 )
             )
+        if refused and not refs:
+            raise DomainError(Outcome.INVALID_UID, f"study {study_uid}: no series has a DICOM UID (PS3.5 9.1): "
+                                                   f"{', '.join(refused[:3])}")
         return refs
 
     def retrieve_series(self, study_uid: str, series_uid: str) -> tuple[str, list[Slice]]:
         """(modality, slices ordered along the slice normal), decoded from one WADO-RS request.
 
         Parts are decoded as they arrive, so decoding overlaps the transfer and only about one
-        instance is buffered at a time.
+        instance is buffered at a time. Bounded by ``limits``: the bytes received and decoded, the image planes,
+        and the multipart answer's header blocks, part sizes and part count (TOO_LARGE beyond one).
         """
         _checked_uids(study_uid, series_uid)
         path = f"/studies/{study_uid}/series/{series_uid}"
         headers = {"Accept": SERIES_ACCEPT, "Accept-Encoding": "identity"}
+        started = self._clock()
         response = self._send("GET", path, headers=headers, stream=True)
         modality = ""
         slices: list[Slice] = []
@@ -254,22 +281,57 @@ class DicomWebPacs:
                     Outcome.INTERNAL_ERROR,
                     f"PACS rejected the retrieval of series {series_uid} ({response.status_code})",
                 )
-            reader = MultipartReader(multipart_boundary(response.headers.get("content-type", "")))
+            limits = self.limits
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limits.max_series_bytes:
+                raise too_large(f"series {series_uid}: the PACS announces {declared} bytes",
+                                str(limits.max_series_bytes), "MAX_SERIES_BYTES")
+            reader = MultipartReader(
+                multipart_boundary(response.headers.get("content-type", "")),
+                max_header_bytes=limits.multipart_max_header_bytes,
+                max_part_bytes=limits.multipart_max_part_bytes,
+                max_parts=limits.multipart_max_parts,
+            )
+            received = decoded_bytes = 0
+
+            def take(content_type: str, part: bytes) -> None:
+                nonlocal modality, decoded_bytes
+                if content_type and not content_type.lower().startswith("application/dicom"):
+                    raise DomainError(
+                        Outcome.CORRUPT_PIXEL_DATA, f"series {series_uid}: PACS sent a {shown(content_type)} part"
+                    )
+                decoded = decode_part10(part, limits, limits.max_series_bytes - decoded_bytes)
+                modality = modality or decoded.modality.upper()
+                slices.extend(decoded.slices)
+                decoded_bytes += sum(s.pixels.nbytes for s in decoded.slices)
+                if len(slices) > limits.max_slices_per_series:
+                    raise too_large(f"series {series_uid} sent more than {limits.max_slices_per_series} images",
+                                    str(limits.max_slices_per_series), "MAX_SLICES_PER_SERIES")
+
             for chunk in _body_chunks(response, path):
+                received += len(chunk)
+                if self._clock() - started > self.retrieve_deadline_s:
+                    raise self._past_deadline(series_uid, received)
+                if received > limits.max_series_bytes:
+                    raise too_large(f"series {series_uid}: the PACS sent more than {limits.max_series_bytes} bytes",
+                                    str(limits.max_series_bytes), "MAX_SERIES_BYTES")
                 for content_type, part in reader.feed(chunk):
-                    if content_type and not content_type.lower().startswith("application/dicom"):
-                        raise DomainError(
-                            Outcome.CORRUPT_PIXEL_DATA, f"series {series_uid}: PACS sent a {content_type} part"
-                        )
-                    decoded = decode_part10(part)
-                    modality = modality or decoded.modality.upper()
-                    slices.extend(decoded.slices)
-            reader.finish()
+                    take(content_type, part)
+            for content_type, part in reader.finish():
+                take(content_type, part)
         finally:
             response.close()
         if not slices:
             raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"series {series_uid} returned no image")
         return modality, _sorted_along_normal(slices)
+
+    def _past_deadline(self, series_uid: str, received: int) -> DomainError:
+        setting = env_name("pacs", "retrieve_deadline_s")
+        return DomainError(
+            Outcome.PACS_UNAVAILABLE,
+            f"series {series_uid}: retrieval cut off after {self.retrieve_deadline_s:g} s ({setting}) with "
+            f"{received} bytes received: the PACS sends too slowly; retried later",
+        )
 
     def check(self) -> str:
         """One cheap QIDO request, for readiness probes and `strokewatch doctor`; raises DomainError."""
@@ -321,7 +383,9 @@ class DicomWebPacs:
     def _count_instances(self, study_uid: str, series_uid: str) -> int:
         _checked_uids(study_uid, series_uid)
         path = f"/studies/{study_uid}/series/{series_uid}/instances"
-        return sum(1 for _ in self._qido_pages(path, [("includefield", "SOPInstanceUID")], "00080018"))
+        # Counted up to one past the limit: a series beyond it is refused whatever its true size.
+        cap = self.limits.max_slices_per_series + 1
+        return sum(1 for _ in islice(self._qido_pages(path, [("includefield", "SOPInstanceUID")], "00080018"), cap))
 
     def _study_ref(self, item: dict[str, Any]) -> StudyRef | None:
         uid = attr_str(item, "0020000D")
@@ -351,7 +415,7 @@ def _checked_uids(*uids: str) -> None:
     """UIDs go into WADO-RS/QIDO-RS paths and queries: refuse anything but a DICOM UID before a request is made."""
     for uid in uids:
         if not is_dicom_uid(uid):
-            raise DomainError(Outcome.INTERNAL_ERROR, f"refused {shown(uid)}: not a DICOM UID (PS3.5 9.1)")
+            raise DomainError(Outcome.INVALID_UID, f"refused {shown(uid)}: not a DICOM UID (PS3.5 9.1)")
 
 
 def _body_chunks(response: httpx.Response, path: str) -> Iterator[bytes]:
@@ -371,19 +435,8 @@ def _sorted_along_normal(slices: list[Slice]) -> list[Slice]:
     return [slices[i] for i in np.argsort(along, kind="stable")]
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
-        except (TypeError, ValueError):
-            return None
+def _retry_after(response: httpx.Response, cap_s: float) -> float | None:
+    return parse_retry_after(response.headers.get("retry-after"), datetime.now(UTC), cap_s)
 
 
 def _unavailable(what: str, err: Exception, tls: ssl.SSLContext | None = None) -> DomainError:

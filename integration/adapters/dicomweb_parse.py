@@ -9,6 +9,7 @@ import re
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
+from integration.domain.limits import too_large
 from integration.domain.types import DomainError, Outcome
 
 # -- DICOM JSON ---------------------------------------------------------------------------------------------
@@ -108,10 +109,19 @@ class MultipartReader:
     """Incremental multipart/related parser: feed network chunks, get whole parts as soon as they end.
 
     Lets the caller decode part k while part k+1 is still arriving, and holds about one part in memory
-    instead of the whole answer.
+    instead of the whole answer. Bounded whatever the server sends: a part's header block, a part, and the
+    number of parts have caps (``Outcome.TOO_LARGE`` beyond one); a part's Content-Length is a hint that is
+    checked against the delimiter, never a reason to stop looking for it or to buffer beyond the part cap.
     """
 
-    def __init__(self, boundary: bytes) -> None:
+    def __init__(
+        self,
+        boundary: bytes,
+        *,
+        max_header_bytes: int = 16 * 1024,
+        max_part_bytes: int = 512 << 20,
+        max_parts: int = 100_000,
+    ) -> None:
         self._dash = b"--" + boundary
         self._delimiter = b"\r\n" + self._dash
         self._buf = bytearray()
@@ -119,6 +129,10 @@ class MultipartReader:
         self._scan = 0  # where to resume looking for the delimiter in a part body
         self._content_type = ""
         self._length: int | None = None
+        self.max_header_bytes = max_header_bytes
+        self.max_part_bytes = max_part_bytes
+        self.max_parts = max_parts
+        self.parts = 0  # parts started so far
 
     @property
     def closed(self) -> bool:
@@ -133,67 +147,107 @@ class MultipartReader:
             pass
         return parts
 
-    def finish(self) -> None:
-        """Call at the end of the body: a missing close-delimiter means the answer was cut short."""
+    def finish(self) -> list[tuple[str, bytes]]:
+        """Call at the end of the body: the parts still pending (a part whose Content-Length was wrong ends at
+        its delimiter); a missing close-delimiter means the answer was cut short (``PACS_UNAVAILABLE``)."""
+        parts: list[tuple[str, bytes]] = []
+        if self._state == "body" and self._length is not None:
+            self._length = None  # the declared length runs past the body: the delimiter decides
+            while self._step(parts):
+                pass
         if self._state == "body":
-            raise DomainError(Outcome.PACS_UNAVAILABLE, "multipart answer ends inside a part (truncated answer?)")
+            raise DomainError(Outcome.PACS_UNAVAILABLE, f"multipart answer ends inside part {self.parts}, without a "
+                                                        "closing boundary (truncated answer?)")
         if self._state == "headers" and self._buf:
             raise DomainError(Outcome.PACS_UNAVAILABLE, "multipart part without a header end (truncated answer?)")
+        if self._state == "headers":
+            raise DomainError(Outcome.PACS_UNAVAILABLE,
+                              f"multipart answer without its closing boundary after {self.parts} part(s) "
+                              "(truncated answer?)")
+        return parts
 
     def _step(self, parts: list[tuple[str, bytes]]) -> bool:
-        buf = self._buf
         if self._state == "preamble":
-            found = buf.find(self._dash)
-            if found < 0:
-                del buf[: max(0, len(buf) - len(self._dash))]
-                return False
-            del buf[: found + len(self._dash)]
-            self._state = "headers"
-            return True
+            return self._skip_preamble()
         if self._state == "headers":
-            if len(buf) < 2:
-                return False
-            if buf[:2] == b"--":  # close-delimiter: the epilogue is ignored
-                self._state = "closed"
-                buf.clear()
-                return False
-            header_end = buf.find(b"\r\n\r\n")
-            if header_end < 0:
-                return False
-            line_end = buf.find(b"\r\n")
-            headers = _part_headers(bytes(buf[line_end + 2 : header_end]) if header_end > line_end else b"")
-            self._content_type = headers.get("content-type", "")
-            length = headers.get("content-length", "")
-            self._length = int(length) if length.isdigit() else None
-            del buf[: header_end + 4]
-            self._state, self._scan = "body", 0
-            return True
+            return self._read_headers()
         if self._state == "body":
-            end = -1
-            if self._length is not None and len(buf) >= self._length + len(self._delimiter):
-                if buf[self._length : self._length + len(self._delimiter)] == self._delimiter:
-                    end = self._length
-                else:
-                    self._length = None  # a wrong Content-Length: fall back to the delimiter
-            if end < 0 and self._length is None:
-                end = buf.find(self._delimiter, self._scan)
-            if end < 0:
-                self._scan = max(0, len(buf) - len(self._delimiter) + 1)
-                return False
-            with memoryview(buf) as view:
-                parts.append((self._content_type, bytes(view[:end])))
-            del buf[: end + len(self._delimiter)]
-            self._state = "headers"
-            return True
+            return self._read_body(parts)
         return False
+
+    def _skip_preamble(self) -> bool:
+        buf = self._buf
+        found = buf.find(self._dash)
+        if found < 0:
+            del buf[: max(0, len(buf) - len(self._dash))]
+            return False
+        del buf[: found + len(self._dash)]
+        self._state = "headers"
+        return True
+
+    def _read_headers(self) -> bool:
+        buf = self._buf
+        if len(buf) < 2:
+            return False
+        if buf[:2] == b"--":  # close-delimiter: the epilogue is ignored
+            self._state = "closed"
+            buf.clear()
+            return False
+        header_end = buf.find(b"\r\n\r\n", 0, self.max_header_bytes + 4)
+        if header_end < 0:
+            if len(buf) > self.max_header_bytes + 4:
+                raise too_large(f"a multipart part's header block is over {self.max_header_bytes} bytes",
+                                str(self.max_header_bytes), "MULTIPART_MAX_HEADER_BYTES")
+            return False
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise too_large(f"the multipart answer has more than {self.max_parts} parts", str(self.max_parts),
+                            "MULTIPART_MAX_PARTS")
+        line_end = buf.find(b"\r\n")
+        headers = _part_headers(bytes(buf[line_end + 2 : header_end]) if header_end > line_end else b"")
+        self._content_type = headers.get("content-type", "")
+        length = headers.get("content-length", "")
+        self._length = int(length) if length.isdigit() and len(length) < 20 else None
+        if self._length is not None and self._length > self.max_part_bytes:
+            raise too_large(f"multipart part {self.parts} declares {self._length} bytes", str(self.max_part_bytes),
+                            "MULTIPART_MAX_PART_BYTES")
+        del buf[: header_end + 4]
+        self._state, self._scan = "body", 0
+        return True
+
+    def _read_body(self, parts: list[tuple[str, bytes]]) -> bool:
+        buf, delimiter = self._buf, self._delimiter
+        end = -1
+        if self._length is not None:
+            if len(buf) < self._length + len(delimiter):
+                return False  # at most the (capped) declared length is waited for
+            if buf[self._length : self._length + len(delimiter)] == delimiter:
+                end = self._length
+            else:
+                self._length = None  # a wrong Content-Length: the delimiter decides, searched from the part's start
+        if end < 0:
+            end = buf.find(delimiter, self._scan)
+            if end < 0:
+                if len(buf) - len(delimiter) > self.max_part_bytes:
+                    raise too_large(f"multipart part {self.parts} is over {self.max_part_bytes} bytes",
+                                    str(self.max_part_bytes), "MULTIPART_MAX_PART_BYTES")
+                self._scan = max(0, len(buf) - len(delimiter) + 1)
+                return False
+        if end > self.max_part_bytes:
+            raise too_large(f"multipart part {self.parts} is {end} bytes", str(self.max_part_bytes),
+                            "MULTIPART_MAX_PART_BYTES")
+        with memoryview(buf) as view:
+            parts.append((self._content_type, bytes(view[:end])))
+        del buf[: end + len(delimiter)]
+        self._state = "headers"
+        return True
 
 
 def split_multipart(body: bytes | bytearray | memoryview, boundary: bytes) -> list[tuple[str, bytes]]:
     """(Content-Type, payload) for each part of a complete multipart body."""
     reader = MultipartReader(boundary)
     parts = reader.feed(body)
-    reader.finish()
-    return parts
+    return parts + reader.finish()
 
 
 def _part_headers(block: bytes) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 Errors (issue 2): a 4xx other than 408/429 is ``DomainError(EHR_REJECTED)`` with the server's
 OperationOutcome diagnostics and is not retried. 408, 429, 5xx, timeouts and connection errors are
-retried here a few times with exponential backoff, honouring ``Retry-After`` (seconds or HTTP-date);
+retried here a few times with exponential backoff, honouring ``Retry-After`` (seconds or HTTP-date, clamped to
+``retry_after_cap_s``, garbage ignored: ``domain.retry.parse_retry_after``);
 when retries run out, or the server asks to wait longer than ``max_retry_after`` seconds, the result is
 ``DomainError(EHR_UNAVAILABLE, retry_after=...)`` so the task layer can retry later. Every write is
 conditional (If-None-Exist, If-Match) or a PUT, so repeating one after a lost response is safe.
@@ -18,7 +19,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
@@ -31,6 +31,7 @@ from integration.adapters.fhir_capability import capability_checks
 from integration.adapters.tls import default_context, presents_client_cert, tls_failure
 from integration.domain.checks import CheckResult, env_name, unreachable
 from integration.domain.redact import describe_exception
+from integration.domain.retry import DEFAULT_RETRY_AFTER_CAP_S, parse_retry_after
 from integration.domain.types import DomainError, Outcome, PatientInfo
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,19 @@ class FhirEhr:
         incremental: bool = True,
         tls: ssl.SSLContext | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        max_resources: int = 50_000,
+        retry_after_cap_s: float = DEFAULT_RETRY_AFTER_CAP_S,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.backoff = backoff
         self.page_size = page_size
         self.max_retry_after = max_retry_after
+        #: A Retry-After beyond this is clamped to it (the task layer waits at most this long for the server).
+        self.retry_after_cap_s = retry_after_cap_s
         self.max_pages = max_pages
+        #: Resources one vitals sync may read, all pages together (refused beyond, never truncated).
+        self.max_resources = max_resources
         self.create_mode = create_mode
         self.incremental = incremental
         self._sleep = sleep
@@ -165,12 +172,22 @@ class FhirEhr:
             params["date"] = f"ge{_instant(since)}"
         if updated_since is not None and self.incremental:
             params["_lastUpdated"] = f"gt{_instant(updated_since)}"
-        return self.search("Observation", params)
+        return self.search("Observation", params, limit=self.max_resources)
 
-    def search(self, resource_type: str, params: dict[str, str]) -> list[dict[str, Any]]:
-        """All matching resources, every page followed (works whether or not Bundle.total is sent)."""
+    def search(self, resource_type: str, params: dict[str, str], *, limit: int | None = None) -> list[dict[str, Any]]:
+        """All matching resources, every page followed (works whether or not Bundle.total is sent); more than
+        ``limit`` is TOO_LARGE, found while paging (a truncated answer would lose data behind a cursor)."""
         query = {"_count": str(self.page_size), **params}
-        return [r for page in self._pages(resource_type, query) for r in _matches(page)]
+        found: list[dict[str, Any]] = []
+        for page in self._pages(resource_type, query):
+            found.extend(_matches(page))
+            if limit is not None and len(found) > limit:
+                raise DomainError(
+                    Outcome.TOO_LARGE,
+                    f"{resource_type} search: more than {limit} resources for one sync; the limit is {limit} "
+                    "(STROKEWATCH_LIMITS__MAX_FHIR_RESOURCES_PER_SYNC)",
+                )
+        return found
 
     def conditional_create(
         self, resource: dict[str, Any], identifier_system: str, identifier_value: str
@@ -362,7 +379,7 @@ class FhirEhr:
                     return response
                 if status < 500 and status not in RETRYABLE_STATUS:
                     raise _rejected(what, response)
-                retry_after = _retry_after(response.headers.get("Retry-After"))
+                retry_after = _retry_after(response.headers.get("Retry-After"), self.retry_after_cap_s)
                 problem = f"{what}: {status} {_diagnostics(response) or response.reason_phrase}"
             wait = retry_after if retry_after is not None else self.backoff * 2**attempt * random.uniform(0.75, 1.0)
             if attempt >= self.max_retries or wait > self.max_retry_after:
@@ -510,19 +527,9 @@ def _rejected(what: str, response: httpx.Response) -> FhirRejected:
     return FhirRejected(status, f"{what}: {status} {_diagnostics(response) or response.reason_phrase}{hint}")
 
 
-def _retry_after(raw: str | None) -> float | None:
-    if not raw:
-        return None
-    raw = raw.strip()
-    if raw.isdigit():
-        return float(raw)
-    try:
-        moment = parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+def _retry_after(raw: str | None, cap_s: float = DEFAULT_RETRY_AFTER_CAP_S) -> float | None:
+    """Seconds from a Retry-After value, clamped to [0, cap_s]; None for none or garbage."""
+    return parse_retry_after(raw, datetime.now(UTC), cap_s)
 
 
 def _id_from_location(location: str | None) -> str | None:

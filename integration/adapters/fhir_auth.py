@@ -8,17 +8,20 @@ OAuth error code only. The preflight helpers at the end (``probe_token``, ``auth
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 import httpx
 
 from integration.adapters.tls import default_context, presents_client_cert
 from integration.domain.checks import CheckResult, chain_text, env_name, short_error, tls_problem
+from integration.domain.retry import DEFAULT_RETRY_AFTER_CAP_S, parse_retry_after
 from integration.domain.types import DomainError, Outcome
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class ClientCredentialsAuth(httpx.Auth):
         tls_setting: str = env_name("ehr", "tls"),
         token_client: httpx.Client | None = None,
         clock: Callable[[], float] = time.monotonic,
+        retry_after_cap_s: float = DEFAULT_RETRY_AFTER_CAP_S,
     ) -> None:
         self._require(token_url, client_id, client_secret)
         self.token_url = token_url
@@ -99,6 +103,8 @@ class ClientCredentialsAuth(httpx.Auth):
         self._clock = clock
         self._lock = threading.Lock()
         self._token: _Token | None = None
+        #: The token endpoint's Retry-After is honoured up to this (settings ``retry_after_cap_s``).
+        self.retry_after_cap_s = retry_after_cap_s
         #: How many tokens this object has fetched (for `strokewatch doctor` and tests).
         self.tokens_fetched = 0
 
@@ -155,7 +161,7 @@ class ClientCredentialsAuth(httpx.Auth):
             raise DomainError(
                 Outcome.EHR_UNAVAILABLE,
                 f"OAuth token endpoint {self.token_url} answered {response.status_code}",
-                retry_after=_seconds(response.headers.get("Retry-After")),
+                retry_after=peer_retry_after(response, self.retry_after_cap_s),
             )
         return self._token_from(response, started)
 
@@ -311,9 +317,14 @@ def _json_object(response: httpx.Response) -> dict[str, object]:
     return body if isinstance(body, dict) else {}
 
 
+def peer_retry_after(response: httpx.Response, cap_s: float) -> float | None:
+    """A response's ``Retry-After`` in seconds, clamped to ``cap_s`` (``domain.retry.parse_retry_after``)."""
+    return parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC), cap_s)
+
+
 def _seconds(raw: object) -> float | None:
     try:
         value = float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-    return value if value > 0 else None
+    return value if math.isfinite(value) and value > 0 else None  # "inf" would cache a token forever

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from integration.adapters.fhir_auth import ClientCredentialsAuth, _json_object
+from integration.adapters.fhir_auth import ClientCredentialsAuth, _json_object, peer_retry_after
 from integration.domain.checks import CheckResult, chain_text, env_name, short_error, tls_problem
 from integration.domain.redact import redact_text
 from integration.domain.types import DomainError, Outcome
@@ -293,12 +293,13 @@ class SmartBackendAuth(ClientCredentialsAuth):
         try:
             with self._http.stream("GET", url, headers={"Accept": "application/json"}) as response:
                 status, data = response.status_code, _read_capped(response, MAX_DOCUMENT_BYTES)
+                wait = peer_retry_after(response, self.retry_after_cap_s)
         except httpx.HTTPError as exc:
             problem = tls_problem(chain_text(exc), self.tls_setting)
             reason = f"TLS failed: {problem.explanation}; {problem.hint}" if problem else type(exc).__name__
             raise DomainError(Outcome.EHR_UNAVAILABLE, f"SMART configuration {url} unreachable: {reason}") from None
         if status >= 500 or status in (408, 429):
-            raise DomainError(Outcome.EHR_UNAVAILABLE, f"SMART configuration {url} answered {status}")
+            raise DomainError(Outcome.EHR_UNAVAILABLE, f"SMART configuration {url} answered {status}", retry_after=wait)
         try:
             document = json.loads(data) if status == 200 and data is not None else None
         except ValueError:

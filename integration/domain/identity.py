@@ -14,6 +14,8 @@ def assessment_identifier(patient_fhir_id: str, study_uid: str | None, window_en
 
     A retry, a re-sent study or a replayed task computes the same value, so a conditional create on it
     never duplicates. New data (a new study, later vitals) or a new model gives a new identifier.
+    ``window_end`` must come from the inputs alone (``domain.window.window_end``), never from the clock:
+    an end clamped to "now" would give a future-dated study a new identity at every run.
     """
     if window_end.tzinfo is None:
         raise ValueError("window_end must be timezone-aware")

@@ -8,6 +8,7 @@ let through: ``../instances/x/file`` or ``x?y`` would otherwise change the URL a
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 DICOM_UID_MAX_LENGTH = 64
@@ -45,3 +46,8 @@ def require_orthanc_id(value: object, what: str = "Orthanc id") -> str:
     if not is_orthanc_id(value):
         raise ValueError(f"{what} {shown(value)} is not an Orthanc id (5 groups of 8 hex digits joined by '-')")
     return str(value)
+
+
+def opaque_name(value: str) -> str:
+    """A name derived from ``value`` (SHA-256, hex) for files and ledger subjects: never a path, any length in."""
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()

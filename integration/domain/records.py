@@ -61,6 +61,7 @@ class StudyRecord:
     patient_fhir_id: str | None = None
     volume_path: str | None = None
     volume_sha256: str | None = None
+    lost_claims: int = 0  # claims released by the reaper since the last success (a worker died holding it)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class PatientRecord:
     claimed_at: datetime | None = None
     outcome: str | None = None
     reason: str | None = None
+    lost_claims: int = 0
+    vitals_attempts: int = 0  # failed vitals syncs in a row (reset by a success)
+    vitals_next_attempt_at: datetime | None = None  # no vitals sync before (backoff, or a queued sync's lease)
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,17 @@ class AssessmentRecord(NewAssessment):
     outcome: str | None = None
     reason: str | None = None
     published_at: datetime | None = None
+    lost_claims: int = 0
+
+
+@dataclass(frozen=True)
+class ReleasedClaims:
+    """What the reaper did with claims of workers that died (killed, out of memory, past the hard time limit).
+
+    ``released``: put back in the queue. ``given_up``: (stage, subject) of work that had lost
+    ``max_lost_claims`` claims and was failed with outcome ``worker_lost`` instead: stage ``ingest`` (a study
+    UID), ``assess`` (a patient's FHIR id) or ``publish`` (an assessment identifier).
+    """
+
+    released: int = 0
+    given_up: tuple[tuple[str, str], ...] = ()

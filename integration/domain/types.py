@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -33,6 +34,11 @@ class Outcome(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     MODEL_MISMATCH = "model_mismatch"
     INTERNAL_ERROR = "internal_error"
+    # running for weeks, hostile input
+    WORKER_LOST = "worker_lost"  # the worker holding it died (OOM, hard time limit) too many times
+    TOO_LARGE = "too_large"  # an object beyond a configured limit (refused before allocation)
+    INVALID_UID = "invalid_uid"  # a DICOM UID that is not a PS3.5 UID (pattern, <= 64 characters)
+    VOLUME_MISSING = "volume_missing"  # the study's volume file is gone (retention, lost disk): re-ingested
 
 
 #: Outcomes worth retrying automatically (the peer may come back / the data may appear).
@@ -42,6 +48,7 @@ RETRYABLE: frozenset[Outcome] = frozenset(
         Outcome.PACS_UNAVAILABLE,
         Outcome.EHR_UNAVAILABLE,
         Outcome.MODEL_UNAVAILABLE,
+        Outcome.VOLUME_MISSING,
     }
 )
 
@@ -53,7 +60,9 @@ class DomainError(Exception):
         super().__init__(message)
         self.outcome = outcome
         self.message = message
-        self.retry_after = retry_after
+        #: Seconds the peer asked to wait: a finite, non-negative number or None (``inf``/``nan``/below zero: no hint).
+        finite = retry_after is not None and math.isfinite(retry_after) and retry_after >= 0
+        self.retry_after = retry_after if finite else None
 
     @property
     def retryable(self) -> bool:
@@ -91,6 +100,8 @@ class SeriesRef:
     convolution_kernel: str = ""  # CT reconstruction kernel
     orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (6 direction cosines)
     frames_per_instance: int = 1  # NumberOfFrames (Enhanced CT/MR hold a whole volume in one instance)
+    rows: int | None = None  # Rows / Columns of that instance: the series' size checked before retrieval
+    columns: int | None = None
 
     @property
     def n_slices(self) -> int:

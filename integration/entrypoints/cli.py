@@ -61,6 +61,24 @@ def db_upgrade() -> None:
     console.print("database is at the latest schema revision")
 
 
+@db_app.command("prune")
+def db_prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be removed; delete nothing.")] = False,
+) -> None:
+    """Delete what the retention settings say is no longer needed, and print how much per table."""
+    from integration.bootstrap import open_housekeeping
+    from integration.services.retention import TABLES, prune
+
+    _logging()
+    settings = _settings()
+    with open_housekeeping(settings) as housekeeping:
+        report = prune(housekeeping, dry_run=dry_run)
+    table = Table("table", "would remove" if dry_run else "removed", title="strokewatch db prune")
+    for name in TABLES:
+        table.add_row(name, str(report.removed[name]))
+    console.print(table)
+
+
 @app.command()
 def run() -> None:
     """Run the engine in the foreground: API + worker + scheduler (Ctrl-C stops all)."""
@@ -109,6 +127,9 @@ def stop(
 @app.command()
 def status() -> None:
     """Counts of studies, patients, assessments and open failures from the database."""
+    from datetime import UTC
+
+    from integration.adapters.db import queries
     from integration.bootstrap import build_store
     from integration.domain.checks import short_error
     from integration.domain.redact import redact_text, redact_url
@@ -117,7 +138,9 @@ def status() -> None:
     database = redact_url(settings.db_url)  # a password in either URL is shown as ***
     console.print(f"database: {database}\nbroker:   {redact_url(settings.celery_broker_url)}")
     try:
-        counts = build_store(settings).counts()
+        store = build_store(settings)
+        counts = store.counts()
+        failures = queries.open_failure_summary(store.sessions)
     except Exception as exc:  # the driver's message, never a traceback with the URL in it
         console.print(f"[red]cannot read the database[/red] {database}: {redact_text(short_error(exc))}\n"
                       "check STROKEWATCH_DATABASE_URL (unset: SQLite under STROKEWATCH_DATA_DIR) and that the "
@@ -128,6 +151,12 @@ def status() -> None:
         for st, n in sorted(by_status.items()):
             table.add_row(what, st, str(n))
     console.print(table)
+    if failures:  # one row per open problem; a repeat counts, it does not add a row
+        seen = Table("stage", "outcome", "problems", "occurrences", "last seen", title="Open failures")
+        for f in failures:
+            last = f.last_seen_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if f.last_seen_at else "-"
+            seen.add_row(f.stage, f.outcome, str(f.rows), str(f.occurrences), last)
+        console.print(seen)
 
 
 @app.command()
@@ -179,6 +208,35 @@ def assess(patient: Annotated[str, typer.Option("--patient", help="FHIR Patient 
             else:
                 console.print(f"[yellow]{patient}: {r.status}: {r.reason}[/yellow]")
                 raise typer.Exit(1)
+    finally:
+        engine.close()
+
+
+@app.command()
+def republish(
+    identifier: Annotated[str, typer.Argument(help="The assessment's identifier (GET /patients/{id}).")],
+) -> None:
+    """Operator replay: write a failed (or given-up) assessment to the EHR again, now, in this process.
+    Idempotent: a RiskAssessment already written with this identifier is found, not duplicated."""
+    from integration.bootstrap import bootstrap
+    from integration.services.assess import publish
+    from integration.services.assess import republish as requeue
+
+    _logging()
+    engine = bootstrap(_settings())
+    try:
+        svc = engine.services
+        if not requeue(svc, identifier):
+            why = "is being published now" if svc.store.get_assessment(identifier) else "is not known"
+            console.print(f"[red]the assessment {identifier} {why}[/red]")
+            raise typer.Exit(1)
+        state = publish(svc, identifier)
+        row = svc.store.get_assessment(identifier)
+        assert row is not None
+        detail = f"RiskAssessment/{row.fhir_id}" if row.fhir_id else f"{row.outcome}: {row.reason}"
+        console.print(f"{identifier}: {state} {detail}")
+        if state != "published":
+            raise typer.Exit(1)
     finally:
         engine.close()
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from integration.config import Settings
+from integration.entrypoints.logfiles import rotate_logs
 from integration.entrypoints.pids import http_status, pid_alive, stop_pid
 
 ENGINE_STATE = "engine.json"
@@ -81,6 +82,8 @@ def start_engine(
 
     data_dir = settings.data_dir.resolve()
     log_dir = data_dir / "logs"
+    retention = settings.retention
+    rotate_logs(log_dir, retention.log_max_bytes, retention.log_backups)  # then the worker's beat keeps them so
     full_env = {**os.environ, **env}
     worker = _spawn([sys.executable, "-m", *worker_argv(settings)], full_env, log_dir / "worker.log", detached)
     api = _spawn(

@@ -60,6 +60,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "detect": {"task": "strokewatch.detect", "schedule": timedelta(seconds=settings.pacs.poll_seconds)},
             "poll-ehr": {"task": "strokewatch.poll_ehr", "schedule": timedelta(seconds=settings.ehr.poll_seconds)},
             "sweep": {"task": "strokewatch.sweep", "schedule": timedelta(seconds=5)},
+            "prune": {"task": "strokewatch.prune", "schedule": timedelta(hours=settings.retention.interval_hours)},
+            "rotate-logs": {
+                "task": "strokewatch.rotate_logs",
+                "schedule": timedelta(seconds=settings.retention.log_check_s),
+            },
         },
         "beat_schedule_filename": str((settings.data_dir / "celerybeat-schedule").resolve()),
         "timezone": "UTC",
@@ -193,6 +198,25 @@ def sweep() -> dict[str, int]:
     from integration.services.sweep import sweep as sweep_service
 
     return asdict(sweep_service(engine().services))
+
+
+@stage_task("prune")
+def prune() -> dict[str, int]:
+    """Apply the retention settings (what `strokewatch db prune` does), in bounded transactions."""
+    from integration.bootstrap import open_housekeeping
+    from integration.services.retention import prune as prune_service
+
+    with open_housekeeping(engine().settings, store=engine().store) as housekeeping:
+        return prune_service(housekeeping).removed
+
+
+@stage_task("rotate_logs")
+def rotate_logs() -> list[str]:
+    """Keep data_dir/logs/*.log (written by `strokewatch run` and `demo`) to retention.log_max_bytes."""
+    from integration.entrypoints.logfiles import rotate_logs as rotate
+
+    retention = get_settings().retention
+    return rotate(get_settings().data_dir.resolve() / "logs", retention.log_max_bytes, retention.log_backups)
 
 
 def worker_argv(settings: Settings, *, beat: bool = True, concurrency: int | None = None) -> list[str]:

@@ -6,7 +6,6 @@ import hashlib
 import logging
 from dataclasses import dataclass, replace
 from datetime import date, datetime
-from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +21,7 @@ from integration.domain.assessment import (
 )
 from integration.domain.drivers import IMAGE, top_drivers
 from integration.domain.identity import assessment_identifier, pseudonym
-from integration.domain.records import AssessmentStatus, NewAssessment
+from integration.domain.records import AssessmentStatus, NewAssessment, StudyRecord
 from integration.domain.redact import redact_text
 from integration.domain.retry import backoff_at
 from integration.domain.types import DomainError, Outcome, VitalValue
@@ -71,10 +70,12 @@ def prepare(svc: Services, patient_fhir_id: str, model_version: str) -> Prepared
     now = svc.clock.now()
     study = svc.store.latest_ready_study(patient_fhir_id)
     image, image_used = empty_image(), False
-    if study is not None and study.volume_path and Path(study.volume_path).is_file():
-        image, image_used = np.load(study.volume_path), True
+    volume = _volume(svc, study) if study is not None else None
+    if volume is not None:
+        image, image_used = volume, True
+    # The window ends at the latest input, whatever the clock says: the identity below must not change with it.
     anchor = study_anchor(study.study_datetime, study.detected_at) if study is not None else None
-    end = window_end(now, anchor, svc.store.latest_vital_time(patient_fhir_id, now))
+    end = window_end(anchor, svc.store.latest_vital_time(patient_fhir_id, now))
     if end is None:
         raise DomainError(Outcome.INSUFFICIENT_DATA, "no study and no vital signs for this patient")
     vitals = svc.store.vitals_between(patient_fhir_id, window_start(end), end)
@@ -111,6 +112,27 @@ def prepare(svc: Services, patient_fhir_id: str, model_version: str) -> Prepared
         vitals=vitals,
         image_used=image_used,
         fingerprint=digest.hexdigest(),
+    )
+
+
+def _volume(svc: Services, study: StudyRecord) -> np.ndarray | None:
+    """The study's volume tensor; None when the study never had one. A volume that is gone (retention removed
+    it, a disk was lost or replaced) is rebuilt rather than silently left out of the score: the study goes back
+    to the ingest queue (retrieved again from the PACS), and the patient is scored again once it is ready."""
+    if study.volume_path is None and study.volume_sha256 is None:
+        return None
+    if study.volume_path is not None:
+        try:
+            loaded: np.ndarray = np.load(study.volume_path, allow_pickle=False)
+            return loaded
+        except (OSError, ValueError):  # missing, unreadable or truncated: rebuilt below
+            svc.store.clear_study_volume(study.study_uid, study.volume_path)
+    if svc.store.requeue_study(study.study_uid):
+        svc.enqueue("ingest", [study.study_uid])
+    raise DomainError(
+        Outcome.VOLUME_MISSING,
+        f"the volume of study {study.study_uid} is no longer on disk; the study is re-ingested from the PACS and "
+        "the patient scored again once it is ready",
     )
 
 
@@ -260,7 +282,8 @@ def _deferred(svc: Services, pid: str, err: Exception) -> AssessResult:
     attempts = patient.attempts if patient else 1
     # Nothing is lost: the patient stays due and is tried again (a mismatch needs an operator; slow retries).
     base = svc.retry_backoff_s * (12 if outcome is Outcome.MODEL_MISMATCH else 1)
-    retry_at = backoff_at(svc.clock.now(), attempts, base, cap_s=900)
+    retry_after = err.retry_after if isinstance(err, DomainError) else None  # the EHR's, for the Device
+    retry_at = backoff_at(svc.clock.now(), attempts, base, retry_after, cap_s=900)
     svc.store.record_failure("assess", pid, outcome, reason, True)
     svc.store.release_patient(pid, retry_at=retry_at, outcome=outcome.value, reason=reason)
     log.warning("assessment of %s deferred: %s: %s", pseudonym(pid), outcome.value, reason)
@@ -289,14 +312,17 @@ def publish(svc: Services, identifier: str) -> str:
     try:
         fhir_id, created = svc.ehr.conditional_create(row.resource, svc.assessment_identifier_system, identifier)
     except DomainError as err:
-        retry = err.retryable and row.attempts < svc.max_retries
+        # A retryable answer (EHR down, 408/429/5xx, timeout) is retried until the EHR takes it, at a backoff
+        # capped at an hour, by the sweep: a long EHR outage must not turn scored assessments into lost ones.
+        # Anything else (a 4xx) fails; an operator replays it with ``republish`` once the cause is fixed.
+        retry = err.retryable
         svc.store.record_failure("publish", identifier, err.outcome, err.message, err.retryable)
         svc.store.set_assessment_outcome(
             identifier,
             AssessmentStatus.RETRY if retry else AssessmentStatus.FAILED,
             err.outcome,
             err.message,
-            backoff_at(now, row.attempts, svc.retry_backoff_s, err.retry_after) if retry else None,
+            backoff_at(now, min(row.attempts, 32), svc.retry_backoff_s, err.retry_after) if retry else None,
         )
         log.warning("publish %s: %s", identifier, err.outcome.value)
         return "retry" if retry else "failed"
@@ -304,3 +330,25 @@ def publish(svc: Services, identifier: str) -> str:
     svc.store.resolve_failures("publish", identifier, svc.clock.now())
     log.info("published RiskAssessment/%s (%s)", fhir_id, "created" if created else "already there")
     return "published"
+
+
+def republish(svc: Services, identifier: str) -> bool:
+    """Operator replay of a publish (failed, given up as ``worker_lost``, or to be re-sent): back in the
+    publish queue now with fresh counts. Idempotent: the conditional create on the assessment's identifier
+    finds a RiskAssessment already written. False if unknown or being published."""
+    if not svc.store.requeue_assessment(identifier):
+        return False
+    svc.enqueue("publish", [identifier])
+    log.info("operator republish of %s", identifier)
+    return True
+
+
+def reassess_patient(svc: Services, fhir_id: str) -> bool:
+    """Operator replay of a patient's assessment (e.g. given up as ``worker_lost``): flagged for scoring now
+    with fresh counts. Same inputs give the same identity, so nothing is duplicated. False if unknown or being
+    assessed."""
+    if not svc.store.requeue_patient(fhir_id):
+        return False
+    svc.enqueue("assess", [fhir_id])
+    log.info("operator reassessment of %s", pseudonym(fhir_id))
+    return True

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from integration.domain.limits import ImageLimits
 from integration.domain.policy import RiskPolicy
 from integration.domain.series import SeriesRules
 from integration.ports import ChangeFeed, Clock, Ehr, Pacs, RiskModel, Store
@@ -47,3 +48,10 @@ class Services:
     enqueue: Callable[[str, list[str]], None] = lambda stage, ids: None
     #: Reaper: claims older than this are considered dead and released.
     stale_claim_s: float = 600.0
+    #: Claims lost to dying workers before the work is failed as ``worker_lost`` (an operator replays it).
+    max_lost_claims: int = 3
+    #: What the sweep and the EHR poll enqueue is not due again for this long (its message is in the queue; a
+    #: lost one is re-sent after it): longer than a queued message normally waits.
+    redeliver_after_s: float = 120.0
+    #: Sizes of series and images (checked before a series is retrieved, and by the PACS adapter while it is).
+    limits: ImageLimits = field(default_factory=ImageLimits)

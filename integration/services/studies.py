@@ -8,12 +8,13 @@ import os
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 
 from inference.preprocess import PreprocessError, stack_slices, volume_tensor
 from integration.domain.identity import pseudonym
-from integration.domain.ids import is_dicom_uid, shown
+from integration.domain.ids import is_dicom_uid, opaque_name, shown
 from integration.domain.records import BuiltVolume, StudyStatus
 from integration.domain.redact import describe_exception
 from integration.domain.retry import backoff_at
@@ -64,6 +65,8 @@ def detect_studies(svc: Services) -> list[str]:
         while True:
             uids, cursor, done = svc.feed.stable_studies(cursor, 200)
             for uid in dict.fromkeys(uids):
+                if not _valid_study_uid(svc, uid, "orthanc-changes"):
+                    continue
                 ref = svc.pacs.get_study(uid)
                 if ref is not None and svc.store.add_study(ref, "orthanc-changes", now):
                     new.append(uid)
@@ -87,8 +90,20 @@ def _studies_in_window(svc: Services, window: StudyWindow, source: str) -> list[
     """
     now = svc.clock.now()
     refs = [r for r in svc.pacs.find_studies(*window.query_dates()) if window.contains(r)]
+    refs = [r for r in refs if _valid_study_uid(svc, r.study_uid, source)]
     known = svc.store.known_studies(r.study_uid for r in refs)
     return [r.study_uid for r in refs if r.study_uid not in known and svc.store.add_study(r, source, now)]
+
+
+def _valid_study_uid(svc: Services, uid: str, source: str) -> bool:
+    """A study UID from the PACS goes into URLs and the database: anything but a PS3.5 UID is recorded as
+    ``invalid_uid`` (under a derived subject: the value itself may be 200 characters or ``../``) and dropped."""
+    if is_dicom_uid(uid):
+        return True
+    message = f"the PACS ({source}) lists a study whose StudyInstanceUID {shown(uid)} is not a DICOM UID (PS3.5 9.1)"
+    svc.store.record_failure("detect", f"uid:{opaque_name(uid)[:40]}", Outcome.INVALID_UID, message, False)
+    log.warning("%s; skipped", message)
+    return False
 
 
 def register_study(svc: Services, study_uid: str, source: str = "api") -> bool:
@@ -169,14 +184,15 @@ def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
 
 def _build_volume(svc: Services, study_uid: str) -> BuiltVolume:
     """Choose the series, retrieve it, build the model's volume tensor and write it atomically."""
-    if not is_dicom_uid(study_uid):  # it goes into PACS URLs and names a file: "../x" must reach neither
-        raise DomainError(Outcome.INTERNAL_ERROR, f"refused {shown(study_uid)}: not a DICOM UID")
+    if not is_dicom_uid(study_uid):  # it goes into PACS URLs: "../x" must not reach one
+        raise DomainError(Outcome.INVALID_UID, f"refused {shown(study_uid)}: not a DICOM UID")
     series = svc.pacs.list_series(study_uid)
     chosen, decisions = choose(series, svc.rules)
     svc.store.record_series_decisions(study_uid, decisions, chosen.series.series_uid if chosen else None)
     if chosen is None:
         reasons = "; ".join(d.reason for d in decisions) or "the study has no series"
         raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"no eligible brain CT/MR series: {reasons}")
+    svc.limits.check_series(chosen.series)  # the counts the PACS declared, before a byte is retrieved
     modality, slices = svc.pacs.retrieve_series(study_uid, chosen.series.series_uid)
     try:
         image = volume_tensor(stack_slices(slices), modality)
@@ -184,16 +200,26 @@ def _build_volume(svc: Services, study_uid: str) -> BuiltVolume:
         raise DomainError(_PREPROCESS_OUTCOMES.get(err.code, Outcome.CORRUPT_PIXEL_DATA), str(err)) from err
     if not np.isfinite(image).all():
         raise DomainError(Outcome.CORRUPT_PIXEL_DATA, "volume contains non-finite values")
-    path = svc.volumes_dir / f"{study_uid}.npy"
+    path = volume_path(svc.volumes_dir, study_uid)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # patient data: the engine's user only
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)  # PHI: the engine's user only
     os.fchmod(fd, 0o600)  # also when a crashed attempt left the file behind with another mode
     with os.fdopen(fd, "wb") as handle:
         np.save(handle, image)
     tmp.replace(path)  # atomic: a reader never sees half a volume
     digest = hashlib.sha256(image.tobytes()).hexdigest()
     return BuiltVolume(str(path), digest, chosen.series.series_uid, modality)
+
+
+def volume_path(volumes_dir: Path, study_uid: str) -> Path:
+    """Where a study's volume is written: a name derived from the UID (SHA-256), never the UID itself, and
+    checked to lie directly in ``volumes_dir`` once resolved (a symlinked file is refused too)."""
+    directory = volumes_dir.resolve()
+    path = directory / f"{opaque_name(study_uid)}.npy"
+    if path.resolve().parent != directory:
+        raise DomainError(Outcome.INTERNAL_ERROR, f"the volume of study {shown(study_uid)} would leave {directory}")
+    return path
 
 
 def _study_failed(svc: Services, study_uid: str, attempts: int, err: DomainError) -> IngestResult:

@@ -8,7 +8,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from integration.domain.identity import pseudonym
-from integration.domain.types import DomainError
+from integration.domain.ids import opaque_name
+from integration.domain.retry import backoff_at
+from integration.domain.types import DomainError, Outcome, RejectedValue
 from integration.domain.vitals import parse_observations, vital_codes
 from integration.domain.window import study_anchor, sync_since
 from integration.services.context import Services
@@ -17,6 +19,10 @@ log = logging.getLogger(__name__)
 
 #: Re-read a little before the cursor: servers' lastUpdated has coarse resolution and ties.
 CURSOR_OVERLAP = timedelta(seconds=2)
+#: A failing sync (EHR down, 429, a 4xx) is retried at retry_backoff_s doubling, at most this far apart.
+RETRY_CAP_S = 3600.0
+#: The failure ledger's subject column.
+_SUBJECT_MAX = 128
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,19 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     try:
         resources = svc.ehr.search_observations(patient_fhir_id, vital_codes(), since, updated_since)
     except DomainError as err:
+        # Backoff per patient (the sweep and the EHR poll skip it until then), honouring the EHR's Retry-After.
+        attempts = patient.vitals_attempts + 1
+        retry_at = backoff_at(now, attempts, svc.retry_backoff_s, err.retry_after, cap_s=RETRY_CAP_S)
+        svc.store.set_vitals_retry(patient_fhir_id, attempts, retry_at)
         svc.store.record_failure("vitals", patient_fhir_id, err.outcome, err.message, err.retryable)
-        log.warning("vitals sync for %s failed: %s", pseudonym(patient_fhir_id), err.outcome.value)
+        log.warning("vitals sync for %s failed (%d in a row): %s", pseudonym(patient_fhir_id), attempts,
+                    err.outcome.value)
         raise
     parsed = parse_observations(resources)
-    for rej in parsed.rejected:
+    for (observation_id, outcome), reason in _rejections(parsed.rejected).items():
         svc.store.record_failure(
-            "vitals", rej.observation_id, rej.outcome, rej.reason, False, {"patient": patient_fhir_id}
+            "vitals", rejected_subject(patient_fhir_id, observation_id), outcome, reason, False,
+            {"patient": patient_fhir_id, "observation": observation_id},
         )
     accepted_ids = {v.observation_id for v in parsed.accepted}
     removed = {str(r.get("id")) for r in resources if r.get("id") and str(r.get("id")) not in accepted_ids}
@@ -67,6 +79,8 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     if patient.vitals_cursor and cursor and cursor < patient.vitals_cursor:
         cursor = patient.vitals_cursor
     svc.store.set_vitals_cursor(patient_fhir_id, cursor, now)
+    if patient.vitals_attempts:  # the sync failed before: that failure is over
+        svc.store.resolve_failures("vitals", patient_fhir_id, now)
     first_time = patient.vitals_synced_at is None
     if changed or first_time:
         svc.store.mark_needs_assessment(patient_fhir_id)
@@ -81,6 +95,27 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     )
     return VitalsResult(patient_fhir_id, len(resources), len(parsed.accepted), len(parsed.rejected), changed)
 
+
+
+def rejected_subject(patient_fhir_id: str, observation_id: str) -> str:
+    """The failure ledger's subject for a rejected Observation: ``{patient}/{observation}``, so each patient's
+    bad value has one open row (per outcome) however often it is polled, and two patients' Observations with the
+    same id never share one. Both ids shown (FHIR ids, no PHI); over the column's 128 characters (two 64-character
+    ids) the Observation part becomes a digest of both."""
+    subject = f"{patient_fhir_id}/{observation_id}"
+    if len(subject) <= _SUBJECT_MAX:
+        return subject
+    return f"{patient_fhir_id[:_SUBJECT_MAX - 66]}/{opaque_name(subject)[:64]}"
+
+
+def _rejections(rejected: list[RejectedValue]) -> dict[tuple[str, Outcome], str]:
+    """One entry per (Observation, outcome): a blood-pressure panel with both components implausible is one
+    problem of that Observation (its reasons joined), counted once per sync."""
+    out: dict[tuple[str, Outcome], str] = {}
+    for rej in rejected:
+        key = (rej.observation_id, rej.outcome)
+        out[key] = rej.reason if key not in out or rej.reason in out[key] else f"{out[key]}; {rej.reason}"
+    return out
 
 
 def request_vitals_sync(svc: Services, patient_ids: list[str]) -> list[str]:

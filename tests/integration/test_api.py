@@ -343,6 +343,7 @@ def test_failures_list_the_unmatched_patient_with_a_named_outcome(processed: Api
     assert failure["subject"] == processed.unmatched.study_uid
     assert failure["outcome"] == "unmatched_patient" and failure["retryable"] is True
     assert failure["resolved_at"] is None and failure["created_at"]
+    assert failure["occurrences"] >= 1 and failure["last_seen_at"] >= failure["created_at"]  # one row, counted
     assert processed.unmatched.mrn not in failure["message"]  # PHI stays out of messages
     none = processed.client.get("/failures", params={"outcome": "ehr_rejected"}).json()
     assert none["total"] == 0
@@ -375,6 +376,56 @@ def test_operator_retry_requeues_a_held_study(processed: Api) -> None:
     assert processed.queue.sent[before:] == [("ingest", [uid])]
     assert processed.client.get(f"/studies/{uid}").json()["status"] == "retry"
     assert processed.client.post("/studies/1.2.3.4.5.6.7.8.9/retry").status_code == 404
+
+
+def test_operator_republish_and_reassess_requeue_and_never_duplicate(processed: Api) -> None:
+    svc, client = processed.engine.services, processed.client
+    patient = svc.store.get_study(processed.matched.study_uid).patient_fhir_id
+    current = svc.store.latest_assessment(patient)
+    assert current is not None and current.status == "published"
+    before = len(processed.queue.sent)
+    resp = client.post(f"/assessments/{current.identifier}/republish")
+    assert resp.status_code == 202, resp.text
+    assert processed.queue.sent[before:] == [("publish", [current.identifier])]
+    assert publish(svc, current.identifier) == "published"  # what the worker does with it: found, not duplicated
+    in_ehr = svc.ehr.search("RiskAssessment", {"identifier": f"{ASSESSMENT_SYSTEM}|{current.identifier}"})
+    assert [r["id"] for r in in_ehr] == [current.fhir_id]
+    assert client.post("/assessments/0123456789abcdef/republish").status_code == 404
+    resp = client.post(f"/patients/{patient}/reassess")
+    assert resp.status_code == 202, resp.text
+    assert processed.queue.sent[-1] == ("assess", [patient])
+    assert [(r.status, r.identifier) for r in assess_patients(svc, [patient])] == [("unchanged", current.identifier)]
+    assert client.post("/patients/no-such-patient/reassess").status_code == 404
+
+
+def test_cli_republish_resends_an_assessment_without_duplicating_it(
+    processed: Api, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from integration.entrypoints.cli import app as cli
+
+    svc = processed.engine.services
+    current = svc.store.latest_assessment(svc.store.get_study(processed.matched.study_uid).patient_fhir_id)
+    assert current is not None and current.fhir_id
+    env = {
+        "STROKEWATCH_SANDBOX": "true",
+        "STROKEWATCH_DATA_DIR": str(processed.engine.settings.data_dir),
+        "STROKEWATCH_PACS__DICOMWEB_URL": orthanc_peer.dicomweb_url,
+        "STROKEWATCH_PACS__KIND": "generic",
+        "STROKEWATCH_EHR__BASE_URL": fhir_peer.base_url,
+        "STROKEWATCH_ASSESSMENT_IDENTIFIER_SYSTEM": ASSESSMENT_SYSTEM,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(cli, ["republish", current.identifier], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    shown = "".join(result.output.split())  # rich wraps at the terminal's width
+    assert f"{current.identifier}:publishedRiskAssessment/{current.fhir_id}" in shown
+    in_ehr = svc.ehr.search("RiskAssessment", {"identifier": f"{ASSESSMENT_SYSTEM}|{current.identifier}"})
+    assert len(in_ehr) == 1
+    unknown = CliRunner().invoke(cli, ["republish", "0" * 40], terminal_width=200)
+    assert unknown.exit_code == 1 and "isnotknown" in "".join(unknown.output.split())
 
 
 def test_orthanc_style_webhook_resolves_the_orthanc_id(processed: Api, orthanc_peer: OrthancPeer) -> None:

@@ -102,6 +102,7 @@ class World:
     settings: Settings
     patient: str
     study_uid: str
+    identifier: str  # the patient's published assessment
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def world(
         sync_vitals(svc, result.patient_fhir_id)
         (assessed,) = assess_patients(svc, [result.patient_fhir_id])
         assert assessed.identifier and publish(svc, assessed.identifier) == "published"
-        yield World(client, queue, idp, cds_ehr, settings_, result.patient_fhir_id, uid)
+        yield World(client, queue, idp, cds_ehr, settings_, result.patient_fhir_id, uid, assessed.identifier)
 
 
 # -- the matrix ------------------------------------------------------------------------------------------------
@@ -143,6 +144,7 @@ CASES = ("none", "bad_signature", "expired", "wrong_audience", "wrong_role", "va
 def request_for(world: World, method: str, path: str) -> tuple[str, bytes, dict[str, str]]:
     """A well-formed request for the route (so that, once admitted, it succeeds): URL, body, content type."""
     url = path.replace("{fhir_id}", world.patient).replace("{study_uid}", world.study_uid)
+    url = url.replace("{identifier}", world.identifier)
     bodies: dict[tuple[str, str], Any] = {
         ("POST", "/webhooks/orthanc/stable-study"): {"StudyInstanceUID": world.study_uid},
         ("POST", "/webhooks/fhir/subscription"): {"resourceType": "Bundle", "type": "history", "entry": []},
@@ -215,6 +217,8 @@ def test_authorization_matrix_over_every_route_of_the_openapi_schema(world: Worl
     routes = [(m.upper(), p) for p, ops in schema["paths"].items() for m in ops]
     assert len(routes) >= 13, routes
     assert {("GET", "/patients/{fhir_id}"), ("POST", "/studies/{study_uid}/retry"), *PUBLIC, *CDS} <= set(routes)
+    replays = {("POST", "/patients/{fhir_id}/reassess"), ("POST", "/assessments/{identifier}/republish")}
+    assert replays <= set(routes)  # operator replays: operate role (the matrix below checks each case)
     wrong: list[str] = []
     for method, path in routes:
         access = expected_access(method, path)

@@ -175,7 +175,10 @@ def test_ehr_down_during_vitals_sync_is_ehr_unavailable(tmp_path: Path, fresh_or
         with pytest.raises(DomainError) as err:
             sync_vitals(down.services, pid)
         assert err.value.outcome is Outcome.EHR_UNAVAILABLE
-        assert down.store.patients_needing_vitals() == [pid]  # still due: nothing lost
+        patient = down.store.get_patient(pid)  # still to sync: nothing lost; backing off, honouring the EHR
+        assert patient is not None and patient.vitals_attempts == 1 and patient.vitals_next_attempt_at is not None
+        assert down.store.patients_needing_vitals(datetime.now(UTC)) == []
+        assert down.store.patients_needing_vitals(patient.vitals_next_attempt_at) == [pid]
         assert down.store.patients_due(datetime.now(UTC), 10) == []  # not scored without its vitals
     finally:
         down.close()

@@ -2,32 +2,50 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 import pytest
 
+from integration.adapters.db import queries
 from integration.adapters.db.session import current_revision, make_engine, upgrade
 from integration.adapters.db.store import SqlStore
+from integration.domain.types import Outcome, StudyRef
 from integration.services.assess import assess_patients
 from integration.services.context import Services
 from integration.services.studies import ingest_study
 from tests.unit.fakes import STUDY, FakeClock, FakeEhr, FakeModel, FakePacs
 from tests.unit.test_services import run_flow
 from tests.unit.test_store_contract import (  # noqa: F401  the Store contract, run here on PostgreSQL
+    test_a_failed_vitals_sync_backs_off_and_a_success_resets_it,
+    test_a_repeated_failure_is_one_open_row_that_counts_its_occurrences,
+    test_a_success_clears_the_lost_claims_and_work_in_progress_is_not_replayed,
     test_assessments_are_unique_supersede_and_publish,
+    test_due_work_is_leased_once_and_still_claimed_by_its_message,
     test_fresh_studies_are_due_only_after_the_grace_period,
     test_held_studies_are_listed_by_patient_and_released_once,
     test_latest_ready_study_is_the_newest_taken,
+    test_lost_claims_are_counted_and_the_third_gives_up_as_worker_lost,
+    test_old_vitals_go_except_those_in_a_current_window,
     test_patients_are_claimed_once_and_back_off,
+    test_resolved_failures_and_superseded_assessments_are_pruned_in_batches,
     test_stale_claims_are_released_and_failures_counted,
     test_studies_are_deduplicated_claimed_once_and_follow_their_states,
+    test_study_volumes_are_listed_by_age_and_forgotten_conditionally,
+    test_the_ehr_poll_follows_patients_with_a_study_in_the_window,
+    test_the_least_recently_synced_are_polled_first,
+    test_vitals_are_matched_per_patient,
     test_vitals_count_changes_and_read_the_half_open_window,
 )
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+T = TypeVar("T")
 
 
 @pytest.fixture()
@@ -62,7 +80,7 @@ def svc(pg_url: str, tmp_path: Path) -> Services:
 def test_migrations_reach_head_and_are_idempotent(pg_url: str) -> None:
     upgrade(pg_url)
     upgrade(pg_url)
-    assert current_revision(pg_url) == "0001"
+    assert current_revision(pg_url) == "0002"
 
 
 def test_full_flow_on_postgres_and_claims_are_exclusive(svc: Services) -> None:
@@ -77,3 +95,47 @@ def test_full_flow_on_postgres_and_claims_are_exclusive(svc: Services) -> None:
     assert svc.store.claim_study(STUDY, svc.clock.now()) is True
     assert svc.store.claim_study(STUDY, svc.clock.now()) is False
     assert ingest_study(svc, STUDY).status == "skipped"  # held by the first claim
+
+
+# -- concurrency of the failure ledger and the leases (issue 17) ------------------------------------------------
+
+def _together(n: int, work: Callable[[int], T]) -> list[T]:
+    """``work(0..n-1)`` on n threads released at the same moment (each with its own connections)."""
+    start = threading.Barrier(n)
+
+    def run(k: int) -> T:
+        start.wait()
+        return work(k)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(run, range(n)))
+
+
+def test_concurrent_repeats_of_one_failure_leave_one_row_counting_them_all(pg_url: str) -> None:
+    upgrade(pg_url)
+    stores = [SqlStore(make_engine(pg_url)) for _ in range(8)]  # eight workers, eight connection pools
+
+    def report(k: int) -> None:
+        for i in range(25):
+            stores[k].record_failure("vitals", "p1/o1", Outcome.IMPLAUSIBLE_VALUE, f"hr {k}.{i}", False)
+
+    _together(8, report)
+    counts = stores[0].counts()
+    assert counts["open_failures"] == {"implausible_value": 1}
+    assert counts["open_failure_occurrences"] == {"implausible_value": 200}
+    (row,) = queries.list_failures(stores[0].sessions, open_only=True).items
+    assert row.occurrences == 200 and row.last_seen_at is not None and row.last_seen_at >= row.created_at
+
+
+def test_concurrent_sweeps_lease_each_due_row_once(pg_url: str) -> None:
+    upgrade(pg_url)
+    stores = [SqlStore(make_engine(pg_url)) for _ in range(4)]
+    now = datetime.now(UTC)
+    uids = [f"1.2.{k}" for k in range(60)]
+    for uid in uids:
+        stores[0].add_study(StudyRef(uid, "MRN1", None, now), "qido", now - timedelta(minutes=5))
+    until = now + timedelta(minutes=2)
+    taken = _together(4, lambda k: stores[k].lease_due_studies(now, until, limit=25))
+    flat = [uid for batch in taken for uid in batch]
+    assert sorted(flat) == sorted(uids)  # every due study handed out, none twice
+    assert stores[0].lease_due_studies(now, until, limit=100) == []

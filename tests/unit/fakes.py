@@ -24,10 +24,12 @@ from integration.domain.records import (
     NewAssessment,
     PatientRecord,
     PatientStatus,
+    ReleasedClaims,
     StudyRecord,
     StudyStatus,
 )
 from integration.domain.types import DomainError, Outcome, PatientInfo, SeriesDecision, SeriesRef, StudyRef, VitalValue
+from integration.domain.window import study_anchor
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -49,6 +51,9 @@ class _Failure:
     retryable: bool
     details: dict[str, Any] | None
     resolved_at: datetime | None = None
+    occurrences: int = 1
+    created_at: datetime | None = None
+    last_seen_at: datetime | None = None
 
 
 class FakeStore:
@@ -60,7 +65,7 @@ class FakeStore:
         self.studies: dict[str, StudyRecord] = {}
         self.decisions: dict[str, dict[str, tuple[SeriesDecision, bool]]] = {}
         self.patients: dict[str, PatientRecord] = {}
-        self.vitals: dict[tuple[str, str], tuple[str, VitalValue]] = {}  # (observation, feature) -> (patient, v)
+        self.vitals: dict[tuple[str, str, str], tuple[str, VitalValue]] = {}  # (patient, obs, feature) -> (patient, v)
         self.assessments: dict[str, AssessmentRecord] = {}
         self.failures: list[_Failure] = []
         self._order = itertools.count()
@@ -109,7 +114,22 @@ class FakeStore:
 
     def set_study_ready(self, uid: str, patient_fhir_id: str) -> None:
         self._set(uid, status=StudyStatus.READY, outcome=None, reason=None, patient_fhir_id=patient_fhir_id,
-                  next_attempt_at=None, claimed_at=None)
+                  next_attempt_at=None, claimed_at=None, lost_claims=0)
+
+    def clear_study_volume(self, uid: str, path: str) -> bool:
+        row = self.studies.get(uid)
+        if row is None or row.volume_path != path or row.status is StudyStatus.PROCESSING:
+            return False
+        self._set(uid, volume_path=None)
+        return True
+
+    def studies_with_volumes(self, detected_before: datetime, after_uid: str, limit: int) -> list[StudyRecord]:
+        found = sorted(
+            (s for s in self.studies.values()
+             if s.volume_path is not None and s.status in (StudyStatus.READY, StudyStatus.FAILED)
+             and s.detected_at < detected_before and s.study_uid > after_uid),
+            key=lambda s: s.study_uid)
+        return found[:limit]
 
     def set_study_outcome(self, uid: str, status: StudyStatus, outcome: Outcome, reason: str,
                           next_attempt_at: datetime | None) -> None:
@@ -120,7 +140,7 @@ class FakeStore:
         row = self.studies.get(uid)
         if row is None or row.status is StudyStatus.PROCESSING:
             return False
-        self._set(uid, status=StudyStatus.RETRY, next_attempt_at=None, attempts=0)
+        self._set(uid, status=StudyStatus.RETRY, next_attempt_at=None, attempts=0, lost_claims=0)
         return True
 
     def studies_due(self, now: datetime, limit: int = 100, grace_s: float = 30.0) -> list[str]:
@@ -133,21 +153,50 @@ class FakeStore:
         ]
         return due[:limit]
 
-    def release_stale_claims(self, older_than: datetime) -> int:
-        n = 0
+    def _lease(self, ids: list[str], until: datetime, lease: Any) -> list[str]:
+        for key in ids:
+            lease(key, until)
+        return ids
+
+    def lease_due_studies(self, now: datetime, until: datetime, limit: int = 100, grace_s: float = 30.0) -> list[str]:
+        return self._lease(self.studies_due(now, limit, grace_s), until,
+                           lambda uid, t: self._set(uid, next_attempt_at=t))
+
+    def release_stale_claims(self, older_than: datetime, max_lost_claims: int = 3) -> ReleasedClaims:
+        n, given_up = 0, []
+        lost = Outcome.WORKER_LOST.value
         for s in list(self.studies.values()):
             if s.status is StudyStatus.PROCESSING and s.claimed_at is not None and s.claimed_at < older_than:
-                self._set(s.study_uid, status=StudyStatus.RETRY, next_attempt_at=None)
+                if s.lost_claims + 1 >= max_lost_claims:
+                    self._set(s.study_uid, status=StudyStatus.FAILED, next_attempt_at=None, claimed_at=None,
+                              outcome=lost, reason="worker lost", lost_claims=s.lost_claims + 1)
+                    given_up.append(("ingest", s.study_uid))
+                    continue
+                self._set(s.study_uid, status=StudyStatus.RETRY, next_attempt_at=None, lost_claims=s.lost_claims + 1)
                 n += 1
         for p in list(self.patients.values()):
             if p.status is PatientStatus.ASSESSING and p.claimed_at is not None and p.claimed_at < older_than:
-                self.patients[p.fhir_id] = replace(p, status=PatientStatus.IDLE, needs_assessment=True)
+                if p.lost_claims + 1 >= max_lost_claims:
+                    self.patients[p.fhir_id] = replace(p, status=PatientStatus.IDLE, needs_assessment=False,
+                                                       next_attempt_at=None, claimed_at=None, outcome=lost,
+                                                       reason="worker lost", lost_claims=p.lost_claims + 1)
+                    given_up.append(("assess", p.fhir_id))
+                    continue
+                self.patients[p.fhir_id] = replace(p, status=PatientStatus.IDLE, needs_assessment=True,
+                                                   lost_claims=p.lost_claims + 1)
                 n += 1
         for a in list(self.assessments.values()):
             if a.status is AssessmentStatus.PUBLISHING and a.claimed_at is not None and a.claimed_at < older_than:
-                self.assessments[a.identifier] = replace(a, status=AssessmentStatus.SCORED)
+                if a.lost_claims + 1 >= max_lost_claims:
+                    self.assessments[a.identifier] = replace(a, status=AssessmentStatus.FAILED, next_attempt_at=None,
+                                                             claimed_at=None, outcome=lost, reason="worker lost",
+                                                             lost_claims=a.lost_claims + 1)
+                    given_up.append(("publish", a.identifier))
+                    continue
+                self.assessments[a.identifier] = replace(a, status=AssessmentStatus.SCORED,
+                                                         lost_claims=a.lost_claims + 1)
                 n += 1
-        return n
+        return ReleasedClaims(n, tuple(given_up))
 
     def latest_ready_study(self, patient_fhir_id: str) -> StudyRecord | None:
         ready = [s for s in self.studies.values()
@@ -177,9 +226,6 @@ class FakeStore:
     def get_patient(self, fhir_id: str) -> PatientRecord | None:
         return self.patients.get(fhir_id)
 
-    def all_patient_ids(self) -> list[str]:
-        return list(self.patients)
-
     def _patient(self, fhir_id: str, **values: Any) -> None:
         if fhir_id in self.patients:
             self.patients[fhir_id] = replace(self.patients[fhir_id], **values)
@@ -191,6 +237,9 @@ class FakeStore:
         return [p.fhir_id for p in self.patients.values()
                 if p.needs_assessment and p.vitals_synced_at is not None and p.status is PatientStatus.IDLE
                 and (p.next_attempt_at is None or p.next_attempt_at <= now)][:limit]
+
+    def lease_due_patients(self, now: datetime, until: datetime, limit: int) -> list[str]:
+        return self._lease(self.patients_due(now, limit), until, lambda pid, t: self._patient(pid, next_attempt_at=t))
 
     def claim_patient(self, fhir_id: str, now: datetime) -> bool:
         p = self.patients.get(fhir_id)
@@ -207,33 +256,63 @@ class FakeStore:
         if retry_at is not None:
             values.update(needs_assessment=True, next_attempt_at=retry_at)
         else:
-            values.update(attempts=0, next_attempt_at=None)
+            values.update(attempts=0, next_attempt_at=None, lost_claims=0)
         self._patient(fhir_id, **values)
+
+    def requeue_patient(self, fhir_id: str) -> bool:
+        p = self.patients.get(fhir_id)
+        if p is None or p.status is PatientStatus.ASSESSING:
+            return False
+        self._patient(fhir_id, needs_assessment=True, attempts=0, lost_claims=0, next_attempt_at=None)
+        return True
 
     def require_vitals_sync(self, fhir_id: str) -> None:
         self._patient(fhir_id, vitals_synced_at=None)
 
-    def patients_needing_vitals(self, limit: int = 1000) -> list[str]:
-        return [p.fhir_id for p in self.patients.values() if p.vitals_synced_at is None][:limit]
+    @staticmethod
+    def _vitals_due(p: PatientRecord, now: datetime) -> bool:
+        return p.vitals_next_attempt_at is None or p.vitals_next_attempt_at <= now
+
+    def patients_needing_vitals(self, now: datetime, limit: int = 1000) -> list[str]:
+        return [p.fhir_id for p in self.patients.values()
+                if p.vitals_synced_at is None and self._vitals_due(p, now)][:limit]
+
+    def _lease_vitals(self, fhir_id: str, until: datetime) -> None:
+        self._patient(fhir_id, vitals_next_attempt_at=until)
+
+    def lease_patients_needing_vitals(self, now: datetime, until: datetime, limit: int = 1000) -> list[str]:
+        return self._lease(self.patients_needing_vitals(now, limit), until, self._lease_vitals)
+
+    def lease_patients_in_window(self, now: datetime, since: datetime, until: datetime, limit: int = 1000) -> list[str]:
+        recent = {s.patient_fhir_id for s in self.studies.values()
+                  if s.status is StudyStatus.READY and study_anchor(s.study_datetime, s.detected_at) >= since}
+        order = {pid: k for k, pid in enumerate(self.patients)}
+        found = sorted((p for p in self.patients.values() if p.fhir_id in recent and self._vitals_due(p, now)),
+                       key=lambda p: (p.vitals_synced_at is not None, p.vitals_synced_at or NOW, order[p.fhir_id]))
+        return self._lease([p.fhir_id for p in found][:limit], until, self._lease_vitals)
+
+    def set_vitals_retry(self, fhir_id: str, attempts: int, retry_at: datetime) -> None:
+        self._patient(fhir_id, vitals_attempts=attempts, vitals_next_attempt_at=retry_at)
 
     def set_vitals_cursor(self, fhir_id: str, cursor: datetime | None, synced_at: datetime) -> None:
+        reset: dict[str, Any] = {"vitals_attempts": 0, "vitals_next_attempt_at": None}
         if cursor is None:
-            self._patient(fhir_id, vitals_synced_at=synced_at)
+            self._patient(fhir_id, vitals_synced_at=synced_at, **reset)
         else:
-            self._patient(fhir_id, vitals_synced_at=synced_at, vitals_cursor=cursor)
+            self._patient(fhir_id, vitals_synced_at=synced_at, vitals_cursor=cursor, **reset)
 
     # -- vitals --
     def replace_vitals(self, fhir_id: str, values: Sequence[VitalValue], removed_observation_ids: Iterable[str]) -> int:
         changed = 0
         removed = set(removed_observation_ids)
-        for key in [k for k, (pid, _) in self.vitals.items() if pid == fhir_id and k[0] in removed]:
+        for key in [k for k in self.vitals if k[0] == fhir_id and k[1] in removed]:
             del self.vitals[key]
             changed += 1
-        for v in values:
-            old = self.vitals.get((v.observation_id, v.feature))
+        for v in values:  # matched within the patient only, like the database's unique key
+            old = self.vitals.get((fhir_id, v.observation_id, v.feature))
             if old is None or old[1].value != v.value or old[1].effective != v.effective:
                 changed += 1
-                self.vitals[(v.observation_id, v.feature)] = (fhir_id if old is None else old[0], v)
+                self.vitals[(fhir_id, v.observation_id, v.feature)] = (fhir_id, v)
         return changed
 
     def vitals_between(self, fhir_id: str, start: datetime, end: datetime) -> list[VitalValue]:
@@ -243,6 +322,22 @@ class FakeStore:
     def latest_vital_time(self, fhir_id: str, not_after: datetime) -> datetime | None:
         times = [v.effective for pid, v in self.vitals.values() if pid == fhir_id and v.effective <= not_after]
         return max(times, default=None)
+
+    def prune_vitals(self, before: datetime, window: timedelta, batch_size: int, *, dry_run: bool = False) -> int:
+        ends: dict[str, list[datetime]] = {}
+        for pid in {pid for pid, _ in self.vitals.values()}:
+            study = self.latest_ready_study(pid)
+            newest = max((v.effective for p, v in self.vitals.values() if p == pid), default=None)
+            anchor = study_anchor(study.study_datetime, study.detected_at) if study else None
+            inputs = [t for t in (anchor, newest) if t]
+            ends[pid] = [a.window_end for a in self.assessments.values()
+                         if a.patient_fhir_id == pid and not a.superseded] + ([max(inputs)] if inputs else [])
+        gone = [key for key, (pid, v) in self.vitals.items()
+                if v.effective < before and not any(end - window <= v.effective <= end for end in ends[pid])]
+        if not dry_run:
+            for key in gone:
+                del self.vitals[key]
+        return len(gone)
 
     # -- assessments --
     def get_assessment(self, identifier: str) -> AssessmentRecord | None:
@@ -275,7 +370,24 @@ class FakeStore:
     def set_assessment_published(self, identifier: str, fhir_id: str, at: datetime) -> None:
         a = self.assessments[identifier]
         self.assessments[identifier] = replace(a, status=AssessmentStatus.PUBLISHED, fhir_id=fhir_id,
-                                               published_at=at, outcome=None, reason=None, claimed_at=None)
+                                               published_at=at, outcome=None, reason=None, claimed_at=None,
+                                               lost_claims=0)
+
+    def requeue_assessment(self, identifier: str) -> bool:
+        a = self.assessments.get(identifier)
+        if a is None or a.status is AssessmentStatus.PUBLISHING:
+            return False
+        self.assessments[identifier] = replace(a, status=AssessmentStatus.RETRY, attempts=0, lost_claims=0,
+                                               next_attempt_at=None)
+        return True
+
+    def prune_superseded_assessments(self, before: datetime, batch_size: int, *, dry_run: bool = False) -> int:
+        gone = [a.identifier for a in self.assessments.values()
+                if a.superseded and a.created_at < before and a.status is not AssessmentStatus.PUBLISHING]
+        if not dry_run:
+            for identifier in gone:
+                del self.assessments[identifier]
+        return len(gone)
 
     def set_assessment_outcome(self, identifier: str, status: AssessmentStatus, outcome: Outcome, reason: str,
                                next_attempt_at: datetime | None) -> None:
@@ -288,10 +400,30 @@ class FakeStore:
                 if a.status in (AssessmentStatus.SCORED, AssessmentStatus.RETRY)
                 and (a.next_attempt_at is None or a.next_attempt_at <= now)][:limit]
 
+    def lease_due_assessments(self, now: datetime, until: datetime, limit: int = 100) -> list[str]:
+        def lease(identifier: str, t: datetime) -> None:
+            self.assessments[identifier] = replace(self.assessments[identifier], next_attempt_at=t)
+
+        return self._lease(self.assessments_due(now, limit), until, lease)
+
     # -- failures and summaries --
     def record_failure(self, stage: str, subject: str, outcome: Outcome, message: str, retryable: bool,
                        details: dict[str, Any] | None = None) -> None:
-        self.failures.append(_Failure(stage, subject, outcome, message, retryable, details))
+        now = self.clock.now()
+        for f in self.failures:  # one open row per (stage, subject, outcome), like the partial unique index
+            if (f.stage, f.subject, f.outcome, f.resolved_at) == (stage, subject, outcome, None):
+                f.occurrences += 1
+                f.last_seen_at, f.message, f.retryable, f.details = now, message, retryable, details
+                return
+        self.failures.append(_Failure(stage, subject, outcome, message, retryable, details, created_at=now,
+                                      last_seen_at=now))
+
+    def prune_resolved_failures(self, before: datetime, batch_size: int, *, dry_run: bool = False) -> int:
+        kept = [f for f in self.failures if f.resolved_at is None or f.resolved_at >= before]
+        gone = len(self.failures) - len(kept)
+        if not dry_run:
+            self.failures = kept
+        return gone
 
     def resolve_failures(self, stage: str, subject: str, now: datetime) -> None:
         for f in self.failures:
@@ -305,11 +437,16 @@ class FakeStore:
                 out[v] = out.get(v, 0) + 1
             return out
 
+        seen: dict[str, int] = {}
+        for f in self.failures:
+            if f.resolved_at is None:
+                seen[f.outcome.value] = seen.get(f.outcome.value, 0) + f.occurrences
         return {
             "studies": tally(s.status.value for s in self.studies.values()),
             "patients": tally(p.status.value for p in self.patients.values()),
             "assessments": tally(a.status.value for a in self.assessments.values()),
             "open_failures": tally(f.outcome.value for f in self.failures if f.resolved_at is None),
+            "open_failure_occurrences": seen,
         }
 
 

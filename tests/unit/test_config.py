@@ -341,3 +341,17 @@ def test_a_short_pseudonym_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
         Settings()
     monkeypatch.setenv("STROKEWATCH_PRIVACY__PSEUDONYM_KEY", "a-long-enough-hmac-key")
     assert Settings().privacy.pseudonym_key is not None
+
+
+def test_retention_and_lost_claims_have_defaults_and_refuse_nonsense(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings()
+    assert s.max_lost_claims == 3 and s.retention.vitals_days == 400 and s.retention.volumes_days == 7
+    monkeypatch.setenv("STROKEWATCH_RETENTION__RESOLVED_FAILURES_DAYS", "30")
+    monkeypatch.setenv("STROKEWATCH_RETENTION__LOG_BACKUPS", "2")
+    assert (Settings().retention.resolved_failures_days, Settings().retention.log_backups) == (30, 2)
+    for name, value in (("RETENTION__BATCH_SIZE", "0"), ("RETENTION__VITALS_DAYS", "1"), ("MAX_LOST_CLAIMS", "0"),
+                        ("RETENTION__TYPO", "1")):
+        monkeypatch.setenv(f"STROKEWATCH_{name}", value)
+        with pytest.raises(ValidationError):
+            Settings()
+        monkeypatch.delenv(f"STROKEWATCH_{name}")

@@ -290,7 +290,7 @@ def test_volumes_are_written_private(tmp_path: Path, wide_umask: None) -> None:
     register_study(svc, STUDY)
     assert ingest_study(svc, STUDY).status == "ready"
     volumes = list((tmp_path / "volumes").iterdir())
-    assert [v.name for v in volumes] == [f"{STUDY}.npy"]
+    assert [v.name for v in volumes] == [f"{hashlib.sha256(STUDY.encode()).hexdigest()}.npy"]  # derived, not the UID
     assert mode(tmp_path / "volumes") == 0o700 and mode(volumes[0]) == 0o600
 
 

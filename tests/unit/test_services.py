@@ -143,7 +143,7 @@ def test_a_study_uid_that_is_not_a_dicom_uid_never_reaches_the_pacs_or_a_file_na
     assert register_study(svc, uid) is False
     svc.store.add_study(StudyRef(uid, "MRN1", None, NOW), "qido", NOW)  # as if a peer had announced it
     res = ingest_study(svc, uid)
-    assert (res.status, res.outcome) == ("failed", Outcome.INTERNAL_ERROR.value)
+    assert (res.status, res.outcome) == ("failed", Outcome.INVALID_UID.value)
     assert "not a DICOM UID" in (res.reason or "")
     assert calls == [] and svc.pacs.retrievals == 0  # type: ignore[attr-defined]
     assert not svc.volumes_dir.exists() or not any(svc.volumes_dir.iterdir())

@@ -5,14 +5,15 @@ If the fake drifts from the database, these fail; the service tests that use the
 
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from integration.adapters.db.session import make_engine, upgrade
 from integration.adapters.db.store import SqlStore
-from integration.domain.records import AssessmentStatus, BuiltVolume, NewAssessment, StudyStatus
+from integration.domain.records import AssessmentStatus, BuiltVolume, NewAssessment, ReleasedClaims, StudyStatus
 from integration.domain.types import Outcome, StudyRef, VitalValue
 from integration.ports import Store
 from tests.unit.fakes import NOW, FakeClock, FakeStore
@@ -82,7 +83,7 @@ def test_patients_are_claimed_once_and_back_off(store: Store) -> None:
     store.upsert_patient("p1", "1950-01-01", "female")
     store.mark_needs_assessment("p1")
     assert store.patients_due(NOW, 10) == []  # vitals not synced yet
-    assert store.patients_needing_vitals() == ["p1"]
+    assert store.patients_needing_vitals(NOW) == ["p1"]
     store.set_vitals_cursor("p1", NOW, NOW)
     assert store.patients_due(NOW, 10) == ["p1"]
     assert store.claim_patient("p1", NOW) and not store.claim_patient("p1", NOW)
@@ -91,7 +92,7 @@ def test_patients_are_claimed_once_and_back_off(store: Store) -> None:
     p = store.get_patient("p1")
     assert p is not None and p.attempts == 1 and p.outcome == "model_unavailable" and p.vitals_cursor == NOW
     store.require_vitals_sync("p1")
-    assert store.patients_needing_vitals() == ["p1"]
+    assert store.patients_needing_vitals(NOW) == ["p1"]
 
 
 def test_vitals_count_changes_and_read_the_half_open_window(store: Store) -> None:
@@ -135,7 +136,7 @@ def test_stale_claims_are_released_and_failures_counted(store: Store) -> None:
     store.claim_patient("p5", NOW - timedelta(hours=1))
     store.add_assessment(new_assessment("a5"))
     store.claim_assessment("a5", NOW - timedelta(hours=1))
-    assert store.release_stale_claims(NOW - timedelta(minutes=10)) == 3
+    assert store.release_stale_claims(NOW - timedelta(minutes=10)) == ReleasedClaims(3, ())
     assert store.get_study("5.1").status is StudyStatus.RETRY  # type: ignore[union-attr]
     store.record_failure("ingest", "5.1", Outcome.PACS_UNAVAILABLE, "down", True)
     store.record_failure("ingest", "5.1", Outcome.PACS_UNAVAILABLE, "down", True)
@@ -148,3 +149,255 @@ def test_stale_claims_are_released_and_failures_counted(store: Store) -> None:
     store.set_cursor("c", "1")
     store.set_cursor("c", "2")
     assert store.get_cursor("c") == "2" and store.get_cursor("none") is None
+
+
+# -- dead claims and operator replays (issue 17) ---------------------------------------------------------------
+
+def _kill_holders(store: Store, at: datetime) -> ReleasedClaims:
+    """Claim the study, the patient and the assessment at ``at``, as workers that then die, and reap."""
+    assert store.claim_study("6.1", at)
+    store.mark_needs_assessment("p6")
+    assert store.claim_patient("p6", at)
+    assert store.claim_assessment("a6", at)
+    return store.release_stale_claims(at + timedelta(minutes=1), max_lost_claims=3)
+
+
+def test_lost_claims_are_counted_and_the_third_gives_up_as_worker_lost(store: Store) -> None:
+    store.add_study(study("6.1"), "qido", NOW)
+    store.upsert_patient("p6", None, None)
+    store.add_assessment(replace(new_assessment("a6"), patient_fhir_id="p6"))
+    for k in (1, 2):
+        assert _kill_holders(store, NOW + timedelta(hours=k)) == ReleasedClaims(3, ())
+        row, patient, assessment = store.get_study("6.1"), store.get_patient("p6"), store.get_assessment("a6")
+        assert row is not None and row.status is StudyStatus.RETRY and row.lost_claims == k
+        assert patient is not None and patient.needs_assessment and patient.lost_claims == k
+        assert assessment is not None and assessment.status is AssessmentStatus.SCORED and assessment.lost_claims == k
+    # a claim that is not stale yet is neither released nor counted
+    assert store.claim_study("6.1", NOW + timedelta(hours=3))
+    assert store.release_stale_claims(NOW + timedelta(hours=3), max_lost_claims=3) == ReleasedClaims(0, ())
+    store.set_study_outcome("6.1", StudyStatus.RETRY, Outcome.PACS_UNAVAILABLE, "down", None)
+    reaped = _kill_holders(store, NOW + timedelta(hours=4))
+    assert reaped.released == 0
+    assert sorted(reaped.given_up) == [("assess", "p6"), ("ingest", "6.1"), ("publish", "a6")]
+    row, patient, assessment = store.get_study("6.1"), store.get_patient("p6"), store.get_assessment("a6")
+    assert row is not None and row.status is StudyStatus.FAILED and row.outcome == "worker_lost"
+    assert row.lost_claims == 3 and row.claimed_at is None
+    assert patient is not None and not patient.needs_assessment and patient.outcome == "worker_lost"
+    assert store.patients_due(NOW + timedelta(days=1), 10) == []
+    assert assessment is not None and assessment.status is AssessmentStatus.FAILED
+    assert assessment.outcome == "worker_lost" and store.assessments_due(NOW + timedelta(days=1)) == []
+    assert store.studies_due(NOW + timedelta(days=1)) == []
+    # operator replays: fresh counts, due now
+    assert store.requeue_study("6.1") and store.get_study("6.1").lost_claims == 0  # type: ignore[union-attr]
+    assert store.requeue_patient("p6") and store.get_patient("p6").lost_claims == 0  # type: ignore[union-attr]
+    store.set_vitals_cursor("p6", None, NOW)
+    assert store.patients_due(NOW, 10) == ["p6"]
+    assert store.requeue_assessment("a6") and store.assessments_due(NOW) == ["a6"]
+    a6 = store.get_assessment("a6")
+    assert a6 is not None and a6.status is AssessmentStatus.RETRY and a6.lost_claims == 0 and a6.attempts == 0
+    assert not store.requeue_patient("nobody") and not store.requeue_assessment("none")
+
+
+def test_a_success_clears_the_lost_claims_and_work_in_progress_is_not_replayed(store: Store) -> None:
+    store.add_study(study("6.1"), "qido", NOW)
+    store.upsert_patient("p6", None, None)
+    store.add_assessment(replace(new_assessment("a6"), patient_fhir_id="p6"))
+    _kill_holders(store, NOW)
+    assert store.claim_study("6.1", NOW) and store.claim_patient("p6", NOW) and store.claim_assessment("a6", NOW)
+    assert not store.requeue_patient("p6") and not store.requeue_assessment("a6")  # being worked on
+    store.set_study_ready("6.1", "p6")
+    store.release_patient("p6")
+    store.set_assessment_published("a6", "ra-1", NOW)
+    assert store.get_study("6.1").lost_claims == 0  # type: ignore[union-attr]
+    assert store.get_patient("p6").lost_claims == 0  # type: ignore[union-attr]
+    assert store.get_assessment("a6").lost_claims == 0  # type: ignore[union-attr]
+    assert store.requeue_assessment("a6")  # a published one may be re-sent (the conditional create finds it)
+
+
+# -- retention ---------------------------------------------------------------------------------------------------
+
+def test_study_volumes_are_listed_by_age_and_forgotten_conditionally(store: Store) -> None:
+    for uid, status in (("7.1", StudyStatus.READY), ("7.2", StudyStatus.FAILED), ("7.3", StudyStatus.HELD)):
+        store.add_study(study(uid), "qido", NOW - timedelta(days=10))
+        store.claim_study(uid, NOW)
+        store.set_study_volume(uid, BuiltVolume(f"/v/{uid}.npy", "ab" * 32, "9", "CT"))
+        if status is StudyStatus.READY:
+            store.set_study_ready(uid, "p7")
+        else:
+            store.set_study_outcome(uid, status, Outcome.UNMATCHED_PATIENT, "x", None)
+    store.add_study(study("7.4"), "qido", NOW)  # seen now: too young
+    store.claim_study("7.4", NOW)
+    store.set_study_volume("7.4", BuiltVolume("/v/7.4.npy", "ab" * 32, "9", "CT"))
+    store.set_study_ready("7.4", "p7")
+    listed = store.studies_with_volumes(NOW - timedelta(days=7), "", 10)
+    assert [s.study_uid for s in listed] == ["7.1", "7.2"]  # ready or failed, seen before the cutoff
+    assert [s.study_uid for s in store.studies_with_volumes(NOW - timedelta(days=7), "7.1", 10)] == ["7.2"]
+    assert not store.clear_study_volume("7.1", "/v/other.npy")  # the row names another file now
+    assert store.clear_study_volume("7.1", "/v/7.1.npy")
+    row = store.get_study("7.1")
+    assert row is not None and row.volume_path is None and row.volume_sha256 == "ab" * 32
+    assert [s.study_uid for s in store.studies_with_volumes(NOW - timedelta(days=7), "", 10)] == ["7.2"]
+
+
+def test_resolved_failures_and_superseded_assessments_are_pruned_in_batches(store: Store) -> None:
+    for k in range(5):
+        store.record_failure("ingest", f"8.{k}", Outcome.PACS_UNAVAILABLE, "down", True)
+        store.resolve_failures("ingest", f"8.{k}", NOW - timedelta(days=100 if k < 3 else 10))
+    store.record_failure("ingest", "8.9", Outcome.PACS_UNAVAILABLE, "down", True)  # open: kept
+    before = NOW - timedelta(days=90)
+    assert store.prune_resolved_failures(before, batch_size=2, dry_run=True) == 3
+    assert store.prune_resolved_failures(before, batch_size=2) == 3
+    assert store.prune_resolved_failures(before, batch_size=2) == 0
+    assert store.counts()["open_failures"] == {"pacs_unavailable": 1}
+
+    store.add_assessment(new_assessment("b1"))
+    store.add_assessment(new_assessment("b2", supersedes="b1"))
+    store.add_assessment(new_assessment("b3", supersedes="b2"))
+    assert store.claim_assessment("b2", NOW)  # being published: kept this time
+    scored = store.get_assessment("b1").created_at  # type: ignore[union-attr]  # the store's own stamp
+    assert store.prune_superseded_assessments(scored + timedelta(seconds=1), 1, dry_run=True) == 1
+    assert store.prune_superseded_assessments(scored - timedelta(days=1), 1) == 0  # scored after the cutoff
+    assert store.prune_superseded_assessments(scored + timedelta(seconds=1), 1) == 1
+    assert store.get_assessment("b1") is None and store.get_assessment("b2") is not None
+    assert store.latest_assessment("p3").identifier == "b3"  # type: ignore[union-attr]
+
+
+def test_old_vitals_go_except_those_in_a_current_window(store: Store) -> None:
+    day = timedelta(days=1)
+    store.upsert_patient("p9", None, None)
+    store.upsert_patient("q9", None, None)
+    old = [VitalValue("hr", 70.0, NOW - k * day, f"p9-o{k}") for k in (500, 450, 20, 1)]
+    quiet = [VitalValue("hr", 70.0, NOW - k * day, f"q9-o{k}") for k in (900, 700, 690)]
+    store.replace_vitals("p9", old, [])
+    store.replace_vitals("q9", quiet, [])
+    # p9's current assessment was scored on a window that ended 440 days ago: its inputs stay
+    store.add_assessment(replace(new_assessment("c1"), patient_fhir_id="p9", window_end=NOW - 440 * day))
+    before = NOW - 400 * day
+    assert store.prune_vitals(before, timedelta(days=28), 2, dry_run=True) == 2
+    assert store.prune_vitals(before, timedelta(days=28), 2) == 2
+    left = {v.observation_id for v in store.vitals_between("p9", NOW - 1000 * day, NOW)}
+    assert left == {"p9-o450", "p9-o20", "p9-o1"}  # o500: outside every window; o450 in c1's window
+    # q9 has had no vital for 690 days: a re-scoring would read the window before the newest one
+    assert {v.observation_id for v in store.vitals_between("q9", NOW - 1000 * day, NOW)} == {"q9-o700", "q9-o690"}
+    assert store.prune_vitals(before, timedelta(days=28), 2) == 0
+
+
+# -- the failure ledger, backoff and leases (issue 17) ------------------------------------------------------------
+
+def test_a_repeated_failure_is_one_open_row_that_counts_its_occurrences(store: Store) -> None:
+    for k in range(3):  # the same implausible value, polled three times
+        store.record_failure("vitals", "p1/o1", Outcome.IMPLAUSIBLE_VALUE, f"hr {900 + k}", False, {"patient": "p1"})
+    counts = store.counts()
+    assert counts["open_failures"] == {"implausible_value": 1}
+    assert counts["open_failure_occurrences"] == {"implausible_value": 3}
+    store.record_failure("vitals", "p2/o1", Outcome.IMPLAUSIBLE_VALUE, "hr 900", False)  # another subject
+    store.record_failure("vitals", "p1/o1", Outcome.MISSING_UNIT, "no unit", False)  # another outcome
+    assert store.counts()["open_failures"] == {"implausible_value": 2, "missing_unit": 1}
+    store.resolve_failures("vitals", "p1/o1", NOW)
+    store.record_failure("vitals", "p1/o1", Outcome.IMPLAUSIBLE_VALUE, "hr 900", False)  # back after a fix: new row
+    counts = store.counts()
+    assert counts["open_failures"] == {"implausible_value": 2}
+    assert counts["open_failure_occurrences"] == {"implausible_value": 2}
+    assert store.prune_resolved_failures(NOW + timedelta(seconds=1), 10, dry_run=True) == 2  # the resolved rows
+
+
+def test_vitals_are_matched_per_patient(store: Store) -> None:
+    for pid in ("pa", "pb"):
+        store.upsert_patient(pid, None, None)
+    when = NOW - timedelta(hours=1)
+    assert store.replace_vitals("pa", [VitalValue("hr", 70.0, when, "o1")], []) == 1
+    assert store.replace_vitals("pb", [VitalValue("hr", 110.0, when, "o1")], []) == 1  # same id, other patient
+    assert store.replace_vitals("pa", [VitalValue("hr", 70.0, when, "o1")], []) == 0
+    window = (NOW - timedelta(hours=2), NOW)
+    assert [v.value for v in store.vitals_between("pa", *window)] == [70.0]
+    assert [v.value for v in store.vitals_between("pb", *window)] == [110.0]
+    assert store.replace_vitals("pa", [], ["o1"]) == 1  # removed from pa's record only
+    assert store.vitals_between("pa", *window) == []
+    assert [v.value for v in store.vitals_between("pb", *window)] == [110.0]
+
+
+def test_a_failed_vitals_sync_backs_off_and_a_success_resets_it(store: Store) -> None:
+    store.upsert_patient("p1", None, None)
+    assert store.patients_needing_vitals(NOW) == ["p1"]
+    store.set_vitals_retry("p1", 2, NOW + timedelta(seconds=10))
+    p = store.get_patient("p1")
+    assert p is not None and p.vitals_attempts == 2 and p.vitals_next_attempt_at == NOW + timedelta(seconds=10)
+    assert store.patients_needing_vitals(NOW) == []
+    assert store.lease_patients_needing_vitals(NOW, NOW + timedelta(minutes=2)) == []
+    later = NOW + timedelta(seconds=10)
+    assert store.patients_needing_vitals(later) == ["p1"]
+    # leased as it is queued: not handed out again before the lease ends (a lost message is re-sent then)
+    assert store.lease_patients_needing_vitals(later, later + timedelta(minutes=2)) == ["p1"]
+    assert store.lease_patients_needing_vitals(later + timedelta(minutes=1), later + timedelta(minutes=3)) == []
+    assert store.lease_patients_needing_vitals(later + timedelta(minutes=2), later + timedelta(minutes=4)) == ["p1"]
+    store.set_vitals_cursor("p1", None, NOW)
+    p = store.get_patient("p1")
+    assert p is not None and p.vitals_attempts == 0 and p.vitals_next_attempt_at is None
+    assert store.patients_needing_vitals(NOW) == []  # synced
+
+
+def test_due_work_is_leased_once_and_still_claimed_by_its_message(store: Store) -> None:
+    until, soon = NOW + timedelta(minutes=2), NOW + timedelta(seconds=20)
+    store.add_study(study("9.1"), "qido", NOW - timedelta(minutes=5))  # detected, its message lost
+    store.add_study(study("9.2"), "qido", NOW)  # detected now: enqueued by detection, due after the grace (30 s)
+    assert store.lease_due_studies(NOW, until) == ["9.1"]
+    assert store.lease_due_studies(soon, until) == [] and store.studies_due(soon) == []
+    assert sorted(store.lease_due_studies(until, until + timedelta(minutes=2))) == ["9.1", "9.2"]  # re-sent
+    assert store.claim_study("9.1", until)  # the claim checks the status, not the lease
+    store.set_study_outcome("9.1", StudyStatus.RETRY, Outcome.PACS_UNAVAILABLE, "down", until + timedelta(hours=1))
+    assert store.lease_due_studies(until + timedelta(minutes=3), until + timedelta(minutes=5)) == ["9.2"]
+
+    store.upsert_patient("p9", None, None)
+    store.set_vitals_cursor("p9", NOW, NOW)
+    store.mark_needs_assessment("p9")
+    assert store.lease_due_patients(NOW, until, 10) == ["p9"]
+    assert store.lease_due_patients(soon, until, 10) == [] and store.patients_due(soon, 10) == []
+    assert store.claim_patient("p9", soon)
+
+    store.add_assessment(new_assessment("d1"))
+    store.add_assessment(new_assessment("d2"))
+    assert sorted(store.lease_due_assessments(NOW, until, limit=1) + store.lease_due_assessments(NOW, until)) == [
+        "d1", "d2"]  # a limit takes some; the rest come with the next call, none twice
+    assert store.lease_due_assessments(soon, until) == []
+    assert store.claim_assessment("d1", soon) and store.claim_assessment("d2", soon)
+
+
+def test_the_ehr_poll_follows_patients_with_a_study_in_the_window(store: Store) -> None:
+    since, until = NOW - timedelta(days=28), NOW + timedelta(minutes=2)
+    cases = (  # patient, study uid, taken (hours ago), first seen (hours ago), status
+        ("p-recent", "10.1", 24, 24, StudyStatus.READY),
+        ("p-old", "10.2", 40 * 24, 40 * 24, StudyStatus.READY),
+        ("p-late", "10.3", 40 * 24, 1, StudyStatus.READY),  # an old study arriving now: taken outside the window
+        ("p-fast-clock", "10.4", -48, 40 * 24, StudyStatus.READY),  # dated ahead, seen long ago: anchored then
+        ("p-held", "10.5", 1, 1, StudyStatus.HELD),
+    )
+    for pid, uid, taken, seen, status in cases:
+        store.add_study(StudyRef(uid, pid, None, NOW - timedelta(hours=taken)), "qido", NOW - timedelta(hours=seen))
+        store.claim_study(uid, NOW)
+        if status is StudyStatus.READY:
+            store.set_study_ready(uid, pid)
+        else:
+            store.set_study_outcome(uid, status, Outcome.UNMATCHED_PATIENT, "x", None)
+        store.upsert_patient(pid, None, None)
+        store.set_vitals_cursor(pid, None, NOW - timedelta(minutes=5))
+    store.add_study(StudyRef("10.6", "p-old", None, NOW - timedelta(hours=1)), "qido", NOW)  # not ready yet
+    assert store.lease_patients_in_window(NOW, since, until) == ["p-recent"]
+    assert store.lease_patients_in_window(NOW, since, until) == []  # queued: leased
+    store.set_vitals_cursor("p-recent", None, NOW)  # its sync ran: followed again at the next poll
+    assert store.lease_patients_in_window(NOW, since, until) == ["p-recent"]
+    store.set_vitals_retry("p-recent", 1, NOW + timedelta(minutes=10))  # its sync failed: backing off
+    assert store.lease_patients_in_window(NOW + timedelta(minutes=5), since, until) == []
+    assert store.lease_patients_in_window(NOW + timedelta(minutes=10), since, until) == ["p-recent"]
+
+
+def test_the_least_recently_synced_are_polled_first(store: Store) -> None:
+    since, until = NOW - timedelta(days=28), NOW + timedelta(minutes=2)
+    for k, (pid, synced_minutes_ago) in enumerate((("p1", 1), ("p2", 30), ("p3", 10))):
+        uid = f"11.{k}"
+        store.add_study(study(uid, pid), "qido", NOW)
+        store.claim_study(uid, NOW)
+        store.set_study_ready(uid, pid)
+        store.upsert_patient(pid, None, None)
+        store.set_vitals_cursor(pid, None, NOW - timedelta(minutes=synced_minutes_ago))
+    assert sorted(store.lease_patients_in_window(NOW, since, until, limit=2)) == ["p2", "p3"]
+    assert store.lease_patients_in_window(NOW, since, until, limit=2) == ["p1"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -45,6 +45,8 @@ class Study(Base):
     """A study seen on the PACS. ``status`` moves detected -> processing -> ready | held | failed."""
 
     __tablename__ = "studies"
+    #: The EHR poll's "studies seen in the window" range (services.sweep.poll_ehr).
+    __table_args__ = (Index("ix_studies_status_detected_at", "status", "detected_at"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -58,6 +60,7 @@ class Study(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    lost_claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claims of dead workers
     chosen_series_uid: Mapped[str | None] = mapped_column(String(64))
     modality: Mapped[str | None] = mapped_column(String(8))
     patient_fhir_id: Mapped[str | None] = mapped_column(String(128), index=True)
@@ -97,6 +100,9 @@ class Patient(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    lost_claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    vitals_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    vitals_next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     outcome: Mapped[str | None] = mapped_column(String(48))
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
@@ -107,7 +113,7 @@ class VitalRow(Base):
 
     __tablename__ = "vitals"
     __table_args__ = (
-        UniqueConstraint("observation_id", "feature"),
+        UniqueConstraint("patient_fhir_id", "observation_id", "feature", name="uq_vitals_patient_observation_feature"),
         Index("ix_vitals_patient_time", "patient_fhir_id", "effective"),
     )
 
@@ -144,6 +150,7 @@ class Assessment(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    lost_claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     outcome: Mapped[str | None] = mapped_column(String(48))
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
@@ -151,9 +158,24 @@ class Assessment(Base):
 
 
 class Failure(Base):
-    """Every named failure, kept for audit even after a retry succeeds (``resolved_at`` set then)."""
+    """Named failures, kept for audit even after a retry succeeds (``resolved_at`` set then).
+
+    One open row per (stage, subject, outcome): a repeat of the same problem counts ``occurrences`` and moves
+    ``last_seen_at`` instead of adding a row, so an idle engine re-polling the same bad value stays bounded.
+    """
 
     __tablename__ = "failures"
+    __table_args__ = (
+        Index(
+            "uq_failures_open",
+            "stage",
+            "subject",
+            "outcome",
+            unique=True,
+            postgresql_where=text("resolved_at IS NULL"),
+            sqlite_where=text("resolved_at IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     stage: Mapped[str] = mapped_column(String(24), index=True)  # detect|ingest|vitals|assess|publish|scp
@@ -162,7 +184,9 @@ class Failure(Base):
     message: Mapped[str] = mapped_column(Text)
     retryable: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
-    resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    occurrences: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), index=True)
     details: Mapped[dict[str, object] | None] = mapped_column(JSON)
 
 

@@ -110,8 +110,38 @@ class FailureView:
     outcome: str
     message: str
     retryable: bool
-    created_at: datetime
+    created_at: datetime  # first seen
     resolved_at: datetime | None
+    #: How often this problem was seen while open (one row per stage, subject and outcome), and when last.
+    occurrences: int = 1
+    last_seen_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class OpenFailureSummary:
+    """Open failures of one stage and outcome: distinct problems, how often they were seen, when last."""
+
+    stage: str
+    outcome: str
+    rows: int
+    occurrences: int
+    last_seen_at: datetime | None
+
+
+def open_failure_summary(sessions: Sessions) -> list[OpenFailureSummary]:
+    """Open failures grouped by (stage, outcome), most recently seen first (``strokewatch status``)."""
+    seen = func.max(func.coalesce(Failure.last_seen_at, Failure.created_at))
+    q = (
+        select(Failure.stage, Failure.outcome, func.count(), func.sum(Failure.occurrences), seen)
+        .where(Failure.resolved_at.is_(None))
+        .group_by(Failure.stage, Failure.outcome)
+        .order_by(seen.desc())
+    )
+    with sessions() as s:
+        return [
+            OpenFailureSummary(str(stage), str(outcome), int(n), int(total or 0), last)
+            for stage, outcome, n, total, last in s.execute(q)
+        ]
 
 
 def _page_bounds(offset: int, limit: int) -> tuple[int, int]:
@@ -257,7 +287,7 @@ def list_failures(
     offset: int = 0,
     limit: int = 50,
 ) -> Page[FailureView]:
-    """Failures newest first; ``open_only`` keeps those not resolved by a later success."""
+    """Failures, the most recently seen first; ``open_only`` keeps those not resolved by a later success."""
     offset, limit = _page_bounds(offset, limit)
     where = []
     if stage:
@@ -270,9 +300,21 @@ def list_failures(
         where.append(Failure.resolved_at.is_(None))
     with sessions() as s:
         total = s.scalar(select(func.count()).select_from(Failure).where(*where)) or 0
-        rows = s.scalars(select(Failure).where(*where).order_by(Failure.id.desc()).offset(offset).limit(limit))
+        seen = func.coalesce(Failure.last_seen_at, Failure.created_at)
+        q = select(Failure).where(*where).order_by(seen.desc(), Failure.id.desc()).offset(offset).limit(limit)
         items = [
-            FailureView(r.id, r.stage, r.subject, r.outcome, r.message, r.retryable, r.created_at, r.resolved_at)
-            for r in rows
+            FailureView(
+                r.id,
+                r.stage,
+                r.subject,
+                r.outcome,
+                r.message,
+                r.retryable,
+                r.created_at,
+                r.resolved_at,
+                occurrences=r.occurrences or 1,
+                last_seen_at=r.last_seen_at or r.created_at,
+            )
+            for r in s.scalars(q)
         ]
     return Page(items, total, offset, limit)

@@ -34,6 +34,7 @@ def study_record(row: Study | None) -> StudyRecord | None:
         patient_fhir_id=row.patient_fhir_id,
         volume_path=row.volume_path,
         volume_sha256=row.volume_sha256,
+        lost_claims=row.lost_claims or 0,
     )
 
 
@@ -53,6 +54,9 @@ def patient_record(row: Patient | None) -> PatientRecord | None:
         claimed_at=row.claimed_at,
         outcome=row.outcome,
         reason=row.reason,
+        lost_claims=row.lost_claims or 0,
+        vitals_attempts=row.vitals_attempts or 0,
+        vitals_next_attempt_at=row.vitals_next_attempt_at,
     )
 
 
@@ -83,4 +87,5 @@ def assessment_record(row: Assessment | None) -> AssessmentRecord | None:
         outcome=row.outcome,
         reason=row.reason,
         published_at=row.published_at,
+        lost_claims=row.lost_claims or 0,
     )

@@ -3,6 +3,7 @@ and the database's preflight probe."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,16 @@ from integration.domain.redact import redact_text, redact_url
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    connect_timeout_s: float = 10.0,
+    statement_timeout_s: float | None = 60.0,
+    sqlite_busy_timeout_s: float = 30.0,
+) -> Engine:
     """SQLite gets WAL + a busy timeout so several worker processes can share one file, created private (0600).
+    PostgreSQL gets libpq's ``connect_timeout`` and a server-side ``statement_timeout`` (None or 0: none), so a
+    dead server or a stuck query fails a task instead of holding its worker (``bootstrap`` passes ``db.*``).
 
     ``hide_parameters``: the rows hold MRNs, birth dates and vital values, and a driver's error would carry the
     statement's bound parameters into logs and the failures table.
@@ -27,20 +36,35 @@ def make_engine(url: str) -> Engine:
         path = make_url(url).database
         if path and path != ":memory:" and not path.startswith("file:"):
             private_sqlite_file(Path(path))
-        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        kwargs["connect_args"] = {"timeout": sqlite_busy_timeout_s, "check_same_thread": False}
+    elif make_url(url).get_backend_name() == "postgresql":
+        kwargs["connect_args"] = postgres_connect_args(url, connect_timeout_s, statement_timeout_s)
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
+        busy_ms = max(1, round(sqlite_busy_timeout_s * 1000))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms:d}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
     return engine
+
+
+def postgres_connect_args(url: str, connect_timeout_s: float, statement_timeout_s: float | None) -> dict[str, Any]:
+    """libpq parameters (psycopg and psycopg2 alike): ``connect_timeout`` in whole seconds (libpq's minimum is 2)
+    and ``statement_timeout`` in ms through ``options``, after any ``options`` the URL already carries."""
+    args: dict[str, Any] = {"connect_timeout": max(2, math.ceil(connect_timeout_s))}
+    if statement_timeout_s:
+        given = make_url(url).query.get("options")
+        given_text = " ".join(given) if isinstance(given, tuple) else (given or "")
+        ms = max(1, round(statement_timeout_s * 1000))
+        args["options"] = f"{given_text} -c statement_timeout={ms:d}".strip()
+    return args
 
 
 def private_sqlite_file(path: Path) -> None:

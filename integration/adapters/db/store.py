@@ -22,6 +22,7 @@ from integration.adapters.db.models import (
     SeriesDecisionRow,
     Study,
     VitalRow,
+    utcnow,
 )
 from integration.adapters.db.rows import assessment_record, patient_record, study_record
 from integration.domain.records import (
@@ -31,10 +32,12 @@ from integration.domain.records import (
     BuiltVolume,
     NewAssessment,
     PatientRecord,
+    ReleasedClaims,
     StudyRecord,
     StudyStatus,
 )
 from integration.domain.types import Outcome, SeriesDecision, StudyRef, VitalValue
+from integration.domain.window import study_anchor
 
 
 class SqlStore:
@@ -119,7 +122,36 @@ class SqlStore:
             patient_fhir_id=patient_fhir_id,
             next_attempt_at=None,
             claimed_at=None,
+            lost_claims=0,
         )
+
+    def clear_study_volume(self, uid: str, path: str) -> bool:
+        with self.sessions.begin() as s:
+            res = s.execute(
+                update(Study)
+                .where(
+                    Study.study_uid == uid,
+                    Study.volume_path == path,
+                    Study.status != StudyStatus.PROCESSING.value,
+                )
+                .values(volume_path=None)
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    def studies_with_volumes(self, detected_before: datetime, after_uid: str, limit: int) -> list[StudyRecord]:
+        with self.sessions() as s:
+            q = (
+                select(Study)
+                .where(
+                    Study.volume_path.is_not(None),
+                    Study.status.in_([StudyStatus.READY.value, StudyStatus.FAILED.value]),
+                    Study.detected_at < detected_before,
+                    Study.study_uid > after_uid,
+                )
+                .order_by(Study.study_uid)
+                .limit(limit)
+            )
+            return [r for r in (study_record(row) for row in s.scalars(q)) if r is not None]
 
     def set_study_outcome(
         self, uid: str, status: StudyStatus, outcome: Outcome, reason: str, next_attempt_at: datetime | None
@@ -138,7 +170,7 @@ class SqlStore:
             res = s.execute(
                 update(Study)
                 .where(Study.study_uid == uid, Study.status != StudyStatus.PROCESSING.value)
-                .values(status=StudyStatus.RETRY.value, next_attempt_at=None, attempts=0)
+                .values(status=StudyStatus.RETRY.value, next_attempt_at=None, attempts=0, lost_claims=0)
             )
             return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
@@ -166,43 +198,65 @@ class SqlStore:
         Freshly detected studies were enqueued when detected; they count as due only after ``grace_s``
         (their message was lost, or the broker restarted).
         """
-        fresh_before = now - timedelta(seconds=grace_s)
         with self.sessions() as s:
-            q = (
-                select(Study.study_uid)
-                .where(
-                    Study.status.in_([st.value for st in STUDY_CLAIMABLE]),
-                    (Study.next_attempt_at.is_(None)) | (Study.next_attempt_at <= now),
-                    (Study.status != "detected") | (Study.detected_at < fresh_before),
-                )
-                .limit(limit)
-            )
-            return list(s.scalars(q))
+            return list(s.scalars(select(Study.study_uid).where(*_studies_due(now, grace_s)).limit(limit)))
 
-    def release_stale_claims(self, older_than: datetime) -> int:
-        """Reaper: a worker that died mid-task leaves 'processing'; put such rows back in the queue."""
-        n = 0
+    def lease_due_studies(self, now: datetime, until: datetime, limit: int = 100, grace_s: float = 30.0) -> list[str]:
+        """``studies_due``, taken for enqueueing: their ``next_attempt_at`` moves to ``until`` in the same statement
+        (see ``_lease``). The claim checks the status only, so the queued message still claims the study."""
+        return self._lease(Study, Study.study_uid, _studies_due(now, grace_s), "next_attempt_at", until, limit)
+
+    def _lease(
+        self,
+        model: type[Study] | type[Patient] | type[Assessment],
+        key: Any,
+        due: Sequence[Any],
+        column: str,
+        until: datetime,
+        limit: int,
+        order: Sequence[Any] = (),
+    ) -> list[str]:
+        """Up to ``limit`` rows matching ``due``, leased: ``column`` (their next-attempt time) pushed to ``until``
+        by one UPDATE ... WHERE due AND id IN (SELECT ... LIMIT, FOR UPDATE SKIP LOCKED on PostgreSQL) ...
+        RETURNING. The outer WHERE re-checks ``due`` on the locked row, so two sweepers never take the same row,
+        and a taken row is not due again before ``until``: its message is re-sent then only if it was lost."""
+        picked = (
+            select(model.id).where(*due).order_by(*order, model.id).limit(limit).with_for_update(skip_locked=True)
+        )
         with self.sessions.begin() as s:
-            for model in (Study,):
-                res = s.execute(
-                    update(model)
-                    .where(model.status == "processing", model.claimed_at < older_than)
-                    .values(status="retry", next_attempt_at=None)
-                )
-                n += res.rowcount  # type: ignore[attr-defined]
-            res = s.execute(
-                update(Patient)
-                .where(Patient.status == "assessing", Patient.claimed_at < older_than)
-                .values(status="idle", needs_assessment=True)
+            rows = s.execute(update(model).where(model.id.in_(picked), *due).values({column: until}).returning(key))
+            return [str(k) for k in rows.scalars()]
+
+    def release_stale_claims(self, older_than: datetime, max_lost_claims: int = 3) -> ReleasedClaims:
+        """Reaper: a worker that died mid-task (killed, out of memory, past Celery's hard time limit) leaves its
+        claim. Each such row counts a lost claim: back in the queue, or failed as ``worker_lost`` at the limit.
+
+        One transaction; each UPDATE is conditional on the claim still being stale, so two reapers never
+        count the same loss twice. The rows given up are returned (UPDATE ... RETURNING) for the failure ledger.
+        """
+        failed, retry = StudyStatus.FAILED.value, StudyStatus.RETRY.value
+        with self.sessions.begin() as s:
+            studies = _reap(
+                s, Study, Study.study_uid, StudyStatus.PROCESSING.value, older_than, max_lost_claims,
+                give_up={"status": failed, "next_attempt_at": None},
+                put_back={"status": retry, "next_attempt_at": None},
             )
-            n += res.rowcount  # type: ignore[attr-defined]
-            res = s.execute(
-                update(Assessment)
-                .where(Assessment.status == "publishing", Assessment.claimed_at < older_than)
-                .values(status="scored")
+            patients = _reap(
+                s, Patient, Patient.fhir_id, "assessing", older_than, max_lost_claims,
+                give_up={"status": "idle", "needs_assessment": False, "next_attempt_at": None},
+                put_back={"status": "idle", "needs_assessment": True},
             )
-            n += res.rowcount  # type: ignore[attr-defined]
-        return int(n)
+            assessments = _reap(
+                s, Assessment, Assessment.identifier, AssessmentStatus.PUBLISHING.value, older_than, max_lost_claims,
+                give_up={"status": AssessmentStatus.FAILED.value, "next_attempt_at": None},
+                put_back={"status": AssessmentStatus.SCORED.value},
+            )
+        given_up = (
+            [("ingest", uid) for uid in studies[1]]
+            + [("assess", fhir_id) for fhir_id in patients[1]]
+            + [("publish", identifier) for identifier in assessments[1]]
+        )
+        return ReleasedClaims(studies[0] + patients[0] + assessments[0], tuple(given_up))
 
     def latest_ready_study(self, patient_fhir_id: str) -> StudyRecord | None:
         with self.sessions() as s:
@@ -259,10 +313,6 @@ class SqlStore:
         with self.sessions() as s:
             return patient_record(s.scalar(select(Patient).where(Patient.fhir_id == fhir_id)))
 
-    def all_patient_ids(self) -> list[str]:
-        with self.sessions() as s:
-            return list(s.scalars(select(Patient.fhir_id)))
-
     def mark_needs_assessment(self, fhir_id: str) -> None:
         with self.sessions.begin() as s:
             s.execute(update(Patient).where(Patient.fhir_id == fhir_id).values(needs_assessment=True))
@@ -270,18 +320,11 @@ class SqlStore:
     def patients_due(self, now: datetime, limit: int) -> list[str]:
         """Patients to score: flagged, idle, past any backoff, and with vitals synced since their last study."""
         with self.sessions() as s:
-            q = (
-                select(Patient.fhir_id)
-                .where(
-                    Patient.needs_assessment.is_(True),
-                    Patient.vitals_synced_at.is_not(None),
-                    Patient.status == "idle",
-                    (Patient.next_attempt_at.is_(None)) | (Patient.next_attempt_at <= now),
-                )
-                .order_by(Patient.id)
-                .limit(limit)
-            )
-            return list(s.scalars(q))
+            return list(s.scalars(select(Patient.fhir_id).where(*_patients_due(now)).order_by(Patient.id).limit(limit)))
+
+    def lease_due_patients(self, now: datetime, until: datetime, limit: int) -> list[str]:
+        """``patients_due``, taken for enqueueing (``next_attempt_at`` moves to ``until``; see ``_lease``)."""
+        return self._lease(Patient, Patient.fhir_id, _patients_due(now), "next_attempt_at", until, limit)
 
     def claim_patient(self, fhir_id: str, now: datetime) -> bool:
         with self.sessions.begin() as s:
@@ -299,22 +342,63 @@ class SqlStore:
         if retry_at is not None:
             values.update(needs_assessment=True, next_attempt_at=retry_at)
         else:
-            values.update(attempts=0, next_attempt_at=None)
+            values.update(attempts=0, next_attempt_at=None, lost_claims=0)
         with self.sessions.begin() as s:
             s.execute(update(Patient).where(Patient.fhir_id == fhir_id).values(**values))
+
+    def requeue_patient(self, fhir_id: str) -> bool:
+        with self.sessions.begin() as s:
+            res = s.execute(
+                update(Patient)
+                .where(Patient.fhir_id == fhir_id, Patient.status != "assessing")
+                .values(needs_assessment=True, attempts=0, lost_claims=0, next_attempt_at=None)
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
     def require_vitals_sync(self, fhir_id: str) -> None:
         """New imaging for the patient: sync vitals (and then assess) before scoring again."""
         with self.sessions.begin() as s:
             s.execute(update(Patient).where(Patient.fhir_id == fhir_id).values(vitals_synced_at=None))
 
-    def patients_needing_vitals(self, limit: int = 1000) -> list[str]:
+    def patients_needing_vitals(self, now: datetime, limit: int = 1000) -> list[str]:
+        """Patients whose vitals were never synced since their last study, past any sync backoff."""
         with self.sessions() as s:
-            return list(s.scalars(select(Patient.fhir_id).where(Patient.vitals_synced_at.is_(None)).limit(limit)))
+            q = select(Patient.fhir_id).where(*_vitals_due(now), Patient.vitals_synced_at.is_(None)).limit(limit)
+            return list(s.scalars(q))
+
+    def lease_patients_needing_vitals(self, now: datetime, until: datetime, limit: int = 1000) -> list[str]:
+        """``patients_needing_vitals``, taken for enqueueing (``vitals_next_attempt_at`` moves to ``until``)."""
+        due = (*_vitals_due(now), Patient.vitals_synced_at.is_(None))
+        return self._lease(Patient, Patient.fhir_id, due, "vitals_next_attempt_at", until, limit)
+
+    def lease_patients_in_window(self, now: datetime, since: datetime, until: datetime, limit: int = 1000) -> list[str]:
+        """Patients with a ready study taken at or after ``since`` (its anchor, ``min(study_datetime,
+        detected_at)``), past any sync backoff and not already leased; least recently synced first, leased like
+        ``lease_patients_needing_vitals``. Driven by the (status, detected_at) index: the anchor is never after
+        detected_at, so only studies seen since ``since`` are read."""
+        recent = select(Study.patient_fhir_id).where(
+            Study.status == StudyStatus.READY.value,
+            Study.detected_at >= since,
+            Study.study_datetime.is_(None) | (Study.study_datetime >= since),
+        )
+        due = (*_vitals_due(now), Patient.fhir_id.in_(recent))
+        order = (Patient.vitals_synced_at.asc().nulls_first(),)
+        return self._lease(Patient, Patient.fhir_id, due, "vitals_next_attempt_at", until, limit, order)
+
+    def set_vitals_retry(self, fhir_id: str, attempts: int, retry_at: datetime) -> None:
+        """A failed vitals sync: its ``attempts``-th in a row; not due again before ``retry_at``."""
+        with self.sessions.begin() as s:
+            s.execute(
+                update(Patient)
+                .where(Patient.fhir_id == fhir_id)
+                .values(vitals_attempts=attempts, vitals_next_attempt_at=retry_at)
+            )
 
     def set_vitals_cursor(self, fhir_id: str, cursor: datetime | None, synced_at: datetime) -> None:
         with self.sessions.begin() as s:
-            values: dict[str, Any] = {"vitals_synced_at": synced_at}
+            # a success ends any backoff of the sync (and the poll's lease)
+            values: dict[str, Any] = {"vitals_synced_at": synced_at, "vitals_attempts": 0}
+            values["vitals_next_attempt_at"] = None
             if cursor is not None:
                 values["vitals_cursor"] = cursor
             s.execute(update(Patient).where(Patient.fhir_id == fhir_id).values(**values))
@@ -323,7 +407,9 @@ class SqlStore:
     def replace_vitals(
         self, fhir_id: str, values: Sequence[VitalValue], removed_observation_ids: Iterable[str]
     ) -> int:
-        """Upsert values by (observation, feature); drop rows of Observations now excluded. Returns #changed."""
+        """Upsert this patient's values by (observation, feature); drop rows of Observations now excluded.
+        Returns #changed. Rows are matched within the patient only: another patient's Observation with the
+        same id (another source, a reused id) is never touched."""
         changed = 0
         with self.sessions.begin() as s:
             removed = list(set(removed_observation_ids))
@@ -336,7 +422,10 @@ class SqlStore:
             existing: dict[tuple[str, str], VitalRow] = {}
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
-                for row in s.scalars(select(VitalRow).where(VitalRow.observation_id.in_(chunk))):
+                found_rows = s.scalars(
+                    select(VitalRow).where(VitalRow.patient_fhir_id == fhir_id, VitalRow.observation_id.in_(chunk))
+                )
+                for row in found_rows:
                     existing[(row.observation_id, row.feature)] = row
             for v in values:
                 found = existing.get((v.observation_id, v.feature))
@@ -372,6 +461,45 @@ class SqlStore:
                     VitalRow.patient_fhir_id == fhir_id, VitalRow.effective <= not_after
                 )
             )
+
+    def prune_vitals(self, before: datetime, window: timedelta, batch_size: int, *, dry_run: bool = False) -> int:
+        removed, after = 0, ""
+        while True:
+            with self.sessions() as s:
+                q = (
+                    select(VitalRow.patient_fhir_id)
+                    .where(VitalRow.effective < before, VitalRow.patient_fhir_id > after)
+                    .distinct()
+                    .order_by(VitalRow.patient_fhir_id)
+                    .limit(batch_size)
+                )
+                patients = list(s.scalars(q))
+            for pid in patients:
+                kept = [
+                    ~((VitalRow.effective >= end - window) & (VitalRow.effective <= end))
+                    for end in self._current_window_ends(pid)
+                ]
+                where = (VitalRow.patient_fhir_id == pid, VitalRow.effective < before, *kept)
+                removed += self._delete_batched(VitalRow, where, batch_size, dry_run)
+            if len(patients) < batch_size:
+                return removed
+            after = patients[-1]
+
+    def _current_window_ends(self, fhir_id: str) -> list[datetime]:
+        """Where the patient's current windows end: the latest input (what a re-scoring would read) and each
+        current (non-superseded) assessment's window end."""
+        study = self.latest_ready_study(fhir_id)
+        with self.sessions() as s:
+            newest = s.scalar(select(func.max(VitalRow.effective)).where(VitalRow.patient_fhir_id == fhir_id))
+            ends = list(
+                s.scalars(
+                    select(Assessment.window_end).where(
+                        Assessment.patient_fhir_id == fhir_id, Assessment.superseded.is_(False)
+                    )
+                )
+            )
+        inputs = [t for t in (study_anchor(study.study_datetime, study.detected_at) if study else None, newest) if t]
+        return ends + ([max(inputs)] if inputs else [])  # not truncated to the second: keep, never lose, a value
 
     # -- assessments ------------------------------------------------------------------
     def get_assessment(self, identifier: str) -> AssessmentRecord | None:
@@ -440,7 +568,25 @@ class SqlStore:
             outcome=None,
             reason=None,
             claimed_at=None,
+            lost_claims=0,
         )
+
+    def requeue_assessment(self, identifier: str) -> bool:
+        with self.sessions.begin() as s:
+            res = s.execute(
+                update(Assessment)
+                .where(Assessment.identifier == identifier, Assessment.status != AssessmentStatus.PUBLISHING.value)
+                .values(status=AssessmentStatus.RETRY.value, attempts=0, lost_claims=0, next_attempt_at=None)
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    def prune_superseded_assessments(self, before: datetime, batch_size: int, *, dry_run: bool = False) -> int:
+        where = (
+            Assessment.superseded.is_(True),
+            Assessment.created_at < before,
+            Assessment.status != AssessmentStatus.PUBLISHING.value,
+        )
+        return self._delete_batched(Assessment, where, batch_size, dry_run)
 
     def set_assessment_outcome(
         self,
@@ -461,15 +607,11 @@ class SqlStore:
 
     def assessments_due(self, now: datetime, limit: int = 100) -> list[str]:
         with self.sessions() as s:
-            q = (
-                select(Assessment.identifier)
-                .where(
-                    Assessment.status.in_(("scored", "retry")),
-                    (Assessment.next_attempt_at.is_(None)) | (Assessment.next_attempt_at <= now),
-                )
-                .limit(limit)
-            )
-            return list(s.scalars(q))
+            return list(s.scalars(select(Assessment.identifier).where(*_assessments_due(now)).limit(limit)))
+
+    def lease_due_assessments(self, now: datetime, until: datetime, limit: int = 100) -> list[str]:
+        """``assessments_due``, taken for enqueueing (``next_attempt_at`` moves to ``until``; see ``_lease``)."""
+        return self._lease(Assessment, Assessment.identifier, _assessments_due(now), "next_attempt_at", until, limit)
 
     # -- failures ---------------------------------------------------------------------
     def record_failure(
@@ -481,17 +623,57 @@ class SqlStore:
         retryable: bool,
         details: dict[str, Any] | None = None,
     ) -> None:
+        """One open row per (stage, subject, outcome): a repeat counts ``occurrences``, moves ``last_seen_at``
+        and refreshes message, details and retryable. One INSERT ... ON CONFLICT DO UPDATE on the partial unique
+        index ``uq_failures_open`` (PostgreSQL and SQLite): a concurrent insert of the same open failure becomes
+        the update, atomically, so racing workers leave one row that counts them all."""
+        now = utcnow()
+        insert = _upsert_insert(self.engine.dialect.name)
+        stmt = insert(Failure).values(
+            stage=stage,
+            subject=subject,
+            outcome=outcome.value,
+            message=message,
+            retryable=retryable,
+            details=details,
+            created_at=now,
+            last_seen_at=now,
+            occurrences=1,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Failure.stage, Failure.subject, Failure.outcome],
+            index_where=Failure.resolved_at.is_(None),
+            set_={
+                "occurrences": Failure.occurrences + 1,
+                "last_seen_at": stmt.excluded.last_seen_at,
+                "message": stmt.excluded.message,
+                "retryable": stmt.excluded.retryable,
+                "details": stmt.excluded.details,
+            },
+        )
         with self.sessions.begin() as s:
-            s.add(
-                Failure(
-                    stage=stage,
-                    subject=subject,
-                    outcome=outcome.value,
-                    message=message,
-                    retryable=retryable,
-                    details=details,
-                )
-            )
+            s.execute(stmt)
+
+    def prune_resolved_failures(self, before: datetime, batch_size: int, *, dry_run: bool = False) -> int:
+        return self._delete_batched(Failure, (Failure.resolved_at < before,), batch_size, dry_run)
+
+    def _delete_batched(
+        self, model: type[Failure] | type[Assessment] | type[VitalRow], where: Sequence[Any], batch: int, dry_run: bool
+    ) -> int:
+        """DELETE of the rows matching ``where``, ``batch`` ids per transaction (a long purge never holds a lock
+        or a huge transaction). Dry run: count them."""
+        if dry_run:
+            with self.sessions() as s:
+                return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+        removed = 0
+        while True:
+            with self.sessions.begin() as s:
+                ids = list(s.scalars(select(model.id).where(*where).order_by(model.id).limit(batch)))
+                if ids:
+                    s.execute(delete(model).where(model.id.in_(ids)))
+            removed += len(ids)
+            if len(ids) < batch:
+                return removed
 
     def resolve_failures(self, stage: str, subject: str, now: datetime) -> None:
         with self.sessions.begin() as s:
@@ -512,8 +694,87 @@ class SqlStore:
             ):
                 rows = s.execute(select(col, func.count()).group_by(col)).all()
                 out[name] = {str(k): int(v) for k, v in rows}
-            rows = s.execute(
-                select(Failure.outcome, func.count()).where(Failure.resolved_at.is_(None)).group_by(Failure.outcome)
+            failures = s.execute(
+                select(Failure.outcome, func.count(), func.sum(Failure.occurrences))
+                .where(Failure.resolved_at.is_(None))
+                .group_by(Failure.outcome)
             ).all()
-            out["open_failures"] = {str(k): int(v) for k, v in rows}
+            out["open_failures"] = {str(k): int(n) for k, n, _ in failures}  # rows: distinct open problems
+            out["open_failure_occurrences"] = {str(k): int(seen or 0) for k, _, seen in failures}  # times seen
         return out
+
+
+def _studies_due(now: datetime, grace_s: float) -> tuple[Any, ...]:
+    """Claimable, past any backoff or lease; a freshly detected study (enqueued when detected) after ``grace_s``."""
+    return (
+        Study.status.in_([st.value for st in STUDY_CLAIMABLE]),
+        Study.next_attempt_at.is_(None) | (Study.next_attempt_at <= now),
+        (Study.status != StudyStatus.DETECTED.value) | (Study.detected_at < now - timedelta(seconds=grace_s)),
+    )
+
+
+def _patients_due(now: datetime) -> tuple[Any, ...]:
+    return (
+        Patient.needs_assessment.is_(True),
+        Patient.vitals_synced_at.is_not(None),
+        Patient.status == "idle",
+        Patient.next_attempt_at.is_(None) | (Patient.next_attempt_at <= now),
+    )
+
+
+def _vitals_due(now: datetime) -> tuple[Any, ...]:
+    return (Patient.vitals_next_attempt_at.is_(None) | (Patient.vitals_next_attempt_at <= now),)
+
+
+def _assessments_due(now: datetime) -> tuple[Any, ...]:
+    return (
+        Assessment.status.in_((AssessmentStatus.SCORED.value, AssessmentStatus.RETRY.value)),
+        Assessment.next_attempt_at.is_(None) | (Assessment.next_attempt_at <= now),
+    )
+
+
+def _upsert_insert(dialect: str) -> Any:
+    """The dialect's INSERT with ON CONFLICT (the engine runs on PostgreSQL or SQLite only)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert
+    raise NotImplementedError(f"the store runs on PostgreSQL or SQLite, not {dialect}")
+
+
+def _reap(
+    s: Session,
+    model: type[Study] | type[Patient] | type[Assessment],
+    key: Any,
+    busy: str,
+    older_than: datetime,
+    max_lost_claims: int,
+    *,
+    give_up: dict[str, Any],
+    put_back: dict[str, Any],
+) -> tuple[int, list[str]]:
+    """Stale claims of one table: (how many went back to the queue, subjects given up as worker_lost)."""
+    stale = (model.status == busy, model.claimed_at < older_than)
+    reason = (
+        f"the worker holding it died {max_lost_claims} time(s) (killed, out of memory or past the task time "
+        "limit); not retried automatically: replay it once the cause is fixed"
+    )
+    rows = s.execute(
+        update(model)
+        .where(*stale, model.lost_claims >= max_lost_claims - 1)
+        .values(
+            lost_claims=model.lost_claims + 1,
+            claimed_at=None,
+            outcome=Outcome.WORKER_LOST.value,
+            reason=reason,
+            **give_up,
+        )
+        .returning(key)
+    )
+    given_up = [str(subject) for subject in rows.scalars()]
+    res = s.execute(update(model).where(*stale).values(lost_claims=model.lost_claims + 1, **put_back))
+    return int(res.rowcount), given_up  # type: ignore[attr-defined]

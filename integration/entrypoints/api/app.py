@@ -9,6 +9,7 @@ start without an API credential configured, and /docs is off unless ``api.docs``
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -19,6 +20,7 @@ from integration.bootstrap import Engine, bootstrap
 from integration.config import Settings, get_settings
 from integration.domain.types import DomainError
 from integration.entrypoints.api.routes import (
+    assessments,
     cds_hooks,
     failures,
     health,
@@ -97,7 +99,7 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.guard = guard
-    for module in (health, status, patients, studies, failures, webhooks, metrics, cds_hooks):
+    for module in (health, status, patients, studies, assessments, failures, webhooks, metrics, cds_hooks):
         app.include_router(module.router)
     app.add_exception_handler(DomainError, _domain_error)  # type: ignore[arg-type]
     middleware.install(app, resolved, audit_log)
@@ -107,5 +109,6 @@ def create_app(
 async def _domain_error(_: Request, err: DomainError) -> JSONResponse:
     """A peer or input problem met while serving a request: named outcome; 503 when trying again may help."""
     code = 503 if err.retryable else 422
-    headers = {"Retry-After": str(int(err.retry_after))} if err.retry_after else None
+    # DomainError keeps only finite, non-negative hints; a day is the most this API ever asks a client to wait.
+    headers = {"Retry-After": str(math.ceil(min(err.retry_after, 86400.0)))} if err.retry_after else None
     return JSONResponse({"outcome": err.outcome.value, "detail": err.message}, status_code=code, headers=headers)

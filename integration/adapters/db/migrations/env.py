@@ -18,7 +18,8 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = make_engine(context.config.get_main_option("sqlalchemy.url") or "")
+    # No statement timeout: building an index on a big table may rightly take longer than any one query should.
+    engine = make_engine(context.config.get_main_option("sqlalchemy.url") or "", statement_timeout_s=None)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

@@ -17,6 +17,11 @@ _FAMILIES = {
     "patients": ("strokewatch_patients", "Patients by status", "status"),
     "assessments": ("strokewatch_assessments", "Assessments by status", "status"),
     "open_failures": ("strokewatch_open_failures", "Unresolved failures by outcome", "outcome"),
+    "open_failure_occurrences": (
+        "strokewatch_open_failure_occurrences",
+        "How often the unresolved failures were seen, by outcome",
+        "outcome",
+    ),
 }
 
 

@@ -21,7 +21,8 @@ class ModelStatus(BaseModel):
 
 
 class StatusOut(BaseModel):
-    #: studies/patients/assessments by status; open_failures by outcome.
+    #: studies/patients/assessments by status; open_failures (distinct problems) and open_failure_occurrences
+    #: (how often they were seen) by outcome.
     counts: dict[str, dict[str, int]]
     model: ModelStatus
     #: Where state and the task queue live; a password in either URL is shown as ``***``.

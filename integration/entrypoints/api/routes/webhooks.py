@@ -74,6 +74,8 @@ def stable_study(body: StableStudy, request: Request, engine: EngineDep, service
         uid = _orthanc_study_uid(engine, body.ID)
         if not uid:
             raise HTTPException(404, f"Orthanc has no study {body.ID}")
+        if not is_dicom_uid(uid):  # Orthanc stores whatever StudyInstanceUID a modality sent
+            raise HTTPException(422, f"Orthanc study {body.ID} has StudyInstanceUID {shown(uid)}: not a DICOM UID")
     if not uid:
         raise HTTPException(422, "give StudyInstanceUID or ID (Orthanc study ID)")
     request.state.audit_studies = [uid]

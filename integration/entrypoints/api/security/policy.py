@@ -36,7 +36,7 @@ WEBHOOK_SOURCES: dict[str, str] = {
 }
 
 #: Routes whose answers or effects concern patients: each call is written to the audit log.
-AUDITED_PREFIXES = ("/patients", "/studies", "/failures", "/cds-services/", "/webhooks/")
+AUDITED_PREFIXES = ("/patients", "/studies", "/assessments", "/failures", "/cds-services/", "/webhooks/")
 
 
 @dataclass(frozen=True)
