@@ -222,13 +222,14 @@ class FhirPeer(Peer):
         self,
         status: int | None = None,
         count: int = 1,
-        retry_after: int | None = None,
+        retry_after: int | str | None = None,
         delay_ms: int | None = None,
         drop: bool = False,
         path: str | None = None,
     ) -> None:
         """Makes the next `count` requests (whose path contains `path`, if given) answer `status`
-        (with Retry-After if given), or be delayed by `delay_ms` first, or lose their connection."""
+        (with Retry-After if given: seconds, or any text sent as is, e.g. "inf" or an HTTP-date), or be delayed by
+        `delay_ms` first, or lose their connection."""
         spec: dict[str, Any] = {"count": count}
         for key, value in (("status", status), ("retryAfter", retry_after), ("delayMs", delay_ms), ("path", path)):
             if value is not None:

@@ -195,7 +195,11 @@ export class SandboxRepository extends MemoryRepository {
   async search(searchRequest, options) {
     const { request, count, offset } = this.prepareSearch(searchRequest);
     const matches = [];
+    const subjectId = subjectFilterId(request);
     for (const resource of this.resources.get(request.resourceType)?.values() ?? []) {
+      // A cheap pre-check before the FHIRPath matcher: a search by one subject skips other patients' resources
+      // (a superset test: the matcher still decides). Without it every search scans the whole type at full cost.
+      if (subjectId !== undefined && !String(resource.subject?.reference ?? '').includes(subjectId)) continue;
       if (matchesSearchRequest(resource, request)) {
         matches.push(resource);
       }
@@ -302,6 +306,17 @@ export class SandboxRepository extends MemoryRepository {
     });
     return { ...filter, value: values.join(',') };
   }
+}
+
+/** The id in a plain `subject=`/`patient=` filter naming one reference (`Patient/X` or `X`), else undefined. */
+function subjectFilterId(request) {
+  for (const filter of request.filters ?? []) {
+    if ((filter.code === 'subject' || filter.code === 'patient') && (filter.operator ?? 'eq') === 'eq') {
+      const value = String(filter.value ?? '');
+      if (value && !value.includes(',')) return value.slice(value.lastIndexOf('/') + 1);
+    }
+  }
+  return undefined;
 }
 
 /** Sorts in place by _sort rules; resources without a value sort last in either direction. */

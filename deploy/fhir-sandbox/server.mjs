@@ -6,16 +6,19 @@
 //                   [--smart-client CLIENT_ID=PATH_TO_JWKS_JSON[:scopes] ...]
 //                   [--enable-test-controls] [--verbose]
 //                   [--tls-cert CERT.pem --tls-key KEY.pem [--tls-client-ca CA.pem]]
+//                   [--state-file STATE.json]
 //
 // With --tls-cert/--tls-key it serves HTTPS (node:https, TLS 1.2+); with --tls-client-ca it also requires a client
 // certificate issued by that CA (mutual TLS) and refuses the connection without one.
-// Prints "ready http(s)://HOST:PORT/fhir" once listening (--port 0 picks a free port). No persistence.
+// Prints "ready http(s)://HOST:PORT/fhir" once listening (--port 0 picks a free port). No persistence, except that
+// with --state-file a SIGTERM/SIGINT writes the resources there (after in-flight requests finish) and the next start
+// loads them, so a restart keeps ids and content (bench/soak.py restarts the EHR this way).
 import './node-compat.mjs'; // must come before any @medplum import
 import { OperationOutcomeError, getStatus, isOk, normalizeOperationOutcome } from '@medplum/core';
 import { FhirRouter } from '@medplum/fhir-router';
 import http from 'node:http';
 import https from 'node:https';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { Auth, requiredScopes } from './auth.mjs';
 import { capabilityStatement, smartConfiguration } from './capability.mjs';
@@ -44,6 +47,7 @@ const { values: opts } = parseArgs({
     'tls-cert': { type: 'string' },
     'tls-key': { type: 'string' },
     'tls-client-ca': { type: 'string' },
+    'state-file': { type: 'string' },
   },
 });
 const basePath = '/' + opts['base-path'].replace(/^\/+|\/+$/g, '');
@@ -317,6 +321,41 @@ const listener = (req, res) => {
 const server = tlsOptions ? https.createServer(tlsOptions, listener) : http.createServer(listener);
 server.keepAliveTimeout = 30_000;
 
+// --state-file: current versions only (history restarts at one version per resource), written atomically.
+let inFlight = 0;
+server.on('request', (req, res) => {
+  inFlight++;
+  res.on('close', () => inFlight--);
+});
+
+function loadState(path) {
+  if (!existsSync(path)) return;
+  const state = JSON.parse(readFileSync(path, 'utf8'));
+  for (const [type, resources] of Object.entries(state.resources ?? {})) {
+    repo.resources.set(type, new Map(resources.map((r) => [r.id, r])));
+    repo.history.set(type, new Map(resources.map((r) => [r.id, [r]])));
+  }
+}
+
+function saveStateAndExit(path) {
+  server.close();
+  server.closeIdleConnections();
+  const deadline = Date.now() + 10_000;
+  const finish = () => {
+    if (inFlight > 0 && Date.now() < deadline) return setTimeout(finish, 20);
+    const resources = {};
+    for (const [type, byId] of repo?.resources ?? []) resources[type] = [...byId.values()];
+    writeFileSync(path + '.tmp', JSON.stringify({ resources }));
+    renameSync(path + '.tmp', path);
+    process.exit(0);
+  };
+  finish();
+}
+
+if (opts['state-file']) {
+  for (const signal of ['SIGTERM', 'SIGINT']) process.once(signal, () => saveStateAndExit(opts['state-file']));
+}
+
 server.listen(Number(opts.port), opts.host, () => {
   const { port } = server.address();
   const host = opts.host === '0.0.0.0' || opts.host === '::' ? '127.0.0.1' : opts.host;
@@ -335,6 +374,7 @@ server.listen(Number(opts.port), opts.host, () => {
     tokenUrl: auth.oauthEnabled ? `${origin}/oauth/token` : undefined,
     authModes: auth.modes,
   });
+  if (opts['state-file']) loadState(opts['state-file']); // before any request is read (same tick)
   console.log(`ready ${origin}${basePath}`);
 });
 

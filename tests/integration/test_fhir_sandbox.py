@@ -362,3 +362,50 @@ def test_oauth_client_credentials_tokens_work_then_expire(secured_peer: FhirPeer
     expired = httpx.get(url, headers=bearer)
     assert expired.status_code == 401
     assert 'error="invalid_token"' in expired.headers["www-authenticate"]
+
+
+class _StatefulFhirPeer(FhirPeer):
+    """The sandbox started with ``--state-file`` (what bench/soak.py uses to restart the EHR)."""
+
+    def __init__(self, workdir: Path, state_file: Path) -> None:
+        super().__init__(workdir)
+        self.state_file = state_file
+
+    def command(self, app_dir: Path) -> list[str]:
+        return [*super().command(app_dir), "--state-file", str(self.state_file)]
+
+
+def test_state_file_keeps_resources_ids_and_content_across_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    with _StatefulFhirPeer(tmp_path / "first", state) as peer:
+        patient = httpx.post(
+            f"{peer.base_url}/Patient",
+            headers=FHIR_JSON,
+            timeout=10,
+            json={"resourceType": "Patient", "identifier": [{"system": "urn:t", "value": "7"}]},
+        ).json()
+        obs = httpx.post(
+            f"{peer.base_url}/Observation",
+            headers=FHIR_JSON,
+            timeout=10,
+            json=observation(f"Patient/{patient['id']}", 5, 81.0),
+        ).json()
+    assert state.is_file()  # written on SIGTERM
+
+    with _StatefulFhirPeer(tmp_path / "second", state) as again:
+        read = httpx.get(f"{again.base_url}/Observation/{obs['id']}", timeout=10)
+        assert read.status_code == 200
+        assert read.json()["valueQuantity"]["value"] == 81.0 and read.json()["meta"] == obs["meta"]
+        found = httpx.get(f"{again.base_url}/Patient", params={"identifier": "urn:t|7"}, timeout=10).json()
+        assert [e["resource"]["id"] for e in found["entry"]] == [patient["id"]]
+        version = obs["meta"]["versionId"]
+        assert httpx.get(f"{again.base_url}/Observation/{obs['id']}/_history/{version}", timeout=10).status_code == 200
+
+
+def test_without_a_state_file_a_restart_starts_empty(tmp_path: Path) -> None:
+    with FhirPeer(tmp_path / "first") as peer:
+        created = httpx.post(
+            f"{peer.base_url}/Patient", headers=FHIR_JSON, timeout=10, json={"resourceType": "Patient"}
+        ).json()
+    with FhirPeer(tmp_path / "second") as again:
+        assert httpx.get(f"{again.base_url}/Patient/{created['id']}", timeout=10).status_code == 404
