@@ -273,6 +273,7 @@ def bootstrap(
         lookback_hours=settings.pacs.lookback_hours,
         clock_skew_s=settings.pacs.clock_skew_s,
         changes_from_beginning=settings.pacs.changes_from_beginning,
+        feed_reconcile_s=settings.pacs.reconcile_s,
         explain=settings.explain_drivers,
         retry_backoff_s=settings.retry_backoff_s,
         held_retry_s=settings.held_retry_s,

@@ -137,6 +137,9 @@ class PacsSettings(BaseModel):
     #: Orthanc feed on first start: False = studies of the lookback window, then follow the feed from its end;
     #: True = replay Orthanc's whole change log (every study it ever stored).
     changes_from_beginning: bool = False
+    #: Orthanc feed: every this many seconds the lookback window is also read by QIDO-RS, and a stable study the
+    #: feed never announced (Orthanc restarted before its StableStudy event) is registered. 0: off.
+    reconcile_s: float = Field(default=300.0, ge=0.0, le=86400.0)
     #: The PACS's IANA time zone (e.g. "Europe/Berlin"), for StudyDate/StudyTime without
     #: TimezoneOffsetFromUTC (most PACS). None: this machine's local zone (`strokewatch doctor` says which).
     timezone: str | None = None
@@ -197,7 +200,7 @@ class EhrSettings(BaseModel):
     create_mode: Literal["if-none-exist", "search-first"] = "if-none-exist"
     #: False for servers that do not support _lastUpdated on Observation (full re-read each sync).
     incremental: bool = True
-    #: A Retry-After longer than this is not waited for in-process; the task is re-scheduled instead.
+    #: The most one request waits in-process, its retries together; beyond, the task is re-scheduled instead.
     max_retry_after_s: float = 30.0
 
     @model_validator(mode="before")

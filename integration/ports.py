@@ -55,6 +55,11 @@ class ChangeFeed(Protocol):
         """The current end of the feed (where to start without replaying history)."""
         ...
 
+    def is_stable(self, study_uid: str) -> bool | None:
+        """Whether the PACS considers the study complete (no instance received for its stable age); None when
+        it does not hold the study. For reconciling events the feed lost (a PACS restarted before one fired)."""
+        ...
+
 
 class Ehr(Protocol):
     """A FHIR R4 server."""
@@ -209,7 +214,9 @@ class Store(Protocol):
         reason: str | None = None,
     ) -> None: ...
 
-    def require_vitals_sync(self, fhir_id: str) -> None: ...
+    def require_vitals_sync(self, fhir_id: str, queued_until: datetime | None = None) -> None:
+        """New imaging: sync the vitals again. With ``queued_until`` the caller has queued the sync itself: the
+        sweep and the EHR poll leave the patient alone until then (a lease), so the sync is not queued twice."""
 
     def patients_needing_vitals(self, now: datetime, limit: int = 1000) -> list[str]:
         """Never synced since their last study, and past any sync backoff (``vitals_next_attempt_at``)."""

@@ -4,7 +4,8 @@ Errors (issue 2): a 4xx other than 408/429 is ``DomainError(EHR_REJECTED)`` with
 OperationOutcome diagnostics and is not retried. 408, 429, 5xx, timeouts and connection errors are
 retried here a few times with exponential backoff, honouring ``Retry-After`` (seconds or HTTP-date, clamped to
 ``retry_after_cap_s``, garbage ignored: ``domain.retry.parse_retry_after``);
-when retries run out, or the server asks to wait longer than ``max_retry_after`` seconds, the result is
+when retries run out, or the waits of one request would add up to more than ``max_retry_after`` seconds (a
+task must not sleep into its time limit), the result is
 ``DomainError(EHR_UNAVAILABLE, retry_after=...)`` so the task layer can retry later. Every write is
 conditional (If-None-Exist, If-Match) or a PUT, so repeating one after a lost response is safe.
 
@@ -358,6 +359,7 @@ class FhirEhr:
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         what = f"{method} {_describe(url, self.base_url)}"
+        waited = 0.0
         for attempt in range(self.max_retries + 1):
             retry_after: float | None = None
             try:
@@ -382,7 +384,7 @@ class FhirEhr:
                 retry_after = _retry_after(response.headers.get("Retry-After"), self.retry_after_cap_s)
                 problem = f"{what}: {status} {_diagnostics(response) or response.reason_phrase}"
             wait = retry_after if retry_after is not None else self.backoff * 2**attempt * random.uniform(0.75, 1.0)
-            if attempt >= self.max_retries or wait > self.max_retry_after:
+            if attempt >= self.max_retries or waited + wait > self.max_retry_after:
                 raise DomainError(
                     Outcome.EHR_UNAVAILABLE,
                     f"{problem} (after {attempt + 1} attempt{'s' if attempt else ''})",
@@ -390,6 +392,7 @@ class FhirEhr:
                 )
             log.info("%s; retry %d/%d in %.2f s", problem, attempt + 1, self.max_retries, wait)
             self._sleep(wait)
+            waited += wait
         raise AssertionError("unreachable")
 
 

@@ -25,6 +25,7 @@ from integration.domain.ids import is_orthanc_id, require_orthanc_id
 from integration.domain.types import DomainError, Outcome
 
 log = logging.getLogger(__name__)
+LOOKUP = "POST /tools/lookup"
 
 
 class OrthancChangeFeed:
@@ -88,6 +89,30 @@ class OrthancChangeFeed:
         if last < since:
             log.warning("Orthanc change log restarted (cursor %d > last %d): reading from %d", since, last, last)
         return uids, last, bool(page.get("Done", True))
+
+    def is_stable(self, study_uid: str) -> bool | None:
+        """Orthanc's ``IsStable`` for the study (``POST /tools/lookup`` finds its Orthanc id); None when Orthanc
+        does not hold it. Orthanc keeps its stability timers in memory: a study received before a restart is
+        stable after it, but no StableStudy event is ever emitted for it, hence this question."""
+        try:
+            response = self._client.post(f"{self.base_url}/tools/lookup", content=study_uid.encode("ascii"))
+        except httpx.TransportError as err:
+            raise DomainError(Outcome.PACS_UNAVAILABLE, f"Orthanc is unreachable ({LOOKUP}): {err}") from err
+        if response.status_code >= 400:
+            raise DomainError(Outcome.PACS_UNAVAILABLE, f"Orthanc answered {response.status_code} to {LOOKUP}")
+        try:
+            found = response.json()
+        except ValueError as err:
+            raise DomainError(Outcome.PACS_UNAVAILABLE, f"Orthanc answered {LOOKUP} with invalid JSON") from err
+        ids = [str(f.get("ID")) for f in found if isinstance(f, dict) and f.get("Type") == "Study"]
+        if not ids or not is_orthanc_id(ids[0]):
+            return None
+        response = self._get(f"/studies/{ids[0]}")
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise DomainError(Outcome.PACS_UNAVAILABLE, f"Orthanc answered {response.status_code} for a study")
+        return bool(response.json().get("IsStable", False))
 
     def latest_cursor(self) -> int:
         """The current end of the change log: start here to ignore what happened before."""

@@ -39,6 +39,7 @@ class Outcome(StrEnum):
     TOO_LARGE = "too_large"  # an object beyond a configured limit (refused before allocation)
     INVALID_UID = "invalid_uid"  # a DICOM UID that is not a PS3.5 UID (pattern, <= 64 characters)
     VOLUME_MISSING = "volume_missing"  # the study's volume file is gone (retention, lost disk): re-ingested
+    TIMED_OUT = "timed_out"  # the task ran past its soft time limit (slow peers): retried with backoff
 
 
 #: Outcomes worth retrying automatically (the peer may come back / the data may appear).
@@ -49,6 +50,7 @@ RETRYABLE: frozenset[Outcome] = frozenset(
         Outcome.EHR_UNAVAILABLE,
         Outcome.MODEL_UNAVAILABLE,
         Outcome.VOLUME_MISSING,
+        Outcome.TIMED_OUT,
     }
 )
 

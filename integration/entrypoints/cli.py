@@ -25,6 +25,8 @@ app.add_typer(keys_app, name="keys")
 console = Console()
 
 SANDBOX_DIR = Path(os.environ.get("STROKEWATCH_SANDBOX_DIR", "var/sandbox"))
+#: `strokewatch run` starts a child that died again, at most this often within the window (then it stops, exit 1).
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 600
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
@@ -83,7 +85,7 @@ def db_prune(
 def run() -> None:
     """Run the engine in the foreground: API + worker + scheduler (Ctrl-C stops all)."""
     from integration.adapters.db.session import upgrade
-    from integration.entrypoints.processes import start_engine, stop_pids
+    from integration.entrypoints.processes import spawn_child, start_engine, stop_pids
 
     _logging("INFO")
     settings = _settings()
@@ -101,15 +103,32 @@ def run() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     docs = f"  (docs: {procs.api_url}/docs)" if settings.api_docs_enabled else ""
     console.print(f"StrokeWatch is running. API: {procs.api_url}{docs}  logs: {procs.log_dir}")
+    # A child that dies (the OOM killer, a broker client that gives up) is started again, a few times: work it held
+    # is released by the reaper and nothing is lost. Dying more often than that is a fault to look at: stop, exit 1
+    # (systemd or the container runtime then decides).
+    running = {"api": children[0], "worker": children[1]}
+    restarts: list[float] = []
     try:
-        while all(c.poll() is None for c in children):
+        while True:
             time.sleep(1)
-        console.print("[red]a child process exited; stopping[/red]")
-        raise typer.Exit(1)
+            for kind, child in list(running.items()):
+                code = child.poll()
+                if code is None:
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW_S]
+                if len(restarts) >= MAX_RESTARTS:
+                    console.print(f"[red]the {kind} exited (code {code}); {len(restarts)} restarts within "
+                                  f"{RESTART_WINDOW_S // 60} min already: stopping[/red] (see {procs.log_dir})")
+                    raise typer.Exit(1)
+                restarts.append(now)
+                console.print(f"[yellow]the {kind} exited (code {code}); starting it again ({len(restarts)} of "
+                              f"{MAX_RESTARTS} within {RESTART_WINDOW_S // 60} min)[/yellow]")
+                running[kind] = spawn_child(kind, settings, env, detached=False)
     except KeyboardInterrupt:
         console.print("stopping...")
     finally:
-        stop_pids([c.pid for c in children])
+        stop_pids([c.pid for c in running.values()])
 
 
 @app.command()

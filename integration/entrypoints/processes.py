@@ -74,7 +74,6 @@ def start_engine(
     """Start the API (uvicorn) and one worker (with beat). Waits until the API answers. Refuses (RuntimeError naming
     the settings) an API without authentication outside the sandbox, or listening beyond loopback without it."""
     from integration.entrypoints.api.security.guard import startup_problem
-    from integration.entrypoints.worker import worker_argv
 
     problem = startup_problem(settings)
     if problem:
@@ -84,9 +83,36 @@ def start_engine(
     log_dir = data_dir / "logs"
     retention = settings.retention
     rotate_logs(log_dir, retention.log_max_bytes, retention.log_backups)  # then the worker's beat keeps them so
+    worker = spawn_child("worker", settings, env, detached=detached)
+    api = spawn_child("api", settings, env, detached=detached)
+    procs = EngineProcesses(api.pid, worker.pid, settings.api_base_url, str(data_dir), str(log_dir))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if api.poll() is not None:
+            raise RuntimeError(f"the API exited at start-up; see {log_dir / 'api.log'}")
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited at start-up; see {log_dir / 'worker.log'}")
+        if _api_live(settings):
+            break
+        time.sleep(0.3)
+    else:
+        stop_pids([api.pid, worker.pid])
+        raise RuntimeError(f"the API did not answer within 60 s; see {log_dir / 'api.log'}")
+    if detached:
+        (data_dir / ENGINE_STATE).write_text(json.dumps(asdict(procs), indent=2))
+    return procs, [api, worker]
+
+
+def spawn_child(kind: str, settings: Settings, env: dict[str, str], *, detached: bool) -> subprocess.Popen[bytes]:
+    """Start one engine process: ``worker`` (Celery worker with beat) or ``api`` (uvicorn), logging to
+    ``data_dir/logs/{kind}.log``. Also used to restart one that died (``strokewatch run``)."""
+    from integration.entrypoints.worker import worker_argv
+
+    log_dir = settings.data_dir.resolve() / "logs"
     full_env = {**os.environ, **env}
-    worker = _spawn([sys.executable, "-m", *worker_argv(settings)], full_env, log_dir / "worker.log", detached)
-    api = _spawn(
+    if kind == "worker":
+        return _spawn([sys.executable, "-m", *worker_argv(settings)], full_env, log_dir / "worker.log", detached)
+    return _spawn(
         [
             sys.executable,
             "-m",
@@ -105,22 +131,6 @@ def start_engine(
         log_dir / "api.log",
         detached,
     )
-    procs = EngineProcesses(api.pid, worker.pid, settings.api_base_url, str(data_dir), str(log_dir))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if api.poll() is not None:
-            raise RuntimeError(f"the API exited at start-up; see {log_dir / 'api.log'}")
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited at start-up; see {log_dir / 'worker.log'}")
-        if _api_live(settings):
-            break
-        time.sleep(0.3)
-    else:
-        stop_pids([api.pid, worker.pid])
-        raise RuntimeError(f"the API did not answer within 60 s; see {log_dir / 'api.log'}")
-    if detached:
-        (data_dir / ENGINE_STATE).write_text(json.dumps(asdict(procs), indent=2))
-    return procs, [api, worker]
 
 
 def uvicorn_tls_args(settings: Settings) -> list[str]:

@@ -93,9 +93,12 @@ def engine() -> Any:
     """The per-process Engine (adapters, store, services), built on first use after fork."""
     global _engine
     if _engine is None:
+        from celery.exceptions import SoftTimeLimitExceeded
+
         from integration.bootstrap import bootstrap
 
         _engine = bootstrap(migrate=False, enqueue=enqueue)
+        _engine.services.interruptions = (SoftTimeLimitExceeded,)
     return _engine
 
 

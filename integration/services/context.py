@@ -36,6 +36,9 @@ class Services:
     clock_skew_s: float = 900.0
     #: Orthanc feed on first start: replay the whole change log (True) or lookback window + feed end (False).
     changes_from_beginning: bool = False
+    #: Orthanc feed: how often the lookback window is also read by QIDO-RS for studies whose StableStudy event
+    #: was lost (a PACS restart); 0 turns it off.
+    feed_reconcile_s: float = 300.0
     retry_backoff_s: float = 5.0
     held_retry_s: float = 60.0
     max_retries: int = 8
@@ -55,3 +58,6 @@ class Services:
     redeliver_after_s: float = 120.0
     #: Sizes of series and images (checked before a series is retrieved, and by the PACS adapter while it is).
     limits: ImageLimits = field(default_factory=ImageLimits)
+    #: Exceptions that interrupt a task from outside (the worker's soft time limit): the work is retried later
+    #: (``timed_out``, retryable), not failed as a crash. The worker fills it in; empty elsewhere.
+    interruptions: tuple[type[BaseException], ...] = ()

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 ORTHANC_CURSOR = "orthanc_changes"
 QIDO_CURSOR = "qido_last_poll"
+RECONCILE_CURSOR = "orthanc_reconcile"
+#: Unknown studies one reconcile asks the PACS about (the rest are found by the next one).
+RECONCILE_BATCH = 200
 PATIENTS_CURSOR = "ehr_patients_seen"
 #: Patients are read back this far before the last poll: the EHR's clock and ours differ, and
 #: lastUpdated has coarse resolution on some servers.
@@ -73,6 +76,7 @@ def detect_studies(svc: Services) -> list[str]:
             svc.store.set_cursor(ORTHANC_CURSOR, str(cursor))
             if done:
                 break
+        new += _reconcile_feed(svc, window, now)
     else:
         new += _studies_in_window(svc, window, "qido")
         svc.store.set_cursor(QIDO_CURSOR, now.isoformat())
@@ -80,6 +84,41 @@ def detect_studies(svc: Services) -> list[str]:
         log.info("detected %d new stud%s", len(new), "y" if len(new) == 1 else "ies")
         svc.enqueue("ingest", new)
     return new
+
+
+def _reconcile_feed(svc: Services, window: StudyWindow, now: datetime) -> list[str]:
+    """Studies of the lookback window the change feed never announced, every ``feed_reconcile_s``.
+
+    A PACS that restarts between a study's last instance and its StableStudy event never emits the event (Orthanc
+    keeps its stability timers in memory), so a feed alone would lose that study. The window is read by QIDO-RS as
+    in polling; an unknown study is registered once the PACS calls it stable (a study still arriving is left for
+    its event or the next reconcile). A failing PACS only postpones it: the feed's progress is kept.
+    """
+    if svc.feed is None or svc.feed_reconcile_s <= 0:
+        return []
+    last = svc.store.get_cursor(RECONCILE_CURSOR)
+    if last is not None:
+        try:
+            if now - datetime.fromisoformat(last) < timedelta(seconds=svc.feed_reconcile_s):
+                return []
+        except (TypeError, ValueError):
+            pass  # an unreadable stamp: reconcile now and write a good one
+    svc.store.set_cursor(RECONCILE_CURSOR, now.isoformat())
+    added: list[str] = []
+    try:
+        refs = [r for r in svc.pacs.find_studies(*window.query_dates()) if window.contains(r)]
+        refs = [r for r in refs if _valid_study_uid(svc, r.study_uid, "orthanc-reconcile")]
+        known = svc.store.known_studies(r.study_uid for r in refs)
+        for ref in [r for r in refs if r.study_uid not in known][:RECONCILE_BATCH]:
+            if svc.feed.is_stable(ref.study_uid) and svc.store.add_study(ref, "orthanc-reconcile", now):
+                added.append(ref.study_uid)
+    except DomainError as err:
+        log.warning("reconciling the change feed with QIDO-RS failed (%s): %s; next try in %.0f s",
+                    err.outcome.value, err.message, svc.feed_reconcile_s)
+    if added:
+        log.warning("%d stud%s the change feed never announced (PACS restarted before StableStudy?) found by QIDO-RS",
+                    len(added), "y" if len(added) == 1 else "ies")
+    return added
 
 
 def _studies_in_window(svc: Services, window: StudyWindow, source: str) -> list[str]:
@@ -143,6 +182,9 @@ def ingest_study(svc: Services, study_uid: str) -> IngestResult:
         result = _ingest_claimed(svc, study_uid)
     except DomainError as err:
         return _study_failed(svc, study_uid, attempts, err)
+    except svc.interruptions as exc:  # the soft time limit: slow peers, not a bug; retried while attempts last
+        limit = DomainError(Outcome.TIMED_OUT, f"ingest ran past the task's time limit ({type(exc).__name__})")
+        return _study_failed(svc, study_uid, attempts, limit)
     except Exception as exc:  # a bug or an unforeseen input: record it, never lose the study
         # Never repr(exc): a driver's message can carry bound values (MRNs) and URLs with credentials. The type,
         # a redacted first line with the study's PatientID pseudonymised, and the frames (code, not values).
@@ -174,7 +216,8 @@ def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
         )
     svc.store.upsert_patient(patient.fhir_id, patient.birth_date, patient.gender)
     svc.store.set_study_ready(study_uid, patient.fhir_id)
-    svc.store.require_vitals_sync(patient.fhir_id)  # the vitals sync then flags the patient for scoring
+    # The vitals sync then flags the patient for scoring. Queued here, leased so the sweep does not queue it again.
+    svc.store.require_vitals_sync(patient.fhir_id, svc.clock.now() + timedelta(seconds=svc.redeliver_after_s))
     log.info("study %s ready for patient %s", study_uid, pseudonym(patient.fhir_id))
     svc.enqueue("vitals", [patient.fhir_id])
     # Earlier studies of this patient held while the Patient was missing: it is here now.

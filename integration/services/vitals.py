@@ -79,8 +79,9 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     if patient.vitals_cursor and cursor and cursor < patient.vitals_cursor:
         cursor = patient.vitals_cursor
     svc.store.set_vitals_cursor(patient_fhir_id, cursor, now)
-    if patient.vitals_attempts:  # the sync failed before: that failure is over
-        svc.store.resolve_failures("vitals", patient_fhir_id, now)
+    # Any open failure of this patient's sync is over, also one a concurrent sync recorded after this one read
+    # the patient (the attempt counter read above may be stale): an unconditional, indexed UPDATE.
+    svc.store.resolve_failures("vitals", patient_fhir_id, now)
     first_time = patient.vitals_synced_at is None
     if changed or first_time:
         svc.store.mark_needs_assessment(patient_fhir_id)

@@ -392,6 +392,19 @@ def test_long_retry_after_is_handed_to_the_task_layer(fresh_fhir_peer: FhirPeer)
     assert sleeps == []
 
 
+def test_the_waits_of_one_request_add_up_to_max_retry_after_at_most(fresh_fhir_peer: FhirPeer) -> None:
+    """Each Retry-After is short, but a task must not sleep through its time limit on one request: once the waits
+    would pass max_retry_after together, the task layer takes over (retryable, with the server's hint)."""
+    sleeps = Sleeps()
+    with make_ehr(fresh_fhir_peer, sleeps, max_retries=10, max_retry_after=25) as ehr:
+        fresh_fhir_peer.inject_fault(status=429, count=10, retry_after=10)
+        with pytest.raises(DomainError) as info:
+            ehr.search("Patient", {})
+    assert info.value.outcome is Outcome.EHR_UNAVAILABLE and info.value.retryable
+    assert info.value.retry_after == 10 and "3 attempts" in info.value.message
+    assert sleeps == [10.0, 10.0]  # a third wait would make 30 s > 25 s
+
+
 def test_timeout_is_retried(fresh_fhir_peer: FhirPeer) -> None:
     sleeps = Sleeps()
     with make_ehr(fresh_fhir_peer, sleeps, timeout=0.5) as ehr:

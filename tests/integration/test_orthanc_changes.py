@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 from pydicom.uid import generate_uid
 
+from integration.adapters.dicomweb import DicomWebPacs
 from integration.adapters.orthanc import OrthancChangeFeed, is_orthanc, orthanc_root
 from integration.domain.types import DomainError, Outcome
+from integration.services.context import Services
+from integration.services.studies import ORTHANC_CURSOR, detect_studies
 from sandbox import OrthancPeer, free_port
 from tests.integration.test_dicomweb_orthanc import ct_series, store
+from tests.unit.fakes import FakeClock, FakeEhr, FakeModel, FakeStore
 
 pytestmark = pytest.mark.peers
 
@@ -93,3 +99,29 @@ def test_orthanc_down_is_pacs_unavailable() -> None:
     with pytest.raises(DomainError) as err:
         feed.stable_studies(0)
     assert err.value.outcome is Outcome.PACS_UNAVAILABLE
+
+
+def test_a_lost_stable_event_is_found_by_the_qido_reconcile(orthanc_peer: OrthancPeer, tmp_path: Path) -> None:
+    """Orthanc keeps its stability timers in memory: restarted between a study's last instance and StableStudy,
+    it never emits the event. The detection reads the window by QIDO-RS and asks Orthanc whether the study is
+    stable (POST /tools/lookup, then IsStable)."""
+    feed = OrthancChangeFeed(orthanc_peer.url)
+    study = generate_uid()
+    now = datetime.now(UTC)
+    start = feed.latest_cursor()
+    store(orthanc_peer, ct_series(study, n=3, study_date=now.strftime("%Y%m%d"), study_time=now.strftime("%H%M%S")))
+    wait_for_stable(feed, start, study)
+    assert feed.is_stable(study) is True
+    assert feed.is_stable(generate_uid()) is None  # not held by Orthanc
+
+    clock = FakeClock(now)
+    with DicomWebPacs(orthanc_peer.dicomweb_url, study_timezone=UTC) as pacs:
+        svc = Services(store=FakeStore(clock), pacs=pacs, ehr=FakeEhr(), model=FakeModel, volumes_dir=tmp_path,
+                       feed=feed, clock=clock, feed_reconcile_s=300.0)
+        svc.store.set_cursor(ORTHANC_CURSOR, str(feed.latest_cursor()))  # past the event: as if it never came
+        assert study in detect_studies(svc)
+        row = svc.store.get_study(study)
+        assert row is not None and row.source == "orthanc-reconcile"
+        clock.t += timedelta(seconds=301)
+        assert study not in detect_studies(svc)  # once
+    feed.close()

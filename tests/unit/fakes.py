@@ -266,8 +266,11 @@ class FakeStore:
         self._patient(fhir_id, needs_assessment=True, attempts=0, lost_claims=0, next_attempt_at=None)
         return True
 
-    def require_vitals_sync(self, fhir_id: str) -> None:
-        self._patient(fhir_id, vitals_synced_at=None)
+    def require_vitals_sync(self, fhir_id: str, queued_until: datetime | None = None) -> None:
+        if queued_until is None:
+            self._patient(fhir_id, vitals_synced_at=None)
+        else:
+            self._patient(fhir_id, vitals_synced_at=None, vitals_next_attempt_at=queued_until)
 
     @staticmethod
     def _vitals_due(p: PatientRecord, now: datetime) -> bool:
@@ -570,6 +573,8 @@ class FakeFeed:
 
     def __init__(self) -> None:
         self.events: list[str] = []
+        #: what is_stable answers per UID (absent: the PACS does not hold the study)
+        self.stable: dict[str, bool] = {}
 
     def stable_studies(self, since: int, limit: int = 100) -> tuple[list[str], int, bool]:
         end = min(len(self.events), since + limit)
@@ -577,3 +582,6 @@ class FakeFeed:
 
     def latest_cursor(self) -> int:
         return len(self.events)
+
+    def is_stable(self, study_uid: str) -> bool | None:
+        return self.stable.get(study_uid)

@@ -206,3 +206,59 @@ def test_the_lease_must_outlast_the_sweep_period() -> None:
     assert Settings().redeliver_after_s == 120.0
     with pytest.raises(ValidationError, match="redeliver_after_s"):
         Settings(redeliver_after_s=5)
+
+
+def test_the_vitals_sync_queued_by_an_ingest_is_not_queued_again_by_the_sweep(svc: Services) -> None:
+    ready_patient(svc)
+    assert drain(svc)[("vitals", "pat-1")] == 1  # queued by the ingest itself
+    for _ in range(23):  # 115 s of sweeps and polls while that sync waits in a long queue
+        tick(svc, 5)
+        sweep(svc)
+        poll_ehr(svc)
+    assert ("vitals", "pat-1") not in drain(svc)
+    for _ in range(2):  # its message was lost: once the lease runs out, the sweep sends it again, once
+        tick(svc, 5)
+        sweep(svc)
+    assert drain(svc)[("vitals", "pat-1")] == 1
+
+
+def test_a_sync_resolves_its_failure_though_a_concurrent_one_recorded_it_after_it_started(svc: Services) -> None:
+    """Two syncs of one patient at once (a redelivered message): A reads the patient (no failed attempt yet), B
+    fails and records ehr_unavailable, A succeeds. A's success ends the failure B recorded."""
+    ready_patient(svc)
+    ehr: FlakyEhr = svc.ehr  # type: ignore[assignment]
+    real_get = svc.store.get_patient
+
+    def b_fails_meanwhile(fhir_id: str) -> Any:
+        row = real_get(fhir_id)  # A's read: vitals_attempts 0
+        svc.store.get_patient = real_get  # type: ignore[method-assign]
+        ehr.error = DomainError(Outcome.EHR_UNAVAILABLE, "503")
+        with pytest.raises(DomainError):
+            sync_vitals(svc, fhir_id)  # B
+        ehr.error = None
+        return row
+
+    svc.store.get_patient = b_fails_meanwhile  # type: ignore[method-assign]
+    sync_vitals(svc, "pat-1")  # A
+    assert svc.store.counts()["open_failures"] == {}
+
+
+def test_an_ingest_past_the_soft_time_limit_is_retried_as_timed_out(svc: Services) -> None:
+    class SoftLimit(Exception):  # Celery's SoftTimeLimitExceeded is an Exception too
+        pass
+
+    pacs: FakePacs = svc.pacs  # type: ignore[assignment]
+
+    def slow(*_: object) -> Any:
+        raise SoftLimit()
+
+    pacs.retrieve_series = slow  # type: ignore[method-assign]
+    svc.interruptions = (SoftLimit,)
+    assert register_study(svc, STUDY)
+    result = ingest_study(svc, STUDY)
+    assert (result.status, result.outcome) == ("retry", "timed_out")
+    row = svc.store.get_study(STUDY)
+    assert row is not None and row.next_attempt_at is not None
+    svc.interruptions = ()  # not declared an interruption: a crash, failed as internal_error
+    svc.store.requeue_study(STUDY)
+    assert ingest_study(svc, STUDY).outcome == "internal_error"

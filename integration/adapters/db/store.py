@@ -355,10 +355,14 @@ class SqlStore:
             )
             return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
-    def require_vitals_sync(self, fhir_id: str) -> None:
-        """New imaging for the patient: sync vitals (and then assess) before scoring again."""
+    def require_vitals_sync(self, fhir_id: str, queued_until: datetime | None = None) -> None:
+        """New imaging for the patient: sync vitals (and then assess) before scoring again; ``queued_until``
+        leases the sync to the caller, who queues it (the sweep and the poll skip the patient until then)."""
+        values: dict[str, Any] = {"vitals_synced_at": None}
+        if queued_until is not None:
+            values["vitals_next_attempt_at"] = queued_until
         with self.sessions.begin() as s:
-            s.execute(update(Patient).where(Patient.fhir_id == fhir_id).values(vitals_synced_at=None))
+            s.execute(update(Patient).where(Patient.fhir_id == fhir_id).values(**values))
 
     def patients_needing_vitals(self, now: datetime, limit: int = 1000) -> list[str]:
         """Patients whose vitals were never synced since their last study, past any sync backoff."""
@@ -427,22 +431,33 @@ class SqlStore:
                 )
                 for row in found_rows:
                     existing[(row.observation_id, row.feature)] = row
+            writes: dict[tuple[str, str], VitalValue] = {}
             for v in values:
                 found = existing.get((v.observation_id, v.feature))
-                if found is None:
-                    row = VitalRow(
-                        patient_fhir_id=fhir_id,
-                        observation_id=v.observation_id,
-                        feature=v.feature,
-                        value=v.value,
-                        effective=v.effective,
-                    )
-                    s.add(row)
-                    existing[(v.observation_id, v.feature)] = row
-                    changed += 1
-                elif found.value != v.value or found.effective != v.effective:
-                    found.value, found.effective = v.value, v.effective
-                    changed += 1
+                if found is None or found.value != v.value or found.effective != v.effective:
+                    writes[(v.observation_id, v.feature)] = v
+            changed += len(writes)
+            # INSERT ... ON CONFLICT DO UPDATE: a concurrent sync of the same patient (a redelivered message, the
+            # sweep and the poll at once) that inserted the row first turns this insert into an update, never
+            # into a unique-constraint error that would lose the whole sync.
+            insert = _upsert_insert(self.engine.dialect.name)
+            rows = [
+                {
+                    "patient_fhir_id": fhir_id,
+                    "observation_id": v.observation_id,
+                    "feature": v.feature,
+                    "value": v.value,
+                    "effective": v.effective,
+                }
+                for v in writes.values()
+            ]
+            for start in range(0, len(rows), 500):
+                stmt = insert(VitalRow).values(rows[start : start + 500])
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[VitalRow.patient_fhir_id, VitalRow.observation_id, VitalRow.feature],
+                    set_={"value": stmt.excluded.value, "effective": stmt.excluded.effective},
+                )
+                s.execute(stmt)
         return changed
 
     def vitals_between(self, fhir_id: str, start: datetime, end: datetime) -> list[VitalValue]:
