@@ -422,7 +422,9 @@ class Soak:
         self.engine.start_all()
         say(
             f"engine up: API {self.engine.api_url}, beat, {a.workers} workers x concurrency {a.concurrency}; "
-            f"task_time_limit_s={a.task_time_limit} stale_claim_s={a.stale_claim}; logs {self.work / 'logs'}"
+            f"task_time_limit_s={a.task_time_limit} stale_claim_s={a.stale_claim}; model served by "
+            f"{'Triton at ' + self.triton.http_url if self.triton is not None else 'ONNX Runtime in the workers'}; "
+            f"logs {self.work / 'logs'}"
         )
 
     def stop(self, keep: bool) -> None:

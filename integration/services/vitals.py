@@ -17,8 +17,13 @@ from integration.services.context import Services
 
 log = logging.getLogger(__name__)
 
-#: Re-read a little before the cursor: servers' lastUpdated has coarse resolution and ties.
+#: Re-read a little before the cursor: servers' lastUpdated has coarse resolution and ties, and a transaction may
+#: commit after a later-stamped one was read.
 CURSOR_OVERLAP = timedelta(seconds=2)
+#: A cursor this old has settled: nothing still commits at or before it, so the overlap is dropped. Without this, a
+#: batch written in one transaction (one lastUpdated for hundreds of Observations: an interface engine's bulk load)
+#: would lie inside the overlap for ever and be read again at every poll.
+CURSOR_SETTLED = timedelta(minutes=15)
 #: A failing sync (EHR down, 429, a 4xx) is retried at retry_backoff_s doubling, at most this far apart.
 RETRY_CAP_S = 3600.0
 #: The failure ledger's subject column.
@@ -53,7 +58,7 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     now = svc.clock.now()
     study = svc.store.latest_ready_study(patient_fhir_id)
     since = sync_since(now, study_anchor(study.study_datetime, study.detected_at) if study else None)
-    updated_since = patient.vitals_cursor - CURSOR_OVERLAP if patient.vitals_cursor else None
+    updated_since = incremental_since(patient.vitals_cursor, now)
     try:
         resources = svc.ehr.search_observations(patient_fhir_id, vital_codes(), since, updated_since)
     except DomainError as err:
@@ -96,6 +101,14 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     )
     return VitalsResult(patient_fhir_id, len(resources), len(parsed.accepted), len(parsed.rejected), changed)
 
+
+
+def incremental_since(cursor: datetime | None, now: datetime) -> datetime | None:
+    """The ``_lastUpdated`` lower bound (exclusive) of the next sync: the cursor less the overlap while it is
+    recent, the cursor itself once settled; None (read everything in the window) before the first sync."""
+    if cursor is None:
+        return None
+    return cursor if cursor <= now - CURSOR_SETTLED else cursor - CURSOR_OVERLAP
 
 
 def rejected_subject(patient_fhir_id: str, observation_id: str) -> str:

@@ -262,3 +262,28 @@ def test_an_ingest_past_the_soft_time_limit_is_retried_as_timed_out(svc: Service
     svc.interruptions = ()  # not declared an interruption: a crash, failed as internal_error
     svc.store.requeue_study(STUDY)
     assert ingest_study(svc, STUDY).outcome == "internal_error"
+
+
+def test_a_bulk_loaded_batch_is_not_read_again_once_its_cursor_has_settled(svc: Services) -> None:
+    """Hundreds of Observations written in one transaction share one lastUpdated: within the overlap they are
+    read again by the next polls; once the cursor is CURSOR_SETTLED old, the poll asks only for what is newer."""
+    ehr: FlakyEhr = svc.ehr  # type: ignore[assignment]
+    asked: list[datetime | None] = []
+    real = ehr.search_observations
+
+    def recording(patient_id: str, codes: Sequence[str], since: datetime | None,
+                  updated_since: datetime | None) -> list[dict[str, Any]]:
+        asked.append(updated_since)
+        stamp = NOW  # every fake Observation carries meta.lastUpdated NOW
+        return [] if updated_since is not None and updated_since >= stamp else real(patient_id, codes, since,
+                                                                                    updated_since)
+
+    ehr.search_observations = recording  # type: ignore[method-assign]
+    ready_patient(svc)
+    assert sync_vitals(svc, "pat-1").fetched > 0 and asked[-1] is None  # the first sync reads the window
+    tick(svc, 60)
+    assert sync_vitals(svc, "pat-1").fetched > 0  # a minute later: inside the overlap, read again (ties, late commits)
+    assert asked[-1] == NOW - timedelta(seconds=2)
+    tick(svc, 15 * 60)
+    assert sync_vitals(svc, "pat-1").fetched == 0  # settled: only what is newer than the cursor
+    assert asked[-1] == NOW
