@@ -188,13 +188,18 @@ class Injector(threading.Thread):
         if ctx.triton is not None:
             kinds["triton_restart"] = 1
         self.kinds = kinds
+        self.unused = list(kinds)
+        self.rng.shuffle(self.unused)
 
     def run(self) -> None:
         while self.active.is_set():
             time.sleep(self.rng.expovariate(1.0 / self.every_s))
             if not self.active.is_set():
                 break
-            kind = self.rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
+            if self.unused:  # every kind once first (a seeded order), then drawn by weight
+                kind = self.unused.pop()
+            else:
+                kind = self.rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
             started = time.monotonic()
             try:
                 detail = getattr(self, kind)()
@@ -403,6 +408,9 @@ class Soak:
             "STROKEWATCH_PACS__ORTHANC_URL": self.orthanc.url,
             "STROKEWATCH_PACS__KIND": "orthanc",
             "STROKEWATCH_PACS__POLL_SECONDS": "2",
+            # an Orthanc restart before StableStudy loses the event: the QIDO-RS reconcile finds the study
+            # (default every 300 s; sooner here so the drain sees it)
+            "STROKEWATCH_PACS__RECONCILE_S": "60",
             "STROKEWATCH_EHR__BASE_URL": self.fhir.base_url,
             "STROKEWATCH_EHR__POLL_SECONDS": str(a.ehr_poll),
             "STROKEWATCH_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN,
@@ -676,6 +684,10 @@ def main() -> int:  # noqa: C901, PLR0912, PLR0915 - one script, read top to bot
         api_ok = httpx.get(f"{soak.engine.api_url}/health/live", timeout=5).status_code == 200
         checks.append(("API /health/live at the end", int(api_ok), "== 1", api_ok))
         checks.append(("fault injections that failed", len(injector.errors), "== 0", not injector.errors))
+        if not args.no_faults:
+            missing = sorted(set(injector.kinds) - {f.kind for f in injector.faults})
+            checks.append(("fault kinds never injected" + (f" ({', '.join(missing)})" if missing else ""),
+                           len(missing), "== 0 (raise --duration)", not missing))
 
         fails = Counter(f.kind for f in injector.faults)
         print_table(f"Faults injected (seed {seed})", ("fault", "count"), sorted(fails.items()))
