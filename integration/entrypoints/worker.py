@@ -78,12 +78,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 app = Celery("strokewatch")
 
 
-@app.on_configure.connect
-def _configure(sender: Celery, **_: Any) -> None:
+def _configuration() -> dict[str, Any]:
+    """The app's configuration, read from the settings when Celery first needs it (in a worker, beat, or any
+    process that sends a task). ``add_defaults`` with a callable is Celery's lazy hook; an ``on_configure`` handler
+    that updates ``sender.conf`` re-enters the loading of that very configuration (RecursionError, logged by
+    every API or SCP process at its first enqueue)."""
     # Any Celery process of the engine (worker, beat, started by `strokewatch run` or directly as in compose)
     # creates its files private: beat's schedule, logs, volumes hold or point at PHI.
     os.umask(0o077)
-    sender.conf.update(celery_config(get_settings()))
+    return celery_config(get_settings())
+
+
+app.add_defaults(_configuration)
 
 
 _engine: Any = None
