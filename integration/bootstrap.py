@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from integration.adapters.dicomweb import DicomWebPacs
     from integration.adapters.fhir import FhirEhr
     from integration.adapters.orthanc import OrthancChangeFeed
+    from integration.adapters.spool import FileSpool
+    from integration.services.push import PushServices
     from integration.services.retention import Housekeeping
 
 log = logging.getLogger(__name__)
@@ -282,6 +284,7 @@ def bootstrap(
         max_lost_claims=settings.max_lost_claims,
         redeliver_after_s=settings.redeliver_after_s,
         limits=image_limits(settings),
+        spool=build_spool(settings),
     )
     if enqueue is not None:
         services.enqueue = enqueue
@@ -306,6 +309,7 @@ def retention_policy(settings: Settings) -> RetentionPolicy:
         superseded_assessments=timedelta(days=r.superseded_assessments_days),
         volumes=timedelta(days=r.volumes_days),
         broker_messages=timedelta(hours=r.broker_messages_hours),
+        spool=timedelta(days=r.spool_days),
         batch_size=r.batch_size,
     )
 
@@ -325,7 +329,107 @@ def open_housekeeping(settings: Settings, *, store: SqlStore | None = None) -> I
         if settings.embedded_broker:
             broker = EmbeddedBrokerMessages(settings.celery_broker_url)
             opened.callback(broker.close)
-        yield Housekeeping(store, settings.data_dir / "volumes", retention_policy(settings), SystemClock(), broker)
+        yield Housekeeping(store, settings.data_dir / "volumes", retention_policy(settings), SystemClock(), broker,
+                           build_spool(settings))
+
+
+# -- the C-STORE SCP: its spool, its use cases, its TLS ------------------------------------------------------
+
+
+def build_spool(settings: Settings) -> FileSpool:
+    """The C-STORE spool (``data_dir/spool``): written by the SCP, read as a PACS by the ingest of pushed studies.
+    Building it touches no disk; the SCP and the workers must share ``data_dir``."""
+    from integration.adapters.spool import FileSpool
+
+    return FileSpool(settings.data_dir / "spool", limits=image_limits(settings),
+                     study_timezone=settings.pacs.study_zone(), max_instance_bytes=settings.scp.max_instance_bytes)
+
+
+@dataclass
+class PushEngine:
+    """What the SCP process needs: its use cases (store, spool, completion) and what to close. No PACS, no EHR."""
+
+    settings: Settings
+    store: SqlStore
+    push: PushServices
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for closer in self._closers:
+            try:
+                closer()
+            except Exception:  # closing best-effort
+                log.debug("close failed", exc_info=True)
+
+
+def bootstrap_push(settings: Settings | None = None, *, enqueue: Callable[[str, list[str]], None] | None = None,
+                   migrate: bool = True) -> PushEngine:
+    """The SCP's composition: the database, the spool and the completion rule from ``scp`` settings."""
+    from integration.domain.push import StudyArrivals
+    from integration.services.push import PushServices
+
+    settings = settings or get_settings()
+    store = build_store(settings, migrate=migrate)
+    use_pseudonym_key(pseudonym_key(settings))
+    redact_log_records()
+    scp = settings.scp
+    push = PushServices(
+        store=store,
+        spool=build_spool(settings),
+        arrivals=StudyArrivals(timedelta(seconds=scp.quiet_period_s), frozenset(scp.per_series_senders)),
+        clock=SystemClock(),
+        limits=image_limits(settings),
+        max_instance_bytes=scp.max_instance_bytes,
+        min_free_bytes=scp.min_free_disk_bytes,
+        accept_other_sop_classes=scp.accept_other_sop_classes,
+    )
+    if enqueue is not None:
+        push.enqueue = enqueue
+    engine = PushEngine(settings, store, push)
+    engine._closers.append(store.engine.dispose)
+    return engine
+
+
+def scp_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The SCP's TLS server context (``scp.tls``), or None for plain DIMSE. A missing or wrong file stops start-up
+    naming the setting."""
+    from integration.adapters.tls import server_context
+
+    tls = settings.scp.tls
+    if tls.cert is None:
+        return None
+    return server_context(tls.cert, tls.key, tls.client_ca, tls.require_client_cert, ("scp", "tls"))
+
+
+def _scp_probe(settings: Settings) -> Probe:
+    """doctor's look at the SCP: a C-ECHO as an allowed sender (over TLS trusting exactly the SCP's certificate), the
+    spool's free disk, and what guards the door."""
+    from integration.adapters.scp_probe import ScpProbe
+
+    scp = settings.scp
+    notes: list[str] = [f"senders allowed: {', '.join(scp.allowed_calling_aets)}" if scp.allowed_calling_aets
+                        else "any calling AE title (sandbox, loopback only)"]
+    if scp.allowed_hosts:
+        notes.append(f"from {', '.join(scp.allowed_hosts)}")
+    notes = ["; ".join(notes)]
+    client: ssl.SSLContext | None = None
+    if scp.tls.cert is not None:
+        try:
+            scp_tls_context(settings)  # the SCP's own files: a wrong one is what it would refuse to start with
+        except ValueError as err:
+            return _stated(CheckResult("scp", False, f"TLS: {err}", _FIX_NAMED))
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.minimum_version = ssl.TLSVersion.TLSv1_2
+        client.check_hostname = False  # the pinned certificate is the identity check
+        client.load_verify_locations(cafile=str(scp.tls.cert))
+        client.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    elif scp.host not in ("127.0.0.1", "localhost", "::1"):
+        notes.append(f"warning: plain DIMSE on {scp.host}: the calling AE title alone admits a sender; set "
+                     f"{env_name('scp', 'tls', 'cert')} (DICOM TLS) and {env_name('scp', 'allowed_hosts')}")
+    calling = scp.allowed_calling_aets[0] if scp.allowed_calling_aets else "STROKEWATCH-DR"
+    return ScpProbe(scp.host, scp.port, scp.ae_title, calling, spool_dir=settings.data_dir / "spool",
+                    min_free_bytes=scp.min_free_disk_bytes, tls=client,
+                    client_cert_required=scp.tls.require_client_cert, notes=tuple(notes))
 
 
 # -- preflight: the probes `strokewatch doctor` and /health/ready run ---------------------------------------
@@ -408,7 +512,8 @@ def build_ehr(settings: Settings) -> FhirEhr:
 
 @contextmanager
 def open_probes(settings: Settings, *, engine: Engine | None = None, timeout_s: float = 10.0) -> Iterator[list[Probe]]:
-    """The probes in report order: database, broker, pacs (with the change feed), ehr, model.
+    """The probes in report order: database, broker, pacs (with the change feed), scp (doctor, when enabled), ehr,
+    model.
 
     With ``engine`` (readiness), they check that running engine's own store, adapters and model. Without,
     the adapters are built from ``settings`` as ``bootstrap()`` builds them (same auth, timeouts, TLS
@@ -433,7 +538,11 @@ def open_probes(settings: Settings, *, engine: Engine | None = None, timeout_s: 
         lazy = LazyModel(lambda: build_model(settings))
         opened.callback(_close_model, lazy)
         model = ModelProbe(lazy, model_path=model_path)
-        yield [DatabaseProbe(store.engine), broker, _fresh_pacs(settings, opened), _fresh_ehr(settings, opened), model]
+        probes: list[Probe] = [DatabaseProbe(store.engine), broker, _fresh_pacs(settings, opened),
+                               _fresh_ehr(settings, opened), model]
+        if settings.scp.enabled:
+            probes.insert(3, _scp_probe(settings))
+        yield probes
 
 
 def _fresh_pacs(settings: Settings, opened: ExitStack) -> Probe:

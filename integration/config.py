@@ -440,6 +440,95 @@ class WebhookSettings(BaseModel):
     replay_cache_size: int = Field(default=10_000, ge=100, le=1_000_000)
 
 
+def _ae_title(value: str, setting: str) -> str:
+    """An AE title as PS3.5 defines the AE value representation: 1-16 characters of printable ASCII without a
+    backslash, leading and trailing spaces not significant."""
+    title = value.strip()
+    if not 0 < len(title) <= 16 or any(not 32 <= ord(c) < 127 or c == "\\" for c in title):
+        raise ValueError(f"{setting}: {value!r} is not an AE title (1-16 printable ASCII characters, no backslash)")
+    return title
+
+
+class ScpTlsSettings(BaseModel):
+    """DICOM TLS on the C-STORE SCP (PS3.15 B.1, "Basic TLS Secure Transport Connection Profile"):
+    ``STROKEWATCH_SCP__TLS__CERT`` (+ ``__KEY``), ``__CLIENT_CA``, ``__REQUIRE_CLIENT_CERT``. PEM files; unset
+    ``cert``: plain DIMSE (the calling AE title allow-list is then the only check; keep it on a trusted network)."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    cert: Path | None = None  # the certificate chain the SCP presents
+    key: Path | None = None  # its unencrypted private key; None: the key is in cert's file
+    client_ca: Path | None = None  # CA bundle that senders' certificates are verified against
+    require_client_cert: bool = False  # True: no association without a sender certificate issued by client_ca
+
+    @model_validator(mode="after")
+    def _complete(self) -> ScpTlsSettings:
+        if self.cert is None and (self.key or self.client_ca or self.require_client_cert):
+            raise ValueError("scp.tls needs cert (STROKEWATCH_SCP__TLS__CERT) for key, client_ca or "
+                             "require_client_cert")
+        if self.require_client_cert and self.client_ca is None:
+            raise ValueError("scp.tls.require_client_cert needs client_ca (STROKEWATCH_SCP__TLS__CLIENT_CA)")
+        return self
+
+
+class ScpSettings(BaseModel):
+    """The DICOM C-STORE SCP that PACS and modalities push studies to (``STROKEWATCH_SCP__*``; ``strokewatch run``
+    starts it when ``enabled``, ``strokewatch scp`` runs it alone). Outside the sandbox it needs
+    ``allowed_calling_aets``: an AE title not listed is refused at association time."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    enabled: bool = False
+    ae_title: str = "STROKEWATCH"  # the called AE title senders must use (associations to another are refused)
+    host: str = "127.0.0.1"  # the address listened on; 0.0.0.0 for every interface
+    port: int = Field(default=11112, ge=1, le=65535)
+    #: Calling AE titles allowed to associate (C-ECHO and C-STORE). Empty: none outside the sandbox (the SCP does
+    #: not start); in the sandbox, any sender on loopback.
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    #: Addresses or networks (``10.1.2.0/24``) senders may connect from; empty: any. Checked before the association.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    #: Calling AE titles that send a study over one association per series: their studies complete
+    #: ``quiet_period_s`` after the last instance instead of at the association's release.
+    per_series_senders: list[str] = Field(default_factory=list)
+    #: A study whose association ended without a release (abort, dropped connection, SCP restart), or came from a
+    #: ``per_series_senders`` AE, is complete once no instance of it arrived for this long; 0: at once.
+    quiet_period_s: float = Field(default=10.0, ge=0.0, le=3600.0)
+    #: An association silent this long is aborted (pynetdicom's network timeout); also ACSE/DIMSE message timeouts.
+    idle_timeout_s: float = Field(default=60.0, ge=5.0, le=3600.0)
+    max_associations: int = Field(default=10, ge=1, le=200)
+    #: One instance as received (the association is aborted beyond it, before more is buffered); <= max_series_bytes.
+    max_instance_bytes: int = Field(default=512 << 20, ge=1 << 20, le=1 << 36)
+    #: Instances are refused (status A700, out of resources) while data_dir's file system has less free space.
+    min_free_disk_bytes: int = Field(default=1 << 30, ge=0, le=1 << 50)
+    #: Instances of other storage SOP classes in a pushed study (SR, dose screens, presentation states): accepted
+    #: and not kept (True), or their presentation contexts refused (False; some senders then fail the whole study).
+    accept_other_sop_classes: bool = True
+    tls: ScpTlsSettings = ScpTlsSettings()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _own_title(cls, v: str) -> str:
+        return _ae_title(v, "STROKEWATCH_SCP__AE_TITLE")
+
+    @field_validator("allowed_calling_aets", "per_series_senders")
+    @classmethod
+    def _titles(cls, v: list[str], info: Any) -> list[str]:
+        return [_ae_title(t, f"STROKEWATCH_SCP__{str(info.field_name).upper()}") for t in v]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"STROKEWATCH_SCP__ALLOWED_HOSTS: {entry!r} is not an IP address or network "
+                                 "(e.g. 10.1.2.3 or 10.1.2.0/24)") from None
+        return [entry.strip() for entry in v]
+
+
 class RetentionSettings(BaseModel):
     """What the engine deletes once nothing needs it (``strokewatch db prune``, and a scheduled job every
     ``interval_hours``): ``STROKEWATCH_RETENTION__VITALS_DAYS``, ... Deletes run ``batch_size`` rows per transaction."""
@@ -455,6 +544,9 @@ class RetentionSettings(BaseModel):
     superseded_assessments_days: float = Field(default=365.0, ge=1.0)
     #: Study volumes (data_dir/volumes/*.npy) seen longer ago than this that no scoring will read again.
     volumes_days: float = Field(default=7.0, ge=1.0)
+    #: Instances pushed by C-STORE (data_dir/spool/): a study's are removed once it was scored (or failed, or a newer
+    #: study of the patient replaced it) and it was received longer ago than this.
+    spool_days: float = Field(default=7.0, ge=1.0)
     #: Messages the embedded broker delivered longer ago than this (its table keeps every one).
     broker_messages_hours: float = Field(default=1.0, ge=0.5)
     batch_size: int = Field(default=1000, ge=10, le=100_000)
@@ -512,6 +604,7 @@ class Settings(BaseSettings):
     cds_hooks: CdsHooksSettings = CdsHooksSettings()  # the EHRs trusted to call the CDS Hooks service
     webhooks: WebhookSettings = WebhookSettings()  # secrets of the Orthanc and FHIR Subscription webhooks
     retention: RetentionSettings = RetentionSettings()  # what is deleted when (db prune, scheduled), log rotation
+    scp: ScpSettings = ScpSettings()  # the DICOM C-STORE SCP studies are pushed to (off by default)
 
     #: Name the inputs that drove each score in the RiskAssessment note (one extra batched model call).
     explain_drivers: bool = True
@@ -562,6 +655,13 @@ class Settings(BaseSettings):
     @classmethod
     def _not_blank(cls, v: SecretStr | None) -> SecretStr | None:
         return v if v is not None and v.get_secret_value().strip() else None
+
+    @model_validator(mode="after")
+    def _scp_within_limits(self) -> Settings:
+        if self.scp.max_instance_bytes > self.limits.max_series_bytes:
+            raise ValueError("scp.max_instance_bytes is larger than limits.max_series_bytes (one instance is at most "
+                             "a whole series); lower STROKEWATCH_SCP__MAX_INSTANCE_BYTES or raise both together")
+        return self
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Settings:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from inference.preprocess import Slice
 from inference.runtime.base import ModelInputs, Prediction
 from integration.domain.checks import CheckResult
+from integration.domain.push import InstanceHeader, ReceivedInstance, SpooledStudy
 from integration.domain.records import (
     AssessmentRecord,
     AssessmentStatus,
@@ -312,6 +313,61 @@ class Store(Protocol):
         ...
 
 
+
+
+class Spool(Protocol):
+    """Where instances pushed by C-STORE are kept until their study is ingested (``data_dir/spool``).
+
+    The writing side, for the SCP. ``put`` is durable when it returns (written, flushed, renamed into place, its
+    directory flushed), so an instance acknowledged after it is never lost. The same spool is read through the
+    ``Pacs`` port (``list_series``/``retrieve_series``) by the ingest of a study registered from it.
+    """
+
+    def parse(self, received: ReceivedInstance) -> InstanceHeader:
+        """The UIDs and image size the data set declares (header only). DomainError for an unreadable data set."""
+        ...
+
+    def contains(self, header: InstanceHeader) -> bool:
+        """Whether this SOP instance of this study and series is kept already (a duplicate)."""
+        ...
+
+    def usage(self, study_uid: str, series_uid: str) -> tuple[int, int]:
+        """(image planes, bytes) the series holds in the spool: what the series limits are checked against."""
+        ...
+
+    def free_bytes(self) -> int:
+        """Free space of the file system the spool is on."""
+        ...
+
+    def reopen(self, study_uid: str) -> None:
+        """New instances are coming for a study marked complete: drop the mark (durably) before they are written."""
+        ...
+
+    def put(self, header: InstanceHeader, received: ReceivedInstance) -> bool:
+        """Keep the instance as a DICOM file; True when new, False when it was there already. OSError when it
+        cannot be written (disk full)."""
+        ...
+
+    def study_ref(self, study_uid: str) -> StudyRef | None:
+        """The study as its instances describe it (patient, date, modalities); None when the spool holds none."""
+        ...
+
+    def mark_complete(self, study_uid: str) -> None:
+        """The study was completed and registered (durably): not pending at the next start."""
+        ...
+
+    def studies(self, *, pending_only: bool = False) -> list[SpooledStudy]:
+        """Every study the spool holds (retention), or only those not marked complete (recovery at start-up)."""
+        ...
+
+    def remove(self, key: str, not_after: datetime, *, dry_run: bool = False) -> int:
+        """Delete the study kept under ``key`` (``SpooledStudy.key``) unless an instance of it was written after
+        ``not_after`` (checked while writers wait). Returns how many files (would) go."""
+        ...
+
+    def remove_partial(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Writes (and removals) that a killed process left half done before ``before``. Returns how many."""
+        ...
 
 
 class BrokerMessages(Protocol):

@@ -63,7 +63,7 @@ class DecodedInstance:
     slices: list[Slice]
 
 
-class _BufferReader:
+class BufferReader:
     """A read-only file object over part of a buffer, so pydicom can parse a header without a copy of the part."""
 
     def __init__(self, view: memoryview) -> None:
@@ -443,7 +443,7 @@ def decode_part10(
                               f"a retrieved object names {shown(syntax_text)} as its transfer syntax")
         if UID(syntax_text).is_deflated:
             _check_inflated_size(view, meta_end, limits.multipart_max_part_bytes)
-    reader = _BufferReader(view)
+    reader = BufferReader(view)
     try:
         header = pydicom.dcmread(reader, stop_before_pixels=True, force=True)
     except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError, OSError, zlib.error) as err:
@@ -485,3 +485,11 @@ def _native_view(ds: Dataset, view: memoryview, start: int, rows: int, columns: 
 
 def decode_file(path: str | Path, limits: ImageLimits | None = None) -> DecodedInstance:
     return decode_part10(Path(path).read_bytes(), limits)
+
+
+def sorted_along_normal(slices: list[Slice]) -> list[Slice]:
+    """File order means nothing; order by position along the first slice's normal (stack_slices agrees)."""
+    orient = np.asarray(slices[0].orientation, dtype=np.float64)
+    normal = np.cross(orient[:3], orient[3:])
+    along = np.asarray([s.position for s in slices], dtype=np.float64) @ normal
+    return [slices[i] for i in np.argsort(along, kind="stable")]

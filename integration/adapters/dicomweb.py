@@ -27,10 +27,9 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import numpy as np
 
 from inference.preprocess import Slice
-from integration.adapters.dicom_decode import decode_part10
+from integration.adapters.dicom_decode import decode_part10, sorted_along_normal
 from integration.adapters.dicomweb_parse import (
     MultipartReader,
     attr_float,
@@ -323,7 +322,7 @@ class DicomWebPacs:
             response.close()
         if not slices:
             raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"series {series_uid} returned no image")
-        return modality, _sorted_along_normal(slices)
+        return modality, sorted_along_normal(slices)
 
     def _past_deadline(self, series_uid: str, received: int) -> DomainError:
         setting = env_name("pacs", "retrieve_deadline_s")
@@ -425,14 +424,6 @@ def _body_chunks(response: httpx.Response, path: str) -> Iterator[bytes]:
         yield from response.iter_raw() if identity else response.iter_bytes()
     except httpx.TransportError as err:
         raise _unavailable(f"GET {path} (body)", err) from err
-
-
-def _sorted_along_normal(slices: list[Slice]) -> list[Slice]:
-    """File order means nothing; order by position along the first slice's normal (stack_slices agrees)."""
-    orient = np.asarray(slices[0].orientation, dtype=np.float64)
-    normal = np.cross(orient[:3], orient[3:])
-    along = np.asarray([s.position for s in slices], dtype=np.float64) @ normal
-    return [slices[i] for i in np.argsort(along, kind="stable")]
 
 
 def _retry_after(response: httpx.Response, cap_s: float) -> float | None:

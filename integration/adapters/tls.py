@@ -138,3 +138,32 @@ def _load_system_trust(context: ssl.SSLContext) -> None:
         except ImportError:
             return
         context.load_verify_locations(cafile=certifi.where())
+
+
+def server_context(cert: Path, key: Path | None, client_ca: Path | None, require_client_cert: bool,
+                   setting: tuple[str, ...]) -> ssl.SSLContext:
+    """A server context for a listener of the engine (the DICOM SCP): TLS 1.2 or newer, ``cert`` (+ ``key``)
+    presented; with ``client_ca`` a client's certificate is verified against it when sent, and required with
+    ``require_client_cert`` (mutual TLS). ``setting`` names the settings group, e.g. ("scp", "tls")."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    chain = _pem_file(cert, (*setting, "cert"))
+    private = _pem_file(key, (*setting, "key")) if key is not None else None
+    try:
+        context.load_cert_chain(str(chain), str(private) if private is not None else None, password=_encrypted_key)
+    except _EncryptedKey:
+        raise ValueError(f"{env_name(*setting, 'key' if private else 'cert')}: the private key is encrypted; give an "
+                         "unencrypted PEM key (file mode 0600)") from None
+    except ssl.SSLError as err:
+        names = env_name(*setting, "cert") + (f" / {env_name(*setting, 'key')}" if private else "")
+        what = "the key does not belong to the certificate" if "MISMATCH" in str(err) else (
+            "not a PEM certificate and unencrypted PEM private key")
+        raise ValueError(f"{names}: {what} ({err.reason})") from None
+    if client_ca is not None:
+        ca = _pem_file(client_ca, (*setting, "client_ca"))
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except ssl.SSLError as err:
+            raise ValueError(f"{env_name(*setting, 'client_ca')}={ca}: not a PEM CA bundle ({err.reason})") from None
+        context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return context

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from integration.domain.push import SCP_SOURCE, SpooledStudy
 from integration.domain.records import StudyRecord, StudyStatus
 from integration.domain.window import WINDOW, study_anchor
 
@@ -27,6 +28,8 @@ class RetentionPolicy:
     volumes: timedelta = timedelta(days=7)
     #: Messages the embedded broker delivered longer ago than this (kombu keeps them, ``visible = false``).
     broker_messages: timedelta = timedelta(hours=1)
+    #: Instances pushed by C-STORE (``spool/``) of studies scored (or failed, or replaced) and received longer ago.
+    spool: timedelta = timedelta(days=7)
     batch_size: int = 1000
 
 
@@ -56,3 +59,31 @@ def volume_removable(
     anchor = study_anchor(study.study_datetime, study.detected_at)
     quiet = last_vital_at is None or last_vital_at < cutoff
     return scored and anchor < min(cutoff, now - WINDOW) and quiet
+
+
+def spool_removable(
+    spooled: SpooledStudy,
+    study: StudyRecord | None,
+    *,
+    now: datetime,
+    keep_for: timedelta,
+    latest_ready_uid: str | None,
+    scored: bool,
+) -> bool:
+    """Whether a pushed study's spooled instances may go. Nothing received within ``keep_for`` goes. After that:
+    a study that was scored, failed, or replaced by a newer ready study of its patient (scoring reads only the
+    latest), or that was ingested from the PACS instead; entries no instance of which can be read. A study never
+    registered stays (the SCP completes it when it runs), as does one waiting for its patient or being ingested.
+    Its volume is kept by ``volume_removable``'s rules; a rebuild without the spool reads the PACS.
+    """
+    if spooled.newest >= now - keep_for:
+        return False
+    if spooled.study_uid is None:
+        return True
+    if study is None:
+        return spooled.complete  # registered once, and the database forgot it
+    if study.source != SCP_SOURCE or study.status is StudyStatus.FAILED:
+        return True
+    if study.status is not StudyStatus.READY:
+        return False
+    return study.study_uid != latest_ready_uid or scored

@@ -83,7 +83,8 @@ def db_prune(
 
 @app.command()
 def run() -> None:
-    """Run the engine in the foreground: API + worker + scheduler (Ctrl-C stops all)."""
+    """Run the engine in the foreground: API + worker + scheduler, and the DICOM SCP when STROKEWATCH_SCP__ENABLED
+    (Ctrl-C stops all)."""
     from integration.adapters.db.session import upgrade
     from integration.entrypoints.processes import spawn_child, start_engine, stop_pids
 
@@ -102,11 +103,12 @@ def run() -> None:
 
     signal.signal(signal.SIGTERM, _terminate)
     docs = f"  (docs: {procs.api_url}/docs)" if settings.api_docs_enabled else ""
-    console.print(f"StrokeWatch is running. API: {procs.api_url}{docs}  logs: {procs.log_dir}")
+    dicom = f"  DICOM: {settings.scp.ae_title}@{settings.scp.host}:{settings.scp.port}" if procs.scp_pid else ""
+    console.print(f"StrokeWatch is running. API: {procs.api_url}{docs}{dicom}  logs: {procs.log_dir}")
     # A child that dies (the OOM killer, a broker client that gives up) is started again, a few times: work it held
     # is released by the reaper and nothing is lost. Dying more often than that is a fault to look at: stop, exit 1
     # (systemd or the container runtime then decides).
-    running = {"api": children[0], "worker": children[1]}
+    running = dict(zip(("api", "worker", "scp"), children, strict=False))
     restarts: list[float] = []
     try:
         while True:
@@ -129,6 +131,16 @@ def run() -> None:
         console.print("stopping...")
     finally:
         stop_pids([c.pid for c in running.values()])
+
+
+@app.command()
+def scp() -> None:
+    """Run the DICOM C-STORE SCP alone, in the foreground (compose/Kubernetes; `run` starts it itself when
+    STROKEWATCH_SCP__ENABLED). Pushed studies are queued for the workers, which must share STROKEWATCH_DATA_DIR."""
+    from integration.entrypoints.scp import main
+
+    _settings()  # a configuration error is said plainly before anything starts
+    raise typer.Exit(main())
 
 
 @app.command()

@@ -48,6 +48,7 @@ class EngineProcesses:
     api_url: str
     data_dir: str
     log_dir: str
+    scp_pid: int | None = None  # the DICOM C-STORE SCP, when scp.enabled
 
 
 def _spawn(argv: list[str], env: dict[str, str], log_path: Path, detached: bool) -> subprocess.Popen[bytes]:
@@ -71,11 +72,13 @@ def _spawn(argv: list[str], env: dict[str, str], log_path: Path, detached: bool)
 def start_engine(
     settings: Settings, env: dict[str, str], *, detached: bool
 ) -> tuple[EngineProcesses, list[subprocess.Popen[bytes]]]:
-    """Start the API (uvicorn) and one worker (with beat). Waits until the API answers. Refuses (RuntimeError naming
-    the settings) an API without authentication outside the sandbox, or listening beyond loopback without it."""
+    """Start the API (uvicorn), one worker (with beat) and, with ``scp.enabled``, the DICOM SCP: children in that
+    order. Waits until the API answers (and the SCP listens). Refuses (RuntimeError naming the settings) an API without
+    authentication outside the sandbox, or listening beyond loopback without it, and an SCP without named senders."""
     from integration.entrypoints.api.security.guard import startup_problem
+    from integration.entrypoints.scp import startup_problem as scp_problem
 
-    problem = startup_problem(settings)
+    problem = startup_problem(settings) or (scp_problem(settings) if settings.scp.enabled else None)
     if problem:
         raise RuntimeError(problem)
 
@@ -85,33 +88,50 @@ def start_engine(
     rotate_logs(log_dir, retention.log_max_bytes, retention.log_backups)  # then the worker's beat keeps them so
     worker = spawn_child("worker", settings, env, detached=detached)
     api = spawn_child("api", settings, env, detached=detached)
-    procs = EngineProcesses(api.pid, worker.pid, settings.api_base_url, str(data_dir), str(log_dir))
+    scp = spawn_child("scp", settings, env, detached=detached) if settings.scp.enabled else None
+    children = [api, worker] + ([scp] if scp is not None else [])
+    procs = EngineProcesses(api.pid, worker.pid, settings.api_base_url, str(data_dir), str(log_dir),
+                            scp.pid if scp is not None else None)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if api.poll() is not None:
-            raise RuntimeError(f"the API exited at start-up; see {log_dir / 'api.log'}")
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited at start-up; see {log_dir / 'worker.log'}")
-        if _api_live(settings):
+        for kind, child in zip(("API", "worker", "DICOM SCP"), children, strict=False):
+            if child.poll() is not None:
+                stop_pids([c.pid for c in children if c.poll() is None])
+                log_name = {"API": "api", "DICOM SCP": "scp"}.get(kind, kind)
+                raise RuntimeError(f"the {kind} exited at start-up; see {log_dir / f'{log_name}.log'}")
+        if _api_live(settings) and (scp is None or scp_listening(settings)):
             break
         time.sleep(0.3)
     else:
-        stop_pids([api.pid, worker.pid])
-        raise RuntimeError(f"the API did not answer within 60 s; see {log_dir / 'api.log'}")
+        stop_pids([c.pid for c in children])
+        raise RuntimeError(f"the engine did not start within 60 s; see {log_dir}")
     if detached:
         (data_dir / ENGINE_STATE).write_text(json.dumps(asdict(procs), indent=2))
-    return procs, [api, worker]
+    return procs, children
+
+
+def scp_listening(settings: Settings) -> bool:
+    """Whether something accepts TCP connections on the SCP's port (the SCP binds only once it is ready)."""
+    scp = settings.scp
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(scp.host, scp.host)
+    try:
+        with socket.create_connection((host, scp.port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def spawn_child(kind: str, settings: Settings, env: dict[str, str], *, detached: bool) -> subprocess.Popen[bytes]:
-    """Start one engine process: ``worker`` (Celery worker with beat) or ``api`` (uvicorn), logging to
-    ``data_dir/logs/{kind}.log``. Also used to restart one that died (``strokewatch run``)."""
+    """Start one engine process: ``worker`` (Celery worker with beat), ``api`` (uvicorn) or ``scp`` (the DICOM
+    C-STORE SCP), logging to ``data_dir/logs/{kind}.log``. Also used to restart one that died (``strokewatch run``)."""
     from integration.entrypoints.worker import worker_argv
 
     log_dir = settings.data_dir.resolve() / "logs"
     full_env = {**os.environ, **env}
     if kind == "worker":
         return _spawn([sys.executable, "-m", *worker_argv(settings)], full_env, log_dir / "worker.log", detached)
+    if kind == "scp":
+        return _spawn([sys.executable, "-m", "integration.entrypoints.scp"], full_env, log_dir / "scp.log", detached)
     return _spawn(
         [
             sys.executable,
@@ -200,6 +220,6 @@ def stop_engine(data_dir: Path) -> bool:
     procs = read_engine(data_dir)
     if procs is None:
         return False
-    stop_pids([p for p in (procs.worker_pid, procs.api_pid) if pid_alive(p)])
+    stop_pids([p for p in (procs.worker_pid, procs.api_pid, procs.scp_pid) if p is not None and pid_alive(p)])
     (data_dir / ENGINE_STATE).unlink(missing_ok=True)
     return True

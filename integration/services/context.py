@@ -58,6 +58,8 @@ class Services:
     redeliver_after_s: float = 120.0
     #: Sizes of series and images (checked before a series is retrieved, and by the PACS adapter while it is).
     limits: ImageLimits = field(default_factory=ImageLimits)
+    #: The C-STORE spool read as a PACS: studies registered by the SCP (source "scp") are ingested from it.
+    spool: Pacs | None = None
     #: Exceptions that interrupt a task from outside (the worker's soft time limit): the work is retried later
     #: (``timed_out``, retryable), not failed as a crash. The worker fills it in; empty elsewhere.
     interruptions: tuple[type[BaseException], ...] = ()

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from integration.domain.records import StudyRecord
-from integration.domain.retention import RetentionPolicy, volume_removable
+from integration.domain.retention import RetentionPolicy, spool_removable, volume_removable
 from integration.domain.window import WINDOW
-from integration.ports import BrokerMessages, Clock, Store
+from integration.ports import BrokerMessages, Clock, Spool, Store
 
 log = logging.getLogger(__name__)
 
 #: What a prune reports on, in this order.
-TABLES = ("vitals", "failures", "assessments", "volumes", "broker_messages")
+TABLES = ("vitals", "failures", "assessments", "volumes", "spool", "broker_messages")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class Housekeeping:
     clock: Clock
     #: The embedded broker's message table; None with Redis/RabbitMQ (they delete what was acknowledged).
     broker: BrokerMessages | None = None
+    #: The C-STORE spool (instances pushed to the SCP); None when there is none.
+    spool: Spool | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ def prune(hk: Housekeeping, *, dry_run: bool = False) -> PruneReport:
             now - p.superseded_assessments, p.batch_size, dry_run=dry_run
         ),
         "volumes": _prune_volumes(hk, now, dry_run),
+        "spool": _prune_spool(hk, now, dry_run),
         "broker_messages": (
             hk.broker.delete_delivered(now - p.broker_messages, p.batch_size, dry_run=dry_run) if hk.broker else 0
         ),
@@ -79,6 +82,25 @@ def _prune_volumes(hk: Housekeeping, now: datetime, dry_run: bool) -> int:
             break
         after = studies[-1].study_uid
     return removed + _remove_leftovers(hk.volumes_dir, now - keep_for, dry_run)
+
+
+def _prune_spool(hk: Housekeeping, now: datetime, dry_run: bool) -> int:
+    """Instance files of pushed studies no ingest will read again (``domain.retention.spool_removable``), and
+    writes that a killed SCP left half done."""
+    if hk.spool is None:
+        return 0
+    keep_for = hk.policy.spool
+    removed = 0
+    patients: dict[str, tuple[str | None, bool, datetime | None]] = {}
+    for spooled in hk.spool.studies():
+        study = hk.store.get_study(spooled.study_uid) if spooled.study_uid else None
+        latest_uid, scored = None, False
+        if study is not None and study.patient_fhir_id is not None:
+            latest_uid, latest_scored, _ = _patient_state(hk, study, now, patients)
+            scored = latest_scored and latest_uid == study.study_uid
+        if spool_removable(spooled, study, now=now, keep_for=keep_for, latest_ready_uid=latest_uid, scored=scored):
+            removed += hk.spool.remove(spooled.key, now - keep_for, dry_run=dry_run)
+    return removed + hk.spool.remove_partial(now - timedelta(hours=1), dry_run=dry_run)
 
 
 def _patient_state(

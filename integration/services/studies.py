@@ -15,12 +15,14 @@ import numpy as np
 from inference.preprocess import PreprocessError, stack_slices, volume_tensor
 from integration.domain.identity import pseudonym
 from integration.domain.ids import is_dicom_uid, opaque_name, shown
+from integration.domain.push import SCP_SOURCE
 from integration.domain.records import BuiltVolume, StudyStatus
 from integration.domain.redact import describe_exception
 from integration.domain.retry import backoff_at
 from integration.domain.series import choose
 from integration.domain.studytime import StudyWindow, detection_window
-from integration.domain.types import DomainError, Outcome
+from integration.domain.types import DomainError, Outcome, SeriesRef
+from integration.ports import Pacs
 from integration.services.context import Services
 
 log = logging.getLogger(__name__)
@@ -201,7 +203,7 @@ def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
     if row is None:
         raise DomainError(Outcome.INTERNAL_ERROR, "the study vanished from the database while claimed")
     if row.volume_path is None:
-        svc.store.set_study_volume(study_uid, _build_volume(svc, study_uid))
+        svc.store.set_study_volume(study_uid, _build_volume(svc, study_uid, row.source))
 
     # Patient matching: DICOM PatientID (+ IssuerOfPatientID) -> FHIR Patient.identifier.
     if not row.dicom_patient_id:
@@ -225,18 +227,29 @@ def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
     return IngestResult(study_uid, "ready", patient_fhir_id=patient.fhir_id)
 
 
-def _build_volume(svc: Services, study_uid: str) -> BuiltVolume:
+def _series_source(svc: Services, study_uid: str, source: str) -> tuple[Pacs, list[SeriesRef]]:
+    """Where a study's instances are read from, and its series: a study pushed by C-STORE from the spool (no PACS
+    round trip); any other, or a pushed one whose instances retention removed, from the PACS."""
+    if source == SCP_SOURCE and svc.spool is not None:
+        series = svc.spool.list_series(study_uid)
+        if series:
+            return svc.spool, series
+        log.info("study %s: its pushed instances are no longer in the spool; reading it from the PACS", study_uid)
+    return svc.pacs, svc.pacs.list_series(study_uid)
+
+
+def _build_volume(svc: Services, study_uid: str, source: str = "") -> BuiltVolume:
     """Choose the series, retrieve it, build the model's volume tensor and write it atomically."""
     if not is_dicom_uid(study_uid):  # it goes into PACS URLs: "../x" must not reach one
         raise DomainError(Outcome.INVALID_UID, f"refused {shown(study_uid)}: not a DICOM UID")
-    series = svc.pacs.list_series(study_uid)
+    pacs, series = _series_source(svc, study_uid, source)
     chosen, decisions = choose(series, svc.rules)
     svc.store.record_series_decisions(study_uid, decisions, chosen.series.series_uid if chosen else None)
     if chosen is None:
         reasons = "; ".join(d.reason for d in decisions) or "the study has no series"
         raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"no eligible brain CT/MR series: {reasons}")
     svc.limits.check_series(chosen.series)  # the counts the PACS declared, before a byte is retrieved
-    modality, slices = svc.pacs.retrieve_series(study_uid, chosen.series.series_uid)
+    modality, slices = pacs.retrieve_series(study_uid, chosen.series.series_uid)
     try:
         image = volume_tensor(stack_slices(slices), modality)
     except PreprocessError as err:

@@ -82,10 +82,12 @@ def test_prune_keeps_what_is_inside_retention_and_removes_what_is_outside(store:
         "failures": 1,
         "assessments": 1,
         "volumes": 1,
+        "spool": 0,
         "broker_messages": 0,
     }
     assert replaced.exists()  # a dry run deletes nothing
-    assert prune(hk).removed == {"vitals": 3, "failures": 1, "assessments": 1, "volumes": 1, "broker_messages": 0}
+    assert prune(hk).removed == {"vitals": 3, "failures": 1, "assessments": 1, "volumes": 1, "spool": 0,
+                                 "broker_messages": 0}
 
     kept_p = {v.observation_id for v in store.vitals_between("p", now - 1000 * DAY, now)}
     assert kept_p == {"p-399", "p-1"}  # 500 and 401 days: outside retention and every current window
@@ -97,7 +99,8 @@ def test_prune_keeps_what_is_inside_retention_and_removes_what_is_outside(store:
     assert subjects == {"9.2", "9.3"}
     assert not replaced.exists() and store.get_study("1.2.3.1").volume_path is None  # type: ignore[union-attr]
     assert latest.exists() and store.get_study("1.2.3.2").volume_path == str(latest)  # type: ignore[union-attr]
-    assert prune(hk).removed == {"vitals": 0, "failures": 0, "assessments": 0, "volumes": 0, "broker_messages": 0}
+    assert prune(hk).removed == {"vitals": 0, "failures": 0, "assessments": 0, "volumes": 0, "spool": 0,
+                                 "broker_messages": 0}
 
 
 class WorkerKilled(BaseException):
@@ -196,6 +199,7 @@ def test_db_prune_prints_each_table_and_a_dry_run_deletes_nothing(
         "failures": "1",
         "assessments": "0",
         "volumes": "0",
+        "spool": "0",
         "broker_messages": "0",
     }  # delivered just now: kept for an hour
     assert len(queries.list_failures(store.sessions).items) == 1

@@ -119,7 +119,8 @@ def test_prune_removes_what_nothing_needs_and_keeps_what_a_rescoring_reads(tmp_p
     report = prune(w.hk)
     assert report.removed == dry.removed
     assert list(report.removed) == list(TABLES)
-    assert report.removed == {"vitals": 1, "failures": 1, "assessments": 1, "volumes": 4, "broker_messages": 0}
+    assert report.removed == {"vitals": 1, "failures": 1, "assessments": 1, "volumes": 4, "spool": 0,
+                              "broker_messages": 0}
     assert not old_a.exists() and not quiet_b.exists() and not failed.exists() and not leftover.exists()
     assert new_a.exists() and recent_c.exists() and held.exists() and young.exists()
     assert w.store.get_study("1.1").volume_path is None  # type: ignore[union-attr]  # an ingest rebuilds it
