@@ -123,15 +123,26 @@ def _reset_after_fork(**_: Any) -> None:
 
 
 def enqueue(stage: str, ids: list[str]) -> None:
-    """Hand follow-up work to the queue: one task per id; assess takes batches of the model's max batch."""
+    """Hand follow-up work to the queue: one task per id; assess takes batches of the model's max batch.
+
+    Never raises: the database is the queue of record (a detected study, a leased vitals sync, a patient that needs
+    assessment, a scored assessment), and the sweep sends again whatever was not done once its lease runs out. A
+    broker that is down (restarting) must not turn finished work into a failure of the task that finished it."""
     if not ids:
         return
     if stage == "assess":
-        for start in range(0, len(ids), C.MAX_BATCH):
-            app.send_task("strokewatch.assess", args=[list(ids[start : start + C.MAX_BATCH])])
-        return
-    for item in ids:
-        app.send_task(f"strokewatch.{stage}", args=[item])
+        batches: list[Any] = [list(ids[start : start + C.MAX_BATCH]) for start in range(0, len(ids), C.MAX_BATCH)]
+    else:
+        batches = list(ids)
+    for sent, args in enumerate(batches):
+        try:
+            app.send_task(f"strokewatch.{stage}", args=[args])
+        except Exception as err:  # kombu OperationalError, a refused connection, a timeout
+            from integration.domain.redact import describe_exception  # URLs with credentials never reach the log
+
+            log.warning("could not queue %d %s task(s) (%s); the sweep sends them again once their lease runs out",
+                        len(batches) - sent, stage, describe_exception(err, []))
+            return
 
 
 def stage_task(name: str, **opts: Any) -> Callable[[F], F]:
