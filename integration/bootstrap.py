@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from inference.runtime.transport import TritonTls
     from integration.adapters.db.store import SqlStore
     from integration.adapters.dicomweb import DicomWebPacs
+    from integration.adapters.dimse import DimsePacs
     from integration.adapters.fhir import FhirEhr
     from integration.adapters.orthanc import OrthancChangeFeed
     from integration.adapters.spool import FileSpool
@@ -190,7 +191,7 @@ class Engine:
     settings: Settings
     store: SqlStore
     services: Services
-    pacs: DicomWebPacs
+    pacs: DicomWebPacs | DimsePacs
     ehr: FhirEhr
     feed: OrthancChangeFeed | None
     model: LazyModel
@@ -238,23 +239,27 @@ def bootstrap(
     use_pseudonym_key(pseudonym_key(settings))
     redact_log_records()
 
-    if not settings.pacs.dicomweb_url:
+    if not settings.pacs.dicomweb_url and settings.pacs.kind != "dimse":
         raise ValueError("STROKEWATCH_PACS__DICOMWEB_URL is not set (the PACS's DICOMweb base URL)")
     if not settings.ehr.base_url:
         raise ValueError("STROKEWATCH_EHR__BASE_URL is not set (the FHIR R4 base URL)")
-    pacs_tls = build_tls(settings.pacs.tls, "pacs", "tls")
-    pacs_auth = build_pacs_auth(settings, pacs_tls)
-    pacs = build_pacs(settings, pacs_auth, pacs_tls)
+    pacs: DicomWebPacs | DimsePacs
     feed = None
-    root = _orthanc_root(settings)
-    if settings.pacs.kind == "orthanc" or (
-        settings.pacs.kind == "auto"
-        and root
-        and is_orthanc(root, auth=pacs_auth, timeout=min(5.0, settings.pacs.timeout_s), tls=pacs_tls)
-    ):
-        if root is None:
-            raise ValueError("pacs.kind=orthanc needs STROKEWATCH_PACS__ORTHANC_URL")
-        feed = build_feed(settings, root, pacs_auth, pacs_tls)
+    if settings.pacs.kind == "dimse":
+        pacs = build_dimse_pacs(settings)
+    else:
+        pacs_tls = build_tls(settings.pacs.tls, "pacs", "tls")
+        pacs_auth = build_pacs_auth(settings, pacs_tls)
+        pacs = build_pacs(settings, pacs_auth, pacs_tls)
+        root = _orthanc_root(settings)
+        if settings.pacs.kind == "orthanc" or (
+            settings.pacs.kind == "auto"
+            and root
+            and is_orthanc(root, auth=pacs_auth, timeout=min(5.0, settings.pacs.timeout_s), tls=pacs_tls)
+        ):
+            if root is None:
+                raise ValueError("pacs.kind=orthanc needs STROKEWATCH_PACS__ORTHANC_URL")
+            feed = build_feed(settings, root, pacs_auth, pacs_tls)
     ehr = build_ehr(settings)
     model = LazyModel(lambda: build_model(settings))
     policy = RiskPolicy(**settings.policy.model_dump())
@@ -464,6 +469,38 @@ def build_pacs(settings: Settings, auth: httpx.Auth | None, tls: ssl.SSLContext 
     )
 
 
+def build_dimse_pacs(settings: Settings) -> DimsePacs:
+    """The PACS over DIMSE (``pacs.kind=dimse``, ``pacs.dimse``): C-FIND, then C-GET on the same association or
+    C-MOVE to our C-STORE SCP (``scp.ae_title`` unless ``move_destination``), whose spool it then reads."""
+    from integration.adapters.dimse import DimsePacs
+
+    dimse = settings.pacs.dimse
+    assert dimse.host and dimse.called_aet
+    notes: list[CheckResult] = []
+    if dimse.retrieve == "c-move" and not settings.scp.enabled:
+        notes.append(CheckResult(
+            "pacs retrieval", True, f"warning: C-MOVE needs this engine's C-STORE SCP running: set "
+            f"{env_name('scp', 'enabled')}=true (or run `strokewatch scp` beside the workers, sharing data_dir)",
+            f"or {env_name('pacs', 'dimse', 'retrieve')}=c-get", warning=True))
+    return DimsePacs(
+        dimse.host, dimse.port, dimse.called_aet, dimse.calling_aet,
+        retrieve=dimse.retrieve,
+        move_destination=dimse.move_destination or settings.scp.ae_title,
+        spool=build_spool(settings) if dimse.retrieve == "c-move" else None,
+        tls=build_tls(dimse.tls, "pacs", "dimse", "tls") if dimse.use_tls else None,
+        connect_timeout_s=dimse.connect_timeout_s,
+        acse_timeout_s=dimse.acse_timeout_s,
+        dimse_timeout_s=dimse.dimse_timeout_s,
+        network_timeout_s=dimse.network_timeout_s,
+        retrieve_deadline_s=settings.pacs.retrieve_deadline_s,
+        max_pdu_bytes=dimse.max_pdu_bytes,
+        max_find_results=dimse.max_find_results,
+        study_timezone=settings.pacs.study_zone(),
+        limits=image_limits(settings),
+        notes=tuple(notes),
+    )
+
+
 def build_pacs_auth(settings: Settings, tls: ssl.SSLContext | None) -> httpx.Auth | None:
     """The PACS's credentials; its token endpoint (if any) with the PACS's TLS and timeouts."""
     return build_auth(settings.pacs.auth, tls, "pacs", timeout_s=settings.pacs.timeout_s,
@@ -546,6 +583,11 @@ def open_probes(settings: Settings, *, engine: Engine | None = None, timeout_s: 
 
 
 def _fresh_pacs(settings: Settings, opened: ExitStack) -> Probe:
+    if settings.pacs.kind == "dimse":
+        try:
+            return _pacs_probe(settings, build_dimse_pacs(settings), None)
+        except ValueError as err:  # a TLS file missing or unreadable: the message names the setting
+            return _stated(CheckResult("pacs", False, f"cannot build its client: {err}", _FIX_NAMED))
     if not settings.pacs.dicomweb_url:
         missing = CheckResult("pacs", False, "no DICOMweb URL configured", f"set {env_name('pacs', 'dicomweb_url')}")
         return _stated(missing)
@@ -565,12 +607,14 @@ def _fresh_pacs(settings: Settings, opened: ExitStack) -> Probe:
     return _pacs_probe(settings, pacs, feed)
 
 
-def _pacs_probe(settings: Settings, pacs: DicomWebPacs, feed: OrthancChangeFeed | None) -> Probe:
-    """The PACS probe, followed (doctor) by how new studies are found: Orthanc's /changes or QIDO-RS polling."""
+def _pacs_probe(settings: Settings, pacs: DicomWebPacs | DimsePacs, feed: OrthancChangeFeed | None) -> Probe:
+    """The PACS probe, followed (doctor) by how new studies are found: Orthanc's /changes, QIDO-RS or C-FIND polling."""
+    from integration.adapters import dimse
     from integration.adapters.orthanc import orthanc_missing, polling_result
 
     kind = settings.pacs.kind
-    polling = polling_result(settings.pacs.poll_seconds, settings.pacs.lookback_hours)
+    polls = dimse.polling_result if kind == "dimse" else polling_result
+    polling = polls(settings.pacs.poll_seconds, settings.pacs.lookback_hours)
     if feed is not None:
         feed_probe: Probe = BoundProbe(feed.name, partial(feed.probe, fallback=polling if kind == "auto" else None))
     else:

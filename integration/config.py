@@ -120,11 +120,58 @@ def _verify_tls_alias(data: Any) -> Any:
     return data
 
 
+class PacsDimseSettings(BaseModel):
+    """A PACS reached by DIMSE instead of DICOMweb (``pacs.kind = "dimse"``; ``STROKEWATCH_PACS__DIMSE__*``): Study Root
+    C-FIND to find studies and series, C-GET (default) or C-MOVE to our C-STORE SCP to retrieve a series. The PACS
+    must know ``calling_aet`` as a DICOM node (allowed to query and retrieve)."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    host: str | None = None  # the PACS's DICOM address
+    port: int = Field(default=104, ge=1, le=65535)  # its DICOM port (104; often 11112, 4242 for Orthanc, 2762 TLS)
+    called_aet: str | None = None  # the PACS's AE title
+    calling_aet: str = "STROKEWATCH"  # ours, as registered in the PACS
+    #: c-get: instances come back on the query association (no inbound port, nothing on disk); c-move: the PACS sends
+    #: them to our C-STORE SCP (``move_destination``, default ``scp.ae_title``), which must run (scp.enabled).
+    retrieve: Literal["c-get", "c-move"] = "c-get"
+    move_destination: str | None = None
+    connect_timeout_s: float = Field(default=10.0, gt=0.0, le=300.0)  # TCP connect (and the TLS handshake)
+    acse_timeout_s: float = Field(default=30.0, gt=0.0, le=600.0)  # association request and release answered
+    dimse_timeout_s: float = Field(default=60.0, gt=0.0, le=3600.0)  # each DIMSE message (a C-FIND match, a C-STORE)
+    network_timeout_s: float = Field(default=60.0, gt=0.0, le=3600.0)  # an association silent this long is aborted
+    #: The largest PDU we announce (received PDUs beyond it close the connection).
+    max_pdu_bytes: int = Field(default=1 << 20, ge=16 * 1024, le=16 << 20)
+    #: Matches one C-FIND may return (a detection window's studies, a study's series); beyond, the search stops.
+    max_find_results: int = Field(default=10_000, ge=100, le=1_000_000)
+    use_tls: bool = False  # DICOM TLS (PS3.15 B.1), configured by ``tls``
+    tls: TlsSettings = TlsSettings()
+
+    @field_validator("calling_aet")
+    @classmethod
+    def _calling(cls, v: str) -> str:
+        return _ae_title(v, "STROKEWATCH_PACS__DIMSE__CALLING_AET")
+
+    @field_validator("called_aet", "move_destination")
+    @classmethod
+    def _titles(cls, v: str | None, info: Any) -> str | None:
+        if v is None or not v.strip():
+            return None
+        return _ae_title(v, f"STROKEWATCH_PACS__DIMSE__{str(info.field_name).upper()}")
+
+    @model_validator(mode="after")
+    def _tls_needs_use_tls(self) -> PacsDimseSettings:
+        if not self.use_tls and self.tls != TlsSettings():
+            raise ValueError("STROKEWATCH_PACS__DIMSE__TLS__* is set but STROKEWATCH_PACS__DIMSE__USE_TLS is not true: "
+                             "turn DICOM TLS on, or remove them")
+        return self
+
+
 class PacsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
 
     dicomweb_url: str | None = None  # e.g. http://pacs:8042/dicom-web
-    kind: Literal["auto", "orthanc", "generic"] = "auto"  # orthanc: also use its /changes feed
+    #: orthanc: also use its /changes feed; generic: QIDO-RS polling; dimse: C-FIND polling and C-GET/C-MOVE (``dimse``)
+    kind: Literal["auto", "orthanc", "generic", "dimse"] = "auto"
     orthanc_url: str | None = None  # Orthanc REST root, when different from dicomweb_url minus /dicom-web
     auth: AuthSettings = AuthSettings()
     timeout_s: float = 60.0
@@ -149,11 +196,21 @@ class PacsSettings(BaseModel):
     #: Regex over BodyPartExamined / study / series descriptions that marks a head study (None: built-in).
     head_pattern: str | None = None
     tls: TlsSettings = TlsSettings()  # DICOMweb and Orthanc's REST API (and an OAuth2 token endpoint of pacs.auth)
+    dimse: PacsDimseSettings = PacsDimseSettings()  # kind=dimse: the PACS's DICOM node (retrieve_deadline_s applies)
 
     @model_validator(mode="before")
     @classmethod
     def _deprecated_verify_tls(cls, data: Any) -> Any:  # verify_tls: deprecated, use tls.verify
         return _verify_tls_alias(data)
+
+    @model_validator(mode="after")
+    def _dimse_node(self) -> PacsSettings:
+        if self.kind == "dimse":
+            missing = [f"STROKEWATCH_PACS__DIMSE__{n.upper()}" for n in ("host", "called_aet")
+                       if not getattr(self.dimse, n)]
+            if missing:
+                raise ValueError(f"pacs.kind=dimse needs {' and '.join(missing)} (the PACS's DICOM node)")
+        return self
 
     @field_validator("timezone")
     @classmethod

@@ -11,7 +11,7 @@ def check_settings(settings: Settings) -> CheckResult:
     missing = [
         env_name(*path)
         for path, value in (
-            (("pacs", "dicomweb_url"), settings.pacs.dicomweb_url),
+            (("pacs", "dicomweb_url"), settings.pacs.dicomweb_url or settings.pacs.kind == "dimse"),
             (("ehr", "base_url"), settings.ehr.base_url),
         )
         if not value
