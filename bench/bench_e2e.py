@@ -5,6 +5,11 @@
 2. Throughput: a backlog of --backlog patients stored before the worker starts; studies per minute until every
    RiskAssessment is readable.
 
+After each, the per-stage table: count, median, p95 and mean seconds of each stage (README "Metrics"), from the
+engine's own histogram (``strokewatch_stage_seconds``, read from its database) as it grew over that run. Median
+and p95 are interpolated within the histogram's buckets, as Prometheus's histogram_quantile does (exact to a
+bucket's width); the mean is exact.
+
 Run: .venv/bin/python bench/bench_e2e.py [--latency-studies 20] [--backlog 50]
 Orthanc's StableAge (2 s here, 60 s by default) is part of the latency: the engine waits for a study to be
 complete before reading it. It prints figures; it asserts nothing.
@@ -29,6 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import synth  # noqa: E402
+from integration.adapters.db.session import make_engine  # noqa: E402
+from integration.adapters.db.store import SqlStore  # noqa: E402
+from integration.domain.stages import END_TO_END, STAGES, StageHistogram, minus, quantile  # noqa: E402
 from sandbox.cohort import post_transaction, stow  # noqa: E402
 from sandbox.fhir import FhirPeer  # noqa: E402
 from sandbox.orthanc import OrthancPeer  # noqa: E402
@@ -51,6 +59,45 @@ def assessments_by_study(fhir: str) -> dict[str, float]:
                         out[ident[8:]] = time.monotonic()
             url = next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None)
     return out
+
+
+def stage_histograms(data_dir: Path) -> dict[str, StageHistogram]:
+    """The engine's stage histogram as its database holds it now (empty before its first start)."""
+    db = data_dir / "strokewatch.db"
+    if not db.exists():
+        return {}
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        return {h.stage: h for h in SqlStore(engine).stage_histograms()}
+    finally:
+        engine.dispose()
+
+
+def wait_for_stage(
+    data_dir: Path, before: dict[str, StageHistogram], stage: str, n: int, timeout_s: float = 15
+) -> None:
+    """A task records its timings after its EHR write: wait until ``n`` observations of ``stage`` are in (or
+    ``timeout_s``) before the worker is stopped, so the table counts the last study too."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        after = stage_histograms(data_dir)
+        if stage in after and minus(after[stage], before.get(stage)).count >= n:
+            return
+        time.sleep(0.2)
+
+
+def print_stages(title: str, before: dict[str, StageHistogram], after: dict[str, StageHistogram]) -> None:
+    """Per stage: observations over the run, median and p95 (bucket-interpolated), mean (exact), in seconds."""
+    print(f"{title}\n  {'stage':<11} {'count':>6} {'median':>8} {'p95':>8} {'mean':>8}")
+    for stage in STAGES:
+        if stage not in after:
+            continue
+        h = minus(after[stage], before.get(stage))
+        if h.count == 0:
+            print(f"  {stage:<11} {0:>6} {'-':>8} {'-':>8} {'-':>8}")
+            continue
+        median, p95 = quantile(0.5, h.buckets), quantile(0.95, h.buckets)
+        print(f"  {stage:<11} {h.count:>6} {median:>8.3f} {p95:>8.3f} {h.sum / h.count:>8.3f}")
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -104,6 +151,7 @@ def main() -> None:
             }
             # -- latency ---------------------------------------------------------------------------
             studies = prepare(args.latency_studies, 101, work / "lat", ehr.base_url) if args.latency_studies else []
+            before = stage_histograms(work / "data")
             worker = start_worker(env, work / "worker1.log")
             time.sleep(5)  # worker up
             lat = []
@@ -116,12 +164,15 @@ def main() -> None:
                             raise SystemExit(f"study {uid} not assessed in 180 s; see {work / 'worker1.log'}")
                         time.sleep(0.05)
                     lat.append(time.monotonic() - t0)
+                wait_for_stage(work / "data", before, END_TO_END, len(studies))
             finally:
                 stop_worker(worker)
             lat.sort() if lat else lat.append(float("nan"))
             p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
             print(f"latency, stored -> RiskAssessment readable (n={len(lat)}, Orthanc StableAge 2 s): "
                   f"median {statistics.median(lat):.2f} s, p95 {p95:.2f} s, min {lat[0]:.2f} s, max {lat[-1]:.2f} s")
+            print_stages("stages of the latency run (s; detect and end_to_end from Orthanc's StableStudy event, "
+                         "stamped to the second: +-0.5 s):", before, stage_histograms(work / "data"))
 
             # -- throughput on a backlog ---------------------------------------------------------------
             backlog = prepare(args.backlog, 202, work / "backlog", ehr.base_url)
@@ -130,6 +181,7 @@ def main() -> None:
             time.sleep(3)  # let Orthanc mark them stable: the backlog is complete before the engine starts
             env2 = {**env, "STROKEWATCH_DATA_DIR": str(work / "data2")}
             want = {uid for uid, _ in backlog}
+            before = stage_histograms(work / "data2")
             t0 = time.monotonic()
             worker = start_worker(env2, work / "worker2.log")
             try:
@@ -137,11 +189,13 @@ def main() -> None:
                     if time.monotonic() - t0 > 1800:
                         raise SystemExit("backlog not done in 30 min")
                     time.sleep(0.5)
+                dt = time.monotonic() - t0
+                wait_for_stage(work / "data2", before, END_TO_END, len(want))
             finally:
                 stop_worker(worker)
-            dt = time.monotonic() - t0
             print(f"throughput, backlog of {len(want)} patients (worker start included): {dt:.1f} s, "
                   f"{len(want) / dt * 60:.1f} studies/min")
+            print_stages("stages of the backlog run (s):", before, stage_histograms(work / "data2"))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,16 @@ from integration.domain.records import (
     StudyRecord,
     StudyStatus,
 )
-from integration.domain.types import Outcome, PatientInfo, SeriesDecision, SeriesRef, StudyRef, VitalValue
+from integration.domain.stages import Observation, StageHistogram
+from integration.domain.types import (
+    Outcome,
+    PatientInfo,
+    SeriesDecision,
+    SeriesRef,
+    StableStudy,
+    StudyRef,
+    VitalValue,
+)
 
 
 class Pacs(Protocol):
@@ -48,8 +57,8 @@ class Pacs(Protocol):
 class ChangeFeed(Protocol):
     """A PACS-specific feed of 'study is complete' events with a persisted integer cursor (Orthanc /changes)."""
 
-    def stable_studies(self, since: int, limit: int = 100) -> tuple[list[str], int, bool]:
-        """(StudyInstanceUIDs that became stable, new cursor, done)."""
+    def stable_studies(self, since: int, limit: int = 100) -> tuple[list[StableStudy], int, bool]:
+        """(studies that became stable, each once, with the event's time when the feed gives it; new cursor, done)."""
         ...
 
     def latest_cursor(self) -> int:
@@ -124,8 +133,9 @@ class Store(Protocol):
     def set_cursor(self, name: str, value: str) -> None: ...
 
     # -- studies --
-    def add_study(self, ref: StudyRef, source: str, now: datetime) -> bool:
-        """Record a study first seen ``now``; False when it is already known (de-duplication by UID)."""
+    def add_study(self, ref: StudyRef, source: str, now: datetime, completed_at: datetime | None = None) -> bool:
+        """Record a study first seen ``now``; False when it is already known (de-duplication by UID).
+        ``completed_at``: when it became complete (a feed's event, a C-STORE association's release), if known."""
         ...
 
     def known_studies(self, uids: Iterable[str]) -> set[str]: ...
@@ -310,6 +320,22 @@ class Store(Protocol):
     def counts(self) -> dict[str, dict[str, int]]:
         """Studies, patients and assessments by status; open failures by outcome (``open_failures``: rows, i.e.
         distinct problems; ``open_failure_occurrences``: how often they were seen)."""
+        ...
+
+    # -- stage timings (``domain.stages``) --
+    def observe_stages(self, observations: Sequence[Observation]) -> None:
+        """Add (stage, seconds) observations to the cumulative histogram every process shares: one counter row per
+        stage and bucket, incremented atomically (concurrent writers never lose an increment), in one statement."""
+        ...
+
+    def stage_histograms(self) -> list[StageHistogram]:
+        """The cumulative histogram of every stage (``domain.stages.STAGES``), zeros for those never observed."""
+        ...
+
+    def mark_study_published(self, uid: str, at: datetime) -> datetime | None:
+        """The first RiskAssessment based on the study was written at ``at``. Returns when the study became complete
+        (``completed_at``, else when it was first seen) to the one caller that marks it (a conditional UPDATE);
+        None when it was marked before (a republish, a re-scoring) or the study is unknown."""
         ...
 
 

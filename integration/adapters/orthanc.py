@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -22,7 +23,7 @@ import httpx
 from integration.adapters.tls import default_context, tls_failure
 from integration.domain.checks import CheckResult, env_name
 from integration.domain.ids import is_orthanc_id, require_orthanc_id
-from integration.domain.types import DomainError, Outcome
+from integration.domain.types import DomainError, Outcome, StableStudy
 
 log = logging.getLogger(__name__)
 LOOKUP = "POST /tools/lookup"
@@ -72,10 +73,10 @@ class OrthancChangeFeed:
         except ValueError as err:
             raise DomainError(Outcome.PACS_UNAVAILABLE, f"Orthanc answered GET {path} with invalid JSON") from err
 
-    def stable_studies(self, since: int, limit: int = 100) -> tuple[list[str], int, bool]:
-        """(StudyInstanceUIDs of StableStudy events after ``since``, new cursor, done), in event order."""
+    def stable_studies(self, since: int, limit: int = 100) -> tuple[list[StableStudy], int, bool]:
+        """(the studies of StableStudy events after ``since``, each once, in event order, new cursor, done)."""
         page = self._json("/changes", {"since": str(since), "limit": str(limit)})
-        uids: list[str] = []
+        found: dict[str, StableStudy] = {}
         for change in page.get("Changes", []):
             if change.get("ChangeType") != "StableStudy":
                 continue
@@ -83,12 +84,12 @@ class OrthancChangeFeed:
                 log.warning("Orthanc change %s names no valid study id; skipped", change.get("Seq"))
                 continue
             uid = self.study_uid(str(change["ID"]))
-            if uid and uid not in uids:
-                uids.append(uid)
+            if uid and uid not in found:
+                found[uid] = StableStudy(uid, change_time(change.get("Date")))
         last = int(page.get("Last", since))
         if last < since:
             log.warning("Orthanc change log restarted (cursor %d > last %d): reading from %d", since, last, last)
-        return uids, last, bool(page.get("Done", True))
+        return list(found.values()), last, bool(page.get("Done", True))
 
     def is_stable(self, study_uid: str) -> bool | None:
         """Orthanc's ``IsStable`` for the study (``POST /tools/lookup`` finds its Orthanc id); None when Orthanc
@@ -176,6 +177,18 @@ def orthanc_missing(root: str | None) -> CheckResult:
         f"pacs.kind is orthanc but {root or '(no Orthanc URL)'} does not answer Orthanc's /system and /changes",
         f"set {env_name('pacs', 'orthanc_url')} to Orthanc's REST root, or {env_name('pacs', 'kind')}=generic",
     )
+
+
+def change_time(stamp: object) -> datetime | None:
+    """When an Orthanc change happened: its ``Date`` (``20261205T183522``, UTC, whole seconds) taken as the middle
+    of that second (the event lies somewhere in it); None when absent or unreadable."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        second = datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return second + timedelta(milliseconds=500)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:

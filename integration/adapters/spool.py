@@ -43,6 +43,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 from inference.preprocess import Slice
 from integration.adapters.dicom_decode import BufferReader, decode_part10, sorted_along_normal
 from integration.adapters.dicomweb_parse import dicom_datetime
+from integration.domain import stages
 from integration.domain.ids import is_dicom_uid, opaque_name, shown
 from integration.domain.limits import ImageLimits, too_large
 from integration.domain.push import InstanceHeader, ReceivedInstance, SpooledStudy
@@ -439,6 +440,7 @@ class FileSpool:
                             str(limits.max_slices_per_series), "MAX_SLICES_PER_SERIES")
         modality, slices = "", []
         received = decoded_bytes = 0
+        decoding = 0.0
         for path in files:
             data = self._read(path, series_uid)
             if data is None:
@@ -447,7 +449,9 @@ class FileSpool:
             if received > limits.max_series_bytes:
                 raise too_large(f"series {series_uid}: the spool holds more than {limits.max_series_bytes} bytes",
                                 str(limits.max_series_bytes), "MAX_SERIES_BYTES")
+            started = time.perf_counter()
             decoded = decode_part10(data, limits, limits.max_series_bytes - decoded_bytes)
+            decoding += time.perf_counter() - started
             modality = modality or decoded.modality.upper()
             slices.extend(decoded.slices)
             decoded_bytes += sum(s.pixels.nbytes for s in decoded.slices)
@@ -457,7 +461,10 @@ class FileSpool:
         if not slices:
             raise DomainError(Outcome.NO_ELIGIBLE_SERIES,
                               f"series {series_uid} is not in the spool any more (removed by retention?)")
-        return modality, sorted_along_normal(slices)
+        started = time.perf_counter()
+        ordered = sorted_along_normal(slices)
+        stages.report(stages.DECODE, decoding + time.perf_counter() - started)
+        return modality, ordered
 
     # -- helpers ----------------------------------------------------------------------------------------------------
 

@@ -90,6 +90,7 @@ class _Pending:
     generation: int = 0
     open: set[int] = field(default_factory=set)
     complete_at: datetime | None = None  # set once no association of it is open
+    completed_at: datetime | None = None  # when it became complete (kept while its completion is retried)
 
 
 class StudyArrivals:
@@ -114,7 +115,7 @@ class StudyArrivals:
         pending.generation += 1
         pending.last_arrival = max(pending.last_arrival, now)
         pending.open.add(association)
-        pending.complete_at = None
+        pending.complete_at = pending.completed_at = None
         self._associations.setdefault(association, (sender, set()))[1].add(study_uid)
 
     def association_closed(self, association: int, *, released: bool, now: datetime) -> list[str]:
@@ -130,7 +131,7 @@ class StudyArrivals:
             pending.open.discard(association)
             if pending.open:
                 continue
-            pending.complete_at = now if at_once else pending.last_arrival + self.quiet_period
+            pending.complete_at = pending.completed_at = now if at_once else pending.last_arrival + self.quiet_period
             closed.append(uid)
         return closed
 
@@ -138,8 +139,9 @@ class StudyArrivals:
         """A study found in the spool at start-up, not yet complete: its senders are gone, so the quiet period
         after its last instance decides (an instance arriving meanwhile takes over)."""
         if study_uid not in self._studies:
-            self._studies[study_uid] = _Pending(last_arrival=last_arrival,
-                                                complete_at=last_arrival + self.quiet_period)
+            complete_at = last_arrival + self.quiet_period
+            self._studies[study_uid] = _Pending(last_arrival=last_arrival, complete_at=complete_at,
+                                                completed_at=complete_at)
 
     def due(self, now: datetime) -> list[str]:
         """Studies complete at ``now``, oldest first."""
@@ -154,6 +156,12 @@ class StudyArrivals:
         for uid in taken:
             self._studies[uid].complete_at = None
         return taken
+
+    def completed_since(self, study_uid: str) -> datetime | None:
+        """When the study became complete (its association's release, or the end of its quiet period); None when it
+        is not complete, or not pending."""
+        pending = self._studies.get(study_uid)
+        return pending.completed_at if pending is not None else None
 
     def generation(self, study_uid: str) -> int | None:
         pending = self._studies.get(study_uid)

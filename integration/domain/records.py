@@ -62,6 +62,8 @@ class StudyRecord:
     volume_path: str | None = None
     volume_sha256: str | None = None
     lost_claims: int = 0  # claims released by the reaper since the last success (a worker died holding it)
+    completed_at: datetime | None = None  # when it became complete (feed event, C-STORE release), if known
+    first_published_at: datetime | None = None  # when the first RiskAssessment based on it was written
 
 
 @dataclass(frozen=True)

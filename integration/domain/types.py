@@ -85,6 +85,15 @@ class StudyRef:
 
 
 @dataclass(frozen=True)
+class StableStudy:
+    """A change feed's "study is complete" event: the study and when the PACS says it became complete (None when
+    the feed does not say)."""
+
+    study_uid: str
+    stable_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class SeriesRef:
     """A series with the attributes series selection needs (QIDO-RS series level + one instance)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +30,8 @@ class Services:
     rules: SeriesRules = field(default_factory=SeriesRules)
     feed: ChangeFeed | None = None
     clock: Clock = field(default_factory=SystemClock)
+    #: Monotonic seconds, for the stage durations (``services.timing``); a fake in unit tests.
+    timer: Callable[[], float] = time.perf_counter
     identifier_system_for: Callable[[str | None], str | None] = lambda issuer: None
     assessment_identifier_system: str = "urn:strokewatch:risk-assessment"
     lookback_hours: float = 24.0

@@ -13,8 +13,9 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from integration.domain import stages
 from integration.domain.ids import is_dicom_uid, opaque_name, shown
 from integration.domain.limits import ImageLimits
 from integration.domain.push import (
@@ -30,6 +31,7 @@ from integration.domain.redact import describe_exception
 from integration.domain.series import IMAGE_SOP_CLASSES
 from integration.domain.types import DomainError, Outcome
 from integration.ports import Clock, Spool, Store
+from integration.services.timing import record
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +207,9 @@ def complete_study(push: PushServices, study_uid: str) -> bool:
     ingested again (instances arrived after it was completed). False when it must be tried again later."""
     with push.lock:
         generation = push.arrivals.generation(study_uid)
+        completed_at = push.arrivals.completed_since(study_uid)
     try:
-        queued = _register(push, study_uid)
+        queued = _register(push, study_uid, completed_at)
     except Exception as exc:  # the database or the broker is down: the instances are safe; try again shortly
         log.warning("study %s: completion failed (%s); trying again", study_uid, describe_exception(exc, []))
         queued = None
@@ -222,17 +225,21 @@ def complete_study(push: PushServices, study_uid: str) -> bool:
     return queued
 
 
-def _register(push: PushServices, study_uid: str) -> bool | None:
-    """True: queued for ingest; False: nothing to queue; None: try again later."""
+def _register(push: PushServices, study_uid: str, completed_at: datetime | None = None) -> bool | None:
+    """True: queued for ingest; False: nothing to queue; None: try again later. ``completed_at``: when the study
+    became complete (the stage ``detect`` runs from then to its registration)."""
     ref = push.spool.study_ref(study_uid)
     if ref is None:
         log.warning("study %s: no readable instance in the spool; nothing to register", study_uid)
         return False
     now = push.clock.now()
-    if push.store.add_study(ref, SCP_SOURCE, now):
+    completed_at = min(completed_at, now) if completed_at is not None else None
+    if push.store.add_study(ref, SCP_SOURCE, now, completed_at):
         push.store.resolve_failures("receive", study_uid, now)
         log.info("study %s received by C-STORE is complete; queued for ingest", study_uid)
         push.enqueue("ingest", [study_uid])
+        if completed_at is not None:
+            record(push.store, [(stages.DETECT, (now - completed_at).total_seconds())])
         return True
     row = push.store.get_study(study_uid)
     if row is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.preprocess import PreprocessError, stack_slices, volume_tensor
+from integration.domain import stages
 from integration.domain.identity import pseudonym
 from integration.domain.ids import is_dicom_uid, opaque_name, shown
 from integration.domain.push import SCP_SOURCE
@@ -24,6 +25,7 @@ from integration.domain.studytime import StudyWindow, detection_window
 from integration.domain.types import DomainError, Outcome, SeriesRef
 from integration.ports import Pacs
 from integration.services.context import Services
+from integration.services.timing import StageTimes, record
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ def detect_studies(svc: Services) -> list[str]:
     now = svc.clock.now()
     window = detection_window(now, timedelta(hours=svc.lookback_hours), timedelta(seconds=svc.clock_skew_s))
     new: list[str] = []
+    detected: list[stages.Observation] = []  # completion -> registration, where the feed says when it completed
     if svc.feed is not None:
         stored = svc.store.get_cursor(ORTHANC_CURSOR)
         if stored is None and not svc.changes_from_beginning:
@@ -68,17 +71,25 @@ def detect_studies(svc: Services) -> list[str]:
         else:
             cursor = int(stored or 0)
         while True:
-            uids, cursor, done = svc.feed.stable_studies(cursor, 200)
-            for uid in dict.fromkeys(uids):
+            events, cursor, done = svc.feed.stable_studies(cursor, 200)
+            read_at = svc.clock.now()
+            first: dict[str, datetime | None] = {}
+            for event in events:  # each study once, at its first event
+                first.setdefault(event.study_uid, event.stable_at)
+            for uid, stable_at in first.items():
                 if not _valid_study_uid(svc, uid, "orthanc-changes"):
                     continue
                 ref = svc.pacs.get_study(uid)
-                if ref is not None and svc.store.add_study(ref, "orthanc-changes", now):
+                completed = min(stable_at, read_at) if stable_at is not None else None  # the PACS's clock may be ahead
+                if ref is not None and svc.store.add_study(ref, "orthanc-changes", now, completed):
                     new.append(uid)
+                    if completed is not None:
+                        detected.append((stages.DETECT, (read_at - completed).total_seconds()))
             svc.store.set_cursor(ORTHANC_CURSOR, str(cursor))
             if done:
                 break
         new += _reconcile_feed(svc, window, now)
+        record(svc.store, detected)
     else:
         new += _studies_in_window(svc, window, "qido")
         svc.store.set_cursor(QIDO_CURSOR, now.isoformat())
@@ -180,8 +191,9 @@ def ingest_study(svc: Services, study_uid: str) -> IngestResult:
         return IngestResult(study_uid, "skipped", reason="unknown study" if row is None else f"status {row.status}")
     row = svc.store.get_study(study_uid)
     attempts = row.attempts if row is not None else 1
+    times = StageTimes(svc.timer)
     try:
-        result = _ingest_claimed(svc, study_uid)
+        result = _ingest_claimed(svc, study_uid, times)
     except DomainError as err:
         return _study_failed(svc, study_uid, attempts, err)
     except svc.interruptions as exc:  # the soft time limit: slow peers, not a bug; retried while attempts last
@@ -194,16 +206,18 @@ def ingest_study(svc: Services, study_uid: str) -> IngestResult:
         frames = "".join(traceback.format_tb(exc.__traceback__))
         log.error("ingest of study %s crashed: %s\n%s", study_uid, message, frames)
         return _study_failed(svc, study_uid, attempts, DomainError(Outcome.INTERNAL_ERROR, message))
+    finally:
+        times.flush(svc.store)  # the stages that completed, also when a later one failed
     svc.store.resolve_failures("ingest", study_uid, svc.clock.now())
     return result
 
 
-def _ingest_claimed(svc: Services, study_uid: str) -> IngestResult:
+def _ingest_claimed(svc: Services, study_uid: str, times: StageTimes) -> IngestResult:
     row = svc.store.get_study(study_uid)
     if row is None:
         raise DomainError(Outcome.INTERNAL_ERROR, "the study vanished from the database while claimed")
     if row.volume_path is None:
-        svc.store.set_study_volume(study_uid, _build_volume(svc, study_uid, row.source))
+        svc.store.set_study_volume(study_uid, _build_volume(svc, study_uid, row.source, times=times))
 
     # Patient matching: DICOM PatientID (+ IssuerOfPatientID) -> FHIR Patient.identifier.
     if not row.dicom_patient_id:
@@ -238,7 +252,7 @@ def _series_source(svc: Services, study_uid: str, source: str) -> tuple[Pacs, li
     return svc.pacs, svc.pacs.list_series(study_uid)
 
 
-def _build_volume(svc: Services, study_uid: str, source: str = "") -> BuiltVolume:
+def _build_volume(svc: Services, study_uid: str, source: str = "", *, times: StageTimes) -> BuiltVolume:
     """Choose the series, retrieve it, build the model's volume tensor and write it atomically."""
     if not is_dicom_uid(study_uid):  # it goes into PACS URLs: "../x" must not reach one
         raise DomainError(Outcome.INVALID_UID, f"refused {shown(study_uid)}: not a DICOM UID")
@@ -249,7 +263,8 @@ def _build_volume(svc: Services, study_uid: str, source: str = "") -> BuiltVolum
         reasons = "; ".join(d.reason for d in decisions) or "the study has no series"
         raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"no eligible brain CT/MR series: {reasons}")
     svc.limits.check_series(chosen.series)  # the counts the PACS declared, before a byte is retrieved
-    modality, slices = pacs.retrieve_series(study_uid, chosen.series.series_uid)
+    modality, slices = times.timed(stages.RETRIEVE, pacs.retrieve_series, study_uid, chosen.series.series_uid)
+    started = svc.timer()
     try:
         image = volume_tensor(stack_slices(slices), modality)
     except PreprocessError as err:
@@ -265,6 +280,7 @@ def _build_volume(svc: Services, study_uid: str, source: str = "") -> BuiltVolum
         np.save(handle, image)
     tmp.replace(path)  # atomic: a reader never sees half a volume
     digest = hashlib.sha256(image.tobytes()).hexdigest()
+    times.since(stages.PREPROCESS, started)
     return BuiltVolume(str(path), digest, chosen.series.series_uid, modality)
 
 

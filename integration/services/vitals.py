@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from integration.domain import stages
 from integration.domain.identity import pseudonym
 from integration.domain.ids import opaque_name
 from integration.domain.retry import backoff_at
@@ -14,6 +15,7 @@ from integration.domain.types import DomainError, Outcome, RejectedValue
 from integration.domain.vitals import parse_observations, vital_codes
 from integration.domain.window import study_anchor, sync_since
 from integration.services.context import Services
+from integration.services.timing import record
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ def _last_updated(resource: dict[str, Any]) -> datetime | None:
 
 
 def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
+    started = svc.timer()
     patient = svc.store.get_patient(patient_fhir_id)
     if patient is None:
         return VitalsResult(patient_fhir_id, 0, 0, 0, 0, "skipped", "unknown patient")
@@ -91,6 +94,7 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     if changed or first_time:
         svc.store.mark_needs_assessment(patient_fhir_id)
         svc.enqueue("assess", [patient_fhir_id])
+    record(svc.store, [(stages.VITALS, svc.timer() - started)])  # after the hand-off: the next stage never waits for it
     log.info(
         "vitals for %s: %d fetched, %d accepted, %d rejected, %d changed",
         pseudonym(patient_fhir_id),

@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
@@ -366,6 +367,36 @@ def test_metrics_are_prometheus_gauges_of_the_counts(processed: Api) -> None:
     assert 'strokewatch_studies{status="ready"} 1.0' in resp.text
     assert 'strokewatch_studies{status="held"} 1.0' in resp.text
     assert 'strokewatch_open_failures{outcome="unmatched_patient"} 1.0' in resp.text
+
+
+def test_metrics_show_the_stage_histogram_after_a_real_flow(processed: Api) -> None:
+    """Both studies were retrieved from Orthanc by WADO-RS and built into volumes (the unmatched one is held after
+    that); the matched one was scored, explained and published. Announced by webhook, their completion time is
+    their detection: no ``detect`` observation, and end to end from detection to the RiskAssessment written."""
+    resp = processed.client.get("/metrics")
+    assert resp.status_code == 200
+    (family,) = [f for f in text_string_to_metric_families(resp.text) if f.name == "strokewatch_stage_seconds"]
+    assert family.type == "histogram"
+    samples: dict[str, dict[str, Any]] = {}
+    for sample in family.samples:
+        per = samples.setdefault(sample.labels["stage"], {"buckets": []})
+        if sample.name.endswith("_bucket"):
+            per["buckets"].append((float(sample.labels["le"]), sample.value))
+        else:
+            per[sample.name.rsplit("_", 1)[1]] = sample.value
+    assert set(samples) == {"detect", "retrieve", "decode", "preprocess", "vitals", "model", "explain", "publish",
+                            "end_to_end"}
+    counts = {stage: per["count"] for stage, per in samples.items()}
+    explained = 1 if processed.engine.settings.explain_drivers else 0
+    assert counts == {"detect": 0, "retrieve": 2, "decode": 0, "preprocess": 2, "vitals": 1, "model": 1,
+                      "explain": explained, "publish": 1, "end_to_end": 1}
+    for stage, per in samples.items():
+        values = [n for _, n in sorted(per["buckets"])]
+        assert values == sorted(values) and values[-1] == per["count"], stage  # cumulative, +Inf is the count
+        assert per["sum"] >= 0 and (per["sum"] > 0) == (per["count"] > 0), stage
+    sums = {stage: per["sum"] for stage, per in samples.items()}
+    # the matched study's end to end spans its vitals sync, forward passes and publish (one process, in turn)
+    assert sums["end_to_end"] >= sums["vitals"] + sums["model"] + sums["explain"] + sums["publish"]
 
 
 def test_operator_retry_requeues_a_held_study(processed: Api) -> None:

@@ -71,3 +71,43 @@ def test_0002_folds_open_duplicates_and_keys_vitals_per_patient(db_url: str) -> 
     with engine.connect() as c:
         assert c.execute(sa.text("SELECT COUNT(*) FROM vitals")).scalar() == 1
     engine.dispose()
+
+
+def test_0003_marks_studies_published_before_it_and_goes_both_ways(db_url: str) -> None:
+    """A study whose assessment was written before the end-to-end time existed is not counted later (a re-scoring
+    published after the upgrade); the histogram table comes and goes with the revision."""
+    upgrade(db_url, "0002")
+    engine = sa.create_engine(db_url)
+    with engine.begin() as c:
+        for uid in ("1.2.3.1", "1.2.3.2"):
+            c.execute(
+                sa.text(
+                    "INSERT INTO studies (study_uid, source, status, attempts, lost_claims, detected_at, updated_at) "
+                    "VALUES (:uid, 'qido', 'ready', 1, 0, '2026-01-01 00:00:00+00:00', '2026-01-01 00:00:00+00:00')"
+                ),
+                {"uid": uid},
+            )
+        for ident, published in (("a1", "2026-01-01 00:00:09+00:00"), ("a2", "2026-01-01 00:00:05+00:00"),
+                                 ("a3", None)):
+            c.execute(
+                sa.text(
+                    "INSERT INTO assessments (identifier, patient_fhir_id, study_uid, window_end, model_version, "
+                    "runtime, trained, probability, band, input_fingerprint, n_vitals, status, resource, superseded, "
+                    "attempts, lost_claims, created_at, published_at) VALUES (:ident, 'p1', :study, "
+                    "'2026-01-01 00:00:00+00:00', '1', 'x', true, 0.5, 'low', 'f', 0, 'scored', '{}', false, 0, 0, "
+                    "'2026-01-01 00:00:00+00:00', :published)"
+                ),
+                {"ident": ident, "study": "1.2.3.1" if ident != "a3" else "1.2.3.2", "published": published},
+            )
+    upgrade(db_url)
+    with engine.connect() as c:
+        rows = dict(c.execute(sa.text("SELECT study_uid, first_published_at FROM studies")).all())
+        assert rows["1.2.3.2"] is None  # never published: its first publish will count
+        assert str(rows["1.2.3.1"]).startswith("2026-01-01 00:00:05")  # the earliest write
+        c.execute(sa.text("SELECT COUNT(*) FROM stage_seconds")).scalar_one()
+    command.downgrade(alembic_config(db_url), "0002")
+    with engine.connect() as c:
+        assert "stage_seconds" not in sa.inspect(c).get_table_names()
+        assert "first_published_at" not in {col["name"] for col in sa.inspect(c).get_columns("studies")}
+    upgrade(db_url)
+    engine.dispose()

@@ -30,8 +30,8 @@ def wait_for_stable(feed: OrthancChangeFeed, cursor: int, study_uid: str) -> tup
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         while True:
-            uids, cursor, done = feed.stable_studies(cursor, limit=5)
-            seen.extend(uids)
+            events, cursor, done = feed.stable_studies(cursor, limit=5)
+            seen.extend(e.study_uid for e in events)
             if done:
                 break
         if study_uid in seen:
@@ -47,12 +47,18 @@ def test_stable_study_is_reported_once_and_the_cursor_advances(orthanc_peer: Ort
     series = ct_series(study, n=5)
     store(orthanc_peer, series)
 
+    stored_at = datetime.now(UTC)
     cursor, seen = wait_for_stable(feed, start, study)
     assert cursor > start
     assert seen.count(study) == 1  # one study, several instances/series events: one UID
+    (event,) = [e for e in feed.stable_studies(start)[0] if e.study_uid == study]
+    # when it became stable, from the event's Date (UTC, whole seconds, taken mid-second): after the last instance
+    # was stored (StableAge 1 s) and before now, within the stamp's half second
+    assert event.stable_at is not None
+    assert stored_at - timedelta(seconds=0.5) <= event.stable_at <= datetime.now(UTC) + timedelta(seconds=0.5)
 
-    uids, again, done = feed.stable_studies(cursor)
-    assert study not in uids and again >= cursor and done
+    events, again, done = feed.stable_studies(cursor)
+    assert study not in [e.study_uid for e in events] and again >= cursor and done
 
     # A late instance makes the study stable again: delivery is at-least-once, callers de-duplicate.
     late = ct_series(study, n=1, series_uid=series[0].SeriesInstanceUID, seed=9)
@@ -77,15 +83,15 @@ def test_deleted_study_is_skipped(orthanc_peer: OrthancPeer) -> None:
     position, done = start, False
     while not done:
         page, position, done = feed.stable_studies(position, limit=5)
-        uids.extend(page)
+        uids.extend(e.study_uid for e in page)
     assert keep in uids and gone not in uids
 
 
 def test_cursor_beyond_the_log_moves_back(orthanc_peer: OrthancPeer) -> None:
     feed = OrthancChangeFeed(orthanc_peer.url)
     last = feed.latest_cursor()
-    uids, cursor, done = feed.stable_studies(last + 10_000)
-    assert uids == [] and done and cursor == last  # a rebuilt PACS: read from its real end, skip nothing new
+    events, cursor, done = feed.stable_studies(last + 10_000)
+    assert events == [] and done and cursor == last  # a rebuilt PACS: read from its real end, skip nothing new
 
 
 def test_orthanc_is_detected_from_rest_or_dicomweb_root(orthanc_peer: OrthancPeer) -> None:

@@ -47,6 +47,7 @@ from integration.bootstrap import (
     scp_tls_context,
 )
 from integration.config import Settings
+from integration.domain import stages
 from integration.domain.ids import opaque_name
 from integration.domain.push import SCP_SOURCE
 from integration.domain.records import StudyStatus
@@ -204,14 +205,19 @@ def test_a_series_is_spooled_durably_registered_once_and_reads_back_as_the_inges
 
     row = scp.store.get_study(study)
     assert row is not None and row.status is StudyStatus.DETECTED and row.dicom_patient_id == "SW-TEST-1"
+    assert row.completed_at is not None and row.completed_at <= row.detected_at  # released, then registered
+    assert {h.stage: h.count for h in scp.store.stage_histograms()}["detect"] == 1
     taken = datetime.strptime(day + clock, "%Y%m%d%H%M%S").replace(tzinfo=ZoneInfo("Pacific/Kiritimati"))
     assert row.study_datetime == taken  # naive DICOM time read in pacs.timezone, whatever this machine's zone
 
     spool = scp.spool  # the ingest's view: the spool as a Pacs
     [ref] = spool.list_series(study)
     assert (ref.n_instances, ref.modality, ref.body_part, ref.rows) == (12, "CT", "HEAD", 64)
-    modality, slices = spool.retrieve_series(study, ref.series_uid)
+    reported: list[tuple[str, float]] = []
+    with stages.reporting(lambda stage, seconds: reported.append((stage, seconds))):
+        modality, slices = spool.retrieve_series(study, ref.series_uid)
     assert modality == "CT" and len(slices) == 12
+    assert [stage for stage, _ in reported] == ["decode"] and reported[0][1] > 0  # its part of the retrieval
     for k, s in enumerate(slices):  # ordered along the normal, HU = stored + intercept
         assert s.position[2] == pytest.approx(Z0_MM + SLICE_GAP_MM * k)
         np.testing.assert_array_equal(s.pixels, stored_values(k, 64).astype(np.float32) - 1024)

@@ -23,8 +23,10 @@ from integration.services.studies import ingest_study
 from tests.unit.fakes import STUDY, FakeClock, FakeEhr, FakeModel, FakePacs
 from tests.unit.test_services import run_flow
 from tests.unit.test_store_contract import (  # noqa: F401  the Store contract, run here on PostgreSQL
+    check_concurrent_observations,
     test_a_failed_vitals_sync_backs_off_and_a_success_resets_it,
     test_a_repeated_failure_is_one_open_row_that_counts_its_occurrences,
+    test_a_study_is_marked_published_once_and_says_when_it_completed,
     test_a_success_clears_the_lost_claims_and_work_in_progress_is_not_replayed,
     test_assessments_are_unique_supersede_and_publish,
     test_due_work_is_leased_once_and_still_claimed_by_its_message,
@@ -35,6 +37,7 @@ from tests.unit.test_store_contract import (  # noqa: F401  the Store contract, 
     test_old_vitals_go_except_those_in_a_current_window,
     test_patients_are_claimed_once_and_back_off,
     test_resolved_failures_and_superseded_assessments_are_pruned_in_batches,
+    test_stage_observations_add_up_to_cumulative_histograms,
     test_stale_claims_are_released_and_failures_counted,
     test_studies_are_deduplicated_claimed_once_and_follow_their_states,
     test_study_volumes_are_listed_by_age_and_forgotten_conditionally,
@@ -80,7 +83,7 @@ def svc(pg_url: str, tmp_path: Path) -> Services:
 def test_migrations_reach_head_and_are_idempotent(pg_url: str) -> None:
     upgrade(pg_url)
     upgrade(pg_url)
-    assert current_revision(pg_url) == "0002"
+    assert current_revision(pg_url) == "0003"
 
 
 def test_full_flow_on_postgres_and_claims_are_exclusive(svc: Services) -> None:
@@ -153,3 +156,18 @@ def test_concurrent_syncs_of_one_patient_write_each_value_once(pg_url: str) -> N
     assert max(changed) == 200  # no sync failed; one that read before another's commit also counts them changed
     assert len(stores[0].vitals_between("p1", start - timedelta(days=1), start + timedelta(days=1))) == 200
     assert stores[0].replace_vitals("p1", values, []) == 0  # once written, nothing changes
+
+
+def test_concurrent_stage_observations_lose_no_increment_and_never_deadlock(pg_url: str) -> None:
+    """Eight workers add overlapping batches of timings at once: every row is an atomic upsert, taken in one order."""
+    upgrade(pg_url)
+    check_concurrent_observations([SqlStore(make_engine(pg_url)) for _ in range(8)])
+
+
+def test_concurrent_publishes_count_a_study_once(pg_url: str) -> None:
+    upgrade(pg_url)
+    stores = [SqlStore(make_engine(pg_url)) for _ in range(8)]
+    now = datetime.now(UTC)
+    stores[0].add_study(StudyRef("1.2.99", "MRN1", None, now), "scp", now, completed_at=now - timedelta(seconds=1))
+    marks = _together(8, lambda k: stores[k].mark_study_published("1.2.99", now + timedelta(seconds=k)))
+    assert [m for m in marks if m is not None] == [now - timedelta(seconds=1)]  # one of eight writers counts it

@@ -16,6 +16,7 @@ import numpy as np
 
 from inference.preprocess import Slice
 from inference.runtime import ModelInputs, ModelUnavailableError, Prediction
+from integration.domain import stages
 from integration.domain.records import (
     STUDY_CLAIMABLE,
     AssessmentRecord,
@@ -28,7 +29,16 @@ from integration.domain.records import (
     StudyRecord,
     StudyStatus,
 )
-from integration.domain.types import DomainError, Outcome, PatientInfo, SeriesDecision, SeriesRef, StudyRef, VitalValue
+from integration.domain.types import (
+    DomainError,
+    Outcome,
+    PatientInfo,
+    SeriesDecision,
+    SeriesRef,
+    StableStudy,
+    StudyRef,
+    VitalValue,
+)
 from integration.domain.window import study_anchor
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -68,6 +78,7 @@ class FakeStore:
         self.vitals: dict[tuple[str, str, str], tuple[str, VitalValue]] = {}  # (patient, obs, feature) -> (patient, v)
         self.assessments: dict[str, AssessmentRecord] = {}
         self.failures: list[_Failure] = []
+        self.stage_rows: dict[tuple[str, str], tuple[int, float]] = {}  # (stage, le) -> (observations, seconds)
         self._order = itertools.count()
         self._assessment_order: dict[str, int] = {}
 
@@ -79,12 +90,20 @@ class FakeStore:
         self.cursors[name] = value
 
     # -- studies --
-    def add_study(self, ref: StudyRef, source: str, now: datetime) -> bool:
+    def add_study(self, ref: StudyRef, source: str, now: datetime, completed_at: datetime | None = None) -> bool:
         if ref.study_uid in self.studies:
             return False
         self.studies[ref.study_uid] = StudyRecord(
-            ref.study_uid, ref.patient_id or None, ref.issuer, ref.study_datetime, source, StudyStatus.DETECTED, now)
+            ref.study_uid, ref.patient_id or None, ref.issuer, ref.study_datetime, source, StudyStatus.DETECTED, now,
+            completed_at=completed_at)
         return True
+
+    def mark_study_published(self, uid: str, at: datetime) -> datetime | None:
+        row = self.studies.get(uid)
+        if row is None or row.first_published_at is not None:
+            return None
+        self._set(uid, first_published_at=at)
+        return row.completed_at or row.detected_at
 
     def known_studies(self, uids: Iterable[str]) -> set[str]:
         return {u for u in uids if u in self.studies}
@@ -433,6 +452,14 @@ class FakeStore:
             if f.stage == stage and f.subject == subject and f.resolved_at is None:
                 f.resolved_at = now
 
+    def observe_stages(self, observations: Sequence[stages.Observation]) -> None:
+        for inc in stages.fold(observations):  # validates every stage before a row changes, like the one statement
+            n, total = self.stage_rows.get((inc.stage, inc.le), (0, 0.0))
+            self.stage_rows[(inc.stage, inc.le)] = (n + inc.count, total + inc.seconds)
+
+    def stage_histograms(self) -> list[stages.StageHistogram]:
+        return stages.histograms(stages.BucketIncrement(st, le, n, t) for (st, le), (n, t) in self.stage_rows.items())
+
     def counts(self) -> dict[str, dict[str, int]]:
         def tally(values: Iterable[str]) -> dict[str, int]:
             out: dict[str, int] = {}
@@ -575,10 +602,13 @@ class FakeFeed:
         self.events: list[str] = []
         #: what is_stable answers per UID (absent: the PACS does not hold the study)
         self.stable: dict[str, bool] = {}
+        #: when each study's event says it became stable (absent: the event carries no time)
+        self.stable_at: dict[str, datetime] = {}
 
-    def stable_studies(self, since: int, limit: int = 100) -> tuple[list[str], int, bool]:
+    def stable_studies(self, since: int, limit: int = 100) -> tuple[list[StableStudy], int, bool]:
         end = min(len(self.events), since + limit)
-        return self.events[since:end], end, end >= len(self.events)
+        page = [StableStudy(uid, self.stable_at.get(uid)) for uid in self.events[since:end]]
+        return page, end, end >= len(self.events)
 
     def latest_cursor(self) -> int:
         return len(self.events)

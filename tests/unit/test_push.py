@@ -339,7 +339,7 @@ def test_a_pushed_study_known_from_the_pacs_is_left_to_it_and_a_database_outage_
     association_closed(push, 3, released=False)
     push.clock.t += QUIET  # type: ignore[attr-defined]
 
-    def down(*_: object) -> bool:
+    def down(*_: object, **__: object) -> bool:
         raise ConnectionError("database is down")
 
     push.store.add_study = down  # type: ignore[method-assign]

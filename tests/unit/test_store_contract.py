@@ -5,6 +5,9 @@ If the fake drifts from the database, these fail; the service tests that use the
 
 from __future__ import annotations
 
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -401,3 +404,61 @@ def test_the_least_recently_synced_are_polled_first(store: Store) -> None:
         store.set_vitals_cursor(pid, None, NOW - timedelta(minutes=synced_minutes_ago))
     assert sorted(store.lease_patients_in_window(NOW, since, until, limit=2)) == ["p2", "p3"]
     assert store.lease_patients_in_window(NOW, since, until, limit=2) == ["p1"]
+
+
+# -- stage timings (issue 18) -------------------------------------------------------------------------------------
+
+def test_stage_observations_add_up_to_cumulative_histograms(store: Store) -> None:
+    assert all(h.count == 0 and h.sum == 0.0 for h in store.stage_histograms())  # every stage, zeros at first
+    store.observe_stages([("retrieve", 0.12), ("decode", 0.03), ("retrieve", 0.4), ("retrieve", 0.12)])
+    store.observe_stages([("retrieve", 75.0), ("end_to_end", 0.9)])
+    store.observe_stages([])
+    by_stage = {h.stage: h for h in store.stage_histograms()}
+    retrieve = by_stage["retrieve"]
+    assert retrieve.count == 4 and retrieve.sum == pytest.approx(75.64)
+    cumulative = dict(retrieve.buckets)
+    assert (cumulative[0.1], cumulative[0.2], cumulative[0.3], cumulative[0.5], cumulative[60.0]) == (0, 2, 2, 3, 3)
+    assert cumulative[math.inf] == 4
+    assert by_stage["decode"].count == 1 and dict(by_stage["decode"].buckets)[0.05] == 1
+    assert dict(by_stage["end_to_end"].buckets)[0.75] == 0 and dict(by_stage["end_to_end"].buckets)[1.0] == 1
+    with pytest.raises(ValueError):
+        store.observe_stages([("model", 0.1), ("no-such-stage", 0.1)])
+    assert {h.stage: h.count for h in store.stage_histograms()}["model"] == 0  # all or nothing
+
+
+def test_a_study_is_marked_published_once_and_says_when_it_completed(store: Store) -> None:
+    store.add_study(study("12.1"), "orthanc-changes", NOW, completed_at=NOW - timedelta(seconds=4))
+    store.add_study(study("12.2"), "api", NOW)  # completion unknown: its detection stands in
+    assert store.mark_study_published("12.1", NOW + timedelta(seconds=1)) == NOW - timedelta(seconds=4)
+    assert store.mark_study_published("12.1", NOW + timedelta(seconds=9)) is None  # a republish, a re-scoring
+    assert store.mark_study_published("12.2", NOW + timedelta(seconds=2)) == NOW
+    assert store.mark_study_published("9.9", NOW) is None  # unknown
+    row = store.get_study("12.1")
+    assert row is not None and row.completed_at == NOW - timedelta(seconds=4)
+    assert row.first_published_at == NOW + timedelta(seconds=1)
+
+
+def test_concurrent_stage_observations_from_threads_lose_no_increment_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'threads.db'}"
+    upgrade(url)
+    check_concurrent_observations([SqlStore(make_engine(url)) for _ in range(6)])
+
+
+def check_concurrent_observations(stores: list[SqlStore]) -> None:
+    """Each store (its own connection pool: a worker process) adds 20 batches of observations at the same moment;
+    every increment is kept (also run on PostgreSQL by tests/integration/test_store_postgres.py)."""
+    start = threading.Barrier(len(stores))
+
+    def work(k: int) -> None:
+        start.wait()
+        for i in range(20):
+            stores[k].observe_stages([("model", 0.02), ("explain", 0.3), ("model", 2.0 + k), ("publish", 0.001 * i)])
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        list(pool.map(work, range(len(stores))))
+    by_stage = {h.stage: h for h in stores[0].stage_histograms()}
+    n = 20 * len(stores)
+    assert by_stage["model"].count == 2 * n and dict(by_stage["model"].buckets)[0.025] == n
+    assert by_stage["model"].sum == pytest.approx(n * 0.02 + 20 * sum(2.0 + k for k in range(len(stores))))
+    assert by_stage["explain"].count == n and dict(by_stage["explain"].buckets)[0.3] == n
+    assert by_stage["publish"].count == n

@@ -9,7 +9,20 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -68,6 +81,11 @@ class Study(Base):
     volume_sha256: Mapped[str | None] = mapped_column(String(64))
     detected_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
+    #: When the study became complete (Orthanc's StableStudy event, the C-STORE association's release); NULL when
+    #: unknown (QIDO-RS polling, webhooks): the end-to-end time then starts at ``detected_at``.
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    #: When the first RiskAssessment based on it was written: set once, so its end-to-end time is counted once.
+    first_published_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class SeriesDecisionRow(Base):
@@ -198,3 +216,17 @@ class Cursor(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class StageBucket(Base):
+    """One bucket of the stage-duration histogram (``domain.stages``), shared by every process and host: the
+    observations of ``stage`` that fell in the bucket with upper bound ``le`` (not cumulative) and their summed
+    seconds. Only ever incremented (INSERT ... ON CONFLICT DO UPDATE), so the counters are monotonic as Prometheus
+    requires; at most stages x buckets rows."""
+
+    __tablename__ = "stage_seconds"
+
+    stage: Mapped[str] = mapped_column(String(24), primary_key=True)
+    le: Mapped[str] = mapped_column(String(16), primary_key=True)  # "0.005" ... "60.0", "+Inf"
+    observations: Mapped[int] = mapped_column(BigInteger)
+    seconds: Mapped[float] = mapped_column(Float)

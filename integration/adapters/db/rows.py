@@ -35,6 +35,8 @@ def study_record(row: Study | None) -> StudyRecord | None:
         volume_path=row.volume_path,
         volume_sha256=row.volume_sha256,
         lost_claims=row.lost_claims or 0,
+        completed_at=row.completed_at,
+        first_published_at=row.first_published_at,
     )
 
 

@@ -20,11 +20,13 @@ from integration.adapters.db.models import (
     Failure,
     Patient,
     SeriesDecisionRow,
+    StageBucket,
     Study,
     VitalRow,
     utcnow,
 )
 from integration.adapters.db.rows import assessment_record, patient_record, study_record
+from integration.domain import stages
 from integration.domain.records import (
     STUDY_CLAIMABLE,
     AssessmentRecord,
@@ -62,7 +64,7 @@ class SqlStore:
                 s.add(Cursor(name=name, value=value))
 
     # -- studies ----------------------------------------------------------------------
-    def add_study(self, ref: StudyRef, source: str, now: datetime) -> bool:
+    def add_study(self, ref: StudyRef, source: str, now: datetime, completed_at: datetime | None = None) -> bool:
         """Record a newly seen study. False if it was already known (de-duplication by StudyInstanceUID)."""
         try:
             with self.sessions.begin() as s:
@@ -74,6 +76,7 @@ class SqlStore:
                         study_datetime=ref.study_datetime,
                         source=source,
                         detected_at=now,
+                        completed_at=completed_at,
                     )
                 )
             return True
@@ -173,6 +176,22 @@ class SqlStore:
                 .values(status=StudyStatus.RETRY.value, next_attempt_at=None, attempts=0, lost_claims=0)
             )
             return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    def mark_study_published(self, uid: str, at: datetime) -> datetime | None:
+        """One conditional UPDATE ... RETURNING: the first caller sets ``first_published_at`` and gets the study's
+        completion time; a concurrent or later one matches no row (PostgreSQL re-checks the WHERE once the first
+        commits)."""
+        with self.sessions.begin() as s:
+            row = s.execute(
+                update(Study)
+                .where(Study.study_uid == uid, Study.first_published_at.is_(None))
+                .values(first_published_at=at)
+                .returning(Study.completed_at, Study.detected_at)
+            ).first()
+        if row is None:
+            return None
+        completed, detected = row
+        return completed or detected
 
     def record_series_decisions(
         self, uid: str, decisions: Sequence[SeriesDecision], chosen_uid: str | None
@@ -697,6 +716,35 @@ class SqlStore:
                 .where(Failure.stage == stage, Failure.subject == subject, Failure.resolved_at.is_(None))
                 .values(resolved_at=now)
             )
+
+    # -- stage timings ----------------------------------------------------------------
+    def observe_stages(self, observations: Sequence[stages.Observation]) -> None:
+        """One INSERT ... ON CONFLICT DO UPDATE of every touched (stage, bucket) row, adding to its counters (the
+        dialect's upsert, PostgreSQL and SQLite): atomic per row, so concurrent workers never lose an increment. The
+        rows go in a fixed order (``stages.fold``), so two writers lock them in the same order and never deadlock."""
+        increments = stages.fold(observations)
+        if not increments:
+            return
+        insert = _upsert_insert(self.engine.dialect.name)
+        stmt = insert(StageBucket).values(
+            [{"stage": i.stage, "le": i.le, "observations": i.count, "seconds": i.seconds} for i in increments]
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[StageBucket.stage, StageBucket.le],
+            set_={
+                "observations": StageBucket.observations + stmt.excluded.observations,
+                "seconds": StageBucket.seconds + stmt.excluded.seconds,
+            },
+        )
+        with self.sessions.begin() as s:
+            s.execute(stmt)
+
+    def stage_histograms(self) -> list[stages.StageHistogram]:
+        with self.sessions() as s:
+            rows = s.execute(
+                select(StageBucket.stage, StageBucket.le, StageBucket.observations, StageBucket.seconds)
+            ).all()
+        return stages.histograms(stages.BucketIncrement(st, le, int(n), float(t)) for st, le, n, t in rows)
 
     # -- summaries --------------------------------------------------------------------
     def counts(self) -> dict[str, dict[str, int]]:

@@ -1,4 +1,5 @@
-"""Prometheus metrics: gauges read from the database at scrape time (so every process reports the same)."""
+"""Prometheus metrics read from the database at scrape time, so every process (and host) reports the same: gauges
+of the counts, and the stage-duration histogram that every worker adds to (``domain.stages``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from integration.domain import stages
 
 router = APIRouter(tags=["metrics"])
 
@@ -29,13 +32,22 @@ class StoreCollector(Collector):
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         counts = self.store.counts()
         for key, (name, doc, label) in _FAMILIES.items():
             family = GaugeMetricFamily(name, doc, labels=[label])
             for value, n in sorted(counts.get(key, {}).items()):
                 family.add_metric([value], n)
             yield family
+        stage_seconds = HistogramMetricFamily(
+            "strokewatch_stage_seconds",
+            "Seconds per stage of the pipeline, all workers together (README: Metrics)",
+            labels=["stage"],
+        )
+        for h in self.store.stage_histograms():
+            buckets = [(stages.label(bound), float(n)) for bound, n in h.buckets]
+            stage_seconds.add_metric([h.stage], buckets, sum_value=h.sum)
+        yield stage_seconds
 
 
 def registry_for(store: Any) -> CollectorRegistry:
