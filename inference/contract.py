@@ -108,6 +108,19 @@ OUTPUTS: tuple[TensorSpec, ...] = (
 INPUT_NAMES: tuple[str, ...] = tuple(t.name for t in INPUTS)
 OUTPUT_NAMES: tuple[str, ...] = tuple(t.name for t in OUTPUTS)
 
+#: What ``logit_terms`` holds, in order: the calibrated logit of the reference patient (the average patient of
+#: this patient's presence pattern), then the exact contribution of each input group: the image, each vital sign's
+#: history (``VITAL_FEATURES`` keys), the demographics. They sum to ``logit``.
+LOGIT_TERMS: tuple[str, ...] = ("reference", "image", *(f.key for f in VITAL_FEATURES), "demographics")
+#: Outputs a model serves when it can, beside ``OUTPUTS``; the runtimes request them only from a model that
+#: declares them, so a model without them is still served. ``logit_terms``: models whose head is additive in its
+#: input groups (the logistic fusion head since 0.6.0); the engine names the drivers of a score from them without
+#: another forward pass, and by occlusion (one more batched call) for a model that does not serve them.
+OPTIONAL_OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("logit_terms", (len(LOGIT_TERMS),), "float32", "the logit as reference + each input's contribution"),
+)
+OPTIONAL_OUTPUT_NAMES: tuple[str, ...] = tuple(t.name for t in OPTIONAL_OUTPUTS)
+
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 _KSERVE_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64"}
 
@@ -124,6 +137,13 @@ def kserve_dtype(spec: TensorSpec) -> str:
 
 def input_spec(name: str) -> TensorSpec:
     for spec in INPUTS:
+        if spec.name == name:
+            return spec
+    raise KeyError(name)
+
+
+def output_spec(name: str) -> TensorSpec:
+    for spec in (*OUTPUTS, *OPTIONAL_OUTPUTS):
         if spec.name == name:
             return spec
     raise KeyError(name)

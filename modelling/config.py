@@ -22,6 +22,18 @@ IMAGE_CONCEPTS: tuple[str, ...] = ("lacunes", "wmd_grade", "territorial", "hyper
 VITAL_CONCEPTS: tuple[str, ...] = ("sbp_z", "lability_z", "rising_trend", "af", "glucose_z")
 #: Concepts that are yes/no: their heads give logits, passed on as probabilities; the rest are regressions.
 BINARY_CONCEPTS = frozenset({"territorial", "hyperdense_vessel", "af"})
+#: The input each concept is read from, as the engine names it (``inference.contract.LOGIT_TERMS``): the image
+#: concepts from the image; the SBP concepts (level, lability, trend) from the systolic pressure history, AF from the
+#: heart rate's (an irregular rate), glycaemia from the glucose history. The logistic head's ``logit_terms`` credit
+#: each concept's contribution to this input (``LogisticHead.terms``).
+CONCEPT_INPUTS: dict[str, str] = {
+    **dict.fromkeys(IMAGE_CONCEPTS, "image"),
+    "sbp_z": "sbp",
+    "lability_z": "sbp",
+    "rising_trend": "sbp",
+    "af": "hr",
+    "glucose_z": "glucose",
+}
 #: Kinds of lesion the lesion map separates (its channels), as labelled in the training data.
 LESION_KINDS: tuple[str, ...] = ("lacune", "wmd", "infarct", "hyperdense_vessel")
 #: Small, countable findings that the full-resolution spot detector maps (its channels); a subset of LESION_KINDS.

@@ -1,7 +1,9 @@
 """Export a trained fusion model to ONNX for ONNX Runtime and Triton.
 
 The exported graph takes the contract's inputs with a symbolic batch axis and returns
-``probability`` and ``logit``, both with the calibration (temperature, bias) baked in. Provenance
+``probability`` and ``logit``, both with the calibration (temperature, bias) baked in, and for a logistic head
+also ``logit_terms`` (the contract's optional output: the logit as the reference patient's plus each input's exact
+contribution, from the same forward pass; ``LogisticHead.terms``). Provenance
 (model version, trained flag, calibration, seed, metrics) goes into ONNX ``metadata_props``,
 which ``inference.runtime.OnnxRuntimeModel`` reads.
 
@@ -21,7 +23,7 @@ import torch
 from inference import contract as C
 from inference.runtime import DEFAULT_MODEL_PATH, META_INFO, META_TRAINED, META_VERSION
 from modelling.config import FusionConfig
-from modelling.model import CalibratedModel, FusionModel, load
+from modelling.model import CalibratedModel, ExplainedModel, FusionModel, load
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,9 @@ def export_model(model: FusionModel, out_path: Path, *, trained: bool) -> Path:
     """Write ``model`` (eval mode, calibrated) to ``out_path`` and stamp the metadata."""
     if model.cfg.variant != "fusion":
         raise ValueError(f"only the fusion variant is served (the contract needs both inputs); got {model.cfg.variant}")
-    wrapped = CalibratedModel(model.eval()).eval()
+    explained = model.logistic is not None  # only a logistic head's logit is a sum of per-input terms
+    wrapped = (ExplainedModel if explained else CalibratedModel)(model.eval()).eval()
+    output_names = [*C.OUTPUT_NAMES, *(C.OPTIONAL_OUTPUT_NAMES if explained else ())]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=1024)
     dynamic_shapes = tuple({0: batch} for _ in C.INPUT_NAMES)
@@ -54,7 +58,7 @@ def export_model(model: FusionModel, out_path: Path, *, trained: bool) -> Path:
             example_inputs(),
             str(out_path),
             input_names=list(C.INPUT_NAMES),
-            output_names=list(C.OUTPUT_NAMES),
+            output_names=output_names,
             dynamic_shapes=dynamic_shapes,
             opset_version=OPSET,
             dynamo=True,
@@ -90,13 +94,16 @@ def _name_batch_axis(proto: onnx.ModelProto) -> None:
 
 
 def check_graph_signature(proto: onnx.ModelProto) -> None:
-    """Fail unless graph inputs/outputs are exactly the contract's, with a symbolic batch axis."""
+    """Fail unless graph inputs/outputs are exactly the contract's (its outputs, then none or all of its optional
+    outputs), with a symbolic batch axis."""
     values = {v.name: v for v in (*proto.graph.input, *proto.graph.output)}
-    expected = [*C.INPUT_NAMES, *C.OUTPUT_NAMES]
     got = [v.name for v in proto.graph.input] + [v.name for v in proto.graph.output]
+    expected = [*C.INPUT_NAMES, *C.OUTPUT_NAMES]
+    if got == [*expected, *C.OPTIONAL_OUTPUT_NAMES]:
+        expected = got
     if got != expected:
-        raise ValueError(f"ONNX tensors {got}, contract {expected}")
-    for spec in (*C.INPUTS, *C.OUTPUTS):
+        raise ValueError(f"ONNX tensors {got}, contract {expected} (+ optionally {list(C.OPTIONAL_OUTPUT_NAMES)})")
+    for spec in (*C.INPUTS, *C.OUTPUTS, *(s for s in C.OPTIONAL_OUTPUTS if s.name in values)):
         dims = values[spec.name].type.tensor_type.shape.dim
         if not dims[0].dim_param or dims[0].HasField("dim_value"):
             raise ValueError(f"{spec.name}: batch axis is not symbolic")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from inference import contract as C
 from modelling.branches import DemographicsBranch, ImageBranch, VitalsBranch
-from modelling.config import BINARY_CONCEPTS, IMAGE_CONCEPTS, VITAL_CONCEPTS, FusionConfig
+from modelling.config import BINARY_CONCEPTS, CONCEPT_INPUTS, IMAGE_CONCEPTS, VITAL_CONCEPTS, FusionConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
@@ -56,6 +56,9 @@ class LogisticHead(nn.Module):
 
     mean: torch.Tensor  # buffers (total,)
     scale: torch.Tensor
+    assign: torch.Tensor  # structure, not saved: (total, G), (K_vit, G), (1, G)
+    vital_assign: torch.Tensor
+    image_assign: torch.Tensor
 
     def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()
@@ -65,6 +68,33 @@ class LogisticHead(nn.Module):
         self.register_buffer("mean", torch.zeros(total))
         self.register_buffer("scale", torch.ones(total))
         self.linear = nn.Linear(len(PRESENCE_PATTERNS) + total, 1, bias=False)
+        # which input (``C.LOGIT_TERMS``, less the reference) each feature is read from; structure, not weights
+        groups = {name: g for g, name in enumerate(C.LOGIT_TERMS[1:])}
+        vital_groups = [groups[CONCEPT_INPUTS[c]] for c in VITAL_CONCEPTS]
+        columns = {
+            "demographics": [groups["demographics"]] * kd,
+            "image": [groups[CONCEPT_INPUTS[c]] for c in IMAGE_CONCEPTS],
+            "vitals": vital_groups + vital_groups,  # the concepts, then their excesses
+        }
+        layout = {
+            "both": ["demographics", "image", "vitals"],
+            "image": ["demographics", "image"],
+            "vitals": ["demographics", "vitals"],
+            "none": ["demographics"],
+        }
+        assign = torch.zeros(total, len(groups))  # (total, G); the products' rows stay zero: ``terms`` splits them
+        start = 0
+        for pattern in PRESENCE_PATTERNS:
+            rows = [g for part in layout[pattern] for g in columns[part]]
+            assign[torch.arange(start, start + len(rows)), torch.tensor(rows)] = 1.0
+            start += self.widths[pattern]
+        vital_assign = torch.zeros(kv, len(groups))  # (K_vit, G)
+        vital_assign[torch.arange(kv), torch.tensor(vital_groups)] = 1.0
+        image_assign = torch.zeros(1, len(groups))  # (1, G)
+        image_assign[0, groups["image"]] = 1.0
+        self.register_buffer("assign", assign, persistent=False)
+        self.register_buffer("vital_assign", vital_assign, persistent=False)
+        self.register_buffer("image_assign", image_assign, persistent=False)
 
     def features(
         self,
@@ -101,6 +131,45 @@ class LogisticHead(nn.Module):
         patterns, raw, applies = self.features(demographics, image_values, image_present, vital_values, observed)
         standard = (raw - self.mean) / self.scale * applies  # (B, total): zero outside the patient's pattern
         return self.linear(torch.cat([patterns, standard], dim=1))  # (B, 1)
+
+    def terms(
+        self,
+        demographics: torch.Tensor,
+        image_values: torch.Tensor,
+        image_present: torch.Tensor,
+        vital_values: torch.Tensor,
+        observed: torch.Tensor,
+    ) -> torch.Tensor:
+        """The logit ``forward`` returns as a sum of terms (B, len(C.LOGIT_TERMS)), exactly: the reference patient's
+        logit, then what each input adds to it (the image, each vital sign's history, the demographics).
+
+        The reference patient has the pattern's training means (``mean``) for every feature, and the product of the
+        means for a product: its logit is the pattern's intercept plus, for each product, weight x (product of the
+        means - mean of the product). A feature read from one input contributes weight x (value - mean) / scale to
+        that input (``modelling.config.CONCEPT_INPUTS``), a vital concept's excess to the same input as the concept.
+        An image x vital product involves two inputs and is shared between them by its Shapley value: with a, b the
+        two values and a0, b0 their means, the image gets (a - a0)(b + b0) / 2 and the vital (b - b0)(a + a0) / 2
+        (times weight / scale), which add up to ab - a0 b0. So the terms sum to the logit, with no approximation.
+        """
+        patterns, raw, applies = self.features(demographics, image_values, image_present, vital_values, observed)
+        kd, ki, kv = demographics.shape[1], image_values.shape[1], vital_values.shape[1]
+        weight = self.linear.weight[0]  # (4 + total,): the patterns' intercepts, then the features' weights
+        intercepts, w = weight[: len(PRESENCE_PATTERNS)], weight[len(PRESENCE_PATTERNS) :]
+        standard = (raw - self.mean) / self.scale * applies  # (B, total)
+        grouped = (standard * w) @ self.assign  # (B, G): every single-input feature, products left out
+        # the "both" block (first): demographics, image values, vital values, excesses, products (image-major)
+        a_at, b_at, p_at = kd, kd + ki + kv, kd + ki + 2 * kv
+        coef = (w / self.scale)[p_at : p_at + ki * kv].view(ki, kv)  # (K_img, K_vit)
+        a0, b0 = self.mean[a_at : a_at + ki], self.mean[b_at : b_at + kv]  # (K_img,), (K_vit,)
+        mean_ab = self.mean[p_at : p_at + ki * kv].view(ki, kv)  # (K_img, K_vit)
+        both = patterns[:, :1]  # (B, 1)
+        a, b = image_values, F.relu(vital_values)  # (B, K_img), (B, K_vit)
+        to_image = 0.5 * (((a - a0) @ coef) * (b + b0)).sum(dim=1, keepdim=True) * both  # (B, 1)
+        to_vitals = 0.5 * (b - b0) * ((a + a0) @ coef) * both  # (B, K_vit)
+        grouped = grouped + to_image @ self.image_assign + to_vitals @ self.vital_assign  # (B, G)
+        remainder = (coef * (a0.unsqueeze(1) * b0.unsqueeze(0) - mean_ab)).sum()  # ()
+        reference = patterns @ intercepts.unsqueeze(1) + remainder * both  # (B, 1)
+        return torch.cat([reference, grouped], dim=1)  # (B, 1 + G)
 
 
 class FusionModel(nn.Module):
@@ -209,12 +278,35 @@ class FusionModel(nn.Module):
             parts += [concept_values(vital_concepts, VITAL_CONCEPTS) * observed, observed]  # (B, K_vit), (B, 1)
         return self.head(torch.cat(parts, dim=1)), vital_concepts  # (B, 1), (B, K_vit) | None
 
+    def forward_with_terms(
+        self,
+        image: torch.Tensor,
+        image_present: torch.Tensor,
+        vitals: torch.Tensor,
+        vitals_mask: torch.Tensor,
+        vitals_delta: torch.Tensor,
+        demographics: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit (B, 1), the same logit as exact terms (B, len(C.LOGIT_TERMS)): ``LogisticHead.terms``), from one
+        pass through the branches. Only a logistic head is a sum of per-input terms; an MLP head has none."""
+        if self.logistic is None:
+            raise ValueError("only the logistic head's logit is a sum of per-input terms")
+        logit, aux = self.forward_with_aux(image, image_present, vitals, vitals_mask, vitals_delta, demographics)
+        observed = (vitals_mask.sum(dim=(1, 2)) > 0).to(vitals.dtype).unsqueeze(1)  # (B, 1)
+        image_values = concept_values(aux["image_concepts"], IMAGE_CONCEPTS)  # (B, K_img)
+        vital_values = concept_values(aux["vital_concepts"], VITAL_CONCEPTS)  # (B, K_vit)
+        terms = self.logistic.terms(demographics, image_values, image_present, vital_values, observed)  # (B, 1 + G)
+        return logit, terms
+
     def forward_dict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.forward(*(inputs[name] for name in C.INPUT_NAMES))
 
 
 class CalibratedModel(nn.Module):
     """What is exported: (probability, logit), both with the calibration (temperature, bias) applied."""
+
+    temperature: torch.Tensor  # buffers ()
+    bias: torch.Tensor
 
     def __init__(self, model: FusionModel) -> None:
         super().__init__()
@@ -234,6 +326,29 @@ class CalibratedModel(nn.Module):
         raw = self.model(image, image_present, vitals, vitals_mask, vitals_delta, demographics)  # (B, 1)
         logit = raw / self.temperature + self.bias  # (B, 1)
         return torch.sigmoid(logit), logit  # (B, 1), (B, 1)
+
+
+class ExplainedModel(CalibratedModel):
+    """What is exported for a logistic head: (probability, logit, logit_terms), all calibrated; the terms
+    (``C.LOGIT_TERMS``) sum to the logit: the reference's carries the calibration bias, every term is divided by
+    the temperature."""
+
+    def forward(  # type: ignore[override]
+        self,
+        image: torch.Tensor,
+        image_present: torch.Tensor,
+        vitals: torch.Tensor,
+        vitals_mask: torch.Tensor,
+        vitals_delta: torch.Tensor,
+        demographics: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raw, raw_terms = self.model.forward_with_terms(
+            image, image_present, vitals, vitals_mask, vitals_delta, demographics
+        )  # (B, 1), (B, 1 + G)
+        logit = raw / self.temperature + self.bias  # (B, 1)
+        terms = raw_terms / self.temperature  # (B, 1 + G)
+        terms = torch.cat([terms[:, :1] + self.bias, terms[:, 1:]], dim=1)  # (B, 1 + G)
+        return torch.sigmoid(logit), logit, terms  # (B, 1), (B, 1), (B, 1 + G)
 
 
 def calibrated_logit(cfg: FusionConfig, raw: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ Layout written::
 The generated model.py imports only numpy, onnxruntime and triton_python_backend_utils, so it runs in
 the Triton venv (deploy/triton/setup_venv.sh: numpy<2 + onnxruntime). Test variants: ``delay_s`` makes
 every execute() sleep first (timeout tests); ``inputs``/``outputs`` override the declared tensors
-(contract-mismatch tests).
+(contract-mismatch tests); by default the outputs are the contract's plus the optional ones the model.onnx has.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from inference import contract as C
+from inference.triton_config import onnx_optional_outputs
 
 #: ONNX metadata keys written by modelling.export (same values as inference.runtime.META_*; not imported
 #: from there so that this module does not pull in numpy/onnxruntime).
@@ -142,7 +143,7 @@ def write_repository(
     model_name: str = C.MODEL_NAME,
     version: int = C.TRITON_MODEL_VERSION,
     inputs: Sequence[C.TensorSpec] = C.INPUTS,
-    outputs: Sequence[C.TensorSpec] = C.OUTPUTS,
+    outputs: Sequence[C.TensorSpec] | None = None,
     delay_s: float = 0.0,
     intra_op_threads: int = 1,
 ) -> Path:
@@ -151,6 +152,8 @@ def write_repository(
     if not onnx_path.is_file():
         raise FileNotFoundError(f"model file not found: {onnx_path} (run `strokewatch model export`)")
     semantic_version, trained = onnx_model_meta(onnx_path)
+    if outputs is None:  # as the production config.pbtxt lists them
+        outputs = (*C.OUTPUTS, *(C.output_spec(name) for name in onnx_optional_outputs(onnx_path)))
     model_dir = Path(repo) / model_name
     version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)

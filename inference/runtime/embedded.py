@@ -49,7 +49,8 @@ class OnnxRuntimeModel:
         self._trained: bool = str(meta.get(META_TRAINED, "false")).lower() == "true"
         self.info: dict[str, object] = json.loads(meta.get(META_INFO, "{}"))
         self.path = path
-        check_onnx_signature(self._session)
+        #: what each call asks for: the contract's outputs and the optional ones this model has
+        self.output_names = (*C.OUTPUT_NAMES, *check_onnx_signature(self._session))
 
     @property
     def model_version(self) -> str:
@@ -61,23 +62,22 @@ class OnnxRuntimeModel:
 
     def predict(self, batch: Sequence[ModelInputs]) -> list[Prediction]:
         feeds = stack_inputs(batch)
-        probs: list[np.ndarray] = []
-        logits: list[np.ndarray] = []
-        names = list(C.OUTPUT_NAMES)
+        results: list[list[np.ndarray]] = []
         for start in range(0, len(batch), C.MAX_BATCH):
             chunk = {k: v[start : start + C.MAX_BATCH] for k, v in feeds.items()}
-            prob, logit = self._session.run(names, chunk)
-            probs.append(prob)
-            logits.append(logit)
-        return predictions(np.concatenate(probs), np.concatenate(logits), self._version, self.runtime_name)
+            results.append(self._session.run(list(self.output_names), chunk))
+        out = {name: np.concatenate([r[i] for r in results]) for i, name in enumerate(self.output_names)}
+        return predictions(out["probability"], out["logit"], self._version, self.runtime_name, out.get("logit_terms"))
 
 
-def check_onnx_signature(session: object) -> None:
-    """Raise ModelContractError naming the first tensor whose name/shape/dtype differ from the contract."""
+def check_onnx_signature(session: object) -> tuple[str, ...]:
+    """Raise ModelContractError naming the first tensor whose name/shape/dtype differ from the contract; return
+    the optional outputs (``C.OPTIONAL_OUTPUTS``) the model has, each checked like the others."""
     type_names = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
     served = {i.name: i for i in session.get_inputs()}  # type: ignore[attr-defined]
     served.update({o.name: o for o in session.get_outputs()})  # type: ignore[attr-defined]
-    for spec in (*C.INPUTS, *C.OUTPUTS):
+    optional = tuple(spec for spec in C.OPTIONAL_OUTPUTS if spec.name in served)
+    for spec in (*C.INPUTS, *C.OUTPUTS, *optional):
         got = served.get(spec.name)
         if got is None:
             raise ModelContractError(f"model has no tensor named {spec.name!r} (contract {C.MODEL_VERSION})")
@@ -86,3 +86,4 @@ def check_onnx_signature(session: object) -> None:
             raise ModelContractError(f"tensor {spec.name!r}: model dims {dims}, contract {spec.dims}")
         if type_names.get(got.type) != spec.dtype:
             raise ModelContractError(f"tensor {spec.name!r}: model dtype {got.type}, contract {spec.dtype}")
+    return tuple(spec.name for spec in optional)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -75,7 +75,9 @@ class Transport(Protocol):
     def model_metadata(self, name: str, version: str) -> dict[str, Any]: ...
     def model_config(self, name: str, version: str) -> dict[str, Any]: ...
     def repository_index(self) -> list[dict[str, Any]]: ...
-    def infer(self, name: str, version: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def infer(
+        self, name: str, version: str, feeds: dict[str, np.ndarray], outputs: Sequence[str] = C.OUTPUT_NAMES
+    ) -> dict[str, np.ndarray]: ...
     def close(self) -> None: ...
 
 
@@ -163,15 +165,17 @@ class HttpTransport:
     def repository_index(self) -> list[dict[str, Any]]:
         return list(_guard(self._client.get_model_repository_index))
 
-    def infer(self, name: str, version: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(
+        self, name: str, version: str, feeds: dict[str, np.ndarray], outputs: Sequence[str] = C.OUTPUT_NAMES
+    ) -> dict[str, np.ndarray]:
         inputs = []
         for spec in C.INPUTS:
             tensor = self._mod.InferInput(spec.name, list(feeds[spec.name].shape), C.kserve_dtype(spec))
             tensor.set_data_from_numpy(feeds[spec.name], binary_data=True)
             inputs.append(tensor)
-        outputs = [self._mod.InferRequestedOutput(name_, binary_data=True) for name_ in C.OUTPUT_NAMES]
-        result = _guard(lambda: self._client.infer(name, inputs, model_version=version, outputs=outputs))
-        return {n: result.as_numpy(n) for n in C.OUTPUT_NAMES if result.as_numpy(n) is not None}
+        requested = [self._mod.InferRequestedOutput(name_, binary_data=True) for name_ in outputs]
+        result = _guard(lambda: self._client.infer(name, inputs, model_version=version, outputs=requested))
+        return {n: result.as_numpy(n) for n in outputs if result.as_numpy(n) is not None}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken connection must not raise
@@ -231,19 +235,21 @@ class GrpcTransport:
         reply = _guard(lambda: self._client.get_model_repository_index(as_json=True, client_timeout=self._timeout))
         return list(reply.get("models", []))
 
-    def infer(self, name: str, version: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(
+        self, name: str, version: str, feeds: dict[str, np.ndarray], outputs: Sequence[str] = C.OUTPUT_NAMES
+    ) -> dict[str, np.ndarray]:
         inputs = []
         for spec in C.INPUTS:
             tensor = self._mod.InferInput(spec.name, list(feeds[spec.name].shape), C.kserve_dtype(spec))
             tensor.set_data_from_numpy(feeds[spec.name])
             inputs.append(tensor)
-        outputs = [self._mod.InferRequestedOutput(n) for n in C.OUTPUT_NAMES]
+        requested = [self._mod.InferRequestedOutput(n) for n in outputs]
         result = _guard(
             lambda: self._client.infer(
-                name, inputs, model_version=version, outputs=outputs, client_timeout=self._timeout
+                name, inputs, model_version=version, outputs=requested, client_timeout=self._timeout
             )
         )
-        return {n: result.as_numpy(n) for n in C.OUTPUT_NAMES if result.as_numpy(n) is not None}
+        return {n: result.as_numpy(n) for n in outputs if result.as_numpy(n) is not None}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken channel must not raise

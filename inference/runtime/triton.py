@@ -16,12 +16,20 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from inference import contract as C
-from inference.runtime.base import ModelContractError, ModelInputs, ModelUnavailableError, Prediction, stack_inputs
+from inference.runtime.base import (
+    ModelContractError,
+    ModelInputs,
+    ModelUnavailableError,
+    Prediction,
+    predictions,
+    stack_inputs,
+)
 from inference.runtime.transport import GrpcTransport, HttpTransport, Transport, TransportError, TritonTls
 
 log = logging.getLogger(__name__)
@@ -134,6 +142,8 @@ class TritonModel:
         self._semantic_version = C.MODEL_VERSION
         self._trained = False
         self._ready_versions: list[str] = []
+        #: what each inference asks for: the contract's outputs and the optional ones the served model declares
+        self.output_names: tuple[str, ...] = C.OUTPUT_NAMES
 
     # ------------------------------------------------------------------ RiskModel port
     @property
@@ -152,27 +162,24 @@ class TritonModel:
         try:
             if not self._checked:
                 self._check_once()
-            probs: list[np.ndarray] = []
-            logits: list[np.ndarray] = []
+            results: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
             for start in range(0, len(batch), C.MAX_BATCH):
                 chunk = {name: array[start : start + C.MAX_BATCH] for name, array in feeds.items()}
                 outputs = self._infer(chunk)
-                probs.append(self._output(outputs, "probability", len(chunk[C.INPUT_NAMES[0]])))
-                logits.append(self._output(outputs, "logit", len(chunk[C.INPUT_NAMES[0]])))
+                for name, arrays in results.items():
+                    arrays.append(self._output(outputs, name, len(chunk[C.INPUT_NAMES[0]])))
         except ModelUnavailableError:
             self._checked = False  # whatever comes back up is verified again before it is trusted
             self.breaker.record_failure()
             raise
         except ModelContractError:
             self.breaker.record_success()  # the server answered; retrying cannot fix a contract mismatch
+            self._checked = False  # ... but a model swapped since the check (fewer optional outputs) is read again
             raise
         self.breaker.record_success()
-        prob = np.concatenate(probs).astype(np.float64).reshape(-1)
-        logit = np.concatenate(logits).astype(np.float64).reshape(-1)
-        return [
-            Prediction(float(p), float(lg), self._semantic_version, self.runtime_name)
-            for p, lg in zip(prob, logit, strict=True)
-        ]
+        out = {name: np.concatenate(arrays) for name, arrays in results.items()}
+        terms = out.get("logit_terms")
+        return predictions(out["probability"], out["logit"], self._semantic_version, self.runtime_name, terms)
 
     # ------------------------------------------------------------------ start-up checks
     def check(self) -> None:
@@ -217,7 +224,7 @@ class TritonModel:
                 "load it (explicit model control) or fix STROKEWATCH_TRITON_MODEL_VERSION"
             )
         metadata = self._call("model metadata", lambda t: t.model_metadata(name, version))
-        check_served_metadata(metadata, name)
+        self.output_names = (*C.OUTPUT_NAMES, *check_served_metadata(metadata, name))
         config = self._call("model config", lambda t: t.model_config(name, version))
         params = {k: (v or {}).get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         self._semantic_version = params.get("model_version") or C.MODEL_VERSION
@@ -269,7 +276,7 @@ class TritonModel:
 
     def _infer(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         result: dict[str, np.ndarray] = self._call(
-            "infer", lambda t: t.infer(self.model_name, self.pinned_version, chunk)
+            "infer", lambda t: t.infer(self.model_name, self.pinned_version, chunk, self.output_names)
         )
         return result
 
@@ -278,7 +285,7 @@ class TritonModel:
         array = outputs.get(name)
         if array is None:
             raise ModelContractError(f"Triton response has no output tensor {name!r}")
-        spec = next(s for s in C.OUTPUTS if s.name == name)
+        spec = C.output_spec(name)
         if tuple(array.shape) != (rows, *spec.dims):
             raise ModelContractError(f"output {name!r}: shape {tuple(array.shape)}, expected {(rows, *spec.dims)}")
         return array
@@ -316,9 +323,12 @@ def _endpoint(url: str, protocol: Protocol_, tls: TritonTls | None) -> tuple[str
     return address, (tls or TritonTls()) if secure else None
 
 
-def check_served_metadata(metadata: dict[str, Any], model_name: str) -> None:
-    """Raise ModelContractError naming the first tensor whose name/dims/datatype differ from the contract."""
-    for kind, specs in (("inputs", C.INPUTS), ("outputs", C.OUTPUTS)):
+def check_served_metadata(metadata: dict[str, Any], model_name: str) -> tuple[str, ...]:
+    """Raise ModelContractError naming the first tensor whose name/dims/datatype differ from the contract; return
+    the optional outputs (``C.OPTIONAL_OUTPUTS``) the served model declares, each checked like the others."""
+    declared = {t["name"] for t in metadata.get("outputs", [])}
+    optional = tuple(spec for spec in C.OPTIONAL_OUTPUTS if spec.name in declared)
+    for kind, specs in (("inputs", C.INPUTS), ("outputs", (*C.OUTPUTS, *optional))):
         served = {t["name"]: t for t in metadata.get(kind, [])}
         for spec in specs:
             tensor = served.get(spec.name)
@@ -340,6 +350,7 @@ def check_served_metadata(metadata: dict[str, Any], model_name: str) -> None:
         extra = set(served) - {s.name for s in specs}
         if kind == "inputs" and extra:
             raise ModelContractError(f"served model {model_name!r} expects inputs not in the contract: {sorted(extra)}")
+    return tuple(spec.name for spec in optional)
 
 
 class _Model(Protocol):
@@ -384,7 +395,4 @@ class FallbackModel:
         except ModelUnavailableError as err:
             reason = self.primary.runtime_name.split("-")[0] + " unavailable"
             log.warning("scoring %d patient(s) with %s: %s", len(batch), self.fallback.runtime_name, err)
-            return [
-                Prediction(p.probability, p.logit, p.model_version, f"{p.runtime} (fallback: {reason})")
-                for p in self.fallback.predict(batch)
-            ]
+            return [replace(p, runtime=f"{p.runtime} (fallback: {reason})") for p in self.fallback.predict(batch)]

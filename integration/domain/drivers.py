@@ -1,12 +1,23 @@
-"""Why a score is what it is, in words: occlusion deltas -> the few inputs that raised the risk most.
+"""Why a score is what it is, in words: the inputs that raised the risk most, and the one that lowered it most.
 
-The engine asks the served model itself (ONNX Runtime or Triton) how the probability changes when one input
-group is withheld (the image, or one vital sign's whole history), so the explanation needs no second model
-and matches what was served. Withholding uses the contract's own "missing" encoding (masks), the same one
-the model saw in training with modality dropout.
+Each input group (the image, or one vital sign's whole history) is scored against the patient's own score: the
+probability without it, and the note names the groups whose absence would change the score most. Two ways to
+know that probability, both from the served model itself (ONNX Runtime or Triton), so the explanation needs no
+second model and matches what was served:
+
+- exactly, from the scoring pass, when the model's logit is a sum of per-input terms (the logistic fusion head:
+  ``inference.contract.LOGIT_TERMS``): the probability with the input at the reference patient's value, i.e. its
+  term taken out of the logit (``withheld_exactly``);
+- by occlusion otherwise: one more batched call with each group withheld in the contract's own "missing" encoding
+  (masks), the one the model saw in training with modality dropout.
+
+Both feed ``top_drivers``, so the note reads the same whichever was used.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
 
 from inference import contract as C
 
@@ -30,3 +41,17 @@ def top_drivers(probability: float, withheld: dict[str, float], k: int = 3) -> l
         d, g = lowering[-1]
         out.append(f"{group_label(g)} lowered it ({d * 100:.0f} points)")
     return out
+
+
+def withheld_exactly(logit: float, contributions: Mapping[str, float]) -> dict[str, float]:
+    """``contributions``: each input group's exact term of ``logit`` (calibrated logit scale). Returns, per group,
+    the probability with that input at the reference patient's value: sigmoid(logit - term). For ``top_drivers``:
+    a larger term is a larger drop, so the order is the terms' order, and the points are probability points."""
+    return {group: _sigmoid(logit - term) for group, term in contributions.items()}
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import date, datetime
 
 import numpy as np
 
 from inference import contract as C
 from inference.preprocess import VitalSample, demographics_tensor, empty_image, vitals_tensors
-from inference.runtime.base import ModelContractError, ModelInputs, ModelUnavailableError
+from inference.runtime.base import ModelContractError, ModelInputs, ModelUnavailableError, Prediction
+from integration.domain import stages
 from integration.domain.assessment import (
     DEVICE_IDENTIFIER_SYSTEM,
     AssessmentFacts,
@@ -19,7 +20,6 @@ from integration.domain.assessment import (
     build_risk_assessment,
     device_identifier,
 )
-from integration.domain.drivers import IMAGE, top_drivers
 from integration.domain.identity import assessment_identifier, pseudonym
 from integration.domain.records import AssessmentStatus, NewAssessment, StudyRecord
 from integration.domain.redact import redact_text
@@ -27,7 +27,9 @@ from integration.domain.retry import backoff_at
 from integration.domain.types import DomainError, Outcome, VitalValue
 from integration.domain.window import study_anchor, window_end, window_start
 from integration.ports import RiskModel
+from integration.services import explain
 from integration.services.context import Services
+from integration.services.timing import StageTimes, end_to_end, record
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,14 @@ def _volume(svc: Services, study: StudyRecord) -> np.ndarray | None:
 
 def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]:
     """Score every claimable patient in ``patient_ids`` in one model call; enqueue publishing."""
+    times = StageTimes(svc.timer)
+    try:
+        return _assess(svc, patient_ids, times)
+    finally:
+        times.flush(svc.store)
+
+
+def _assess(svc: Services, patient_ids: list[str], times: StageTimes) -> list[AssessResult]:
     now = svc.clock.now()
     claimed = [pid for pid in dict.fromkeys(patient_ids) if svc.store.claim_patient(pid, now)]
     results: list[AssessResult] = []
@@ -170,7 +180,7 @@ def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]
         return results
 
     try:
-        predictions = model.predict([p.inputs for p in ready])
+        predictions = times.timed(stages.MODEL, model.predict, [p.inputs for p in ready])
     except (ModelUnavailableError, ModelContractError) as err:
         return results + [_deferred(svc, p.patient_fhir_id, err) for p in ready]
 
@@ -178,7 +188,7 @@ def assess_patients(svc: Services, patient_ids: list[str]) -> list[AssessResult]
         device_id = _device_id(svc, version, model.trained)
     except DomainError as err:  # the EHR is down: nothing is lost, the patients are scored again later
         return results + [_deferred(svc, p.patient_fhir_id, err) for p in ready]
-    drivers = _drivers(svc, model, ready, [p.probability for p in predictions])
+    drivers = _drivers(svc, model, ready, predictions, times)
     to_publish: list[str] = []
     for prep, pred, why in zip(ready, predictions, drivers, strict=True):
         previous = svc.store.latest_assessment(prep.patient_fhir_id)
@@ -238,37 +248,14 @@ def assess_batch(svc: Services, patient_ids: list[str]) -> list[AssessResult]:
     return assess_patients(svc, batch[: C.MAX_BATCH])
 
 
-def _withheld_variants(inputs: ModelInputs, image_used: bool) -> list[tuple[str, ModelInputs]]:
-    """The patient's inputs with one group missing (the contract's own encoding of 'not available')."""
-    out: list[tuple[str, ModelInputs]] = []
-    if image_used:
-        out.append((IMAGE, replace(inputs, image=empty_image(), image_present=np.zeros(1, dtype=np.float32))))
-    for f, feature in enumerate(C.VITAL_FEATURES):
-        if not inputs.vitals_mask[:, f].any():
-            continue
-        values, mask, delta = inputs.vitals.copy(), inputs.vitals_mask.copy(), inputs.vitals_delta.copy()
-        values[:, f], mask[:, f], delta[:, f] = 0.0, 0.0, 1.0
-        out.append((feature.key, replace(inputs, vitals=values, vitals_mask=mask, vitals_delta=delta)))
-    return out
-
-
-def _drivers(svc: Services, model: RiskModel, ready: list[Prepared], probabilities: list[float]) -> list[list[str]]:
-    """Occlusion through the served model itself, all patients in one batched call; empty on any failure."""
+def _drivers(
+    svc: Services, model: RiskModel, ready: list[Prepared], predictions: list[Prediction], times: StageTimes
+) -> list[list[str]]:
+    """The drivers of each score (``services.explain``): from the scoring pass where the model serves its logit
+    terms, else by occlusion through the served model (one batched call); empty on any failure."""
     if not svc.explain:
         return [[] for _ in ready]
-    variants = [_withheld_variants(p.inputs, p.image_used) for p in ready]
-    flat = [inputs for per_patient in variants for _, inputs in per_patient]
-    if not flat:
-        return [[] for _ in ready]
-    try:
-        scores = iter(model.predict(flat))
-    except (ModelUnavailableError, ModelContractError) as err:
-        log.warning("no drivers this time (%s); the scores stand", err)
-        return [[] for _ in ready]
-    return [
-        top_drivers(prob, {group: next(scores).probability for group, _ in per_patient})
-        for prob, per_patient in zip(probabilities, variants, strict=True)
-    ]
+    return times.timed(stages.EXPLAIN, explain.drivers, model, [(p.inputs, p.image_used) for p in ready], predictions)
 
 
 def _deferred(svc: Services, pid: str, err: Exception) -> AssessResult:
@@ -306,6 +293,7 @@ def publish(svc: Services, identifier: str) -> str:
     if not svc.store.claim_assessment(identifier, now):
         row = svc.store.get_assessment(identifier)
         return "unknown" if row is None else row.status.value
+    started = svc.timer()
     row = svc.store.get_assessment(identifier)
     if row is None:
         return "unknown"
@@ -326,8 +314,12 @@ def publish(svc: Services, identifier: str) -> str:
         )
         log.warning("publish %s: %s", identifier, err.outcome.value)
         return "retry" if retry else "failed"
-    svc.store.set_assessment_published(identifier, fhir_id, svc.clock.now())
-    svc.store.resolve_failures("publish", identifier, svc.clock.now())
+    written = svc.clock.now()
+    svc.store.set_assessment_published(identifier, fhir_id, written)
+    svc.store.resolve_failures("publish", identifier, written)
+    elapsed = svc.timer() - started
+    e2e = end_to_end(svc.store, row.study_uid, written) if row.study_uid else []
+    record(svc.store, [(stages.PUBLISH, elapsed), *e2e])
     log.info("published RiskAssessment/%s (%s)", fhir_id, "created" if created else "already there")
     return "published"
 

@@ -84,6 +84,8 @@ def test_same_numbers_as_embedded_runtime(served: TritonModel, embedded: OnnxRun
     assert len(got) == n
     np.testing.assert_allclose([p.probability for p in got], [p.probability for p in expected], atol=1e-4)
     np.testing.assert_allclose([p.logit for p in got], [p.logit for p in expected], atol=1e-4)
+    # the model serves its logit terms (KServe v2 output logit_terms): the drivers need no second request
+    np.testing.assert_allclose([p.logit_terms for p in got], [p.logit_terms for p in expected], atol=1e-4)
     assert {p.runtime for p in got} == {served.runtime_name}
     assert {p.model_version for p in got} == {embedded.model_version}
     assert served.trained == embedded.trained
@@ -215,6 +217,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sf_wrong_dims": {"inputs": _redimmed(C.INPUTS, "vitals", (C.N_STEPS, C.N_FEATURES + 1))},
     "sf_wrong_output": {"outputs": _redimmed(C.OUTPUTS, "logit", (2,))},
     "sf_slow": {"delay_s": SLOW_S},
+    "sf_no_terms": {"outputs": C.OUTPUTS},  # a repository from before logit_terms: the optional output not declared
 }
 
 
@@ -268,6 +271,20 @@ def test_slow_response_past_the_timeout_is_unavailable(
     time.sleep(SLOW_S)  # let the server finish the abandoned request before the next test
 
 
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_a_model_that_declares_no_logit_terms_is_still_served(
+    variants_peer: TritonPeer,
+    triton_url_for: Callable[[TritonPeer, str], str],
+    embedded: OnnxRuntimeModel,
+    proto: Proto,
+) -> None:
+    model = TritonModel(triton_url_for(variants_peer, proto), protocol=proto, model_name="sf_no_terms")
+    batch = make_inputs(3)
+    got = model.predict(batch)
+    assert model.output_names == C.OUTPUT_NAMES and all(p.logit_terms is None for p in got)  # drivers: occlusion
+    np.testing.assert_allclose([p.logit for p in got], [p.logit for p in embedded.predict(batch)], atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------- fallback
 def test_fallback_scores_embedded_and_says_so(embedded: OnnxRuntimeModel) -> None:
     primary = TritonModel(f"127.0.0.1:{free_port()}", retries=0)
@@ -275,6 +292,7 @@ def test_fallback_scores_embedded_and_says_so(embedded: OnnxRuntimeModel) -> Non
     batch = make_inputs(3)
     got = model.predict(batch)
     assert {p.runtime for p in got} == {"onnxruntime (fallback: triton unavailable)"}
+    assert all(p.logit_terms is not None for p in got)  # the fallback's terms are kept for the drivers
     np.testing.assert_allclose([p.logit for p in got], [p.logit for p in embedded.predict(batch)], atol=1e-6)
 
 
