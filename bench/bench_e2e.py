@@ -1,18 +1,25 @@
-"""End-to-end figures for the embedded default (SQLite state, SQLite broker, ONNX Runtime in-process).
+"""End-to-end figures: completion -> RiskAssessment readable in the FHIR server, and the throughput of a backlog.
 
-1. Latency: time from a study's last instance stored in Orthanc (STOW-RS answered) to its RiskAssessment
-   readable in the FHIR server; median and p95 over --latency-studies studies sent one at a time.
-2. Throughput: a backlog of --backlog patients stored before the worker starts; studies per minute until every
-   RiskAssessment is readable.
+    .venv/bin/python bench/bench_e2e.py [--arrival scp|orthanc] [--broker redis|embedded] [--image 32x256|160x512]
+                                        [--latency-studies 50] [--backlog 300] [--stable-age 1] [--concurrency 2]
 
-After each, the per-stage table: count, median, p95 and mean seconds of each stage (README "Metrics"), from the
-engine's own histogram (``strokewatch_stage_seconds``, read from its database) as it grew over that run. Median
-and p95 are interpolated within the histogram's buckets, as Prometheus's histogram_quantile does (exact to a
-bucket's width); the mean is exact.
+Peers are real and local: Orthanc (the PACS), the FHIR sandbox (the EHR), and for ``--broker redis`` the machine's
+PostgreSQL (a fresh database) and Redis (database 14, flushed) -- the distributed setup; ``embedded`` is the default
+install (SQLite state, SQLite broker). The worker is ``celery worker --concurrency N`` with beat, as `strokewatch run`
+starts it; ONNX Runtime in-process.
 
-Run: .venv/bin/python bench/bench_e2e.py [--latency-studies 20] [--backlog 50]
-Orthanc's StableAge (2 s here, 60 s by default) is part of the latency: the engine waits for a study to be
-complete before reading it. It prints figures; it asserts nothing.
+1. Latency, studies sent one at a time:
+   * ``--arrival scp``: C-STORE to the engine's SCP (`strokewatch scp`) in one association; the study is complete
+     at its release (A-RELEASE answered), timed by this script. The figure is release -> RiskAssessment readable.
+   * ``--arrival orthanc``: STOW-RS to Orthanc; the engine follows its change feed. Printed: last instance stored
+     -> RiskAssessment readable (Orthanc's StableAge included, stated), and the engine's own end_to_end histogram
+     (from Orthanc's StableStudy event, stamped to the second).
+2. Throughput: a backlog of --backlog patients (their vitals in the EHR, their studies complete in the SCP's spool
+   or in Orthanc) before the worker starts; studies per minute until every RiskAssessment is readable. Fresh peers.
+3. After each, the per-stage table from the engine's own ``strokewatch_stage_seconds`` histogram (count, median and
+   p95 interpolated within buckets as Prometheus does, exact mean), and the worker processes' peak RSS (VmHWM).
+
+It prints figures; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -20,15 +27,22 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
+import pydicom
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,44 +57,260 @@ from sandbox.orthanc import OrthancPeer  # noqa: E402
 
 SYSTEM = "urn:strokewatch:bench"
 MRN = "urn:oid:1.2.36.146.595.217.0.1"
+SENDER = "BENCHSCU"
+ADMIN_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_DB = 14
 
 
-def assessments_by_study(fhir: str) -> dict[str, float]:
-    """study UID -> first time seen, for every RiskAssessment in the FHIR server."""
-    out: dict[str, float] = {}
-    url: str | None = f"{fhir}/RiskAssessment?identifier={SYSTEM}|&_count=500"
-    with httpx.Client(timeout=30) as client:
-        while url:
-            bundle = client.get(url).raise_for_status().json()
-            for e in bundle.get("entry", []):
-                for b in e["resource"].get("basis", []):
-                    ident = (b.get("identifier") or {}).get("value", "")
-                    if ident.startswith("urn:oid:"):
-                        out[ident[8:]] = time.monotonic()
-            url = next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None)
-    return out
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def stage_histograms(data_dir: Path) -> dict[str, StageHistogram]:
-    """The engine's stage histogram as its database holds it now (empty before its first start)."""
-    db = data_dir / "strokewatch.db"
-    if not db.exists():
-        return {}
-    engine = make_engine(f"sqlite:///{db}")
+@dataclass
+class Study:
+    uid: str
+    patient_fhir_id: str
+    files: list[Path]
+
+
+# -- the patients ------------------------------------------------------------------------------------------------
+
+
+def big_ct(patient: Any, files: list[Path], slices: int, size: int, cache: dict[str, np.ndarray]) -> list[Path]:
+    """Rewrite a patient's 32x256^2 study as ``slices`` x ``size``^2 CT over the same extent: the synthetic volume is
+    rendered once at that size (cached) and carried by each patient's own headers (UIDs, PatientID, dates)."""
+    from synth import render
+
+    key = f"{slices}x{size}"
+    first = pydicom.dcmread(files[0])
+    acq = patient.acquisition(for_arrays=False)
+    if key not in cache:
+        fine = render.Acquisition(acq.centre, slices, acq.slice_mm * acq.n_slices / slices, size,
+                                  acq.pixel_mm * acq.size / size)
+        volume = patient.render_image(fine)
+        cache[key] = np.clip(np.rint(volume.voxels + 1024.0), 0, 4095).astype(np.uint16)
+    stored = cache[key]
+    ipp0 = [float(v) for v in first.ImagePositionPatient]
+    last = pydicom.dcmread(files[-1], stop_before_pixels=True)
+    step = (np.asarray([float(v) for v in last.ImagePositionPatient]) - np.asarray(ipp0)) / max(1, len(files) - 1)
+    step = step * (len(files) - 1) / max(1, slices - 1)
+    spacing = float(first.PixelSpacing[0]) * int(first.Rows) / size
+    out_dir = files[0].parent / "big"
+    out_dir.mkdir(exist_ok=True)
+    paths = []
+    for k in range(slices):
+        ds = first.copy()
+        ds.Modality, ds.SOPClassUID = "CT", "1.2.840.10008.5.1.4.1.1.2"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{first.SOPInstanceUID}.{k + 1}"
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [f"{v:.3f}" for v in np.asarray(ipp0) + k * step]
+        ds.SliceThickness = f"{float(np.linalg.norm(step)):.3f}"
+        ds.Rows = ds.Columns = size
+        ds.PixelSpacing = [f"{spacing:.4f}", f"{spacing:.4f}"]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = stored[k].tobytes()
+        path = out_dir / f"{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def prepare(n: int, seed: int, work: Path, fhir: str, image: str) -> list[Study]:
+    """Write the patients' FHIR data now (Patient + vitals), and their DICOM files to disk (sent later)."""
+    end = datetime.now(UTC).replace(microsecond=0)
+    studies, cache = [], {}
+    slices, size = (int(v) for v in image.split("x"))
+    for i, p in enumerate(synth.iter_cohort(n, seed)):
+        resources = synth.fhir_resources(p, identifier_system=MRN, window_end=end)
+        # a fresh server holds no copies: plain creates (conditional ones search the growing store each time)
+        answer = post_transaction(fhir, synth.transaction_bundle(resources, conditional=False))
+        locations = [e.get("response", {}).get("location", "") for e in answer.get("entry", [])]
+        patient_id = next(loc.split("/")[1] for loc in locations if loc.startswith("Patient/"))
+        files = synth.write_dicom(p, work / f"p{i}", window_end=end)
+        if (slices, size) != (32, 256):
+            files = big_ct(p, files, slices, size, cache)
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        studies.append(Study(uid, patient_id, files))
+    return studies
+
+
+# -- sending -----------------------------------------------------------------------------------------------------
+
+
+def c_store(port: int, files: list[Path]) -> float:
+    """One association: every file, then release. Returns the monotonic time the release was answered."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
+    datasets = [pydicom.dcmread(f) for f in files]  # read before the association: the sender's own cost
+    ae = AE(ae_title=SENDER)
+    ae.add_requested_context(CTImageStorage, [str(datasets[0].file_meta.TransferSyntaxUID)])
+    ae.add_requested_context(MRImageStorage, [str(datasets[0].file_meta.TransferSyntaxUID)])
+    ae.maximum_pdu_size = 0
+    assoc = ae.associate("127.0.0.1", port, ae_title="STROKEWATCH")
+    if not assoc.is_established:
+        raise SystemExit("the SCP refused the association")
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        return {h.stage: h for h in SqlStore(engine).stage_histograms()}
+        bad = [int(s.Status) for s in (assoc.send_c_store(ds) for ds in datasets) if int(s.Status) != 0]
+        if bad:
+            raise SystemExit(f"C-STORE statuses {bad}")
     finally:
-        engine.dispose()
+        assoc.release()
+    return time.monotonic()
 
 
-def wait_for_stage(
-    data_dir: Path, before: dict[str, StageHistogram], stage: str, n: int, timeout_s: float = 15
-) -> None:
+def assessed(client: httpx.Client, fhir: str, patient_fhir_id: str) -> bool:
+    bundle = client.get(f"{fhir}/RiskAssessment", params={"subject": f"Patient/{patient_fhir_id}",
+                                                          "_count": "1"}).raise_for_status().json()
+    return bool(bundle.get("entry"))
+
+
+def count_assessed(client: httpx.Client, fhir: str) -> int:
+    bundle = client.get(f"{fhir}/RiskAssessment", params={"_summary": "count"}).raise_for_status().json()
+    return int(bundle.get("total", 0))
+
+
+# -- the engine's processes --------------------------------------------------------------------------------------
+
+
+class State:
+    """Where the engine keeps its state and queue: SQLite files, or a fresh PostgreSQL database and Redis db 14."""
+
+    def __init__(self, broker: str, data_dir: Path) -> None:
+        self.broker, self.data_dir = broker, data_dir
+        self.db_name = f"swbench_{os.getpid()}_{int(time.time() * 1000) % 10_000_000}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        if self.broker == "embedded":
+            return {}
+        return {"STROKEWATCH_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db_name}",
+                "STROKEWATCH_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}"}
+
+    @property
+    def db_url(self) -> str:
+        return self.env.get("STROKEWATCH_DATABASE_URL", f"sqlite:///{self.data_dir / 'strokewatch.db'}")
+
+    def __enter__(self) -> State:
+        if self.broker == "redis":
+            from sqlalchemy import create_engine, text
+
+            admin = create_engine(ADMIN_PG, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{self.db_name}"'))
+            admin.dispose()
+            subprocess.run(["redis-cli", "-n", str(REDIS_DB), "FLUSHDB"], check=True, capture_output=True)
+            from integration.adapters.db.session import upgrade
+
+            upgrade(self.db_url)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.broker == "redis":
+            from sqlalchemy import create_engine, text
+
+            admin = create_engine(ADMIN_PG, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
+            admin.dispose()
+
+    def stage_histograms(self) -> dict[str, StageHistogram]:
+        if self.broker == "embedded" and not (self.data_dir / "strokewatch.db").exists():
+            return {}
+        engine = make_engine(self.db_url)
+        try:
+            return {h.stage: h for h in SqlStore(engine).stage_histograms()}
+        finally:
+            engine.dispose()
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", *argv], env={**os.environ, **env}, cwd=ROOT,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:  # warm shutdown waits for in-flight tasks; do not wait forever
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def peak_rss_mib(proc: subprocess.Popen[bytes]) -> float:
+    """The largest VmHWM (peak resident set) among the process and its children, MiB."""
+    pids = [proc.pid]
+    with suppress(OSError):
+        pids += [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    peak = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            continue
+    return peak / 1024
+
+
+@contextmanager
+def engine_processes(env: dict[str, str], work: Path, tag: str, concurrency: int, scp: bool,
+                     worker: bool = True) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        if scp:
+            procs["scp"] = spawn(["integration.entrypoints.scp"], env, work / f"scp-{tag}.log")
+            wait_port(int(env["STROKEWATCH_SCP__PORT"]), 60)
+        if worker:
+            procs["worker"] = start_worker(env, work, tag, concurrency)
+        yield procs
+    finally:
+        for proc in procs.values():
+            stop(proc)
+
+
+def start_worker(env: dict[str, str], work: Path, tag: str, concurrency: int) -> subprocess.Popen[bytes]:
+    from integration.config import Settings
+    from integration.entrypoints.worker import worker_argv
+
+    return spawn(worker_argv(Settings(), concurrency=concurrency), env, work / f"worker-{tag}.log")
+
+
+def wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on {port} after {timeout} s")
+
+
+def wait_worker_ready(log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and "ready." in log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"the worker did not start; see {log}")
+
+
+def wait_for_stage(state: State, before: dict[str, StageHistogram], stage: str, n: int, timeout_s: float = 15) -> None:
     """A task records its timings after its EHR write: wait until ``n`` observations of ``stage`` are in (or
     ``timeout_s``) before the worker is stopped, so the table counts the last study too."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        after = stage_histograms(data_dir)
+        after = state.stage_histograms()
         if stage in after and minus(after[stage], before.get(stage)).count >= n:
             return
         time.sleep(0.2)
@@ -100,102 +330,133 @@ def print_stages(title: str, before: dict[str, StageHistogram], after: dict[str,
         print(f"  {stage:<11} {h.count:>6} {median:>8.3f} {p95:>8.3f} {h.sum / h.count:>8.3f}")
 
 
-def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    from integration.config import Settings
-    from integration.entrypoints.worker import worker_argv
-
-    argv = worker_argv(Settings(), concurrency=2)
-    return subprocess.Popen([sys.executable, "-m", *argv], env={**os.environ, **env}, cwd=ROOT,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    os.killpg(worker.pid, signal.SIGTERM)
-    try:
-        worker.wait(30)
-    except subprocess.TimeoutExpired:  # warm shutdown waits for in-flight tasks; do not wait forever
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(10)
+def summary(values: list[float]) -> str:
+    return (f"median {statistics.median(values):.3f} s, p95 {percentile(values, 0.95):.3f} s, "
+            f"min {min(values):.3f} s, max {max(values):.3f} s")
 
 
-def prepare(n: int, seed: int, work: Path, fhir: str) -> list[tuple[str, list[Path]]]:
-    """Write the patients' FHIR data now, and their DICOM files to disk (sent later)."""
-    end = datetime.now(UTC).replace(microsecond=0)
-    studies = []
-    for i, p in enumerate(synth.iter_cohort(n, seed)):
-        resources = synth.fhir_resources(p, identifier_system=MRN, window_end=end)
-        # a fresh server holds no copies: plain creates (conditional ones search the growing store each time)
-        post_transaction(fhir, synth.transaction_bundle(resources, conditional=False))
-        files = synth.write_dicom(p, work / f"p{i}", window_end=end)
-        import pydicom
+# -- the runs ----------------------------------------------------------------------------------------------------
 
-        studies.append((str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files))
-    return studies
+
+@contextmanager
+def peers(work: Path, stable_age: int) -> Iterator[tuple[OrthancPeer, FhirPeer]]:
+    with OrthancPeer(work / "orthanc", stable_age=stable_age) as pacs, FhirPeer(work / "fhir") as ehr:
+        yield pacs, ehr
+
+
+def engine_env(
+    args: argparse.Namespace, pacs: OrthancPeer, ehr: FhirPeer, state: State, scp_port: int
+) -> dict[str, str]:
+    env = {
+        "STROKEWATCH_SANDBOX": "true", "STROKEWATCH_DATA_DIR": str(state.data_dir),
+        "STROKEWATCH_PACS__DICOMWEB_URL": pacs.dicomweb_url, "STROKEWATCH_PACS__ORTHANC_URL": pacs.url,
+        "STROKEWATCH_PACS__KIND": "orthanc", "STROKEWATCH_PACS__POLL_SECONDS": str(args.poll_seconds),
+        "STROKEWATCH_EHR__BASE_URL": ehr.base_url, "STROKEWATCH_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN,
+        "STROKEWATCH_ASSESSMENT_IDENTIFIER_SYSTEM": SYSTEM, "STROKEWATCH_LOG_LEVEL": "WARNING",
+        **state.env,
+    }
+    if args.arrival == "scp":
+        env |= {"STROKEWATCH_SCP__ENABLED": "true", "STROKEWATCH_SCP__PORT": str(scp_port),
+                "STROKEWATCH_SCP__ALLOWED_CALLING_AETS": f'["{SENDER}"]'}
+    if args.inline is not None:
+        env["STROKEWATCH_PIPELINE__INLINE"] = args.inline
+    return env
+
+
+def latency(args: argparse.Namespace, work: Path) -> None:
+    with peers(work / "lat", args.stable_age) as (pacs, ehr), State(args.broker, work / "lat" / "data") as state:
+        studies = prepare(args.latency_studies, 101, work / "lat" / "dicom", ehr.base_url, args.image)
+        env = engine_env(args, pacs, ehr, state, free_port())
+        before = state.stage_histograms()
+        figures: list[float] = []
+        with engine_processes(env, work, "latency", args.concurrency, args.arrival == "scp") as procs, \
+                httpx.Client(timeout=30) as client:
+            wait_worker_ready(work / "worker-latency.log")
+            time.sleep(2)  # beat's first detect and sweep are past
+            for study in studies:
+                if args.arrival == "scp":
+                    t0 = c_store(int(env["STROKEWATCH_SCP__PORT"]), study.files)
+                else:
+                    stow(pacs.dicomweb_url, study.files)
+                    t0 = time.monotonic()
+                while not assessed(client, ehr.base_url, study.patient_fhir_id):
+                    if time.monotonic() - t0 > 180:
+                        raise SystemExit(f"study {study.uid} not assessed in 180 s; see {work}")
+                    time.sleep(0.01)
+                figures.append(time.monotonic() - t0)
+            wait_for_stage(state, before, END_TO_END, len(studies))
+            rss = peak_rss_mib(procs["worker"])
+        frm = ("C-STORE association released" if args.arrival == "scp"
+               else f"last instance stored (STOW-RS answered; Orthanc StableAge {args.stable_age} s)")
+        print(f"latency, {frm} -> RiskAssessment readable, {args.image} {args.broker} (n={len(figures)}): "
+              f"{summary(figures)}")
+        after = state.stage_histograms()
+        if END_TO_END in after:
+            h = minus(after[END_TO_END], before.get(END_TO_END))
+            if h.count:
+                print(f"  engine's end_to_end histogram (completion -> written): median "
+                      f"{quantile(0.5, h.buckets):.3f} s, p95 {quantile(0.95, h.buckets):.3f} s, "
+                      f"mean {h.sum / h.count:.3f} s (n={h.count})")
+        print(f"  worker peak RSS (largest process): {rss:.0f} MiB")
+        print_stages("stages of the latency run (s):", before, after)
+
+
+def backlog(args: argparse.Namespace, work: Path) -> None:
+    with peers(work / "bl", args.stable_age) as (pacs, ehr), State(args.broker, work / "bl" / "data") as state:
+        studies = prepare(args.backlog, 202, work / "bl" / "dicom", ehr.base_url, args.image)
+        env = engine_env(args, pacs, ehr, state, free_port())
+        before = state.stage_histograms()
+        with ExitStack() as stack:
+            if args.arrival == "scp":  # pushed into the spool, registered and queued, while no worker runs
+                stack.enter_context(engine_processes(env, work, "backlog-scp", args.concurrency, True, worker=False))
+                for study in studies:
+                    c_store(int(env["STROKEWATCH_SCP__PORT"]), study.files)
+            else:
+                for study in studies:
+                    stow(pacs.dicomweb_url, study.files)
+                time.sleep(args.stable_age + 2)  # complete (StableStudy) before the engine starts
+            client = stack.enter_context(httpx.Client(timeout=30))
+            t0 = time.monotonic()
+            worker = start_worker(env, work, "backlog", args.concurrency)
+            try:
+                while count_assessed(client, ehr.base_url) < len(studies):
+                    if time.monotonic() - t0 > 3600:
+                        raise SystemExit(f"backlog not done in an hour; see {work}")
+                    time.sleep(0.25)
+                dt = time.monotonic() - t0
+                wait_for_stage(state, before, END_TO_END, len(studies))
+                rss = peak_rss_mib(worker)
+            finally:
+                stop(worker)
+        print(f"throughput, backlog of {len(studies)} {args.image} studies with their vitals, {args.broker}, "
+              f"{args.arrival}, worker concurrency {args.concurrency} (worker start included): {dt:.1f} s, "
+              f"{len(studies) / dt * 60:.1f} studies/min; worker peak RSS {rss:.0f} MiB")
+        print_stages("stages of the backlog run (s):", before, state.stage_histograms())
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--latency-studies", type=int, default=20)
-    ap.add_argument("--backlog", type=int, default=50)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arrival", choices=("scp", "orthanc"), default="scp")
+    ap.add_argument("--broker", choices=("redis", "embedded"), default="redis")
+    ap.add_argument("--image", choices=("32x256", "160x512"), default="32x256")
+    ap.add_argument("--latency-studies", type=int, default=50)
+    ap.add_argument("--backlog", type=int, default=300)
+    ap.add_argument("--stable-age", type=int, default=1, help="Orthanc's StableAge, seconds")
+    ap.add_argument("--poll-seconds", type=float, default=0.5, help="the Orthanc feed's poll (pacs.poll_seconds)")
+    ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--inline", default=None, help='STROKEWATCH_PIPELINE__INLINE, e.g. \'[]\' for a hop per stage')
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sw-bench-"))  # kept: worker logs stay readable after a failure
-    print(f"work dir: {work}")
-    if True:
-        with OrthancPeer(work / "orthanc", stable_age=2) as pacs, FhirPeer(work / "fhir") as ehr:
-            env = {
-                "STROKEWATCH_SANDBOX": "true", "STROKEWATCH_DATA_DIR": str(work / "data"),
-                "STROKEWATCH_PACS__DICOMWEB_URL": pacs.dicomweb_url, "STROKEWATCH_PACS__ORTHANC_URL": pacs.url,
-                "STROKEWATCH_PACS__KIND": "orthanc", "STROKEWATCH_PACS__POLL_SECONDS": "0.5",
-                "STROKEWATCH_EHR__BASE_URL": ehr.base_url, "STROKEWATCH_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN,
-                "STROKEWATCH_ASSESSMENT_IDENTIFIER_SYSTEM": SYSTEM, "STROKEWATCH_LOG_LEVEL": "WARNING",
-            }
-            # -- latency ---------------------------------------------------------------------------
-            studies = prepare(args.latency_studies, 101, work / "lat", ehr.base_url) if args.latency_studies else []
-            before = stage_histograms(work / "data")
-            worker = start_worker(env, work / "worker1.log")
-            time.sleep(5)  # worker up
-            lat = []
-            try:
-                for uid, files in studies:
-                    stow(pacs.dicomweb_url, files)
-                    t0 = time.monotonic()
-                    while uid not in assessments_by_study(ehr.base_url):
-                        if time.monotonic() - t0 > 180:
-                            raise SystemExit(f"study {uid} not assessed in 180 s; see {work / 'worker1.log'}")
-                        time.sleep(0.05)
-                    lat.append(time.monotonic() - t0)
-                wait_for_stage(work / "data", before, END_TO_END, len(studies))
-            finally:
-                stop_worker(worker)
-            lat.sort() if lat else lat.append(float("nan"))
-            p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
-            print(f"latency, stored -> RiskAssessment readable (n={len(lat)}, Orthanc StableAge 2 s): "
-                  f"median {statistics.median(lat):.2f} s, p95 {p95:.2f} s, min {lat[0]:.2f} s, max {lat[-1]:.2f} s")
-            print_stages("stages of the latency run (s; detect and end_to_end from Orthanc's StableStudy event, "
-                         "stamped to the second: +-0.5 s):", before, stage_histograms(work / "data"))
-
-            # -- throughput on a backlog ---------------------------------------------------------------
-            backlog = prepare(args.backlog, 202, work / "backlog", ehr.base_url)
-            for _uid, files in backlog:
-                stow(pacs.dicomweb_url, files)
-            time.sleep(3)  # let Orthanc mark them stable: the backlog is complete before the engine starts
-            env2 = {**env, "STROKEWATCH_DATA_DIR": str(work / "data2")}
-            want = {uid for uid, _ in backlog}
-            before = stage_histograms(work / "data2")
-            t0 = time.monotonic()
-            worker = start_worker(env2, work / "worker2.log")
-            try:
-                while not want <= set(assessments_by_study(ehr.base_url)):
-                    if time.monotonic() - t0 > 1800:
-                        raise SystemExit("backlog not done in 30 min")
-                    time.sleep(0.5)
-                dt = time.monotonic() - t0
-                wait_for_stage(work / "data2", before, END_TO_END, len(want))
-            finally:
-                stop_worker(worker)
-            print(f"throughput, backlog of {len(want)} patients (worker start included): {dt:.1f} s, "
-                  f"{len(want) / dt * 60:.1f} studies/min")
-            print_stages("stages of the backlog run (s):", before, stage_histograms(work / "data2"))
+    print(f"work dir: {work}; {os.cpu_count()} CPUs; arrival {args.arrival}, broker {args.broker}, image {args.image}")
+    if args.latency_studies:
+        latency(args, work)
+    if args.backlog:
+        backlog(args, work)
 
 
 if __name__ == "__main__":

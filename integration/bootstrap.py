@@ -387,6 +387,7 @@ def bootstrap_push(settings: Settings | None = None, *, enqueue: Callable[[str, 
         max_instance_bytes=scp.max_instance_bytes,
         min_free_bytes=scp.min_free_disk_bytes,
         accept_other_sop_classes=scp.accept_other_sop_classes,
+        prefetch_vitals=settings.pipeline.prefetch_vitals,
     )
     if enqueue is not None:
         push.enqueue = enqueue

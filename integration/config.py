@@ -586,6 +586,25 @@ class ScpSettings(BaseModel):
         return [entry.strip() for entry in v]
 
 
+InlineStage = Literal["vitals", "assess", "publish"]
+
+
+class PipelineSettings(BaseModel):
+    """How work moves between stages in a worker (``STROKEWATCH_PIPELINE__INLINE``, ...). A stage named in ``inline``
+    runs on in the task that handed it off (ingest -> vitals -> assess -> publish in one task: no broker hop, the
+    lowest latency); the others go through their queue (``vitals``, ``assess``, ``publish``), for deployments that
+    run each stage on its own worker group. The API, the SCP and the sweep always queue."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    inline: list[InlineStage] = Field(default_factory=lambda: list(get_args(InlineStage)))
+    #: Stage runs one task may go on to (a batch fanning out to many publishes); the rest is queued.
+    max_inline_runs: int = Field(default=64, ge=1, le=10_000)
+    #: The first instance of a study pushed to the SCP queues its patient's vitals sync (queue ``vitals``), so the
+    #: vitals are read while the rest of the study is still arriving, not after it completed.
+    prefetch_vitals: bool = True
+
+
 class RetentionSettings(BaseModel):
     """What the engine deletes once nothing needs it (``strokewatch db prune``, and a scheduled job every
     ``interval_hours``): ``STROKEWATCH_RETENTION__VITALS_DAYS``, ... Deletes run ``batch_size`` rows per transaction."""
@@ -662,6 +681,7 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = WebhookSettings()  # secrets of the Orthanc and FHIR Subscription webhooks
     retention: RetentionSettings = RetentionSettings()  # what is deleted when (db prune, scheduled), log rotation
     scp: ScpSettings = ScpSettings()  # the DICOM C-STORE SCP studies are pushed to (off by default)
+    pipeline: PipelineSettings = PipelineSettings()  # which stages run on in the task before them (no queue hop)
 
     #: Name the inputs that drove each score in the RiskAssessment note (one extra batched model call).
     explain_drivers: bool = True

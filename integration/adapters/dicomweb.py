@@ -42,6 +42,7 @@ from integration.adapters.dicomweb_parse import (
 )
 from integration.adapters.fhir_auth import ClientCredentialsAuth, auth_note, auth_rejected
 from integration.adapters.tls import default_context, presents_client_cert, tls_failure
+from integration.domain import stages
 from integration.domain.checks import CheckResult, env_name, unreachable
 from integration.domain.ids import is_dicom_uid, shown
 from integration.domain.limits import ImageLimits, too_large
@@ -292,14 +293,17 @@ class DicomWebPacs:
                 max_parts=limits.multipart_max_parts,
             )
             received = decoded_bytes = 0
+            decoding = 0.0  # seconds spent decoding parts, reported as the decode stage (the rest is retrieval)
 
             def take(content_type: str, part: bytes) -> None:
-                nonlocal modality, decoded_bytes
+                nonlocal modality, decoded_bytes, decoding
                 if content_type and not content_type.lower().startswith("application/dicom"):
                     raise DomainError(
                         Outcome.CORRUPT_PIXEL_DATA, f"series {series_uid}: PACS sent a {shown(content_type)} part"
                     )
+                decode_started = time.perf_counter()
                 decoded = decode_part10(part, limits, limits.max_series_bytes - decoded_bytes)
+                decoding += time.perf_counter() - decode_started
                 modality = modality or decoded.modality.upper()
                 slices.extend(decoded.slices)
                 decoded_bytes += sum(s.pixels.nbytes for s in decoded.slices)
@@ -322,6 +326,7 @@ class DicomWebPacs:
             response.close()
         if not slices:
             raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"series {series_uid} returned no image")
+        stages.report(stages.DECODE, decoding)
         return modality, sorted_along_normal(slices)
 
     def _past_deadline(self, series_uid: str, received: int) -> DomainError:

@@ -107,9 +107,11 @@ class StudyArrivals:
         self._studies: dict[str, _Pending] = {}
         self._associations: dict[int, tuple[str, set[str]]] = {}  # association -> (calling AE, studies it brought)
 
-    def arriving(self, study_uid: str, association: int, sender: str, now: datetime) -> None:
-        """An instance of ``study_uid`` is being received on ``association`` (call before it is written)."""
+    def arriving(self, study_uid: str, association: int, sender: str, now: datetime) -> bool:
+        """An instance of ``study_uid`` is being received on ``association`` (call before it is written). True when
+        the study was not pending before (its first instance since it last completed, or since the start)."""
         pending = self._studies.get(study_uid)
+        first = pending is None
         if pending is None:
             pending = self._studies[study_uid] = _Pending(last_arrival=now)
         pending.generation += 1
@@ -117,6 +119,7 @@ class StudyArrivals:
         pending.open.add(association)
         pending.complete_at = pending.completed_at = None
         self._associations.setdefault(association, (sender, set()))[1].add(study_uid)
+        return first
 
     def association_closed(self, association: int, *, released: bool, now: datetime) -> list[str]:
         """The association ended (released, or not). Returns the studies it brought that no association holds open

@@ -53,7 +53,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "result_backend": None,
         "task_default_queue": "ingest",
-        "task_routes": {f"strokewatch.{q}": {"queue": q} for q in QUEUES},
+        "task_routes": {**{f"strokewatch.{q}": {"queue": q} for q in QUEUES},
+                        "strokewatch.prefetch": {"queue": "vitals"}},
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "beat_schedule": {
@@ -93,19 +94,37 @@ app.add_defaults(_configuration)
 
 
 _engine: Any = None
+_handoff: Any = None  # the engine's Services.enqueue (services.handoff.Handoff), built with it
 
 
 def engine() -> Any:
     """The per-process Engine (adapters, store, services), built on first use after fork."""
-    global _engine
+    global _engine, _handoff
     if _engine is None:
         from celery.exceptions import SoftTimeLimitExceeded
 
         from integration.bootstrap import bootstrap
+        from integration.services.handoff import Handoff
 
-        _engine = bootstrap(migrate=False, enqueue=enqueue)
+        pipeline = get_settings().pipeline
+        handoff = Handoff(enqueue, frozenset(pipeline.inline), pipeline.max_inline_runs)
+        _engine = bootstrap(migrate=False, enqueue=handoff)
         _engine.services.interruptions = (SoftTimeLimitExceeded,)
+        _handoff = handoff
     return _engine
+
+
+def runs_on(fn: F) -> F:
+    """A stage task whose hand-offs to the stages in ``pipeline.inline`` run in it, after its own work."""
+
+    @wraps(fn)
+    def run(*args: Any) -> Any:
+        services = engine().services
+        assert _handoff is not None  # built with the engine
+        with _handoff.task(services):
+            return fn(*args)
+
+    return run  # type: ignore[return-value]
 
 
 @worker_init.connect
@@ -118,8 +137,8 @@ def _migrate(**_: Any) -> None:
 
 @worker_process_init.connect
 def _reset_after_fork(**_: Any) -> None:
-    global _engine
-    _engine = None
+    global _engine, _handoff
+    _engine = _handoff = None
 
 
 def enqueue(stage: str, ids: list[str]) -> None:
@@ -172,6 +191,7 @@ def detect() -> int:
 
 
 @stage_task("ingest")
+@runs_on
 def ingest(study_uid: str) -> str:
     from integration.services.studies import ingest_study
 
@@ -179,6 +199,7 @@ def ingest(study_uid: str) -> str:
 
 
 @stage_task("vitals")
+@runs_on
 def vitals(patient_fhir_id: str) -> int:
     from integration.domain.types import DomainError
     from integration.services.vitals import sync_vitals
@@ -189,7 +210,17 @@ def vitals(patient_fhir_id: str) -> int:
         return 0  # recorded by the service; sweep retries patients whose vitals are not synced yet
 
 
+@stage_task("prefetch")
+def prefetch(study_uid: str) -> int:
+    """A pushed study's first instance arrived: its patient's vitals are synced while the rest is on the wire."""
+    from integration.services.vitals import prefetch_vitals
+
+    result = prefetch_vitals(engine().services, study_uid)
+    return 0 if result is None else result.changed
+
+
 @stage_task("assess")
+@runs_on
 def assess(patient_ids: list[str]) -> int:
     from integration.services.assess import assess_batch
 
@@ -197,6 +228,7 @@ def assess(patient_ids: list[str]) -> int:
 
 
 @stage_task("publish")
+@runs_on
 def publish(identifier: str) -> str:
     from integration.services.assess import publish as publish_service
 

@@ -57,6 +57,8 @@ class PushServices:
     accept_other_sop_classes: bool = True
     #: The one way follow-up work reaches the next stage (``ingest``); the SCP wires Celery here.
     enqueue: Callable[[str, list[str]], None] = lambda stage, ids: None
+    #: A study's first instance queues the vitals sync of its patient (``prefetch``), ahead of its completion.
+    prefetch_vitals: bool = True
     #: Serialises ``arrivals`` and the completion marks between the SCP's association threads and its ticker.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -111,7 +113,8 @@ def _receive(push: PushServices, received: ReceivedInstance) -> StoreResult:
         return _refused(push, received, header, StoreStatus.OUT_OF_RESOURCES, *refusal)
 
     with push.lock:  # the study is pending before its first new byte is written: a completion then waits for it
-        push.arrivals.arriving(header.study_uid, received.association, received.calling_aet, push.clock.now())
+        first = push.arrivals.arriving(header.study_uid, received.association, received.calling_aet,
+                                       push.clock.now())
         push.spool.reopen(header.study_uid)
     try:
         stored = push.spool.put(header, received)
@@ -119,6 +122,9 @@ def _receive(push: PushServices, received: ReceivedInstance) -> StoreResult:
         return _refused(push, received, header, StoreStatus.OUT_OF_RESOURCES, Outcome.INTERNAL_ERROR,
                         f"the spool cannot be written ({err.strerror}); check the disk of STROKEWATCH_DATA_DIR",
                         "spool cannot be written")
+    if first and stored and push.prefetch_vitals:
+        # Its patient's vitals are read while the rest of the study is on the wire (``prefetch_vitals``).
+        push.enqueue("prefetch", [header.study_uid])
     return StoreResult(StoreStatus.SUCCESS, stored=stored)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from integration.domain import stages
 from integration.domain.identity import pseudonym
-from integration.domain.ids import opaque_name
+from integration.domain.ids import is_dicom_uid, opaque_name
 from integration.domain.retry import backoff_at
 from integration.domain.types import DomainError, Outcome, RejectedValue
 from integration.domain.vitals import parse_observations, vital_codes
@@ -53,14 +53,23 @@ def _last_updated(resource: dict[str, Any]) -> datetime | None:
         return None
 
 
-def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
+def sync_vitals(
+    svc: Services, patient_fhir_id: str, *, study_at: datetime | None = None, assess: bool = True
+) -> VitalsResult:
+    """Read what changed in the patient's vitals window since the last sync, normalise it, store it. ``study_at``:
+    the window's anchor when no ready study gives it (a prefetch for a study still arriving). ``assess``: flag the
+    patient for scoring when anything changed (or on a first sync since a new study); a prefetch does not, the
+    study's own sync does once the study is ready."""
     started = svc.timer()
     patient = svc.store.get_patient(patient_fhir_id)
     if patient is None:
         return VitalsResult(patient_fhir_id, 0, 0, 0, 0, "skipped", "unknown patient")
     now = svc.clock.now()
     study = svc.store.latest_ready_study(patient_fhir_id)
-    since = sync_since(now, study_anchor(study.study_datetime, study.detected_at) if study else None)
+    anchor = study_anchor(study.study_datetime, study.detected_at) if study else None
+    if study_at is not None:
+        anchor = study_at if anchor is None else min(anchor, study_at)
+    since = sync_since(now, anchor)
     updated_since = incremental_since(patient.vitals_cursor, now)
     try:
         resources = svc.ehr.search_observations(patient_fhir_id, vital_codes(), since, updated_since)
@@ -91,7 +100,9 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     # the patient (the attempt counter read above may be stale): an unconditional, indexed UPDATE.
     svc.store.resolve_failures("vitals", patient_fhir_id, now)
     first_time = patient.vitals_synced_at is None
-    if changed or first_time:
+    # A prefetch (``assess=False``) still flags a patient already followed for a ready study: what changed would
+    # otherwise never be scored with it (the cursor has moved past it).
+    if (assess or study is not None) and (changed or first_time):
         svc.store.mark_needs_assessment(patient_fhir_id)
         svc.enqueue("assess", [patient_fhir_id])
     record(svc.store, [(stages.VITALS, svc.timer() - started)])  # after the hand-off: the next stage never waits for it
@@ -105,6 +116,33 @@ def sync_vitals(svc: Services, patient_fhir_id: str) -> VitalsResult:
     )
     return VitalsResult(patient_fhir_id, len(resources), len(parsed.accepted), len(parsed.rejected), changed)
 
+
+
+def prefetch_vitals(svc: Services, study_uid: str) -> VitalsResult | None:
+    """A study is arriving (its first instance pushed to the SCP): match its patient and sync their vitals now,
+    while the rest of the study is still on the wire, so that when it completes its ingest reads only what changed
+    since. Not flagged for scoring here (the study's ingest does that once its volume is ready). None when there is
+    nothing to do: no such study, no Patient in the EHR yet (the ingest holds the study), or the EHR failing (the
+    ingest's own sync tries again). Never raises for a peer's failure."""
+    if not is_dicom_uid(study_uid):
+        return None
+    ref = svc.spool.get_study(study_uid) if svc.spool is not None else None
+    if ref is None or not ref.patient_id:
+        return None
+    try:
+        patient = svc.ehr.find_patient(svc.identifier_system_for(ref.issuer), ref.patient_id)
+    except DomainError as err:
+        log.info("vitals prefetch for study %s skipped: %s", study_uid, err.outcome.value)
+        return None
+    if patient is None:
+        return None
+    svc.store.upsert_patient(patient.fhir_id, patient.birth_date, patient.gender)
+    now = svc.clock.now()
+    anchor = study_anchor(ref.study_datetime, now)
+    try:
+        return sync_vitals(svc, patient.fhir_id, study_at=anchor, assess=False)
+    except DomainError:
+        return None  # recorded by the sync (failure row, backoff); the ingest's sync tries again
 
 
 def incremental_since(cursor: datetime | None, now: datetime) -> datetime | None:

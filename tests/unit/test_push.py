@@ -291,6 +291,17 @@ def test_other_sop_classes_are_acknowledged_without_being_kept_or_refused_when_c
     assert receive_instance(push, sr).status is StoreStatus.DATASET_MISMATCH
 
 
+def test_the_first_instance_of_a_study_queues_its_vitals_prefetch_once(push: PushServices, spool: MemorySpool) -> None:
+    receive_instance(push, instance(spool, 0))
+    receive_instance(push, instance(spool, 0))  # a duplicate
+    receive_instance(push, instance(spool, 1, association=2))  # the same study on a second association
+    assert push.queued == [("prefetch", [STUDY])]  # type: ignore[attr-defined]
+    other = "1.2.826.0.1.3680043.8.498.79"
+    push.prefetch_vitals = False
+    receive_instance(push, instance(spool, 7, study=other, association=3))
+    assert push.queued == [("prefetch", [STUDY])]  # type: ignore[attr-defined]
+
+
 # -- completing studies -----------------------------------------------------------------------------------------
 
 
@@ -302,7 +313,7 @@ def test_a_complete_study_is_registered_once_from_the_spool_and_queued(push: Pus
     assert complete_due(push) == [STUDY]
     row = push.store.get_study(STUDY)
     assert row is not None and row.source == SCP_SOURCE and row.dicom_patient_id == "MRN1"
-    assert push.queued == [("ingest", [STUDY])]  # type: ignore[attr-defined]
+    assert push.queued == [("prefetch", [STUDY]), ("ingest", [STUDY])]  # type: ignore[attr-defined]
     assert STUDY in spool.complete and complete_due(push) == []
     assert recover(push) == []  # marked complete: nothing to do at the next start
 
@@ -323,7 +334,9 @@ def test_late_instances_reopen_a_registered_study_and_ingest_it_again(push: Push
     assert complete_due(push) == [STUDY]
     row = push.store.get_study(STUDY)
     assert row is not None and row.status is StudyStatus.RETRY and row.volume_path is None
-    assert push.queued == [("ingest", [STUDY]), ("ingest", [STUDY])]  # type: ignore[attr-defined]
+    # the late instance opened the study again: its patient's vitals are read ahead again
+    assert push.queued == [("prefetch", [STUDY]), ("ingest", [STUDY]),  # type: ignore[attr-defined]
+                           ("prefetch", [STUDY]), ("ingest", [STUDY])]
 
 
 def test_a_pushed_study_known_from_the_pacs_is_left_to_it_and_a_database_outage_postpones(
@@ -332,7 +345,8 @@ def test_a_pushed_study_known_from_the_pacs_is_left_to_it_and_a_database_outage_
     push.store.add_study(StudyRef(STUDY, "MRN1", None, NOW), "qido", T0)
     receive_instance(push, instance(spool, 1))
     association_closed(push, 1, released=True)
-    assert complete_due(push) == [] and STUDY in spool.complete and push.queued == []  # type: ignore[attr-defined]
+    assert complete_due(push) == [] and STUDY in spool.complete
+    assert push.queued == [("prefetch", [STUDY])]  # type: ignore[attr-defined]
 
     other = "1.2.826.0.1.3680043.8.498.79"
     receive_instance(push, instance(spool, 7, study=other, association=3))
