@@ -268,6 +268,11 @@ def engine_processes(env: dict[str, str], work: Path, tag: str, concurrency: int
                      worker: bool = True) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
+        if "STROKEWATCH_WEBHOOKS__ORTHANC__TOKEN" in env:
+            procs["api"] = spawn(["uvicorn", "--factory", "integration.entrypoints.api.app:create_app", "--host",
+                                  "127.0.0.1", "--port", env["STROKEWATCH_API_PORT"], "--log-level", "warning"],
+                                 env, work / f"api-{tag}.log")
+            wait_port(int(env["STROKEWATCH_API_PORT"]), 60)
         if scp:
             procs["scp"] = spawn(["integration.entrypoints.scp"], env, work / f"scp-{tag}.log")
             wait_port(int(env["STROKEWATCH_SCP__PORT"]), 60)
@@ -343,9 +348,21 @@ def summary(values: list[float]) -> str:
 # -- the runs ----------------------------------------------------------------------------------------------------
 
 
+WEBHOOK_TOKEN = "bench-webhook-token-0123456789"
+
+
 @contextmanager
-def peers(work: Path, stable_age: int) -> Iterator[tuple[OrthancPeer, FhirPeer]]:
-    with OrthancPeer(work / "orthanc", stable_age=stable_age) as pacs, FhirPeer(work / "fhir") as ehr:
+def peers(work: Path, stable_age: int, webhook_url: str | None = None) -> Iterator[tuple[OrthancPeer, FhirPeer]]:
+    scripts = []
+    if webhook_url is not None:
+        from sandbox.orthanc import stable_study_webhook_lua
+
+        work.mkdir(parents=True, exist_ok=True)
+        script = work / "webhook.lua"
+        script.write_text(stable_study_webhook_lua(webhook_url, WEBHOOK_TOKEN))
+        scripts.append(script)
+    with OrthancPeer(work / "orthanc", stable_age=stable_age, lua_scripts=scripts) as pacs, \
+            FhirPeer(work / "fhir") as ehr:
         yield pacs, ehr
 
 
@@ -363,13 +380,24 @@ def engine_env(
     if args.arrival == "scp":
         env |= {"STROKEWATCH_SCP__ENABLED": "true", "STROKEWATCH_SCP__PORT": str(scp_port),
                 "STROKEWATCH_SCP__ALLOWED_CALLING_AETS": f'["{SENDER}"]'}
+    if args.arrival == "orthanc-webhook":
+        env |= {"STROKEWATCH_WEBHOOKS__ORTHANC__TOKEN": WEBHOOK_TOKEN, "STROKEWATCH_API_PORT": str(args.api_port),
+                "STROKEWATCH_PACS__POLL_SECONDS": "60"}  # the webhook is the path; the feed only the safety net
     if args.inline is not None:
         env["STROKEWATCH_PIPELINE__INLINE"] = args.inline
     return env
 
 
+def webhook(args: argparse.Namespace) -> str | None:
+    if args.arrival != "orthanc-webhook":
+        return None
+    args.api_port = free_port()
+    return f"http://127.0.0.1:{args.api_port}/webhooks/orthanc/stable-study"
+
+
 def latency(args: argparse.Namespace, work: Path) -> None:
-    with peers(work / "lat", args.stable_age) as (pacs, ehr), State(args.broker, work / "lat" / "data") as state:
+    with peers(work / "lat", args.stable_age, webhook(args)) as (pacs, ehr), \
+            State(args.broker, work / "lat" / "data") as state:
         studies = prepare(args.latency_studies, 101, work / "lat" / "dicom", ehr.base_url, args.image)
         env = engine_env(args, pacs, ehr, state, free_port())
         before = state.stage_histograms()
@@ -407,13 +435,16 @@ def latency(args: argparse.Namespace, work: Path) -> None:
 
 
 def backlog(args: argparse.Namespace, work: Path) -> None:
-    with peers(work / "bl", args.stable_age) as (pacs, ehr), State(args.broker, work / "bl" / "data") as state:
+    with peers(work / "bl", args.stable_age, webhook(args)) as (pacs, ehr), \
+            State(args.broker, work / "bl" / "data") as state:
         studies = prepare(args.backlog, 202, work / "bl" / "dicom", ehr.base_url, args.image)
         env = engine_env(args, pacs, ehr, state, free_port())
         before = state.stage_histograms()
         with ExitStack() as stack:
-            if args.arrival == "scp":  # pushed into the spool, registered and queued, while no worker runs
-                stack.enter_context(engine_processes(env, work, "backlog-scp", args.concurrency, True, worker=False))
+            # the SCP (pushed into the spool, registered, queued) or the API (the webhook), while no worker runs
+            stack.enter_context(engine_processes(env, work, "backlog-in", args.concurrency, args.arrival == "scp",
+                                                 worker=False))
+            if args.arrival == "scp":
                 for study in studies:
                     c_store(int(env["STROKEWATCH_SCP__PORT"]), study.files)
             else:
@@ -441,7 +472,9 @@ def backlog(args: argparse.Namespace, work: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arrival", choices=("scp", "orthanc"), default="scp")
+    ap.add_argument("--arrival", choices=("scp", "orthanc", "orthanc-webhook"), default="scp",
+                    help="C-STORE to the SCP; STOW-RS to Orthanc, followed by its change feed (polled), or announced "
+                         "by Orthanc's Lua OnStableStudy to the engine's webhook (deploy/orthanc/*.lua)")
     ap.add_argument("--broker", choices=("redis", "embedded"), default="redis")
     ap.add_argument("--image", choices=("32x256", "160x512"), default="32x256")
     ap.add_argument("--latency-studies", type=int, default=50)

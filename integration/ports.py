@@ -226,8 +226,9 @@ class Store(Protocol):
     ) -> None: ...
 
     def require_vitals_sync(self, fhir_id: str, queued_until: datetime | None = None) -> None:
-        """New imaging: sync the vitals again. With ``queued_until`` the caller has queued the sync itself: the
-        sweep and the EHR poll leave the patient alone until then (a lease), so the sync is not queued twice."""
+        """New imaging: sync the vitals again, and score the patient (flagged now, scored once a sync has run).
+        With ``queued_until`` the caller has queued the sync itself: the sweep and the EHR poll leave the patient
+        alone until then (a lease), so the sync is not queued twice."""
 
     def patients_needing_vitals(self, now: datetime, limit: int = 1000) -> list[str]:
         """Never synced since their last study, and past any sync backoff (``vitals_next_attempt_at``)."""

@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,8 +184,10 @@ class OrthancPeer(Peer):
         binary: str = ORTHANC_BINARY,
         start_timeout: float = 30.0,
         tls: OrthancTls | None = None,
+        lua_scripts: Sequence[Path] = (),
     ) -> None:
         self.workdir = Path(workdir)
+        self.lua_scripts = [Path(p).resolve() for p in lua_scripts]
         self.aet = aet
         self.stable_age = stable_age
         self.modalities = dict(modalities or {})
@@ -244,6 +247,8 @@ class OrthancPeer(Peer):
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         config = orthanc_config(self.storage_dir, self.http_port, self.dicom_port, self.aet, self.stable_age,
                                 self.modalities, self.users)
+        if self.lua_scripts:
+            config["LuaScripts"] = [str(p) for p in self.lua_scripts]
         # Without TCP_NODELAY, DIMSE pays ~50 ms per instance (Nagle + delayed ACK).
         env = {"TCP_NODELAY": "1"}
         if self.tls is not None:
@@ -287,4 +292,15 @@ class OrthancPeer(Peer):
         shutil.rmtree(self.storage_dir, ignore_errors=True)
 
 
+WEBHOOK_LUA = Path(__file__).resolve().parent.parent / "deploy" / "orthanc" / "strokewatch-webhook.lua"
 
+
+def stable_study_webhook_lua(webhook_url: str, token: str) -> str:
+    """The shipped ``deploy/orthanc/strokewatch-webhook.lua`` with the engine's webhook URL and bearer token filled in
+    (``STROKEWATCH_WEBHOOKS__ORTHANC__TOKEN``): Orthanc posts each StableStudy to the engine, no poll in between."""
+    text = WEBHOOK_LUA.read_text()
+    for name, value in (("WEBHOOK_URL", webhook_url), ("WEBHOOK_TOKEN", token)):
+        if not value.isascii() or any(c in value for c in "\"\n\r"):
+            raise ValueError(f"{name} must be plain ASCII without quotes or backslashes")
+        text = text.replace(f"@{name}@", value)
+    return text

@@ -102,8 +102,10 @@ def sync_vitals(
     first_time = patient.vitals_synced_at is None
     # A prefetch (``assess=False``) still flags a patient already followed for a ready study: what changed would
     # otherwise never be scored with it (the cursor has moved past it).
-    if (assess or study is not None) and (changed or first_time):
+    flag = (assess or study is not None) and bool(changed or first_time)
+    if flag:
         svc.store.mark_needs_assessment(patient_fhir_id)
+    if flag or (assess and patient.needs_assessment):  # flagged by the study's ingest: scored now, with these vitals
         svc.enqueue("assess", [patient_fhir_id])
     record(svc.store, [(stages.VITALS, svc.timer() - started)])  # after the hand-off: the next stage never waits for it
     log.info(
@@ -126,6 +128,8 @@ def prefetch_vitals(svc: Services, study_uid: str) -> VitalsResult | None:
     ingest's own sync tries again). Never raises for a peer's failure."""
     if not is_dicom_uid(study_uid):
         return None
+    if svc.store.get_study(study_uid) is not None:
+        return None  # already complete (registered): its ingest's own sync reads the vitals (a backlog, a re-send)
     ref = svc.spool.get_study(study_uid) if svc.spool is not None else None
     if ref is None or not ref.patient_id:
         return None

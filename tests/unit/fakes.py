@@ -287,9 +287,9 @@ class FakeStore:
 
     def require_vitals_sync(self, fhir_id: str, queued_until: datetime | None = None) -> None:
         if queued_until is None:
-            self._patient(fhir_id, vitals_synced_at=None)
+            self._patient(fhir_id, vitals_synced_at=None, needs_assessment=True)
         else:
-            self._patient(fhir_id, vitals_synced_at=None, vitals_next_attempt_at=queued_until)
+            self._patient(fhir_id, vitals_synced_at=None, needs_assessment=True, vitals_next_attempt_at=queued_until)
 
     @staticmethod
     def _vitals_due(p: PatientRecord, now: datetime) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.domain.types import DomainError, Outcome
+from integration.domain.types import DomainError, Outcome, StudyRef
 from integration.services.context import Services
 from integration.services.studies import ingest_study, register_study
 from integration.services.vitals import prefetch_vitals, sync_vitals
@@ -54,7 +54,14 @@ def test_a_patient_already_followed_is_flagged_when_the_prefetch_finds_new_value
     svc.enqueued.clear()  # type: ignore[attr-defined]
     svc.store.release_patient("pat-1")
     svc.ehr.observations.append(obs("o4", "8867-4", 90, "/min", NOW - timedelta(hours=2)))  # type: ignore[attr-defined]
-    result = prefetch_vitals(svc, STUDY)
+    second = "1.2.826.0.1.3680043.8.498.4242"  # the patient's next study, arriving
+
+    class Arriving(FakePacs):
+        def get_study(self, uid: str) -> StudyRef | None:
+            return StudyRef(second, "MRN1", None, NOW) if uid == second else None
+
+    svc.spool = Arriving()
+    result = prefetch_vitals(svc, second)
     assert result is not None and result.changed == 1
     assert ("assess", ["pat-1"]) in svc.enqueued  # type: ignore[attr-defined]
 
@@ -75,3 +82,24 @@ def test_an_ehr_failure_is_recorded_and_left_to_the_ingest(svc: Services) -> Non
     assert prefetch_vitals(svc, STUDY) is None
     patient = svc.store.get_patient("pat-1")
     assert patient is not None and patient.vitals_synced_at is None and patient.vitals_attempts == 1
+
+
+def test_a_study_already_complete_is_left_to_its_ingest(svc: Services) -> None:
+    assert register_study(svc, STUDY)  # complete before its prefetch ran (a backlog): one sync, the ingest's
+    assert prefetch_vitals(svc, STUDY) is None
+    assert svc.store.get_patient("pat-1") is None
+
+
+def test_a_prefetch_landing_after_the_ingest_cannot_leave_the_study_unscored(svc: Services) -> None:
+    """Seen in a 300-study backlog (5 lost): the prefetch read the patient before the study was ready, the ingest
+    reset the sync, then the prefetch stored every value and stamped the sync; the ingest's own sync found nothing
+    changed and no first sync, and nobody flagged the scoring. The ingest flags it now, and the sync scores it."""
+    prefetch_vitals(svc, STUDY)
+    assert register_study(svc, STUDY)
+    assert ingest_study(svc, STUDY).status == "ready"
+    svc.store.set_vitals_cursor("pat-1", NOW, NOW)  # the prefetch's stamp, landing after the ingest's reset
+    svc.enqueued.clear()  # type: ignore[attr-defined]
+    result = sync_vitals(svc, "pat-1")
+    assert result.changed == 0
+    assert ("assess", ["pat-1"]) in svc.enqueued  # type: ignore[attr-defined]
+    assert svc.store.patients_due(NOW, 10) == ["pat-1"]

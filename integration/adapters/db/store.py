@@ -375,9 +375,11 @@ class SqlStore:
             return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
     def require_vitals_sync(self, fhir_id: str, queued_until: datetime | None = None) -> None:
-        """New imaging for the patient: sync vitals (and then assess) before scoring again; ``queued_until``
-        leases the sync to the caller, who queues it (the sweep and the poll skip the patient until then)."""
-        values: dict[str, Any] = {"vitals_synced_at": None}
+        """New imaging for the patient: sync vitals, then assess. The patient is flagged for scoring now (the sweep
+        scores it once a sync has run, whoever ran it: a prefetch racing this call must not leave the new study
+        unscored); ``queued_until`` leases the sync to the caller, who queues it (the sweep and the poll skip the
+        patient until then)."""
+        values: dict[str, Any] = {"vitals_synced_at": None, "needs_assessment": True}
         if queued_until is not None:
             values["vitals_next_attempt_at"] = queued_until
         with self.sessions.begin() as s:
