@@ -30,14 +30,14 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, g
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.preprocess import Slice, stack_slices, volume_tensor  # noqa: E402
+from inference.preprocess import Slice, series_tensor, stack_slices, volume_tensor  # noqa: E402
 from integration.adapters.dicomweb import DicomWebPacs  # noqa: E402
 from sandbox import OrthancPeer  # noqa: E402
 
 LABELS = {
     "engine_retrieve": "engine   DicomWebPacs.retrieve_series (HU slices)",
     "baseline_retrieve": "baseline dicomweb-client + pixel_array (HU slices)",
-    "engine_full": "engine   ... + stack_slices + volume_tensor",
+    "engine_full": "engine   ... + series_tensor (reduced per slice)",
     "baseline_full": "baseline ... + stack_slices + volume_tensor",
 }
 SYNTAXES = {"explicit": None, "rle": RLELossless, "j2k": JPEG2000Lossless}
@@ -80,7 +80,7 @@ def make_series(n: int, size: int, syntax: str) -> tuple[str, str, list[bytes]]:
 
 def engine_path(pacs: DicomWebPacs, study: str, series: str) -> np.ndarray:
     modality, slices = pacs.retrieve_series(study, series)
-    return volume_tensor(stack_slices(slices), modality)
+    return series_tensor(slices, modality)  # what the engine's ingest runs
 
 
 def baseline_slices(url: str, study: str, series: str) -> tuple[str, list[Slice]]:
@@ -128,6 +128,7 @@ def main() -> None:
         print(f"series: {args.slices} x {args.size}x{args.size} CT, {args.syntax}, {mib:.1f} MiB stored in Orthanc")
 
         with DicomWebPacs(peer.dicomweb_url) as pacs:
+            pacs.reduce_planes = True  # as the engine runs it (bootstrap)
             ours = engine_path(pacs, study, series)  # warm-up, and the two paths must agree
             theirs = baseline_path(peer.dicomweb_url, study, series)
             np.testing.assert_allclose(ours, theirs, atol=1e-5)

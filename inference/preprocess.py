@@ -45,6 +45,50 @@ class Slice:
     position: tuple[float, float, float]
     orientation: tuple[float, float, float, float, float, float]
     pixel_spacing: tuple[float, float]
+    #: Set when ``pixels`` are already block means of the acquired plane (``block_means``, done by a decoder): the
+    #: acquired plane's centre, on which the contract grid is centred. ``position`` and ``pixel_spacing`` are then
+    #: those of the blocks.
+    plane_centre: tuple[float, float, float] | None = None
+
+
+#: In-plane pixels finer than this are averaged in blocks before resampling (the contract's finest spacing).
+BLOCK_TARGET_MM: float = min(C.VOLUME_SPACING_MM)
+
+
+def block_factors(pixel_spacing: tuple[float, float], rows: int, cols: int,
+                  target_mm: float = BLOCK_TARGET_MM) -> tuple[int, int]:
+    """(rows, columns) per block for a plane of this spacing: what ``resample_to_contract``'s box filter averages.
+    (1, 1) when the plane is too small for one whole block."""
+    fr, fc = max(1, int(target_mm // pixel_spacing[0])), max(1, int(target_mm // pixel_spacing[1]))
+    return (1, 1) if rows < fr or cols < fc else (fr, fc)
+
+
+def block_means(plane: np.ndarray, fr: int, fc: int) -> np.ndarray:
+    """Means of the whole fr x fc blocks of ``plane`` (any numeric dtype: stored values are summed as float32
+    without a full-size float copy), float32, shape (rows // fr, cols // fc)."""
+    rows, cols = plane.shape[0] // fr * fr, plane.shape[1] // fc * fc
+    p = plane[:rows, :cols]
+    if fr > 1:
+        p = p.reshape(rows // fr, fr, cols).sum(axis=1, dtype=np.float32)
+    if fc > 1:
+        p = p.reshape(rows // fr, cols // fc, fc).sum(axis=2, dtype=np.float32)
+    out: np.ndarray = (np.multiply(p, np.float32(1.0 / (fr * fc)), dtype=np.float32) if fr * fc > 1
+                       else np.array(p, dtype=np.float32))
+    return out
+
+
+def block_geometry(
+    position: tuple[float, float, float], orientation: tuple[float, ...], pixel_spacing: tuple[float, float],
+    rows: int, cols: int, fr: int, fc: int,
+) -> tuple[tuple[float, float, float], tuple[float, float], tuple[float, float, float]]:
+    """(position of the first block's centre, the blocks' spacing, the acquired plane's centre)."""
+    row_dir, col_dir = np.asarray(orientation[:3], dtype=np.float64), np.asarray(orientation[3:], dtype=np.float64)
+    sr, sc = float(pixel_spacing[0]), float(pixel_spacing[1])
+    origin = np.asarray(position, dtype=np.float64)
+    first = origin + (fr - 1) / 2 * sr * col_dir + (fc - 1) / 2 * sc * row_dir
+    centre = origin + (rows - 1) / 2 * sr * col_dir + (cols - 1) / 2 * sc * row_dir
+    return (tuple(float(v) for v in first), (sr * fr, sc * fc),  # type: ignore[return-value]
+            tuple(float(v) for v in centre))
 
 
 @dataclass(frozen=True)
@@ -57,9 +101,14 @@ class Volume:
     col_dir: np.ndarray  # (3,) direction of increasing row index i
     normal: np.ndarray  # (3,) direction of increasing slice index k
     spacing: tuple[float, float, float]  # (slice, row, col) mm
+    #: The acquired slices' centre where ``voxels`` were reduced from them (``reduced_stack``): the contract grid is
+    #: centred on what was acquired, not on the part of it whole blocks cover.
+    acquired_centre: np.ndarray | None = None
 
     @property
     def centre(self) -> np.ndarray:
+        if self.acquired_centre is not None:
+            return self.acquired_centre
         n, r, c = self.voxels.shape
         dz, dr, dc = self.spacing
         centre: np.ndarray = (
@@ -71,12 +120,21 @@ class Volume:
         return centre
 
 
-def stack_slices(slices: Sequence[Slice], *, spacing_tolerance: float = 0.1) -> Volume:
-    """Order slices along the slice normal (never by file or instance order) and stack them.
+@dataclass(frozen=True)
+class _Stacking:
+    """Where each slice goes: ``order`` (indices into the slices, along the normal), their positions in that order,
+    the axes, and the slice spacing."""
 
-    Raises PreprocessError for mixed orientations or sizes, duplicate positions, or gaps:
-    slice spacing must agree with the median within ``spacing_tolerance`` (fraction).
-    """
+    order: np.ndarray
+    positions: np.ndarray
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+    normal: np.ndarray
+    dz: float
+
+
+def _stacking(slices: Sequence[Slice], spacing_tolerance: float) -> _Stacking:
+    """The checks and the order of ``stack_slices`` (see there), from the slices' geometry alone."""
     if len(slices) < 2:
         raise PreprocessError("too_few_slices", f"need at least 2 slices, got {len(slices)}")
     first = slices[0]
@@ -113,16 +171,42 @@ def stack_slices(slices: Sequence[Slice], *, spacing_tolerance: float = 0.1) -> 
     drift = positions[order] - positions[order][0] - np.outer(along - along[0], normal)
     if np.abs(drift).max() > 0.5 * max(first.pixel_spacing):
         raise PreprocessError("inconsistent_geometry", "slice positions are not along the slice normal (tilt?)")
+    return _Stacking(order, positions[order], row_dir, col_dir, normal, dz)
 
-    voxels = np.stack([np.asarray(slices[i].pixels, dtype=np.float32) for i in order])  # (n, rows, cols)
-    return Volume(
-        voxels=voxels,
-        origin=positions[order][0],
-        row_dir=row_dir,
-        col_dir=col_dir,
-        normal=normal,
-        spacing=(dz, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
-    )
+
+def stack_slices(slices: Sequence[Slice], *, spacing_tolerance: float = 0.1) -> Volume:
+    """Order slices along the slice normal (never by file or instance order) and stack them.
+
+    Raises PreprocessError for mixed orientations or sizes, duplicate positions, or gaps:
+    slice spacing must agree with the median within ``spacing_tolerance`` (fraction).
+    """
+    g = _stacking(slices, spacing_tolerance)
+    voxels = np.stack([np.asarray(slices[i].pixels, dtype=np.float32) for i in g.order])  # (n, rows, cols)
+    spacing = slices[0].pixel_spacing
+    return Volume(voxels, g.positions[0], g.row_dir, g.col_dir, g.normal,
+                  (g.dz, float(spacing[0]), float(spacing[1])))
+
+
+def reduced_stack(slices: Sequence[Slice], *, spacing_tolerance: float = 0.1) -> Volume:
+    """``stack_slices`` with the in-plane part of the anti-aliasing box filter applied one slice at a time (or
+    already applied by the decoder: ``Slice.plane_centre``): the same volume ``resample_to_contract`` sees (to float
+    rounding), but a 160x512^2 CT is never held twice at full size in float32 (block means are 1/49 of it)."""
+    g = _stacking(slices, spacing_tolerance)
+    first = slices[int(g.order[0])]
+    n, (r, c) = len(slices), first.pixels.shape
+    sr, sc = (float(v) for v in first.pixel_spacing)
+    fr, fc = block_factors((sr, sc), r, c)
+    fz = max(1, int(BLOCK_TARGET_MM // g.dz))
+    if first.plane_centre is None and (n // fz == 0 or (fr, fc) == (1, 1)):
+        return stack_slices(slices, spacing_tolerance=spacing_tolerance)  # _box_downsample decides, as before
+    voxels = np.empty((n, r // fr, c // fc), dtype=np.float32)
+    for k, i in enumerate(g.order):
+        voxels[k] = block_means(slices[int(i)].pixels, fr, fc)
+    position, spacing, plane_centre = block_geometry(tuple(g.positions[0]), first.orientation, (sr, sc), r, c, fr, fc)
+    if first.plane_centre is not None:
+        plane_centre = first.plane_centre
+    centre = np.asarray(plane_centre) + (n - 1) / 2 * g.dz * g.normal
+    return Volume(voxels, np.asarray(position), g.row_dir, g.col_dir, g.normal, (g.dz, *spacing), centre)
 
 
 def _box_downsample(volume: Volume, target_mm: float) -> Volume:
@@ -232,7 +316,8 @@ def volume_tensor(volume: Volume, modality: str) -> np.ndarray:
 
 
 def series_tensor(slices: Sequence[Slice], modality: str) -> np.ndarray:
-    return volume_tensor(stack_slices(slices), modality)
+    """Decoded slices -> the contract's ``image`` tensor (what the engine runs: ``reduced_stack``)."""
+    return volume_tensor(reduced_stack(slices), modality)
 
 
 # ======================================================================================

@@ -291,6 +291,10 @@ def bootstrap(
         limits=image_limits(settings),
         spool=build_spool(settings),
     )
+    # The ingest builds the model's volume: planes are decoded as block means (a 512^2 plane never in float32).
+    for reader in (pacs, services.spool, getattr(pacs, "spool", None)):
+        if reader is not None:
+            reader.reduce_planes = True  # type: ignore[union-attr]
     if enqueue is not None:
         services.enqueue = enqueue
     engine = Engine(settings, store, services, pacs, ehr, feed, model)

@@ -246,7 +246,10 @@ class EhrSettings(BaseModel):
     timeout_s: float = 30.0
     max_retries: int = 3
     backoff_s: float = 0.5
-    page_size: int = 200
+    #: ``_count`` of searches: a patient's month of vitals is a few hundred Observations, one page at 1000 (each page
+    #: is a round trip, and many servers evaluate the whole search again per page). Servers answer fewer where
+    #: their own maximum is lower; every ``next`` link is followed.
+    page_size: int = Field(default=1000, ge=10, le=5000)
     poll_seconds: float = 60.0
     #: FHIR Patient.identifier.system holding the DICOM PatientID (the MRN system).
     patient_identifier_system: str | None = "urn:oid:1.2.36.146.595.217.0.1"

@@ -50,7 +50,9 @@ class Pacs(Protocol):
     def list_series(self, study_uid: str) -> list[SeriesRef]: ...
 
     def retrieve_series(self, study_uid: str, series_uid: str) -> tuple[str, list[Slice]]:
-        """(modality, decoded slices: HU for CT). Raises DomainError for corrupt/undecodable data."""
+        """(modality, decoded slices: HU for CT; planes finer than the model's grid as block means with
+        ``Slice.plane_centre`` set, see ``inference.preprocess.block_means``). Raises DomainError for corrupt or
+        undecodable data."""
         ...
 
 

@@ -42,7 +42,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
-from inference.preprocess import Slice
+from inference.preprocess import Slice, block_factors, block_geometry, block_means
 from integration.domain.ids import is_dicom_uid, shown
 from integration.domain.limits import ImageLimits, too_large
 from integration.domain.types import DomainError, Outcome
@@ -195,8 +195,10 @@ def _fix_unused_bits(raw: np.ndarray, ds: Dataset) -> np.ndarray:
     return raw & ((1 << stored) - 1)
 
 
-def _to_slices(ds: Dataset, frames: np.ndarray) -> list[Slice]:
-    """Stored values (frames, rows, cols) -> Slices with the modality LUT and MONOCHROME1 handled."""
+def _to_slices(ds: Dataset, frames: np.ndarray, reduce: bool = False) -> list[Slice]:
+    """Stored values (frames, rows, cols) -> Slices with the modality LUT and MONOCHROME1 handled. ``reduce``:
+    planes finer than the model's grid become block means of the stored values first (``block_means``; the LUT is
+    linear, so it applies to the means as to each value), never a full-size float copy of the frame."""
     modality = str(ds.get("Modality", "")).upper()
     infos = _frame_infos(ds, frames.shape[0])
     invert = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" and modality != "CT"
@@ -204,14 +206,36 @@ def _to_slices(ds: Dataset, frames: np.ndarray) -> list[Slice]:
         stored = int(ds.get("BitsStored", frames.dtype.itemsize * 8))
         lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if frames.dtype.kind == "i" else (0, (1 << stored) - 1)
     slices: list[Slice] = []
+    rows, cols = frames.shape[1:]
     for k, info in enumerate(infos):
-        pixels = frames[k].astype(np.float32)
-        if invert:
-            np.subtract(lo + hi, pixels, out=pixels)
+        fr, fc = block_factors(info.spacing, rows, cols) if reduce else (1, 1)
+        if (fr, fc) != (1, 1):
+            means = block_means(frames[k], fr, fc)
+            if invert:
+                np.subtract(np.float32(lo + hi), means, out=means)
+            if info.slope != 1.0:
+                means *= np.float32(info.slope)
+            if info.intercept != 0.0:
+                means += np.float32(info.intercept)
+            position, spacing, centre = block_geometry(info.position, info.orientation, info.spacing, rows, cols,
+                                                       fr, fc)
+            slices.append(Slice(means, position, info.orientation, spacing, centre))
+            continue
+        pixels = np.empty(frames.shape[1:], dtype=np.float32)
+        if invert:  # stored values reversed, then the modality LUT
+            np.subtract(np.float32(lo + hi), frames[k], out=pixels, dtype=np.float32)
+            source: np.ndarray = pixels
+        else:
+            source = frames[k]
+        # One pass over the stored values where one will do (a 512x512 frame: the cast is the rescale).
         if info.slope != 1.0:
-            pixels *= np.float32(info.slope)
-        if info.intercept != 0.0:
-            pixels += np.float32(info.intercept)
+            np.multiply(source, np.float32(info.slope), out=pixels, dtype=np.float32)
+            if info.intercept != 0.0:
+                pixels += np.float32(info.intercept)
+        elif info.intercept != 0.0:
+            np.add(source, np.float32(info.intercept), out=pixels, dtype=np.float32)
+        elif source is not pixels:
+            pixels[...] = source
         slices.append(Slice(pixels, info.position, info.orientation, info.spacing))
     return slices
 
@@ -319,10 +343,10 @@ def _check_codestreams(ds: Dataset, rows: int, columns: int, frames: int) -> Non
 
 
 def decode_dataset(
-    ds: Dataset, limits: ImageLimits | None = None, series_bytes_left: int | None = None
+    ds: Dataset, limits: ImageLimits | None = None, series_bytes_left: int | None = None, *, reduce: bool = False
 ) -> DecodedInstance:
     """A fully read dataset (pixel data included) -> its slices, through pydicom's decoders; every size the
-    header and the codestreams declare is checked against ``limits`` first."""
+    header and the codestreams declare is checked against ``limits`` first. ``reduce``: see ``_to_slices``."""
     limits = limits or ImageLimits()
     _check_grayscale(ds)
     if "PixelData" not in ds:
@@ -349,7 +373,8 @@ def decode_dataset(
         raise _corrupt(ds, err) from err
     if array.size != rows * columns * frames:
         raise _corrupt(ds, ValueError(f"decoded {array.size} pixels, header says {rows}x{columns}x{frames}"))
-    return DecodedInstance(_uid(ds), str(ds.get("Modality", "")), _to_slices(ds, array.reshape(frames, rows, columns)))
+    return DecodedInstance(_uid(ds), str(ds.get("Modality", "")),
+                           _to_slices(ds, array.reshape(frames, rows, columns), reduce))
 
 
 def _decodable(syntax: UID) -> bool:
@@ -428,9 +453,11 @@ def _pixel_element(header: Dataset, syntax: UID, view: memoryview, offset: int) 
 
 
 def decode_part10(
-    buffer: bytes | bytearray | memoryview, limits: ImageLimits | None = None, series_bytes_left: int | None = None
+    buffer: bytes | bytearray | memoryview, limits: ImageLimits | None = None, series_bytes_left: int | None = None,
+    *, reduce: bool = False,
 ) -> DecodedInstance:
-    """One DICOM Part 10 object (a file, or one part of a WADO-RS multipart answer) -> its slices.
+    """One DICOM Part 10 object (a file, or one part of a WADO-RS multipart answer) -> its slices (``reduce``: as
+    block means where finer than the model's grid, see ``_to_slices``).
 
     Only the header is parsed before the declared sizes are checked against ``limits`` (and against what is
     left of the series' byte budget, ``series_bytes_left``); a deflated object is measured before it is read."""
@@ -464,13 +491,14 @@ def decode_part10(
             _native_length(header, min(length, len(view) - start), rows, columns, frames, bits)
             if syntax.is_little_endian:
                 return DecodedInstance(_uid(header), str(header.get("Modality", "")),
-                                       _to_slices(header, _native_view(header, view, start, rows, columns, frames)))
+                                       _to_slices(header, _native_view(header, view, start, rows, columns, frames),
+                                                  reduce))
     reader.seek(0)
     try:
         full = pydicom.dcmread(reader, force=True)
     except Exception as err:  # truncated elements etc.
         raise _corrupt(header, err) from err
-    return decode_dataset(full, limits, series_bytes_left)
+    return decode_dataset(full, limits, series_bytes_left, reduce=reduce)
 
 
 def _native_view(ds: Dataset, view: memoryview, start: int, rows: int, columns: int, frames: int) -> np.ndarray:

@@ -101,6 +101,9 @@ class DimsePacs:
     ``spool`` reads what it received). Naive study dates are read in ``study_timezone`` (default: this machine's zone).
     ``tls``: a client context from ``adapters.tls.ssl_context`` for DICOM TLS, None for plain DIMSE."""
 
+    #: As ``DicomWebPacs.reduce_planes`` (C-GET; a C-MOVE reads the spool, which has its own).
+    reduce_planes: bool = False
+
     name = "pacs"
 
     def __init__(
@@ -296,7 +299,8 @@ class DimsePacs:
         started = self._clock()
         stats = self.last_retrieval = RetrievalStats(self.retrieve.upper())
         guard = Guard(MAX_IDENTIFIER_BYTES)
-        received = Received(self.limits, series_uid, guard) if self.retrieve == "c-get" else None
+        received = (Received(self.limits, series_uid, guard, reduce=self.reduce_planes) if self.retrieve == "c-get"
+                    else None)
         try:
             with (self._association(f"retrieval of series {series_uid}", guard=guard, storage=received is not None,
                                     on_store=received.on_store if received is not None else None) as session,

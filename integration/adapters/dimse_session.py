@@ -244,6 +244,7 @@ class Received:
     slices: list[Slice] = field(default_factory=list)
     instances: int = 0
     decoded_bytes: int = 0
+    reduce: bool = False  # block means (``DimsePacs.reduce_planes``)
 
     def on_store(self, event: evt.Event) -> int:
         if self.guard.error is not None:
@@ -275,7 +276,7 @@ class Received:
         finally:
             view.release()
         limits = self.limits
-        decoded = decode_part10(part, limits, limits.max_series_bytes - self.decoded_bytes)
+        decoded = decode_part10(part, limits, limits.max_series_bytes - self.decoded_bytes, reduce=self.reduce)
         if decoded.sop_instance_uid != sop_instance:
             raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {sop_instance}: the data set names another SOP "
                               "Instance UID than its C-STORE request")

@@ -121,6 +121,8 @@ def _before_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
 
 
 class FileSpool:
+    #: As ``DicomWebPacs.reduce_planes``: the engine's ingest reads block means; off, the stored pixels exactly.
+    reduce_planes: bool = False
     """The spool under ``root`` (``data_dir/spool``). One instance per process, shared by its threads.
 
     ``limits`` bound what the ingest reads back (as for a WADO-RS answer); ``study_timezone`` is the zone naive
@@ -450,7 +452,8 @@ class FileSpool:
                 raise too_large(f"series {series_uid}: the spool holds more than {limits.max_series_bytes} bytes",
                                 str(limits.max_series_bytes), "MAX_SERIES_BYTES")
             started = time.perf_counter()
-            decoded = decode_part10(data, limits, limits.max_series_bytes - decoded_bytes)
+            decoded = decode_part10(data, limits, limits.max_series_bytes - decoded_bytes,
+                                    reduce=self.reduce_planes)
             decoding += time.perf_counter() - started
             modality = modality or decoded.modality.upper()
             slices.extend(decoded.slices)

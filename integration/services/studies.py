@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.preprocess import PreprocessError, stack_slices, volume_tensor
+from inference.preprocess import PreprocessError, series_tensor
 from integration.domain import stages
 from integration.domain.identity import pseudonym
 from integration.domain.ids import is_dicom_uid, opaque_name, shown
@@ -266,7 +266,7 @@ def _build_volume(svc: Services, study_uid: str, source: str = "", *, times: Sta
     modality, slices = times.timed(stages.RETRIEVE, pacs.retrieve_series, study_uid, chosen.series.series_uid)
     started = svc.timer()
     try:
-        image = volume_tensor(stack_slices(slices), modality)
+        image = series_tensor(slices, modality)
     except PreprocessError as err:
         raise DomainError(_PREPROCESS_OUTCOMES.get(err.code, Outcome.CORRUPT_PIXEL_DATA), str(err)) from err
     if not np.isfinite(image).all():

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
-from inference.preprocess import stack_slices, volume_tensor
+from inference.preprocess import series_tensor, stack_slices, volume_tensor
 from integration.adapters.dicomweb import DicomWebPacs
 from integration.domain.series import SeriesRules, choose
 from integration.domain.studytime import StudyWindow
@@ -232,6 +232,30 @@ def test_compressed_series_decodes_to_the_same_pixels(orthanc_peer: OrthancPeer,
     _, slices = pacs.retrieve_series(study, series[0].SeriesInstanceUID)
     for k, s in enumerate(slices):
         np.testing.assert_array_equal(s.pixels, stored_values(k, 64).astype(np.float32) - 1024)
+
+
+@pytest.mark.parametrize("syntax", [None, RLELossless, JPEG2000Lossless])
+def test_block_means_as_the_engine_reads_give_the_tensor_of_the_stored_pixels(
+    orthanc_peer: OrthancPeer, pacs: DicomWebPacs, syntax: str | None
+) -> None:
+    """reduce_planes (the engine's ingest): planes come as block means, and the model's tensor is the one the exact
+    pixels give (native and compressed)."""
+    study = generate_uid()
+    series = ct_series(study, n=20)
+    if syntax is not None:
+        for ds in series:
+            ds.compress(syntax)
+    store(orthanc_peer, series)
+    uid = series[0].SeriesInstanceUID
+    modality, exact = pacs.retrieve_series(study, uid)
+    pacs.reduce_planes = True
+    try:
+        _, reduced = pacs.retrieve_series(study, uid)
+    finally:
+        pacs.reduce_planes = False
+    assert reduced[0].pixels.shape == (9, 9) and reduced[0].plane_centre is not None  # 0.5 mm pixels, 7 x 7 blocks
+    reference = volume_tensor(stack_slices(exact), modality)
+    assert np.abs(series_tensor(reduced, modality) - reference).max() < 1e-4
 
 
 def test_corrupt_pixel_data_names_the_instance(orthanc_peer: OrthancPeer, pacs: DicomWebPacs) -> None:

@@ -201,7 +201,7 @@ def test_a_series_is_spooled_durably_registered_once_and_reads_back_as_the_inges
     assert len(scp.spooled(study)) == 12 and not registered(scp, study)  # the association is still open
     assoc.release()
     wait_for("the study registered", lambda: registered(scp, study))
-    assert scp.queued == [("ingest", [study])]
+    assert scp.queued == [("prefetch", [study]), ("ingest", [study])]  # its vitals read ahead, then ingested
 
     row = scp.store.get_study(study)
     assert row is not None and row.status is StudyStatus.DETECTED and row.dicom_patient_id == "SW-TEST-1"

@@ -444,18 +444,21 @@ class SqlStore:
                 )
                 changed += res.rowcount  # type: ignore[attr-defined]
             ids = list({v.observation_id for v in values})
-            existing: dict[tuple[str, str], VitalRow] = {}
+            # Plain rows, not ORM objects: a first sync compares hundreds of values, a later one as many again.
+            existing: dict[tuple[str, str], tuple[float, datetime]] = {}
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
-                found_rows = s.scalars(
-                    select(VitalRow).where(VitalRow.patient_fhir_id == fhir_id, VitalRow.observation_id.in_(chunk))
+                found_rows = s.execute(
+                    select(VitalRow.observation_id, VitalRow.feature, VitalRow.value, VitalRow.effective).where(
+                        VitalRow.patient_fhir_id == fhir_id, VitalRow.observation_id.in_(chunk)
+                    )
                 )
-                for row in found_rows:
-                    existing[(row.observation_id, row.feature)] = row
+                for observation_id, feature, value, effective in found_rows:
+                    existing[(observation_id, feature)] = (value, effective)
             writes: dict[tuple[str, str], VitalValue] = {}
             for v in values:
                 found = existing.get((v.observation_id, v.feature))
-                if found is None or found.value != v.value or found.effective != v.effective:
+                if found is None or found != (v.value, v.effective):
                     writes[(v.observation_id, v.feature)] = v
             changed += len(writes)
             # INSERT ... ON CONFLICT DO UPDATE: a concurrent sync of the same patient (a redelivered message, the
@@ -472,13 +475,13 @@ class SqlStore:
                 }
                 for v in writes.values()
             ]
-            for start in range(0, len(rows), 500):
-                stmt = insert(VitalRow).values(rows[start : start + 500])
+            if rows:  # one statement compiled once, executed for every row (the driver batches it)
+                stmt = insert(VitalRow)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=[VitalRow.patient_fhir_id, VitalRow.observation_id, VitalRow.feature],
                     set_={"value": stmt.excluded.value, "effective": stmt.excluded.effective},
                 )
-                s.execute(stmt)
+                s.execute(stmt, rows)
         return changed
 
     def vitals_between(self, fhir_id: str, start: datetime, end: datetime) -> list[VitalValue]:

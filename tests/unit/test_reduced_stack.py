@@ -1,0 +1,75 @@
+"""The engine's slices -> image tensor (``series_tensor``: in-plane block means taken slice by slice) gives the
+tensor the reference path gives (``volume_tensor(stack_slices(...))``: the whole series stacked, then reduced),
+for CT and MR, odd sizes, oblique and shuffled slices, and tiny series the box filter leaves alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference import contract as C
+from inference.preprocess import PreprocessError, Slice, reduced_stack, series_tensor, stack_slices, volume_tensor
+
+
+def series(n: int, size: int, pixel_mm: float, dz: float, *, oblique: bool = False, seed: int = 0) -> list[Slice]:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    head = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.4 * size) ** 2
+    if oblique:  # rotated 20 degrees about x: rows along x, columns along (0, cos, sin)
+        a = np.deg2rad(20)
+        row, col = np.array([1.0, 0, 0]), np.array([0, np.cos(a), np.sin(a)])
+    else:
+        row, col = np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
+    normal = np.cross(row, col)
+    origin = np.array([-size * pixel_mm / 2, -size * pixel_mm / 2 + 7, -60.0])
+    out = []
+    for k in range(n):
+        pixels = np.where(head, 40.0 + k, -1000.0) + rng.normal(0, 8, (size, size))
+        position = origin + k * dz * normal
+        out.append(Slice(pixels.astype(np.float32), tuple(position), (*row, *col), (pixel_mm, pixel_mm * 1.01)))
+    order = rng.permutation(n)  # file order means nothing
+    return [out[i] for i in order]
+
+
+@pytest.mark.parametrize(
+    ("n", "size", "pixel_mm", "dz", "modality", "oblique"),
+    [
+        (32, 256, 0.9, 5.0, "CT", False),
+        (160, 512, 0.45, 1.0, "CT", False),
+        (41, 333, 0.7, 2.5, "MR", False),
+        (24, 199, 1.1, 6.0, "MR", True),
+        (30, 64, 3.6, 5.0, "CT", False),  # coarser than the grid in-plane: nothing to reduce
+    ],
+)
+def test_the_reduced_path_gives_the_reference_tensor(
+    n: int, size: int, pixel_mm: float, dz: float, modality: str, oblique: bool
+) -> None:
+    slices = series(n, size, pixel_mm, dz, oblique=oblique)
+    reference = volume_tensor(stack_slices(slices), modality)
+    engine = series_tensor(slices, modality)
+    assert engine.shape == reference.shape == (1, *C.VOLUME_SHAPE)
+    assert np.abs(engine - reference).max() < 1e-4
+
+
+def test_the_reduced_stack_is_smaller_and_keeps_the_acquired_centre() -> None:
+    slices = series(20, 512, 0.45, 1.0)
+    full, reduced = stack_slices(slices), reduced_stack(slices)
+    assert reduced.voxels.nbytes * 40 < full.voxels.nbytes  # 7 x 7 blocks in-plane
+    assert np.allclose(reduced.centre, full.centre)
+    assert reduced.spacing[1] == pytest.approx(0.45 * 7) and reduced.spacing[0] == full.spacing[0]
+
+
+def test_a_series_too_small_for_one_block_is_stacked_as_it_is() -> None:
+    slices = series(3, 5, 0.45, 1.0)  # five pixels: no whole 7 x 7 block
+    assert reduced_stack(slices).voxels.shape == (3, 5, 5)
+    assert np.abs(series_tensor(slices, "CT") - volume_tensor(stack_slices(slices), "CT")).max() < 1e-4
+
+
+def test_the_same_geometry_checks_refuse_bad_series() -> None:
+    slices = series(10, 64, 0.9, 2.0)
+    with pytest.raises(PreprocessError) as err:
+        reduced_stack([*slices, slices[0]])
+    assert err.value.code == "duplicate_slices"
+    with pytest.raises(PreprocessError) as err:
+        reduced_stack(slices[:1])
+    assert err.value.code == "too_few_slices"
