@@ -1,7 +1,8 @@
 -- StrokeWatch: tell the engine when a study is complete (Orthanc's StableStudy), instead of it polling /changes.
 --
 -- Fill in the two values (or let sandbox.orthanc.stable_study_webhook_lua do it), then list this file in Orthanc's
--- configuration: "LuaScripts": ["/etc/orthanc/strokewatch-webhook.lua"]. The engine's side:
+-- configuration: "LuaScripts": ["/etc/orthanc/strokewatch-webhook.lua"] (and "HttpTimeout": 10, Orthanc's timeout of
+-- outgoing HTTP calls, so an engine that does not answer holds Orthanc's Lua events briefly). The engine's side:
 --   STROKEWATCH_WEBHOOKS__ORTHANC__TOKEN=<the same token, 16+ random characters>
 -- The engine keeps following Orthanc's change feed (STROKEWATCH_PACS__KIND=orthanc) as the safety net: a call lost
 -- while the engine restarts is found there; one that arrives twice registers the study once.
@@ -16,10 +17,12 @@ function OnStableStudy(studyId, tags, metadata)
     body = body .. ', "StudyInstanceUID": "' .. uid .. '"'
   end
   body = body .. '}'
-  SetHttpTimeout(10)
   local ok, err = pcall(HttpPost, WEBHOOK_URL, body, {
     ["Authorization"] = "Bearer " .. WEBHOOK_TOKEN,
     ["Content-Type"] = "application/json",
+    -- Answered at once, registered after: the engine asks this Orthanc about the study, which must not wait for
+    -- this very call (Orthanc holds its Lua lock until HttpPost returns).
+    ["Prefer"] = "respond-async",
   })
   if not ok then
     -- No patient data here: the Orthanc study id only. The engine's feed finds the study anyway.

@@ -136,6 +136,24 @@ def test_a_signed_call_is_accepted_and_enqueued(hooks: Hooks) -> None:
     assert hooks.queue.sent[before:] == [("ingest", [hooks.study_uid])]
 
 
+def test_respond_async_answers_first_and_registers_after(hooks: Hooks) -> None:
+    """Orthanc's Lua holds its event lock until the call returns: with ``Prefer: respond-async`` the answer does not
+    wait for the PACS lookup (done after it, here by the test client before it hands the response back)."""
+    before, seen = len(hooks.queue.sent), len(hooks.proxy.seen)
+    raw = json.dumps({"ID": hooks.orthanc_id, "StudyInstanceUID": hooks.study_uid}).encode()
+    resp = hooks.client.post(STABLE, content=raw, headers={**signed(raw), "Prefer": "respond-async"})
+    assert resp.status_code == 202 and resp.json() == {"study_uid": hooks.study_uid, "enqueued": True}
+    assert hooks.queue.sent[before:] == [("ingest", [hooks.study_uid])]
+    assert len(hooks.proxy.seen) > seen  # the PACS was asked (QIDO-RS), after the answer
+
+    unknown = "1.2.826.0.1.3680043.8.498.1234567890"
+    raw = json.dumps({"StudyInstanceUID": unknown}).encode()
+    before = len(hooks.queue.sent)
+    resp = hooks.client.post(STABLE, content=raw, headers={**signed(raw), "Prefer": "respond-async"})
+    assert resp.status_code == 202  # answered before the PACS said it does not know it: logged, nothing queued
+    assert hooks.queue.sent[before:] == []
+
+
 @pytest.mark.parametrize(
     ("case", "reason"),
     [

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,11 +64,21 @@ def _orthanc_study_uid(engine: Any, orthanc_id: str) -> str | None:
         422: {"description": "No study named, or an id that is not a DICOM UID / Orthanc id"},
     },
 )
-def stable_study(body: StableStudy, request: Request, engine: EngineDep, services: ServicesDep) -> StudyAccepted:
+def stable_study(body: StableStudy, request: Request, engine: EngineDep, services: ServicesDep,
+                 background: BackgroundTasks) -> StudyAccepted:
     if body.StudyInstanceUID is not None and not is_dicom_uid(body.StudyInstanceUID):
         raise HTTPException(422, f"StudyInstanceUID {shown(body.StudyInstanceUID)} is not a DICOM UID")
     if body.ID is not None and not is_orthanc_id(body.ID):
         raise HTTPException(422, f"ID {shown(body.ID)} is not an Orthanc id (5 groups of 8 hex digits)")
+    if body.StudyInstanceUID and "respond-async" in request.headers.get("prefer", "").lower():
+        # RFC 7240: answered before the PACS is asked about the study. Orthanc's Lua waits for the answer while it
+        # holds its event lock, and the registration's lookup (QIDO-RS to that same Orthanc) would wait for that
+        # lock: sent by the shipped script, so the two never wait on each other. A study the PACS does not know is
+        # logged instead of answered 404; the change feed remains the safety net.
+        uid = body.StudyInstanceUID
+        request.state.audit_studies = [uid]
+        background.add_task(_register_later, services, uid)
+        return StudyAccepted(study_uid=uid, enqueued=True)
     uid = body.StudyInstanceUID
     if not uid and body.ID:
         uid = _orthanc_study_uid(engine, body.ID)
@@ -83,6 +93,19 @@ def stable_study(body: StableStudy, request: Request, engine: EngineDep, service
         raise HTTPException(404, f"the PACS does not know study {uid}")
     log.info("webhook: study %s enqueued", uid)
     return StudyAccepted(study_uid=uid, enqueued=True)
+
+
+def _register_later(services: Any, uid: str) -> None:
+    try:
+        if register_study(services, uid, source="webhook"):
+            log.info("webhook: study %s enqueued", uid)
+        else:
+            log.warning("webhook: the PACS does not know study %s (announced with Prefer: respond-async)", uid)
+    except Exception as exc:  # the PACS or the database is down: the change feed finds the study later
+        from integration.domain.redact import describe_exception
+
+        log.warning("webhook: registering study %s failed (%s); the change feed picks it up", uid,
+                    describe_exception(exc, []))
 
 
 @router.post(
