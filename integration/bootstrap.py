@@ -228,6 +228,14 @@ def build_store(settings: Settings, *, migrate: bool = False) -> SqlStore:
     return SqlStore(engine)
 
 
+def quiet_dicom_validation() -> None:
+    """pydicom's warnings about a malformed value quote the value (a PatientID read from a pushed file is an MRN):
+    values are read without validation, so no such warning reaches a log. Also a few percent of each decode."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def bootstrap(
     settings: Settings | None = None, *, migrate: bool = True, enqueue: Callable[[str, list[str]], None] | None = None
 ) -> Engine:
@@ -238,6 +246,7 @@ def bootstrap(
     db_engine = store.engine
     use_pseudonym_key(pseudonym_key(settings))
     redact_log_records()
+    quiet_dicom_validation()
 
     if not settings.pacs.dicomweb_url and settings.pacs.kind != "dimse":
         raise ValueError("STROKEWATCH_PACS__DICOMWEB_URL is not set (the PACS's DICOMweb base URL)")

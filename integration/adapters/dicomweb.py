@@ -298,7 +298,7 @@ class DicomWebPacs:
             received = decoded_bytes = 0
             decoding = 0.0  # seconds spent decoding parts, reported as the decode stage (the rest is retrieval)
 
-            def take(content_type: str, part: bytes) -> None:
+            def take(content_type: str, part: bytes | bytearray) -> None:
                 nonlocal modality, decoded_bytes, decoding
                 if content_type and not content_type.lower().startswith("application/dicom"):
                     raise DomainError(

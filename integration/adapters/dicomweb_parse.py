@@ -138,19 +138,19 @@ class MultipartReader:
     def closed(self) -> bool:
         return self._state == "closed"
 
-    def feed(self, chunk: bytes | bytearray | memoryview) -> list[tuple[str, bytes]]:
+    def feed(self, chunk: bytes | bytearray | memoryview) -> list[tuple[str, bytes | bytearray]]:
         """(Content-Type, payload) of every part completed by this chunk."""
         if self._state != "closed":
             self._buf += chunk
-        parts: list[tuple[str, bytes]] = []
+        parts: list[tuple[str, bytes | bytearray]] = []
         while self._step(parts):
             pass
         return parts
 
-    def finish(self) -> list[tuple[str, bytes]]:
+    def finish(self) -> list[tuple[str, bytes | bytearray]]:
         """Call at the end of the body: the parts still pending (a part whose Content-Length was wrong ends at
         its delimiter); a missing close-delimiter means the answer was cut short (``PACS_UNAVAILABLE``)."""
-        parts: list[tuple[str, bytes]] = []
+        parts: list[tuple[str, bytes | bytearray]] = []
         if self._state == "body" and self._length is not None:
             self._length = None  # the declared length runs past the body: the delimiter decides
             while self._step(parts):
@@ -166,7 +166,7 @@ class MultipartReader:
                               "(truncated answer?)")
         return parts
 
-    def _step(self, parts: list[tuple[str, bytes]]) -> bool:
+    def _step(self, parts: list[tuple[str, bytes | bytearray]]) -> bool:
         if self._state == "preamble":
             return self._skip_preamble()
         if self._state == "headers":
@@ -215,7 +215,7 @@ class MultipartReader:
         self._state, self._scan = "body", 0
         return True
 
-    def _read_body(self, parts: list[tuple[str, bytes]]) -> bool:
+    def _read_body(self, parts: list[tuple[str, bytes | bytearray]]) -> bool:
         buf, delimiter = self._buf, self._delimiter
         end = -1
         if self._length is not None:
@@ -236,14 +236,22 @@ class MultipartReader:
         if end > self.max_part_bytes:
             raise too_large(f"multipart part {self.parts} is {end} bytes", str(self.max_part_bytes),
                             "MULTIPART_MAX_PART_BYTES")
-        with memoryview(buf) as view:
-            parts.append((self._content_type, bytes(view[:end])))
-        del buf[: end + len(delimiter)]
+        rest = len(buf) - end - len(delimiter)
+        if rest < end:
+            # The part fills most of the buffer: hand the buffer itself over (truncated in place) and keep a copy of
+            # the little that follows, instead of copying the part (half a megabyte per CT slice).
+            self._buf = bytearray(memoryview(buf)[end + len(delimiter) :])
+            del buf[end:]
+            parts.append((self._content_type, buf))
+        else:
+            with memoryview(buf) as view:
+                parts.append((self._content_type, bytes(view[:end])))
+            del buf[: end + len(delimiter)]
         self._state = "headers"
         return True
 
 
-def split_multipart(body: bytes | bytearray | memoryview, boundary: bytes) -> list[tuple[str, bytes]]:
+def split_multipart(body: bytes | bytearray | memoryview, boundary: bytes) -> list[tuple[str, bytes | bytearray]]:
     """(Content-Type, payload) for each part of a complete multipart body."""
     reader = MultipartReader(boundary)
     parts = reader.feed(body)
