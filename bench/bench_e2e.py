@@ -25,6 +25,7 @@ It prints figures; it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import signal
 import socket
@@ -43,6 +44,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pydicom
+from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -84,6 +86,15 @@ def big_ct(patient: Any, files: list[Path], slices: int, size: int, cache: dict[
     from synth import render
 
     key = f"{slices}x{size}"
+    series: dict[str, list[tuple[float, Path]]] = {}
+    for f in files:  # the axial series (the study also holds a localizer), ordered along its normal
+        h = pydicom.dcmread(f, stop_before_pixels=True)
+        o = np.asarray(h.ImageOrientationPatient, dtype=float)
+        along = float(np.asarray(h.ImagePositionPatient, dtype=float) @ np.cross(o[:3], o[3:]))
+        series.setdefault(str(h.SeriesInstanceUID), []).append((along, f))
+    axial = [f for _, f in sorted(max(series.values(), key=len))]
+    others = [f for f in files if f not in axial]
+    files = axial
     first = pydicom.dcmread(files[0])
     acq = patient.acquisition(for_arrays=False)
     if key not in cache:
@@ -100,11 +111,13 @@ def big_ct(patient: Any, files: list[Path], slices: int, size: int, cache: dict[
     out_dir = files[0].parent / "big"
     out_dir.mkdir(exist_ok=True)
     paths = []
+    del first.PixelData
     for k in range(slices):
-        ds = first.copy()
+        ds = copy.deepcopy(first)  # Dataset.copy() shares its elements: a change would reach every slice
         ds.Modality, ds.SOPClassUID = "CT", "1.2.840.10008.5.1.4.1.1.2"
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{first.SOPInstanceUID}.{k + 1}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=[str(first.SOPInstanceUID), str(k)])
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [f"{v:.3f}" for v in np.asarray(ipp0) + k * step]
         ds.SliceThickness = f"{float(np.linalg.norm(step)):.3f}"
@@ -112,11 +125,11 @@ def big_ct(patient: Any, files: list[Path], slices: int, size: int, cache: dict[
         ds.PixelSpacing = [f"{spacing:.4f}", f"{spacing:.4f}"]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = stored[k].tobytes()
+        ds.add_new(0x7FE00010, "OW", stored[k].tobytes())  # PixelData, 16-bit words
         path = out_dir / f"{k:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
-    return paths
+    return paths + others
 
 
 def prepare(n: int, seed: int, work: Path, fhir: str, image: str) -> list[Study]:
