@@ -127,6 +127,9 @@ def main() -> None:
         mib = sum(len(b) for b in blobs) / 2**20
         print(f"series: {args.slices} x {args.size}x{args.size} CT, {args.syntax}, {mib:.1f} MiB stored in Orthanc")
 
+        from integration.bootstrap import quiet_dicom_validation
+
+        quiet_dicom_validation()  # as every engine process reads DICOM (bootstrap); the baseline reads the same way
         with DicomWebPacs(peer.dicomweb_url) as pacs:
             pacs.reduce_planes = True  # as the engine runs it (bootstrap)
             ours = engine_path(pacs, study, series)  # warm-up, and the two paths must agree
