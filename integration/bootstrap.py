@@ -184,6 +184,15 @@ class LazyModel:
             return self._model
 
 
+def close_all(closers: list[Callable[[], None]]) -> None:
+    """Close what an engine opened, each best-effort (one failing does not keep the others open)."""
+    for closer in closers:
+        try:
+            closer()
+        except Exception:  # closing best-effort
+            log.debug("close failed", exc_info=True)
+
+
 @dataclass
 class Engine:
     """Everything an entrypoint needs. Build with ``bootstrap()``; close with ``close()``."""
@@ -198,11 +207,7 @@ class Engine:
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
-        for closer in self._closers:
-            try:
-                closer()
-            except Exception:  # closing best-effort
-                log.debug("close failed", exc_info=True)
+        close_all(self._closers)
 
 
 def _orthanc_root(settings: Settings) -> str | None:
@@ -373,11 +378,7 @@ class PushEngine:
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
-        for closer in self._closers:
-            try:
-                closer()
-            except Exception:  # closing best-effort
-                log.debug("close failed", exc_info=True)
+        close_all(self._closers)
 
 
 def bootstrap_push(settings: Settings | None = None, *, enqueue: Callable[[str, list[str]], None] | None = None,
@@ -390,6 +391,7 @@ def bootstrap_push(settings: Settings | None = None, *, enqueue: Callable[[str, 
     store = build_store(settings, migrate=migrate)
     use_pseudonym_key(pseudonym_key(settings))
     redact_log_records()
+    quiet_dicom_validation()  # the SCP parses the header of every data set it receives
     scp = settings.scp
     push = PushServices(
         store=store,

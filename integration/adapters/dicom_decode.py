@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -509,6 +510,39 @@ def _native_view(ds: Dataset, view: memoryview, start: int, rows: int, columns: 
                           f"instance {_uid(ds)} has PixelRepresentation {ds.get('PixelRepresentation')}")
     raw = np.frombuffer(view, dtype=dtype, count=rows * columns * frames, offset=start)
     return _fix_unused_bits(raw, ds).reshape(frames, rows, columns)
+
+
+@dataclass
+class SeriesSlices:
+    """One series' slices as its instances are decoded, whichever reader brings them (WADO-RS parts, spooled files,
+    C-GET sub-operations): each instance gets what is left of the series' decoded-byte budget, the image count is
+    checked after each, and the time spent decoding is summed (the ``decode`` stage, where the reader reports it)."""
+
+    series_uid: str
+    limits: ImageLimits
+    reduce: bool = False  # planes as block means (``decode_part10``)
+    source: str = "sent"  # how the messages say the images came: "sent" (a PACS), "holds" (the spool)
+    modality: str = ""
+    slices: list[Slice] = field(default_factory=list)
+    decoded_bytes: int = 0
+    decoding_s: float = 0.0
+
+    def add(self, buffer: bytes | bytearray | memoryview, expect_sop_instance: str | None = None) -> DecodedInstance:
+        """Decode one Part 10 object into the series; ``expect_sop_instance``: the UID its request named."""
+        limits = self.limits
+        started = time.perf_counter()
+        decoded = decode_part10(buffer, limits, limits.max_series_bytes - self.decoded_bytes, reduce=self.reduce)
+        self.decoding_s += time.perf_counter() - started
+        if expect_sop_instance is not None and decoded.sop_instance_uid != expect_sop_instance:
+            raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {expect_sop_instance}: the data set names "
+                              "another SOP Instance UID than its C-STORE request")
+        self.modality = self.modality or decoded.modality.upper()
+        self.slices.extend(decoded.slices)
+        self.decoded_bytes += sum(s.pixels.nbytes for s in decoded.slices)
+        if len(self.slices) > limits.max_slices_per_series:
+            raise too_large(f"series {self.series_uid} {self.source} more than {limits.max_slices_per_series} images",
+                            str(limits.max_slices_per_series), "MAX_SLICES_PER_SERIES")
+        return decoded
 
 
 def decode_file(path: str | Path, limits: ImageLimits | None = None) -> DecodedInstance:

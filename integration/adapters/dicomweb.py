@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from inference.preprocess import Slice
-from integration.adapters.dicom_decode import decode_part10, sorted_along_normal
+from integration.adapters.dicom_decode import SeriesSlices, sorted_along_normal
 from integration.adapters.dicomweb_parse import (
     MultipartReader,
     attr_float,
@@ -274,8 +274,7 @@ class DicomWebPacs:
         headers = {"Accept": SERIES_ACCEPT, "Accept-Encoding": "identity"}
         started = self._clock()
         response = self._send("GET", path, headers=headers, stream=True)
-        modality = ""
-        slices: list[Slice] = []
+        series = SeriesSlices(series_uid, self.limits, reduce=self.reduce_planes)
         try:
             if response.status_code in (404, 204):
                 raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"series {series_uid} is not in the PACS (deleted?)")
@@ -295,25 +294,14 @@ class DicomWebPacs:
                 max_part_bytes=limits.multipart_max_part_bytes,
                 max_parts=limits.multipart_max_parts,
             )
-            received = decoded_bytes = 0
-            decoding = 0.0  # seconds spent decoding parts, reported as the decode stage (the rest is retrieval)
+            received = 0
 
             def take(content_type: str, part: bytes | bytearray) -> None:
-                nonlocal modality, decoded_bytes, decoding
                 if content_type and not content_type.lower().startswith("application/dicom"):
                     raise DomainError(
                         Outcome.CORRUPT_PIXEL_DATA, f"series {series_uid}: PACS sent a {shown(content_type)} part"
                     )
-                decode_started = time.perf_counter()
-                decoded = decode_part10(part, limits, limits.max_series_bytes - decoded_bytes,
-                                        reduce=self.reduce_planes)
-                decoding += time.perf_counter() - decode_started
-                modality = modality or decoded.modality.upper()
-                slices.extend(decoded.slices)
-                decoded_bytes += sum(s.pixels.nbytes for s in decoded.slices)
-                if len(slices) > limits.max_slices_per_series:
-                    raise too_large(f"series {series_uid} sent more than {limits.max_slices_per_series} images",
-                                    str(limits.max_slices_per_series), "MAX_SLICES_PER_SERIES")
+                series.add(part)
 
             for chunk in _body_chunks(response, path):
                 received += len(chunk)
@@ -328,10 +316,10 @@ class DicomWebPacs:
                 take(content_type, part)
         finally:
             response.close()
-        if not slices:
+        if not series.slices:
             raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"series {series_uid} returned no image")
-        stages.report(stages.DECODE, decoding)
-        return modality, sorted_along_normal(slices)
+        stages.report(stages.DECODE, series.decoding_s)  # the rest of the call is the retrieval
+        return series.modality, sorted_along_normal(series.slices)
 
     def _past_deadline(self, series_uid: str, received: int) -> DomainError:
         setting = env_name("pacs", "retrieve_deadline_s")

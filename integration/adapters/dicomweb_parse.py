@@ -240,7 +240,7 @@ class MultipartReader:
         if rest < end:
             # The part fills most of the buffer: hand the buffer itself over (truncated in place) and keep a copy of
             # the little that follows, instead of copying the part (half a megabyte per CT slice).
-            self._buf = bytearray(memoryview(buf)[end + len(delimiter) :])
+            self._buf = buf[end + len(delimiter) :]
             del buf[end:]
             parts.append((self._content_type, buf))
         else:

@@ -43,7 +43,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from inference.preprocess import Slice
-from integration.adapters.dicom_decode import sorted_along_normal
+from integration.adapters.dicom_decode import SeriesSlices, sorted_along_normal
 from integration.adapters.dimse_query import STUDY_KEYS, query, study_ref
 from integration.adapters.dimse_series import list_series
 from integration.adapters.dimse_session import (
@@ -299,8 +299,8 @@ class DimsePacs:
         started = self._clock()
         stats = self.last_retrieval = RetrievalStats(self.retrieve.upper())
         guard = Guard(MAX_IDENTIFIER_BYTES)
-        received = (Received(self.limits, series_uid, guard, reduce=self.reduce_planes) if self.retrieve == "c-get"
-                    else None)
+        received = (Received(SeriesSlices(series_uid, self.limits, reduce=self.reduce_planes), guard)
+                    if self.retrieve == "c-get" else None)
         try:
             with (self._association(f"retrieval of series {series_uid}", guard=guard, storage=received is not None,
                                     on_store=received.on_store if received is not None else None) as session,
@@ -321,11 +321,11 @@ class DimsePacs:
                      self.where, self.move_destination, stats.seconds)
             modality_read, slices = self.spool.retrieve_series(study_uid, series_uid)
             return modality_read or modality, slices
-        if not received.slices:
+        if not received.series.slices:
             raise DomainError(Outcome.NO_ELIGIBLE_SERIES, f"series {series_uid} returned no image")
         log.info("series %s: %d instance(s) retrieved by C-GET from %s in %.2f s", series_uid, received.instances,
                  self.where, stats.seconds)
-        return received.modality or modality, sorted_along_normal(received.slices)
+        return received.series.modality or modality, sorted_along_normal(received.series.slices)
 
     @contextmanager
     def _deadline(self, session: Session, started: float, series_uid: str) -> Iterator[None]:

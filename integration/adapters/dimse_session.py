@@ -31,12 +31,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import AssociationSocket
 
-from inference.preprocess import Slice
-from integration.adapters.dicom_decode import decode_part10
+from integration.adapters.dicom_decode import SeriesSlices
 from integration.adapters.dimse_query import Answer
 from integration.domain.checks import env_name
 from integration.domain.ids import is_dicom_uid, shown
-from integration.domain.limits import ImageLimits, too_large
+from integration.domain.limits import too_large
 from integration.domain.types import DomainError, Outcome
 
 log = logging.getLogger(__name__)
@@ -237,14 +236,9 @@ def part10_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
 class Received:
     """The instances of one C-GET, decoded as their C-STOREs arrive (the handler runs in the caller's thread)."""
 
-    limits: ImageLimits
-    series_uid: str
+    series: SeriesSlices
     guard: Guard
-    modality: str = ""
-    slices: list[Slice] = field(default_factory=list)
     instances: int = 0
-    decoded_bytes: int = 0
-    reduce: bool = False  # block means (``DimsePacs.reduce_planes``)
 
     def on_store(self, event: evt.Event) -> int:
         if self.guard.error is not None:
@@ -255,8 +249,8 @@ class Received:
             self.guard.note(err)
             return 0xA700 if err.outcome is Outcome.TOO_LARGE else 0xC000
         except Exception as exc:  # never raise into pynetdicom: the retrieval fails, named, the worker carries on
-            self.guard.note(DomainError(Outcome.INTERNAL_ERROR, f"series {self.series_uid}: an instance could not "
-                                        f"be decoded ({type(exc).__name__})"))
+            self.guard.note(DomainError(Outcome.INTERNAL_ERROR, f"series {self.series.series_uid}: an instance could "
+                                        f"not be decoded ({type(exc).__name__})"))
             return 0xC000
         return 0x0000
 
@@ -265,8 +259,8 @@ class Received:
         sop_class, sop_instance = str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or "")
         for what, uid in (("SOP Class UID", sop_class), ("SOP Instance UID", sop_instance)):
             if not is_dicom_uid(uid):
-                raise DomainError(Outcome.INVALID_UID, f"series {self.series_uid}: the PACS sent an instance whose "
-                                  f"{what} {shown(uid)} is not a DICOM UID (PS3.5 9.1)")
+                raise DomainError(Outcome.INVALID_UID, f"series {self.series.series_uid}: the PACS sent an instance "
+                                  f"whose {what} {shown(uid)} is not a DICOM UID (PS3.5 9.1)")
         if request.DataSet is None:
             raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {sop_instance} came without a data set")
         view = request.DataSet.getbuffer()
@@ -275,18 +269,8 @@ class Received:
             part += view
         finally:
             view.release()
-        limits = self.limits
-        decoded = decode_part10(part, limits, limits.max_series_bytes - self.decoded_bytes, reduce=self.reduce)
-        if decoded.sop_instance_uid != sop_instance:
-            raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {sop_instance}: the data set names another SOP "
-                              "Instance UID than its C-STORE request")
+        self.series.add(part, expect_sop_instance=sop_instance)
         self.instances += 1
-        self.modality = self.modality or decoded.modality.upper()
-        self.slices.extend(decoded.slices)
-        self.decoded_bytes += sum(s.pixels.nbytes for s in decoded.slices)
-        if len(self.slices) > limits.max_slices_per_series:
-            raise too_large(f"series {self.series_uid} sent more than {limits.max_slices_per_series} images",
-                            str(limits.max_slices_per_series), "MAX_SLICES_PER_SERIES")
 
 
 @dataclass

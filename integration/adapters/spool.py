@@ -41,7 +41,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from inference.preprocess import Slice
-from integration.adapters.dicom_decode import BufferReader, decode_part10, sorted_along_normal
+from integration.adapters.dicom_decode import BufferReader, SeriesSlices, sorted_along_normal
 from integration.adapters.dicomweb_parse import dicom_datetime
 from integration.domain import stages
 from integration.domain.ids import is_dicom_uid, opaque_name, shown
@@ -440,9 +440,8 @@ class FileSpool:
         if len(files) > limits.max_slices_per_series:
             raise too_large(f"series {series_uid} holds {len(files)} instances in the spool",
                             str(limits.max_slices_per_series), "MAX_SLICES_PER_SERIES")
-        modality, slices = "", []
-        received = decoded_bytes = 0
-        decoding = 0.0
+        series = SeriesSlices(series_uid, limits, reduce=self.reduce_planes, source="holds")
+        received = 0
         for path in files:
             data = self._read(path, series_uid)
             if data is None:
@@ -451,23 +450,14 @@ class FileSpool:
             if received > limits.max_series_bytes:
                 raise too_large(f"series {series_uid}: the spool holds more than {limits.max_series_bytes} bytes",
                                 str(limits.max_series_bytes), "MAX_SERIES_BYTES")
-            started = time.perf_counter()
-            decoded = decode_part10(data, limits, limits.max_series_bytes - decoded_bytes,
-                                    reduce=self.reduce_planes)
-            decoding += time.perf_counter() - started
-            modality = modality or decoded.modality.upper()
-            slices.extend(decoded.slices)
-            decoded_bytes += sum(s.pixels.nbytes for s in decoded.slices)
-            if len(slices) > limits.max_slices_per_series:
-                raise too_large(f"series {series_uid} holds more than {limits.max_slices_per_series} images",
-                                str(limits.max_slices_per_series), "MAX_SLICES_PER_SERIES")
-        if not slices:
+            series.add(data)
+        if not series.slices:
             raise DomainError(Outcome.NO_ELIGIBLE_SERIES,
                               f"series {series_uid} is not in the spool any more (removed by retention?)")
         started = time.perf_counter()
-        ordered = sorted_along_normal(slices)
-        stages.report(stages.DECODE, decoding + time.perf_counter() - started)
-        return modality, ordered
+        ordered = sorted_along_normal(series.slices)
+        stages.report(stages.DECODE, series.decoding_s + time.perf_counter() - started)
+        return series.modality, ordered
 
     # -- helpers ----------------------------------------------------------------------------------------------------
 

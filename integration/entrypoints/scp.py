@@ -389,10 +389,6 @@ def main() -> int:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # per-message chatter; its DEBUG dumps data sets
-    import pydicom.config
-
-    # pydicom's warnings about a malformed value quote the value: a patient's name must not reach the log that way.
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         _configure_celery()
         serve(settings, celery_enqueue)
