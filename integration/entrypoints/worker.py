@@ -94,12 +94,11 @@ app.add_defaults(_configuration)
 
 
 _engine: Any = None
-_handoff: Any = None  # the engine's Services.enqueue (services.handoff.Handoff), built with it
 
 
 def engine() -> Any:
     """The per-process Engine (adapters, store, services), built on first use after fork."""
-    global _engine, _handoff
+    global _engine
     if _engine is None:
         from celery.exceptions import SoftTimeLimitExceeded
 
@@ -107,10 +106,9 @@ def engine() -> Any:
         from integration.services.handoff import Handoff
 
         pipeline = get_settings().pipeline
-        handoff = Handoff(enqueue, frozenset(pipeline.inline), pipeline.max_inline_runs)
-        _engine = bootstrap(migrate=False, enqueue=handoff)
+        _engine = bootstrap(migrate=False, enqueue=Handoff(enqueue, frozenset(pipeline.inline),
+                                                           pipeline.max_inline_runs))
         _engine.services.interruptions = (SoftTimeLimitExceeded,)
-        _handoff = handoff
     return _engine
 
 
@@ -120,8 +118,7 @@ def runs_on(fn: F) -> F:
     @wraps(fn)
     def run(*args: Any) -> Any:
         services = engine().services
-        assert _handoff is not None  # built with the engine
-        with _handoff.task(services):
+        with services.enqueue.task(services):  # the engine's enqueue is its Handoff
             return fn(*args)
 
     return run  # type: ignore[return-value]
@@ -137,8 +134,8 @@ def _migrate(**_: Any) -> None:
 
 @worker_process_init.connect
 def _reset_after_fork(**_: Any) -> None:
-    global _engine, _handoff
-    _engine = _handoff = None
+    global _engine
+    _engine = None
 
 
 def enqueue(stage: str, ids: list[str]) -> None:
