@@ -41,9 +41,10 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from inference.preprocess import Slice, block_factors, block_geometry, block_means
+from integration.adapters.dicom_header import NativeHeader, read_native_header
 from integration.domain.ids import is_dicom_uid, shown
 from integration.domain.limits import ImageLimits, too_large
 from integration.domain.types import DomainError, Outcome
@@ -55,6 +56,9 @@ _INT_TYPES = {(8, 0): "<u1", (8, 1): "<i1", (16, 0): "<u2", (16, 1): "<i2", (32,
 _BITS_ALLOCATED = (8, 16, 32)
 #: Explicit VR elements with a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: What the decoder reads a header through: pydicom's data set, or the hand-read one of the fast path.
+Header = Dataset | NativeHeader
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class BufferReader:
         pass
 
 
-def _uid(ds: Dataset) -> str:
+def _uid(ds: Header) -> str:
     """The SOP Instance UID for messages; anything that is not a UID is shown escaped and cut."""
     uid = str(ds.get("SOPInstanceUID", "") or "")
     if not uid:
@@ -108,12 +112,12 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return values if len(values) == n else None
 
 
-def _item(ds: Dataset, keyword: str) -> Dataset | None:
+def _item(ds: Header, keyword: str) -> Dataset | None:
     seq = ds.get(keyword)
     return seq[0] if seq else None
 
 
-def _group(ds: Dataset, frame: Dataset | None, keyword: str) -> Dataset | None:
+def _group(ds: Header, frame: Dataset | None, keyword: str) -> Dataset | None:
     """A functional group macro for one frame: per-frame first, then shared (PS3.3 C.7.6.16)."""
     if frame is not None and (found := _item(frame, keyword)) is not None:
         return found
@@ -130,7 +134,7 @@ class _FrameInfo:
     intercept: float
 
 
-def _geometry_error(ds: Dataset, what: str, frame: int | None = None) -> DomainError:
+def _geometry_error(ds: Header, what: str, frame: int | None = None) -> DomainError:
     where = f"instance {_uid(ds)}" + (f" frame {frame + 1}" if frame is not None else "")
     return DomainError(
         Outcome.INCONSISTENT_GEOMETRY,
@@ -138,7 +142,7 @@ def _geometry_error(ds: Dataset, what: str, frame: int | None = None) -> DomainE
     )
 
 
-def _frame_infos(ds: Dataset, n_frames: int) -> list[_FrameInfo]:
+def _frame_infos(ds: Header, n_frames: int) -> list[_FrameInfo]:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is None and n_frames > 1:
         raise DomainError(
@@ -148,6 +152,10 @@ def _frame_infos(ds: Dataset, n_frames: int) -> list[_FrameInfo]:
     infos: list[_FrameInfo] = []
     for k in range(n_frames):
         frame = per_frame[k] if per_frame is not None and k < len(per_frame) else None
+        pos_src: Header | None
+        ori_src: Header | None
+        pix_src: Header | None
+        rescale_src: Header
         if per_frame is not None:
             pos_src = _group(ds, frame, "PlanePositionSequence")
             ori_src = _group(ds, frame, "PlaneOrientationSequence")
@@ -171,7 +179,7 @@ def _frame_infos(ds: Dataset, n_frames: int) -> list[_FrameInfo]:
     return infos
 
 
-def _check_grayscale(ds: Dataset) -> None:
+def _check_grayscale(ds: Header) -> None:
     if int(ds.get("SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith(
         "MONOCHROME"
     ):
@@ -184,19 +192,24 @@ def _check_grayscale(ds: Dataset) -> None:
         raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(ds)} has no Rows/Columns")
 
 
-def _fix_unused_bits(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+def _fix_unused_bits(raw: np.ndarray, ds: Header) -> np.ndarray:
     """Bits above BitsStored may hold garbage (overlays); mask them, sign-extending signed data."""
     allocated = raw.dtype.itemsize * 8
     stored = int(ds.get("BitsStored", allocated))
-    if stored >= allocated:
+    if stored >= allocated or raw.size == 0:
         return raw
+    # Most writers leave those bits clear: one reduction says so, and the frame is not copied to mask nothing.
     if raw.dtype.kind == "i":
+        if -(1 << (stored - 1)) <= int(raw.min()) and int(raw.max()) < 1 << (stored - 1):
+            return raw
         shift = allocated - stored
         return (raw << shift) >> shift  # arithmetic shift right sign-extends
+    if int(raw.max()) < 1 << stored:
+        return raw
     return raw & ((1 << stored) - 1)
 
 
-def _to_slices(ds: Dataset, frames: np.ndarray, reduce: bool = False) -> list[Slice]:
+def _to_slices(ds: Header, frames: np.ndarray, reduce: bool = False) -> list[Slice]:
     """Stored values (frames, rows, cols) -> Slices with the modality LUT and MONOCHROME1 handled. ``reduce``:
     planes finer than the model's grid become block means of the stored values first (``block_means``; the LUT is
     linear, so it applies to the means as to each value), never a full-size float copy of the frame."""
@@ -241,19 +254,19 @@ def _to_slices(ds: Dataset, frames: np.ndarray, reduce: bool = False) -> list[Sl
     return slices
 
 
-def _n_frames(ds: Dataset) -> int:
+def _n_frames(ds: Header) -> int:
     try:
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError):
         return 1
 
 
-def _declared(ds: Dataset, limits: ImageLimits, series_bytes_left: int | None) -> tuple[int, int, int, int]:
+def _declared(ds: Header, limits: ImageLimits, series_bytes_left: int | None) -> tuple[int, int, int, int]:
     """(rows, columns, frames, bits allocated) as the header declares them, refused before a pixel is decoded
     when they are unusable (CORRUPT_PIXEL_DATA) or beyond the limits (TOO_LARGE): pydicom and the codecs
     allocate from these numbers."""
     try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
+        rows, columns = int(ds.get("Rows")), int(ds.get("Columns"))
         bits = int(ds.get("BitsAllocated", 0) or 0)
     except (AttributeError, TypeError, ValueError) as err:
         raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(ds)} has unreadable Rows/Columns/"
@@ -271,7 +284,7 @@ def _declared(ds: Dataset, limits: ImageLimits, series_bytes_left: int | None) -
     return rows, columns, frames, bits
 
 
-def _native_length(ds: Dataset, length: int, rows: int, columns: int, frames: int, bits: int) -> None:
+def _native_length(ds: Header, length: int, rows: int, columns: int, frames: int, bits: int) -> None:
     """Uncompressed pixel data must hold exactly what the header declares (plus one pad byte to an even length)."""
     expected = rows * columns * frames * bits // 8
     if length == expected or (expected % 2 and length == expected + 1):
@@ -284,7 +297,7 @@ def _native_length(ds: Dataset, length: int, rows: int, columns: int, frames: in
     )
 
 
-def _syntax_lies(ds: Dataset, syntax: UID, encapsulated: bool) -> None:
+def _syntax_lies(ds: Header, syntax: UID, encapsulated: bool) -> None:
     """A compressed syntax has encapsulated (fragmented, undefined-length) pixel data and a native one has not;
     the other way round the transfer syntax lies about the encoding."""
     if syntax.is_encapsulated != encapsulated:
@@ -387,7 +400,7 @@ def _decodable(syntax: UID) -> bool:
         return False
 
 
-def _unsupported(ds: Dataset, syntax: UID) -> DomainError:
+def _unsupported(ds: Header, syntax: UID) -> DomainError:
     return DomainError(
         Outcome.UNSUPPORTED_TRANSFER_SYNTAX,
         f"instance {_uid(ds)}: no decoder for transfer syntax {syntax.name} ({shown(str(syntax))}); "
@@ -395,7 +408,7 @@ def _unsupported(ds: Dataset, syntax: UID) -> DomainError:
     )
 
 
-def _corrupt(ds: Dataset, err: BaseException) -> DomainError:
+def _corrupt(ds: Header, err: BaseException) -> DomainError:
     return DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(ds)}: pixel data cannot be decoded ({err})")
 
 
@@ -438,7 +451,7 @@ def _check_inflated_size(view: memoryview, offset: int, limit: int) -> None:
             break
 
 
-def _pixel_element(header: Dataset, syntax: UID, view: memoryview, offset: int) -> tuple[int, int] | None:
+def _pixel_element(syntax: UID, view: memoryview, offset: int) -> tuple[int, int] | None:
     """(where the PixelData value starts, its length: 0xFFFFFFFF when encapsulated) from the element header
     where pydicom stopped; None when no PixelData follows there."""
     head = bytes(view[offset : offset + 12])
@@ -471,6 +484,10 @@ def decode_part10(
                               f"a retrieved object names {shown(syntax_text)} as its transfer syntax")
         if UID(syntax_text).is_deflated:
             _check_inflated_size(view, meta_end, limits.multipart_max_part_bytes)
+        if syntax_text in _NATIVE_LITTLE_ENDIAN:  # the fast path: the header read by hand (``dicom_header``)
+            found = read_native_header(view, meta_end, explicit=syntax_text == ExplicitVRLittleEndian)
+            if found is not None:
+                return _decode_native(found[0], UID(syntax_text), view, found[1], limits, series_bytes_left, reduce)
     reader = BufferReader(view)
     try:
         header = pydicom.dcmread(reader, stop_before_pixels=True, force=True)
@@ -484,7 +501,7 @@ def decode_part10(
     if not _decodable(syntax):
         raise _unsupported(header, syntax)
     rows, columns, frames, bits = _declared(header, limits, series_bytes_left)
-    element = None if syntax.is_deflated else _pixel_element(header, syntax, view, offset)
+    element = None if syntax.is_deflated else _pixel_element(syntax, view, offset)
     if element is not None:
         start, length = element
         _syntax_lies(header, syntax, length == _UNDEFINED_LENGTH)
@@ -502,7 +519,22 @@ def decode_part10(
     return decode_dataset(full, limits, series_bytes_left, reduce=reduce)
 
 
-def _native_view(ds: Dataset, view: memoryview, start: int, rows: int, columns: int, frames: int) -> np.ndarray:
+def _decode_native(header: NativeHeader, syntax: UID, view: memoryview, offset: int, limits: ImageLimits,
+                   series_bytes_left: int | None, reduce: bool) -> DecodedInstance:
+    """``decode_part10`` for a header ``dicom_header`` read: the same checks in the same order as after pydicom's."""
+    _check_grayscale(header)
+    rows, columns, frames, bits = _declared(header, limits, series_bytes_left)
+    element = _pixel_element(syntax, view, offset)
+    if element is None:  # cannot be: the reader stopped at PixelData
+        raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(header)} has no PixelData")
+    start, length = element
+    _syntax_lies(header, syntax, length == _UNDEFINED_LENGTH)
+    _native_length(header, min(length, len(view) - start), rows, columns, frames, bits)
+    return DecodedInstance(_uid(header), str(header.get("Modality", "")),
+                           _to_slices(header, _native_view(header, view, start, rows, columns, frames), reduce))
+
+
+def _native_view(ds: Header, view: memoryview, start: int, rows: int, columns: int, frames: int) -> np.ndarray:
     """Uncompressed little-endian pixels straight from the buffer, without a copy (lengths already checked)."""
     dtype = _INT_TYPES.get((int(ds.get("BitsAllocated", 0)), int(ds.get("PixelRepresentation", 0))))
     if dtype is None:
