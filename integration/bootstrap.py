@@ -31,6 +31,7 @@ from integration.services.context import Services, SystemClock
 
 if TYPE_CHECKING:
     from inference.runtime.transport import TritonTls
+    from integration.adapters.db.lock import FileLock, PostgresLock
     from integration.adapters.db.store import SqlStore
     from integration.adapters.dicomweb import DicomWebPacs
     from integration.adapters.dimse import DimsePacs
@@ -231,6 +232,14 @@ def build_store(settings: Settings, *, migrate: bool = False) -> SqlStore:
     engine = make_engine(settings.db_url, connect_timeout_s=db.connect_timeout_s,
                          statement_timeout_s=db.statement_timeout_s, sqlite_busy_timeout_s=db.sqlite_busy_timeout_s)
     return SqlStore(engine)
+
+
+def build_beat_lock(settings: Settings) -> PostgresLock | FileLock:
+    """The lock that keeps one Celery beat across hosts: a PostgreSQL advisory lock on the engine's database (a file
+    lock in data_dir for SQLite, which is one host's anyway). ``try_acquire()``, ``held()``, ``release()``."""
+    from integration.adapters.db.lock import singleton_lock
+
+    return singleton_lock(settings.db_url, "beat", settings.data_dir, connect_timeout_s=settings.db.connect_timeout_s)
 
 
 def quiet_dicom_validation() -> None:

@@ -819,6 +819,24 @@ def secret_setting_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -
     return paths
 
 
+def setting_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every setting of ``model`` that one variable sets, as its path of field names (nested groups are walked;
+    lists, dicts and lists of groups are one JSON value): ``("ehr", "auth", "mode")`` is
+    ``STROKEWATCH_EHR__AUTH__MODE``. The deployment files and their tests derive the settings from this."""
+    paths: list[tuple[str, ...]] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        kinds = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+        groups = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        paths += setting_paths(groups[0], (*prefix, name)) if groups else [(*prefix, name)]
+    return paths
+
+
+def env_variable(path: tuple[str, ...]) -> str:
+    """The environment variable of a setting path: ``("ehr", "base_url")`` -> ``STROKEWATCH_EHR__BASE_URL``."""
+    return _ENV_PREFIX + "__".join(path).upper()
+
+
 def read_secret_file(path: Path, what: str) -> str:
     """The text of a secret file, trailing newline stripped. ``what`` names the variable in every error;
     the contents never appear in one."""

@@ -134,6 +134,20 @@ def run() -> None:
 
 
 @app.command()
+def beat(
+    schedule: Annotated[Path | None, typer.Option(help="Celery beat's schedule file (default: data_dir).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Run Celery beat behind the database's lock, in the foreground (compose/Kubernetes): of several started, one
+    schedules and the others wait for the lock (`strokewatch run` starts beat inside its worker instead)."""
+    from integration.entrypoints.beat import main
+
+    _settings()
+    _logging(loglevel)
+    raise typer.Exit(main(schedule, loglevel))
+
+
+@app.command()
 def scp() -> None:
     """Run the DICOM C-STORE SCP alone, in the foreground (compose/Kubernetes; `run` starts it itself when
     STROKEWATCH_SCP__ENABLED). Pushed studies are queued for the workers, which must share STROKEWATCH_DATA_DIR."""
