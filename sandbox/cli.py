@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from sandbox.demo import DEMO_PATIENTS, DEMO_SEED
+
 app = typer.Typer(help="A local sandbox PACS (Orthanc) and FHIR R4 server on 127.0.0.1.", no_args_is_help=True)
 console = Console()
 
@@ -70,8 +72,8 @@ def status(state_dir: StateDir = SANDBOX_DIR) -> None:
 
 @app.command("demo")
 def demo(
-    patients: Annotated[int, typer.Option(help="How many synthetic patients to load.")] = 8,
-    seed: Annotated[int, typer.Option(help="Cohort seed.")] = 2026,
+    patients: Annotated[int, typer.Option(help="How many synthetic patients to load.")] = DEMO_PATIENTS,
+    seed: Annotated[int, typer.Option(help="Cohort seed.")] = DEMO_SEED,
     data_dir: Annotated[Path, typer.Option(help="The demo engine's data directory (recreated).")] = Path("var/demo"),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for all assessments.")] = 600,
     keep_running: Annotated[bool, typer.Option(help="Leave the API + worker running afterwards.")] = True,

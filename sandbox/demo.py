@@ -19,6 +19,10 @@ from rich.table import Table
 
 from integration.config import Settings
 
+#: The demo cohort (`strokewatch demo`'s defaults): also what the deployment-layout test scores.
+DEMO_PATIENTS = 8
+DEMO_SEED = 2026
+
 
 def run_demo(
     console: Console, *, patients: int, seed: int, data_dir: Path, sandbox_dir: Path, timeout: float, keep_running: bool

@@ -22,20 +22,23 @@ MRN_SYSTEM = "urn:oid:1.2.36.146.595.217.0.1"
 
 
 class Worker:
-    """One `celery worker -B` process with the engine's tasks, configured only through STROKEWATCH_* env."""
+    """One engine process configured only through STROKEWATCH_* env: by default a `celery worker -B` with the
+    engine's tasks; ``argv`` runs another (an API, a beat, a worker on some queues), in its own process group."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, argv: list[str] | None = None) -> None:
         self.env = env
         self.log_path = log_path
+        self.argv = argv
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
         from integration.config import Settings
         from integration.entrypoints.worker import worker_argv
 
-        argv = worker_argv(Settings(), concurrency=2)  # Settings() only for log level etc.
+        # Settings() only for log level etc.
+        argv = self.argv or [sys.executable, "-m", *worker_argv(Settings(), concurrency=2)]
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", *argv], env={**os.environ, **self.env},
+            self.proc = subprocess.Popen(argv, env={**os.environ, **self.env},
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
