@@ -5,7 +5,9 @@ sharing one data directory as the pods share their ReadWriteMany volume. The dem
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,6 +126,16 @@ def test_the_manifests_layout_scores_the_demo_cohort_once_each(
         assert "Task strokewatch.assess[" not in logs["worker-ingest"]
         assert "Task strokewatch.ingest[" not in logs["worker-assess"]
         assert "beat lock acquired" in logs["beat"]
+
+        # The liveness probes of beat and of both worker groups, run as the kubelet runs them (in the pod: its
+        # hostname, its data volume), pass against the live processes.
+        for workload in ("beat", "worker-ingest", "worker-assess"):
+            probe = container(engine[workload])["livenessProbe"]["exec"]["command"]
+            probe = [a.replace(config["STROKEWATCH_DATA_DIR"], str(data_dir)) for a in probe]
+            ran = subprocess.run(probe, env={**os.environ, **env, "HOSTNAME": socket.gethostname(),
+                                             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+                                 capture_output=True, text=True, timeout=90)
+            assert ran.returncode == 0, (workload, ran.stdout[-2000:], ran.stderr[-2000:])
 
         # The API the Service fronts: ready (every peer answers) without a key, as the kubelet asks; the status
         # with one.
