@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -72,7 +73,11 @@ def test_the_integration_profile_wires_the_engine_to_its_hapi_fhir_and_orthanc()
     assert secret["target"] == "spring.datasource.password" and "configtree:/run/secrets/" in hapi["environment"][
         "spring.config.import"]
     assert services["hapi-db"]["environment"]["POSTGRES_PASSWORD_FILE"] == f"/run/secrets/{secret['source']}"
-    assert services["orthanc"]["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    orthanc = services["orthanc"]
+    assert orthanc["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    assert orthanc["environment"]["ORTHANC__AUTHENTICATION_ENABLED"] == "true"
+    assert [s["target"] for s in orthanc["secrets"]] == ["ORTHANC__REGISTERED_USERS"]
+    assert env["STROKEWATCH_PACS__AUTH__MODE"] == "basic" and env["STROKEWATCH_PACS__AUTH__USERNAME"] == "strokewatch"
 
 
 def test_no_secret_is_a_variable_every_secret_is_a_file() -> None:
@@ -109,8 +114,12 @@ def test_make_secrets_writes_matching_random_passwords_once(tmp_path: Path) -> N
                                          text=True, timeout=60)
     assert _make_secrets_again.returncode == 0
     assert (root / "secrets" / "postgres_password").read_text().strip() == password  # kept, never rotated silently
+    # the integration Orthanc's one user and the engine's PACS password are the same random one
+    users = json.loads((root / "secrets" / "orthanc_registered_users").read_text())
+    assert users == {"strokewatch": (root / "secrets" / "strokewatch" / "pacs__auth__password").read_text().strip()}
+    assert len(users["strokewatch"]) >= 32
     compose = (ROOT / "docker-compose.yml").read_text()
-    for name in ("postgres_password", "hapi_db_password", "strokewatch"):
+    for name in ("postgres_password", "hapi_db_password", "orthanc_registered_users", "strokewatch"):
         assert f"file: ./secrets/{name}" in compose and (root / "secrets" / name).exists()
 
 
@@ -147,6 +156,7 @@ def test_the_compose_api_refuses_to_start_without_a_credential_and_starts_with_a
 
     settings = api_settings("")
     assert settings.api_host == "0.0.0.0" and settings.db_url.startswith("postgresql+psycopg://strokewatch:")
+    assert settings.pacs.auth.mode == "basic" and settings.pacs.auth.password is not None  # the integration Orthanc
     problem = startup_problem(settings)
     assert problem is not None and "STROKEWATCH_API__KEYS__<NAME>" in problem
 
