@@ -13,6 +13,7 @@ import psycopg
 import redis
 
 from integration.adapters.db.lock import FileLock, PostgresLock, lock_key, singleton_lock
+from integration.entrypoints.beat import CHECK_S, LOST_LOCK
 from tests.integration.test_store_postgres import pg_url  # noqa: F401  (the throw-away PostgreSQL database)
 
 
@@ -89,6 +90,13 @@ def test_of_two_beats_one_schedules_and_the_other_takes_over_when_it_dies(
         first.wait(10)
         _wait_for(logs[1], "beat lock acquired", 30)
         _wait_for(logs[1], "beat: Starting", 30)
+
+        # The server ends the new holder's session: it can no longer vouch for its lock, so it stops scheduling.
+        with psycopg.connect(_psycopg(pg_url), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                          "AND ((classid::bigint << 32) | objid::bigint) = %s", (lock_key("beat"),))
+        assert second.wait(CHECK_S + 20) == LOST_LOCK
+        assert "the beat lock is lost" in logs[1].read_text()
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
