@@ -25,7 +25,7 @@ _HEADER = """\
 # integration/config.py by `python -m integration.settings_reference`; do not edit, copy it).
 # Copy this file, uncomment and set what your site needs:
 #   docker compose: STROKEWATCH_ENV_FILE=./strokewatch.env in .env (compose's env_file)
-#   Kubernetes:     the overlay's settings.env (configMapGenerator envs), deploy/k8s/README.md
+#   Kubernetes:     the overlay's settings.env (configMapGenerator envs); docs/operating.md
 # Values: as in a shell without quotes; lists and maps as JSON. An empty value is the default.
 # Secret settings are files in the secrets directory (STROKEWATCH_SECRETS_DIR; compose secrets, a Kubernetes
 # Secret) named as shown, or STROKEWATCH_<NAME>_FILE=/path. Never put their values in this file.
