@@ -21,6 +21,15 @@ def _psycopg(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://")
 
 
+def _database(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+#: The sessions holding the advisory lock ``key`` in one database (pg_locks lists every database's).
+_HOLDERS = ("SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE d.datname = %s AND "
+            "l.locktype = 'advisory' AND l.granted AND ((l.classid::bigint << 32) | l.objid::bigint) = %s")
+
+
 def test_one_holder_at_a_time_and_the_lock_ends_with_its_connection(pg_url: str) -> None:  # noqa: F811
     first, second = PostgresLock(pg_url, "beat"), PostgresLock(pg_url, "beat")
     other = PostgresLock(pg_url, "something-else")
@@ -34,11 +43,9 @@ def test_one_holder_at_a_time_and_the_lock_ends_with_its_connection(pg_url: str)
 
         # The server ends the holder's session (a lost node, a restarted database): the holder learns it.
         with psycopg.connect(_psycopg(pg_url), autocommit=True) as admin:
-            pids = [r[0] for r in admin.execute(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
-                "((classid::bigint << 32) | objid::bigint) = %s", (lock_key("beat"),))]
+            pids = [r[0] for r in admin.execute(_HOLDERS, (_database(pg_url), lock_key("beat")))]
             assert len(pids) == 1
-            admin.execute("SELECT pg_terminate_backend(%s)", (pids[0],))
+            admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pids[0],))  # waits until it is gone
         assert not second.held()
         assert first.try_acquire(), "the lock is free once its holder's connection is gone"
     finally:
@@ -93,8 +100,8 @@ def test_of_two_beats_one_schedules_and_the_other_takes_over_when_it_dies(
 
         # The server ends the new holder's session: it can no longer vouch for its lock, so it stops scheduling.
         with psycopg.connect(_psycopg(pg_url), autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                          "AND ((classid::bigint << 32) | objid::bigint) = %s", (lock_key("beat"),))
+            (pid,) = [r[0] for r in admin.execute(_HOLDERS, (_database(pg_url), lock_key("beat")))]
+            admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
         assert second.wait(CHECK_S + 20) == LOST_LOCK
         assert "the beat lock is lost" in logs[1].read_text()
     finally:
