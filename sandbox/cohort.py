@@ -37,16 +37,19 @@ def stow(dicomweb_url: str, files: Iterable[Path], *, client: httpx.Client | Non
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     own = client is None
     client = client or httpx.Client(timeout=120)
+    url = f"{dicomweb_url.rstrip('/')}/studies"
+    request_headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+        **(headers or {}),
+    }
     try:
-        resp = client.post(
-            f"{dicomweb_url.rstrip('/')}/studies",
-            content=body,
-            headers={
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                "Accept": "application/dicom+json",
-                **(headers or {}),
-            },
-        )
+        try:
+            resp = client.post(url, content=body, headers=request_headers)
+        except httpx.RemoteProtocolError:
+            # A kept-alive connection the server closed as it was reused: nothing was stored, and storing the same
+            # instances twice is harmless (PS3.18 STOW-RS), so the request is sent once more on a new connection.
+            resp = client.post(url, content=body, headers=request_headers)
         if resp.status_code not in (200, 202):
             raise RuntimeError(f"STOW-RS answered {resp.status_code}: {resp.text[:300]}")
     finally:
