@@ -313,6 +313,8 @@ def bootstrap(
         redeliver_after_s=settings.redeliver_after_s,
         limits=image_limits(settings),
         spool=build_spool(settings),
+        latency_snapshot_s=settings.dashboard.latency_snapshot_s,
+        latency_snapshots_kept=settings.dashboard.latency_snapshots_kept,
     )
     # The ingest builds the model's volume: planes are decoded as block means (a 512^2 plane never in float32).
     for reader in (pacs, services.spool, getattr(pacs, "spool", None)):

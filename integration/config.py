@@ -438,6 +438,25 @@ class ApiSettings(BaseModel):
         return keys
 
 
+class DashboardSettings(BaseModel):
+    """The clinicians' and operators' web pages at ``/dashboard`` (``STROKEWATCH_DASHBOARD__*``): who may open them
+    without signing in, how long a sign-in lasts, and the bounded history of stage latencies they plot."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a setting is an error, not a silent default
+
+    #: In the sandbox, on a loopback API, the pages open without signing in (as operator). Elsewhere: never.
+    open_in_sandbox: bool = True
+    #: A sign-in (an API key or IdP token exchanged for a session cookie) lasts this long.
+    session_hours: float = Field(default=8.0, gt=0.0, le=24.0)
+    #: The sweep keeps a copy of the stage histogram this often, ...
+    latency_snapshot_s: int = Field(default=60, ge=5, le=3600)
+    #: ... and at most this many copies (the oldest go first): 1440 at 60 s is a day of percentiles.
+    latency_snapshots_kept: int = Field(default=1440, ge=2, le=20_000)
+    #: Assessments (risk over time) and vital values one patient page shows at most.
+    max_assessments: int = Field(default=200, ge=1, le=5000)
+    max_vitals: int = Field(default=5000, ge=10, le=100_000)
+
+
 class CdsIssuerSettings(BaseModel):
     """One EHR trusted to call the CDS Hooks service: its JWT ``iss`` and the JWKS its keys are published at."""
 
@@ -680,6 +699,7 @@ class Settings(BaseSettings):
     triton_tls: TlsSettings = TlsSettings()  # used with an https:// or grpcs:// STROKEWATCH_TRITON_URL
     api_tls: ApiTlsSettings = ApiTlsSettings()
     api: ApiSettings = ApiSettings()  # who may call the API (keys, IdP JWTs), docs, hosts, CORS, body limit, audit
+    dashboard: DashboardSettings = DashboardSettings()  # /dashboard: sandbox access, sign-in, latency history
     cds_hooks: CdsHooksSettings = CdsHooksSettings()  # the EHRs trusted to call the CDS Hooks service
     webhooks: WebhookSettings = WebhookSettings()  # secrets of the Orthanc and FHIR Subscription webhooks
     retention: RetentionSettings = RetentionSettings()  # what is deleted when (db prune, scheduled), log rotation

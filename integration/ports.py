@@ -25,6 +25,7 @@ from integration.domain.records import (
     StudyRecord,
     StudyStatus,
 )
+from integration.domain.latency import StageSnapshot
 from integration.domain.stages import Observation, StageHistogram
 from integration.domain.types import (
     Outcome,
@@ -333,6 +334,15 @@ class Store(Protocol):
 
     def stage_histograms(self) -> list[StageHistogram]:
         """The cumulative histogram of every stage (``domain.stages.STAGES``), zeros for those never observed."""
+        ...
+
+    def snapshot_stages(self, now: datetime, every_s: float, keep: int) -> bool:
+        """Keep a copy of the stage histogram at ``now`` unless the newest is under ``every_s`` old; at most
+        ``keep`` copies are kept (the oldest go). True when a copy was added."""
+        ...
+
+    def stage_snapshots(self, limit: int) -> list[StageSnapshot]:
+        """The newest ``limit`` copies, oldest first (``domain.latency``)."""
         ...
 
     def mark_study_published(self, uid: str, at: datetime) -> datetime | None:

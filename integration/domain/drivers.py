@@ -55,3 +55,18 @@ def _sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
+
+
+#: How ``domain.assessment.note_text`` introduces the drivers in the RiskAssessment note.
+NOTE_DRIVERS_PREFIX = "Main drivers: "
+
+
+def drivers_in_note(note: str) -> list[str]:
+    """The driver phrases a RiskAssessment note names (the inverse of how ``note_text`` writes them)."""
+    start = note.find(NOTE_DRIVERS_PREFIX)
+    if start < 0:
+        return []
+    rest = note[start + len(NOTE_DRIVERS_PREFIX):]
+    end = rest.find(". ")
+    listed = rest[:end] if end >= 0 else rest.rstrip(".")
+    return [phrase.strip() for phrase in listed.split(";") if phrase.strip()]

@@ -66,3 +66,7 @@ class Services:
     #: Exceptions that interrupt a task from outside (the worker's soft time limit): the work is retried later
     #: (``timed_out``, retryable), not failed as a crash. The worker fills it in; empty elsewhere.
     interruptions: tuple[type[BaseException], ...] = ()
+    #: The sweep keeps a copy of the stage histogram this often (seconds), at most ``latency_snapshots_kept`` of
+    #: them: the dashboard's latency percentiles over time (``domain.latency``).
+    latency_snapshot_s: float = 60.0
+    latency_snapshots_kept: int = 1440

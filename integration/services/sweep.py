@@ -57,8 +57,19 @@ def sweep(svc: Services) -> SweepResult:
     svc.enqueue("assess", patients)
     publish = svc.store.lease_due_assessments(now, until)
     svc.enqueue("publish", publish)
+    record_latency_snapshot(svc, now)
     return SweepResult(released, len(studies), len(patients), len(publish), given_up=len(reaped.given_up),
                        vitals=len(vitals))
+
+
+def record_latency_snapshot(svc: Services, now: datetime) -> bool:
+    """A copy of the stage histogram for the dashboard's percentiles over time, when one is due. A database error
+    here is logged and never stops the sweep's real work (done above)."""
+    try:
+        return svc.store.snapshot_stages(now, svc.latency_snapshot_s, svc.latency_snapshots_kept)
+    except Exception as exc:  # noqa: BLE001 - any driver's error; the next sweep tries again
+        log.warning("stage latency snapshot skipped: %s", type(exc).__name__)
+        return False
 
 
 def reap_dead_claims(svc: Services, now: datetime) -> ReleasedClaims:

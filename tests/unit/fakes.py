@@ -16,7 +16,7 @@ import numpy as np
 
 from inference.preprocess import Slice
 from inference.runtime import ModelInputs, ModelUnavailableError, Prediction
-from integration.domain import stages
+from integration.domain import latency, stages
 from integration.domain.records import (
     STUDY_CLAIMABLE,
     AssessmentRecord,
@@ -79,6 +79,7 @@ class FakeStore:
         self.assessments: dict[str, AssessmentRecord] = {}
         self.failures: list[_Failure] = []
         self.stage_rows: dict[tuple[str, str], tuple[int, float]] = {}  # (stage, le) -> (observations, seconds)
+        self.snapshots: list[latency.StageSnapshot] = []  # the ring of stage histogram copies, oldest first
         self._order = itertools.count()
         self._assessment_order: dict[str, int] = {}
 
@@ -459,6 +460,16 @@ class FakeStore:
 
     def stage_histograms(self) -> list[stages.StageHistogram]:
         return stages.histograms(stages.BucketIncrement(st, le, n, t) for (st, le), (n, t) in self.stage_rows.items())
+
+    def snapshot_stages(self, now: datetime, every_s: float, keep: int) -> bool:
+        if self.snapshots and (now - self.snapshots[-1].taken_at).total_seconds() < every_s:
+            return False
+        self.snapshots.append(latency.StageSnapshot(now, tuple(self.stage_histograms())))
+        del self.snapshots[:-keep]
+        return True
+
+    def stage_snapshots(self, limit: int) -> list[latency.StageSnapshot]:
+        return list(self.snapshots[-limit:])
 
     def counts(self) -> dict[str, dict[str, int]]:
         def tally(values: Iterable[str]) -> dict[str, int]:

@@ -230,3 +230,16 @@ class StageBucket(Base):
     le: Mapped[str] = mapped_column(String(16), primary_key=True)  # "0.005" ... "60.0", "+Inf"
     observations: Mapped[int] = mapped_column(BigInteger)
     seconds: Mapped[float] = mapped_column(Float)
+
+
+class StageSnapshotRow(Base):
+    """A copy of the whole stage histogram (``stage_seconds``) at one time, for the dashboard's latency
+    percentiles over time (``domain.latency``): the sweep adds one every ``dashboard.latency_snapshot_s`` and
+    deletes beyond ``dashboard.latency_snapshots_kept``, so the table is a bounded ring."""
+
+    __tablename__ = "stage_snapshots"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    taken_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+    #: stage -> {"counts": cumulative counts per bucket (+Inf last), "sum": seconds}
+    histograms: Mapped[dict[str, object]] = mapped_column(JSON)

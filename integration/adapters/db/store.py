@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from integration.adapters.db.models import (
+    StageSnapshotRow,
     Assessment,
     Cursor,
     Failure,
@@ -26,7 +27,7 @@ from integration.adapters.db.models import (
     utcnow,
 )
 from integration.adapters.db.rows import assessment_record, patient_record, study_record
-from integration.domain import stages
+from integration.domain import latency, stages
 from integration.domain.records import (
     STUDY_CLAIMABLE,
     AssessmentRecord,
@@ -750,6 +751,37 @@ class SqlStore:
                 select(StageBucket.stage, StageBucket.le, StageBucket.observations, StageBucket.seconds)
             ).all()
         return stages.histograms(stages.BucketIncrement(st, le, int(n), float(t)) for st, le, n, t in rows)
+
+    def snapshot_stages(self, now: datetime, every_s: float, keep: int) -> bool:
+        """Copy the stage histogram into the ring ``stage_snapshots`` unless the newest copy is under ``every_s``
+        old; then delete all but the newest ``keep``. False when no copy was due."""
+        with self.sessions.begin() as s:
+            newest = s.scalar(select(func.max(StageSnapshotRow.taken_at)))
+            if newest is not None and (now - newest).total_seconds() < every_s:
+                return False
+            histograms = {h.stage: latency.to_json(h) for h in self.stage_histograms()}
+            s.add(StageSnapshotRow(taken_at=now, histograms=histograms))
+            s.flush()
+            cutoff = s.scalar(
+                select(StageSnapshotRow.id).order_by(StageSnapshotRow.id.desc()).offset(keep).limit(1)
+            )
+            if cutoff is not None:
+                s.execute(delete(StageSnapshotRow).where(StageSnapshotRow.id <= cutoff))
+        return True
+
+    def stage_snapshots(self, limit: int) -> list[latency.StageSnapshot]:
+        """The newest ``limit`` copies of the stage histogram, oldest first."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(StageSnapshotRow.taken_at, StageSnapshotRow.histograms)
+                .order_by(StageSnapshotRow.id.desc())
+                .limit(limit)
+            ).all()
+        out = []
+        for taken_at, stored in reversed(rows):
+            hists = [latency.from_json(stage, v) for stage, v in (stored or {}).items()]
+            out.append(latency.StageSnapshot(taken_at, tuple(h for h in hists if h is not None)))
+        return out
 
     # -- summaries --------------------------------------------------------------------
     def counts(self) -> dict[str, dict[str, int]]:

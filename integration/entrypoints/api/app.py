@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
+from urllib.parse import urlencode
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from integration.bootstrap import Engine, bootstrap
 from integration.config import Settings, get_settings
@@ -22,6 +24,7 @@ from integration.domain.types import DomainError
 from integration.entrypoints.api.routes import (
     assessments,
     cds_hooks,
+    dashboard,
     failures,
     health,
     metrics,
@@ -32,6 +35,7 @@ from integration.entrypoints.api.routes import (
 )
 from integration.entrypoints.api.security import middleware
 from integration.entrypoints.api.security.audit import AuditLog
+from integration.entrypoints.api.security.dashboard import LoginRequired
 from integration.entrypoints.api.security.guard import ApiStartRefused, Guard, authorize, startup_problem
 
 log = logging.getLogger(__name__)
@@ -99,9 +103,12 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.guard = guard
-    for module in (health, status, patients, studies, assessments, failures, webhooks, metrics, cds_hooks):
+    for module in (health, status, patients, studies, assessments, failures, webhooks, metrics, cds_hooks, dashboard):
         app.include_router(module.router)
+    # The dashboard's scripts and styles (uPlot vendored): no patient data, so served without credentials.
+    app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="dashboard-static")
     app.add_exception_handler(DomainError, _domain_error)  # type: ignore[arg-type]
+    app.add_exception_handler(LoginRequired, _login_required)  # type: ignore[arg-type]
     middleware.install(app, resolved, audit_log)
     return app
 
@@ -112,3 +119,8 @@ async def _domain_error(_: Request, err: DomainError) -> JSONResponse:
     # DomainError keeps only finite, non-negative hints; a day is the most this API ever asks a client to wait.
     headers = {"Retry-After": str(math.ceil(min(err.retry_after, 86400.0)))} if err.retry_after else None
     return JSONResponse({"outcome": err.outcome.value, "detail": err.message}, status_code=code, headers=headers)
+
+
+async def _login_required(_: Request, err: LoginRequired) -> RedirectResponse:
+    """A dashboard page opened without a credential: to the sign-in form, back here afterwards."""
+    return RedirectResponse(f"/dashboard/login?{urlencode({'next': err.next_path})}", status_code=303)

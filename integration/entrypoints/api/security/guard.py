@@ -17,6 +17,7 @@ from integration.adapters.jwks import JwksCache, KeySourceError, TokenError, tok
 from integration.config import ApiJwtSettings, Settings
 from integration.entrypoints.api.security import keys
 from integration.entrypoints.api.security.cds import CdsClientVerifier, service_url
+from integration.entrypoints.api.security.dashboard import SANDBOX, SESSION_COOKIE, DashboardAuth, LoginRequired
 from integration.entrypoints.api.security.policy import (
     ANONYMOUS,
     WEBHOOK_SOURCES,
@@ -72,6 +73,7 @@ class Guard:
         self.jwt = JwtAuth(settings.api.jwt) if settings.api.jwt.enabled else None
         self.cds = CdsClientVerifier(settings.cds_hooks, service_url(settings.cds_hooks, settings.api_base_url))
         self.webhooks = WebhookVerifier(settings.webhooks)
+        self.dashboard = DashboardAuth.from_settings(settings, loopback=is_loopback(settings.api_host))
 
     def close(self) -> None:
         self.cds.close()
@@ -169,6 +171,8 @@ async def authorize(
             if token is None:
                 raise unauthorized("a CDS Hooks call needs the EHR's JWT in Authorization: Bearer")
             principal = await run_in_threadpool(guard.cds.verify, token)
+        elif access is Access.DASHBOARD:
+            principal = await run_in_threadpool(_dashboard_principal, request, guard, api_key, token)
         else:
             principal = await run_in_threadpool(guard.api_principal, api_key, token)
     except WebhookRefused as err:
@@ -184,6 +188,23 @@ async def authorize(
         log.warning("replay cache full on %s: refusing until entries expire", route)
         raise HTTPException(503, "too many recent calls; try again later", headers={"Retry-After": "30"}) from None
     request.state.principal = principal
+    if access is Access.DASHBOARD:
+        access = Access.READ if request.method in ("GET", "HEAD") else Access.OPERATE
     if access in (Access.READ, Access.OPERATE) and not principal.may(access):
         raise HTTPException(403, f"{principal.who} lacks the {access.value} role this route needs")
     return principal
+
+
+def _dashboard_principal(request: Request, guard: Guard, api_key: str | None, bearer: str | None) -> Principal:
+    """An API credential when one is sent; else the dashboard's session cookie; else, in the sandbox on loopback,
+    the sandbox operator. A page without any of them sends the browser to sign in; a form post gets 401."""
+    if api_key or bearer:
+        return guard.api_principal(api_key, bearer)
+    principal = guard.dashboard.principal(request.cookies.get(SESSION_COOKIE))
+    if principal is not None:
+        return principal
+    if guard.dashboard.open_access:
+        return SANDBOX
+    if request.method in ("GET", "HEAD"):
+        raise LoginRequired(request.url.path)
+    raise unauthorized("sign in to the dashboard first (/dashboard/login)")

@@ -16,6 +16,7 @@ class Access(StrEnum):
     OPERATE = "operate"  # API key or IdP JWT with the operate role
     CDS_CLIENT = "cds-client"  # a JWT from an EHR on the CDS Hooks allow-list
     WEBHOOK = "webhook"  # the source's HMAC signature or bearer token
+    DASHBOARD = "dashboard"  # read/operate as above, or the dashboard's session cookie (``security.dashboard``)
 
 
 class Role(StrEnum):
@@ -36,7 +37,11 @@ WEBHOOK_SOURCES: dict[str, str] = {
 }
 
 #: Routes whose answers or effects concern patients: each call is written to the audit log.
-AUDITED_PREFIXES = ("/patients", "/studies", "/assessments", "/failures", "/cds-services/", "/webhooks/")
+AUDITED_PREFIXES = ("/patients", "/studies", "/assessments", "/failures", "/cds-services/", "/webhooks/",
+                    "/dashboard/patients", "/dashboard/failures")
+
+#: The dashboard's sign-in form (open, so that a browser without a session can sign in) and sign-out.
+DASHBOARD_OPEN = ("/dashboard/login", "/dashboard/logout")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,10 @@ def required_access(method: str, route_path: str, api: ApiSettings) -> Access:
         return Access.CDS_CLIENT
     if method == "POST" and route_path in WEBHOOK_SOURCES:
         return Access.WEBHOOK
+    if route_path in DASHBOARD_OPEN and method in ("GET", "HEAD", "POST"):
+        return Access.PUBLIC  # the form, the credential it posts (checked by the route), sign-out; CSRF-protected
+    if route_path == "/dashboard" or route_path.startswith("/dashboard/"):
+        return Access.DASHBOARD  # GET/HEAD need read, anything else operate (``guard.authorize``)
     return Access.READ if method in ("GET", "HEAD") else Access.OPERATE
 
 
