@@ -237,7 +237,8 @@ def test_patient_page_shows_risk_drivers_vitals_links(world: World) -> None:
     assert f"{current.probability * 100:.1f}%" in html
     assert f'id="current-band">{current.band}<' in html
     vitals = json.loads(re.search(r'id="vitals-data">(.*?)</script>', html).group(1))
-    heart = next(v for v in vitals if v["key"] == "hr")
+    assert vitals["end"] - vitals["start"] == 28 * 24 * 3600  # the model's whole window
+    heart = next(v for v in vitals["plots"] if v["key"] == "hr")
     assert len(heart["data"][0]) == 12 and sorted(heart["data"][1]) == [71 + 2 * k for k in range(12)]
     risk = json.loads(re.search(r'id="risk-data">(.*?)</script>', html).group(1))
     assert risk["data"][1] == [round(current.probability, 4)]

@@ -106,7 +106,7 @@ Csrf = Depends(check_csrf)
 def overview(request: Request, engine: EngineDep, sessions: SessionsDep, settings: SettingsDep) -> HTMLResponse:
     counts = engine.store.counts()
     snapshots = engine.store.stage_snapshots(settings.dashboard.latency_snapshots_kept)
-    plots = _latency_plots(latency.series(snapshots))
+    plots = _latency_plots(latency.series(snapshots), snapshots[0].taken_at if snapshots else None)
     return _page(request, "overview.html", {
         "title": "Overview",
         "counts": counts,
@@ -119,11 +119,14 @@ def overview(request: Request, engine: EngineDep, sessions: SessionsDep, setting
     })
 
 
-def _latency_plots(all_series: list[latency.LatencySeries]) -> dict[str, Any]:
-    """uPlot data: one x axis (interval ends) shared by every stage that saw work, per percentile."""
+def _latency_plots(all_series: list[latency.LatencySeries], start: datetime | None) -> dict[str, Any]:
+    """uPlot data: one x axis (interval ends) shared by every stage that saw work, per percentile; ``start`` is
+    when the oldest copy was taken (where the time axis begins)."""
     active = [s for s in all_series if any(s.counts)]
     times = sorted({t for s in active for t in s.times})
-    plots: dict[str, Any] = {"stages": [s.stage for s in active], "times": times}
+    first = _epoch(start) if start is not None else (times[0] if times else 0.0)
+    plots: dict[str, Any] = {"stages": [s.stage for s in active], "times": times,
+                             "range": _time_range(min([first, *times]), max([first, *times]))}
     for q in latency.QUANTILES:
         rows = []
         for s in active:
@@ -152,7 +155,7 @@ def patient(request: Request, fhir_id: str, sessions: SessionsDep, settings: Set
         "note": note,
         "drivers": drivers_in_note(note),
         "links": _links(settings, page),
-        "vitals_plots": _vitals_plots(page.vitals),
+        "vitals_plots": _vitals_plots(page),
         "risk_plot": _risk_plot(page),
         "image_url": f"/dashboard/patients/{quote(fhir_id, safe='')}/image.png" if page.studies else None,
     })
@@ -182,20 +185,30 @@ def _epoch(t: datetime) -> float:
     return round(t.timestamp(), 3)
 
 
-def _vitals_plots(points: list[views.VitalPoint]) -> list[dict[str, Any]]:
-    """One plot per vital sign the model saw, in the contract's feature order, with its canonical unit."""
-    out = []
+def _time_range(first: float, last: float) -> list[float]:
+    """A plot's time axis: from ``first`` to ``last``, or half a day either side of a single instant."""
+    return [first - 43200.0, last + 43200.0] if last - first < 1.0 else [first, last]
+
+
+def _vitals_plots(page: views.PatientPage) -> dict[str, Any] | None:
+    """One plot per vital sign the model saw, in the contract's feature order, with its canonical unit, each over
+    the assessment's whole window."""
+    if page.window_start is None or page.window_end is None or not page.vitals:
+        return None
+    plots = []
     for feature in C.VITAL_FEATURES:
-        mine = [p for p in points if p.feature == feature.key]
+        mine = [p for p in page.vitals if p.feature == feature.key]
         if mine:
-            out.append({"key": feature.key, "label": feature.display, "unit": feature.unit,
-                        "data": [[_epoch(p.effective) for p in mine], [p.value for p in mine]]})
-    return out
+            plots.append({"key": feature.key, "label": feature.display, "unit": feature.unit,
+                          "data": [[_epoch(p.effective) for p in mine], [p.value for p in mine]]})
+    return {"start": _epoch(page.window_start), "end": _epoch(page.window_end), "plots": plots}
 
 
 def _risk_plot(page: views.PatientPage) -> dict[str, Any]:
     ordered = sorted(page.assessments, key=lambda a: a.window_end)
-    return {"data": [[_epoch(a.window_end) for a in ordered], [round(a.probability, 4) for a in ordered]]}
+    times = [_epoch(a.window_end) for a in ordered]
+    return {"data": [times, [round(a.probability, 4) for a in ordered]],
+            "range": _time_range(times[0], times[-1]) if times else None}
 
 
 @router.get("/patients/{fhir_id}/image.png")

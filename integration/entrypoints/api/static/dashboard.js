@@ -27,11 +27,11 @@
     var series = [{}];
     d.stages.forEach(function (stage, i) {
       series.push({label: stage, stroke: COLOURS[i % COLOURS.length], width: 1.5, spanGaps: false,
-                   points: {show: true, size: 4}});
+                   points: {show: true, size: 6}});
     });
     make(el, {
       title: el.dataset.title, height: 240, series: series,
-      scales: {y: {distr: 3}},
+      scales: {x: {time: true, range: d.range}, y: {distr: 3}},
       axes: [{}, {label: "seconds", size: 60}],
     }, [d.times].concat(d[key]));
   }
@@ -40,20 +40,27 @@
     var d = data(el);
     make(el, {
       title: el.dataset.title, height: 200,
-      scales: {y: {range: [0, 1]}},
+      scales: {x: {time: true, range: d.range}, y: {range: [0, 1]}},
       series: [{}, {label: "probability", stroke: "#d62728", width: 2, points: {show: true, size: 6}}],
       axes: [{}, {label: "probability", size: 60}],
     }, d.data);
   }
 
+  // One plot per vital sign, every one over the whole window the model saw. The boxes are laid out first, so
+  // each plot is sized to its final grid cell.
   function vitals(container) {
-    data(container).forEach(function (v, i) {
+    var d = data(container);
+    var boxes = d.plots.map(function (v) {
       var el = document.createElement("div");
       el.className = "plot";
       el.id = "plot-vital-" + v.key;
       container.appendChild(el);
-      make(el, {
+      return el;
+    });
+    d.plots.forEach(function (v, i) {
+      make(boxes[i], {
         title: v.label + " (" + v.unit + ")", height: 160,
+        scales: {x: {time: true, range: [d.start, d.end]}},
         series: [{}, {label: v.label, stroke: COLOURS[i % COLOURS.length], width: 1.5, points: {show: true, size: 4}}],
         axes: [{}, {size: 55}],
       }, v.data);
