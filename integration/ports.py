@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from inference.preprocess import Slice
 from inference.runtime.base import ModelInputs, Prediction
 from integration.domain.checks import CheckResult
+from integration.domain.latency import StageSnapshot
 from integration.domain.push import InstanceHeader, ReceivedInstance, SpooledStudy
 from integration.domain.records import (
     AssessmentRecord,
@@ -25,7 +26,6 @@ from integration.domain.records import (
     StudyRecord,
     StudyStatus,
 )
-from integration.domain.latency import StageSnapshot
 from integration.domain.stages import Observation, StageHistogram
 from integration.domain.types import (
     Outcome,

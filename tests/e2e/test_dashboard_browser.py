@@ -32,7 +32,7 @@ CHROMIUM = "/usr/bin/chromium"
 N_PATIENTS = 2
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = Path(os.environ.get("STROKEWATCH_SCREENSHOTS_DIR", REPO / "reports" / "dashboard"))
-VIEWPORTS = {"desktop": (1280, 800), "phone": (390, 844)}
+VIEWPORTS = ((1280, 800), (390, 844))  # a desktop, a phone
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -149,7 +149,7 @@ def test_overview_and_patient_pages_in_a_real_browser(
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
-            for name, viewport in VIEWPORTS.items():
+            for viewport in VIEWPORTS:
                 b = Browser(chromium, viewport)
                 b.open(f"{api}/dashboard", plots=2)
                 for plot in ("#plot-p50", "#plot-p95"):

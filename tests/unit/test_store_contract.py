@@ -462,3 +462,19 @@ def check_concurrent_observations(stores: list[SqlStore]) -> None:
     assert by_stage["model"].sum == pytest.approx(n * 0.02 + 20 * sum(2.0 + k for k in range(len(stores))))
     assert by_stage["explain"].count == n and dict(by_stage["explain"].buckets)[0.3] == n
     assert by_stage["publish"].count == n
+
+
+# -- stage latency snapshots (issue 19: the dashboard) --------------------------------------------------------------
+
+def test_stage_snapshots_are_a_bounded_ring_taken_at_most_every_interval(store: Store) -> None:
+    assert store.stage_snapshots(10) == []
+    assert store.snapshot_stages(NOW, 60.0, keep=3)
+    assert not store.snapshot_stages(NOW + timedelta(seconds=59), 60.0, keep=3)  # not due yet
+    store.observe_stages([("model", 0.02), ("model", 0.4)])
+    for k in range(1, 5):
+        assert store.snapshot_stages(NOW + timedelta(minutes=k), 60.0, keep=3)
+    kept = store.stage_snapshots(10)
+    assert [s.taken_at for s in kept] == [NOW + timedelta(minutes=k) for k in (2, 3, 4)]  # oldest first, 3 kept
+    model = next(h for h in kept[-1].histograms if h.stage == "model")
+    assert model.count == 2 and model.sum == pytest.approx(0.42) and dict(model.buckets)[0.025] == 1
+    assert [s.taken_at for s in store.stage_snapshots(2)] == [NOW + timedelta(minutes=k) for k in (3, 4)]

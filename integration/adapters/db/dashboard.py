@@ -62,8 +62,9 @@ class PatientPage:
     total_assessments: int
     #: The latest assessment that is not superseded (the one the EHR shows), if any.
     current: AssessmentView | None
-    #: The current assessment's RiskAssessment JSON (its note names the drivers).
-    current_resource: dict[str, object] | None
+    #: The current RiskAssessment's note (it names the drivers) and the Observations in its basis.
+    current_note: str
+    current_observations: list[str]
     studies: list[StudyDetail] = field(default_factory=list)
     #: The vital values in the current assessment's window (what the model saw), oldest first.
     vitals: list[VitalPoint] = field(default_factory=list)
@@ -95,7 +96,8 @@ def queue_depths(sessions: Sessions) -> list[QueueDepth]:
         QueueDepth("assess", int(due_patients or 0), int(assessing or 0)),
         QueueDepth(
             "publish",
-            int(assessments.get(AssessmentStatus.SCORED.value, 0)) + int(assessments.get(AssessmentStatus.RETRY.value, 0)),
+            int(assessments.get(AssessmentStatus.SCORED.value, 0))
+            + int(assessments.get(AssessmentStatus.RETRY.value, 0)),
             int(assessments.get(AssessmentStatus.PUBLISHING.value, 0)),
         ),
     ]
@@ -187,7 +189,8 @@ def patient_page(
             assessments=[_assessment_view(a, ehr_base_url) for a in rows],
             total_assessments=int(total or 0),
             current=_assessment_view(current_row, ehr_base_url) if current_row is not None else None,
-            current_resource=dict(current_row.resource) if current_row is not None else None,
+            current_note=_note(current_row.resource) if current_row is not None else "",
+            current_observations=_observations(current_row.resource) if current_row is not None else [],
             studies=[_study_detail(st, series[st.study_uid]) for st in studies],
             vitals=vitals,
             vitals_truncated=truncated,
@@ -196,13 +199,17 @@ def patient_page(
         )
 
 
-def study_volume(sessions: Sessions, study_uid: str) -> tuple[str | None, str | None, str | None]:
-    """(volume path, chosen series UID, modality) of a study; Nones when unknown."""
-    with sessions() as s:
-        row = s.execute(
-            select(Study.volume_path, Study.chosen_series_uid, Study.modality).where(Study.study_uid == study_uid)
-        ).first()
-    return (row[0], row[1], row[2]) if row is not None else (None, None, None)
+def _note(resource: dict[str, object]) -> str:
+    notes = resource.get("note")
+    first = notes[0] if isinstance(notes, list) and notes else None
+    return str(first.get("text", "")) if isinstance(first, dict) else ""
+
+
+def _observations(resource: dict[str, object]) -> list[str]:
+    """``Observation/{id}`` references of the RiskAssessment's basis, in order."""
+    basis = resource.get("basis")
+    refs = [b.get("reference") for b in basis if isinstance(b, dict)] if isinstance(basis, list) else []
+    return [str(r) for r in refs if isinstance(r, str) and r.startswith("Observation/")]
 
 
 def failure(sessions: Sessions, failure_id: int) -> tuple[str, str] | None:

@@ -15,13 +15,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from integration.adapters.db.models import (
-    StageSnapshotRow,
     Assessment,
     Cursor,
     Failure,
     Patient,
     SeriesDecisionRow,
     StageBucket,
+    StageSnapshotRow,
     Study,
     VitalRow,
     utcnow,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-from urllib.parse import urlencode
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse

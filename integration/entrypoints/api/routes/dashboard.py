@@ -144,10 +144,7 @@ def patient(request: Request, fhir_id: str, sessions: SessionsDep, settings: Set
                               max_vitals=settings.dashboard.max_vitals)
     if page is None:
         raise HTTPException(404, "the engine does not follow this patient")
-    note = ""
-    if page.current_resource:
-        notes = page.current_resource.get("note") or [{}]
-        note = str(notes[0].get("text", "")) if isinstance(notes, list) and notes else ""  # type: ignore[union-attr]
+    note = page.current_note
     return _page(request, "patient.html", {
         "title": f"Patient {fhir_id}",
         "horizon_days": C.HORIZON_DAYS,
@@ -164,9 +161,7 @@ def patient(request: Request, fhir_id: str, sessions: SessionsDep, settings: Set
 def _links(settings: Any, page: views.PatientPage) -> dict[str, Any]:
     ehr = (settings.ehr.base_url or "").rstrip("/")
     dicomweb = (settings.pacs.dicomweb_url or "").rstrip("/")
-    basis = (page.current_resource or {}).get("basis") or []
-    observations = [b["reference"] for b in basis if isinstance(b, dict) and str(b.get("reference", "")).startswith(
-        "Observation/")]
+    observations = page.current_observations
     series = []
     for study in page.studies:
         if study.chosen_series_uid and dicomweb:
