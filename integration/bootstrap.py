@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from integration.adapters.dimse import DimsePacs
     from integration.adapters.fhir import FhirEhr
     from integration.adapters.orthanc import OrthancChangeFeed
+    from integration.adapters.smart_launch import SmartLauncher
     from integration.adapters.spool import FileSpool
     from integration.services.push import PushServices
     from integration.services.retention import Housekeeping
@@ -51,6 +52,17 @@ def build_tls(tls: TlsSettings, *setting: str) -> ssl.SSLContext:
     from integration.adapters.tls import ssl_context
 
     return ssl_context(tls, setting)
+
+
+def build_smart_launch(settings: Settings) -> SmartLauncher | None:
+    """The dashboard's SMART App Launch client, talking to the EHR with the EHR's TLS settings and timeout."""
+    from integration.adapters.smart_launch import SmartLauncher
+
+    client_id = settings.dashboard.smart_client_id
+    if client_id is None or not settings.ehr.base_url:
+        return None
+    return SmartLauncher(settings.ehr.base_url, client_id, settings.dashboard.smart_scope,
+                         timeout_s=settings.ehr.timeout_s, verify=build_tls(settings.ehr.tls, "ehr", "tls"))
 
 
 def build_auth(
@@ -205,6 +217,8 @@ class Engine:
     ehr: FhirEhr
     feed: OrthancChangeFeed | None
     model: LazyModel
+    #: The dashboard's SMART App Launch client (``dashboard.smart_client_id``); None when not configured.
+    smart_launch: SmartLauncher | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -322,8 +336,10 @@ def bootstrap(
             reader.reduce_planes = True  # type: ignore[union-attr]
     if enqueue is not None:
         services.enqueue = enqueue
-    engine = Engine(settings, store, services, pacs, ehr, feed, model)
+    engine = Engine(settings, store, services, pacs, ehr, feed, model, smart_launch=build_smart_launch(settings))
     engine._closers.append(db_engine.dispose)
+    if engine.smart_launch is not None:
+        engine._closers.append(engine.smart_launch.close)
     for adapter in (pacs, ehr, feed):
         close = getattr(adapter, "close", None)
         if callable(close):

@@ -455,6 +455,10 @@ class DashboardSettings(BaseModel):
     #: Assessments (risk over time) and vital values one patient page shows at most.
     max_assessments: int = Field(default=200, ge=1, le=5000)
     max_vitals: int = Field(default=5000, ge=10, le=100_000)
+    #: SMART App Launch from the EHR (``/dashboard/launch``): the client id the EHR registered for the dashboard
+    #: (a public client: PKCE, no secret). Unset: CDS Hooks cards offer no SMART link and launches are refused.
+    smart_client_id: str | None = None
+    smart_scope: str = "launch openid fhirUser patient/Patient.read"
 
 
 class CdsIssuerSettings(BaseModel):

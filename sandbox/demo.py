@@ -92,12 +92,23 @@ def run_demo(
             f"The API is at {procs.api_url} (OpenAPI docs: {procs.api_url}/docs); it wants the sandbox's API key in "
             f"X-API-Key (api_key in {Path(info.state_dir) / 'sandbox.json'}). Stop everything with `strokewatch stop`."
         )
+        for line in dashboard_lines(procs.api_url, rows):
+            console.print(line, soft_wrap=True)  # URLs whole, never folded
     else:
         api.close()
         stop_pids([procs.worker_pid, procs.api_pid])
         stop_engine(data_dir)
         sandbox.stop(sandbox_dir)
     return 0 if published == len(loaded) else 1
+
+
+def dashboard_lines(api_url: str, rows: list[tuple[str, str, str, str, str]]) -> list[str]:
+    """The demo's last lines: the dashboard's overview, and the page of the first patient scored."""
+    lines = [f"Dashboard: {api_url}/dashboard (open without signing in: the sandbox, on this machine only)"]
+    scored = next((r[0] for r in rows if r[0] and r[2]), None)
+    if scored:
+        lines.append(f"A patient's page: {api_url}/dashboard/patients/{scored}")
+    return lines
 
 
 class EngineApi:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,12 @@ class CardFacts:
     note: str
     assessed_at: str  # ISO date-time of the window end
     risk_assessment_url: str | None
+    #: The patient's page on the StrokeWatch dashboard (risk over time, drivers, image with heat-map, vitals).
+    dashboard_url: str | None = None
+    #: The dashboard as a SMART app the EHR launches (``/dashboard/launch``), offered when the EHR calls with its
+    #: FHIR server and a SMART client id is configured; ``patient_fhir_id`` goes in its ``appContext``.
+    smart_launch_url: str | None = None
+    patient_fhir_id: str | None = None
 
 
 def discovery() -> dict[str, Any]:
@@ -49,6 +56,17 @@ def risk_card(facts: CardFacts) -> dict[str, Any]:
         "source": {"label": "StrokeWatch", "topic": {"code": C.OUTCOME_CODE, "system": C.OUTCOME_SYSTEM,
                                                     "display": C.OUTCOME_DISPLAY}},
     }
+    links: list[dict[str, Any]] = []
     if facts.risk_assessment_url:
-        card["links"] = [{"label": "RiskAssessment in the EHR", "url": facts.risk_assessment_url, "type": "absolute"}]
+        links.append({"label": "RiskAssessment in the EHR", "url": facts.risk_assessment_url, "type": "absolute"})
+    if facts.dashboard_url:
+        links.append({"label": "StrokeWatch dashboard: risk over time, drivers, image", "url": facts.dashboard_url,
+                      "type": "absolute"})
+    if facts.smart_launch_url:
+        link = {"label": "Open in StrokeWatch (SMART app)", "url": facts.smart_launch_url, "type": "smart"}
+        if facts.patient_fhir_id:
+            link["appContext"] = json.dumps({"patient": facts.patient_fhir_id})
+        links.append(link)
+    if links:
+        card["links"] = links
     return card

@@ -8,8 +8,16 @@ from integration.domain.cds import CardFacts, risk_card
 from integration.services.context import Services
 
 
-def patient_view_cards(svc: Services, patient_fhir_id: str, ehr_base_url: str | None) -> list[dict[str, Any]]:
-    """One card with the latest (not superseded) assessment; no card when there is none."""
+def patient_view_cards(
+    svc: Services,
+    patient_fhir_id: str,
+    ehr_base_url: str | None,
+    *,
+    dashboard_url: str | None = None,
+    smart_launch_url: str | None = None,
+) -> list[dict[str, Any]]:
+    """One card with the latest (not superseded) assessment, linking to it in the EHR and to the patient's
+    dashboard page (and, from an EHR that can launch it, the dashboard as a SMART app); no card without one."""
     row = svc.store.latest_assessment(patient_fhir_id)
     if row is None:
         return []
@@ -23,5 +31,8 @@ def patient_view_cards(svc: Services, patient_fhir_id: str, ehr_base_url: str | 
         note=str(notes[0].get("text", "")),
         assessed_at=row.window_end.isoformat(timespec="minutes"),
         risk_assessment_url=url,
+        dashboard_url=dashboard_url,
+        smart_launch_url=smart_launch_url,
+        patient_fhir_id=patient_fhir_id,
     )
     return [risk_card(facts)]

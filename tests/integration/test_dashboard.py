@@ -320,3 +320,136 @@ def test_in_the_sandbox_on_loopback_the_pages_are_open(
     beyond = settings(tmp_path / "c", orthanc_peer, fhir_peer, sandbox=True, api_host="0.0.0.0")
     with TestClient(create_app(beyond, enqueue=RecordingQueue()), follow_redirects=False) as client:
         assert client.get("/dashboard").status_code == 303  # beyond loopback: never open
+
+
+# -- the CDS Hooks card and the SMART App Launch from the EHR ---------------------------------------------------
+
+class SmartEhr:
+    """The authorization side of an EHR on loopback (SMART App Launch, EHR launch): smart-configuration, an
+    authorize endpoint that signs its clinician in at once, and a token endpoint that checks the PKCE verifier."""
+
+    def __init__(self, patient: str) -> None:
+        import hashlib
+        import threading
+        from base64 import urlsafe_b64encode
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlencode, urlsplit
+
+        self.patient = patient
+        self.grants: dict[str, dict[str, str]] = {}
+        ehr = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, status: int, body: dict[str, Any] | None = None, location: str | None = None) -> None:
+                data = json.dumps(body or {}).encode()
+                self.send_response(status)
+                if location:
+                    self.send_header("Location", location)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                url = urlsplit(self.path)
+                if url.path == "/fhir/.well-known/smart-configuration":
+                    self._send(200, {"authorization_endpoint": f"{ehr.base}/auth/authorize",
+                                     "token_endpoint": f"{ehr.base}/auth/token",
+                                     "code_challenge_methods_supported": ["S256"]})
+                elif url.path == "/auth/authorize":
+                    q = {k: v[0] for k, v in parse_qs(url.query).items()}
+                    if q.get("client_id") != "dashboard-app" or q.get("aud") != f"{ehr.base}/fhir" or q.get(
+                            "code_challenge_method") != "S256" or q.get("launch") != "launch-123":
+                        self._send(400, {"error": "invalid_request"})
+                        return
+                    code = f"code-{len(ehr.grants)}"
+                    ehr.grants[code] = q
+                    self._send(302, location=f"{q['redirect_uri']}?{urlencode({'code': code, 'state': q['state']})}")
+                else:
+                    self._send(404)
+
+            def do_POST(self) -> None:  # noqa: N802
+                form = {k: v[0] for k, v in parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+                        .items()}
+                grant = ehr.grants.pop(form.get("code", ""), None)
+                challenge = urlsafe_b64encode(hashlib.sha256(form.get("code_verifier", "").encode()).digest())
+                if grant is None or challenge.decode().rstrip("=") != grant["code_challenge"] or form.get(
+                        "redirect_uri") != grant["redirect_uri"]:
+                    self._send(400, {"error": "invalid_grant"})
+                    return
+                self._send(200, {"access_token": "secret-token", "token_type": "Bearer", "patient": ehr.patient,
+                                 "fhirUser": "Practitioner/dr-1", "scope": grant["scope"]})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cds_card_links_to_the_dashboard_and_offers_the_smart_launch(
+    world: World, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer
+) -> None:
+    from tests.integration.test_api_idp import Idp
+
+    with Idp(issuer="https://ehr.test/fhir") as ehr:
+        cds = {"issuers": [{"iss": ehr.issuer, "jwks_url": ehr.jwks_url}], "public_url": "http://testserver"}
+        app_settings = settings(world.data_dir, orthanc_peer, fhir_peer, cds_hooks=cds,
+                                public_base_url="https://strokewatch.hospital.test",
+                                dashboard={"smart_client_id": "dashboard-app"})
+        with TestClient(create_app(app_settings, enqueue=RecordingQueue())) as client:
+            body = {"hook": "patient-view", "hookInstance": "h1", "context": {"patientId": world.patient_id}}
+            aud = "http://testserver/cds-services/strokewatch-stroke-risk"
+            plain = client.post("/cds-services/strokewatch-stroke-risk", json=body,
+                                headers={"Authorization": f"Bearer {ehr.token(aud=aud)}"}).json()["cards"][0]
+            launched = client.post("/cds-services/strokewatch-stroke-risk", json={**body, "fhirServer": ehr.issuer},
+                                   headers={"Authorization": f"Bearer {ehr.token(aud=aud)}"}).json()["cards"][0]
+    page = f"https://strokewatch.hospital.test/dashboard/patients/{world.patient_id}"
+    assert [(link["type"], link["url"]) for link in plain["links"][1:]] == [("absolute", page)]
+    smart = launched["links"][-1]
+    assert smart["type"] == "smart" and smart["url"] == "https://strokewatch.hospital.test/dashboard/launch"
+    assert json.loads(smart["appContext"]) == {"patient": world.patient_id}
+
+
+def test_smart_launch_from_the_ehr_signs_in_and_opens_the_patient(
+    world: World, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer, logs: Captured
+) -> None:
+    import httpx
+
+    ehr = SmartEhr(world.patient_id)
+    try:
+        fake_ehr = type("Peer", (), {"base_url": f"{ehr.base}/fhir"})()
+        app_settings = settings(world.data_dir, orthanc_peer, fake_ehr, dashboard={"smart_client_id": "dashboard-app"})
+        with TestClient(create_app(app_settings, enqueue=RecordingQueue()), follow_redirects=False) as b:
+            assert b.get("/dashboard/launch", params={"iss": "https://other.test/fhir", "launch": "x"}
+                         ).status_code == 400  # only our EHR may launch it
+            start = b.get("/dashboard/launch", params={"iss": f"{ehr.base}/fhir", "launch": "launch-123"})
+            assert start.status_code == 303 and start.headers["location"].startswith(f"{ehr.base}/auth/authorize?")
+            assert "samesite=lax" in start.headers["set-cookie"].lower()
+            back = httpx.get(start.headers["location"], follow_redirects=False)  # the EHR signs its clinician in
+            assert back.status_code == 302, back.text
+            callback = httpx.URL(back.headers["location"])
+            assert callback.path == "/dashboard/launch/callback"
+            forged = b.get("/dashboard/launch/callback", params={"code": callback.params["code"], "state": "forged"})
+            assert forged.status_code == 400
+            done = b.get("/dashboard/launch/callback", params=dict(callback.params))
+            assert done.status_code == 200, done.text
+            target = f"/dashboard/patients/{world.patient_id}"
+            assert f'url={target}"' in done.text and SESSION_COOKIE in done.cookies
+            page = b.get(target)
+            assert page.status_code == 200 and "smart:Practitioner/dr-1" in page.text
+            assert b.post("/dashboard/failures/1/replay", data={"csrf_token": csrf_of(page.text)}).status_code == 403
+            again = b.get("/dashboard/launch/callback", params=dict(callback.params))  # the code is spent
+            assert again.status_code in (400, 502)
+        closed = settings(world.data_dir, orthanc_peer, fake_ehr)
+        with TestClient(create_app(closed, enqueue=RecordingQueue()), follow_redirects=False) as b:
+            assert b.get("/dashboard/launch", params={"iss": f"{ehr.base}/fhir", "launch": "x"}).status_code == 404
+    finally:
+        ehr.close()
+    assert not any("secret-token" in line for line in logs.lines)

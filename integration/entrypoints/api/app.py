@@ -29,6 +29,7 @@ from integration.entrypoints.api.routes import (
     health,
     metrics,
     patients,
+    smart_launch,
     status,
     studies,
     webhooks,
@@ -103,7 +104,8 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.guard = guard
-    for module in (health, status, patients, studies, assessments, failures, webhooks, metrics, cds_hooks, dashboard):
+    for module in (health, status, patients, studies, assessments, failures, webhooks, metrics, cds_hooks, dashboard,
+                   smart_launch):
         app.include_router(module.router)
     # The dashboard's scripts and styles (uPlot vendored): no patient data, so served without credentials.
     app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="dashboard-static")

@@ -7,6 +7,7 @@ Discovery is open (the spec); a hook call is verified first (``security.cds``: t
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
@@ -41,4 +42,10 @@ def patient_view(hook: HookRequest, request: Request, svc: ServicesDep, settings
     if not patient_id:
         raise HTTPException(400, "context.patientId is required")
     request.state.audit_patients = [str(patient_id)]
-    return {"cards": patient_view_cards(svc, str(patient_id), settings.ehr.base_url)}
+    base = settings.api_base_url.rstrip("/")
+    smart = settings.dashboard.smart_client_id is not None and hook.fhirServer is not None
+    return {"cards": patient_view_cards(
+        svc, str(patient_id), settings.ehr.base_url,
+        dashboard_url=f"{base}/dashboard/patients/{quote(str(patient_id), safe='')}",
+        smart_launch_url=f"{base}/dashboard/launch" if smart else None,
+    )}

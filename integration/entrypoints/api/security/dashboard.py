@@ -24,8 +24,10 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from integration.config import Settings
 from integration.entrypoints.api.security.policy import Principal, Role
@@ -82,30 +84,39 @@ class DashboardAuth:
 
     # -- sessions -------------------------------------------------------------------------------------------
     def issue(self, principal: Principal, now: float | None = None) -> str:
-        body = {
-            "who": principal.who,
-            "method": principal.method,
-            "roles": sorted(r.value for r in principal.roles),
-            "exp": int((now or time.time()) + self.session_s),
-        }
-        payload = base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode().rstrip("=")
-        return f"{payload}.{self._mac('session', payload)}"
+        body = {"who": principal.who, "method": principal.method, "roles": sorted(r.value for r in principal.roles)}
+        return self.seal("session", body, self.session_s, now)
 
     def principal(self, cookie: str | None, now: float | None = None) -> Principal | None:
         """The signed-in principal, or None for a missing, forged, malformed or expired cookie."""
-        if not cookie or len(cookie) > _MAX_COOKIE or "." not in cookie:
-            return None
-        payload, _, mac = cookie.rpartition(".")
-        if not hmac.compare_digest(mac, self._mac("session", payload)):
+        body = self.unseal("session", cookie, now)
+        if body is None:
             return None
         try:
-            body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-            if float(body["exp"]) < (now or time.time()):
-                return None
             roles = frozenset(Role(r) for r in body["roles"])
             return Principal(str(body["who"]), f"dashboard:{body['method']}", roles)
         except (ValueError, KeyError, TypeError):
             return None
+
+    def seal(self, purpose: str, body: Mapping[str, object], ttl_s: float, now: float | None = None) -> str:
+        """``body`` as a signed, expiring cookie value for ``purpose`` (readable, not secret: no secrets in it)."""
+        stamped = {**body, "exp": int((now or time.time()) + ttl_s)}
+        payload = base64.urlsafe_b64encode(json.dumps(stamped, separators=(",", ":")).encode()).decode().rstrip("=")
+        return f"{payload}.{self._mac(purpose, payload)}"
+
+    def unseal(self, purpose: str, cookie: str | None, now: float | None = None) -> dict[str, Any] | None:
+        if not cookie or len(cookie) > _MAX_COOKIE or "." not in cookie:
+            return None
+        payload, _, mac = cookie.rpartition(".")
+        if not hmac.compare_digest(mac, self._mac(purpose, payload)):
+            return None
+        try:
+            body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            if not isinstance(body, dict) or float(body["exp"]) < (now or time.time()):
+                return None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return body
 
     # -- CSRF -----------------------------------------------------------------------------------------------
     @staticmethod

@@ -40,8 +40,9 @@ WEBHOOK_SOURCES: dict[str, str] = {
 AUDITED_PREFIXES = ("/patients", "/studies", "/assessments", "/failures", "/cds-services/", "/webhooks/",
                     "/dashboard/patients", "/dashboard/failures")
 
-#: The dashboard's sign-in form (open, so that a browser without a session can sign in) and sign-out.
-DASHBOARD_OPEN = ("/dashboard/login", "/dashboard/logout")
+#: The dashboard's sign-in form (open, so that a browser without a session can sign in), sign-out, and the SMART
+#: App Launch from the EHR (the EHR's own sign-in is the credential there).
+DASHBOARD_OPEN = ("/dashboard/login", "/dashboard/logout", "/dashboard/launch", "/dashboard/launch/callback")
 
 
 @dataclass(frozen=True)
