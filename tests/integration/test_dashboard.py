@@ -178,6 +178,23 @@ def test_sign_in_gives_a_session_cookie_that_opens_the_pages(world: World) -> No
     assert "key:viewer" in resp.text  # who is signed in
 
 
+def test_a_session_ends_with_its_key_and_follows_its_role(
+    world: World, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer
+) -> None:
+    cookie = signed_in(world, READ_KEY).cookies[SESSION_COOKIE]
+    for viewer, want in ((None, 303), (f"operate:{digest(READ_KEY)}", 200)):
+        keys = {"ops": f"operate:{digest(OPERATE_KEY)}", **({"viewer": viewer} if viewer else {})}
+        restarted = settings(world.data_dir, orthanc_peer, fhir_peer,  # the same data_dir: the same session key
+                             api={"keys": keys, "allowed_hosts": ["testserver"]})
+        with TestClient(create_app(restarted, enqueue=RecordingQueue()), follow_redirects=False) as b:
+            b.cookies.set(SESSION_COOKIE, cookie, path="/dashboard")
+            page = b.get("/dashboard/failures")
+            assert page.status_code == want, viewer
+            if want == 200:  # the key is an operate key now: its session may replay
+                replay = re.search(r'action="(/dashboard/failures/\d+/replay)"', page.text)
+                assert replay is not None
+
+
 def test_sign_in_with_a_wrong_credential_or_without_csrf_is_refused(world: World) -> None:
     b = browser(world)
     token = csrf_of(b.get("/dashboard/login").text)

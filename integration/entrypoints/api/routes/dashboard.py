@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +52,32 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline';
 REPLAYS = {"ingest": "retry the study", "assess": "score the patient again", "publish": "write it to the EHR again"}
 #: Rendered pictures kept per API process (newest used last), keyed by the assessment they show.
 PICTURES_KEPT = 32
+
+
+class PictureCache:
+    """The latest pictures drawn by this process, at most ``size`` (the least recently shown go first)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, picture.Picture] = OrderedDict()
+        self._lock = threading.Lock()  # routes run in a thread pool
+
+    def get(self, key: str) -> picture.Picture | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: str, value: picture.Picture) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
 
 
 def _auth(request: Request) -> DashboardAuth:
@@ -210,17 +237,14 @@ def _risk_plot(page: views.PatientPage) -> dict[str, Any]:
 def patient_image(request: Request, fhir_id: str, services: ServicesDep) -> Response:
     """The key slice of the scored volume with its heat-map (``services.picture``), cached per assessment."""
     latest = services.store.latest_assessment(fhir_id)
-    cache: OrderedDict[str, picture.Picture] = request.app.state.__dict__.setdefault("pictures", OrderedDict())
+    cache: PictureCache = request.app.state.__dict__.setdefault("pictures", PictureCache(PICTURES_KEPT))
     key = f"{fhir_id}|{latest.identifier if latest else ''}"
     found = cache.get(key)
     if found is None:
         found = picture.patient_picture(services, fhir_id)
         if found is None:
             raise HTTPException(404, "no image for this patient")
-        cache[key] = found
-        while len(cache) > PICTURES_KEPT:
-            cache.popitem(last=False)
-    cache.move_to_end(key)
+        cache.put(key, found)
     response = Response(found.png, media_type="image/png")
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-StrokeWatch-Slice"] = str(found.slice_index)

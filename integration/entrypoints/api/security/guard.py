@@ -201,6 +201,9 @@ def _dashboard_principal(request: Request, guard: Guard, api_key: str | None, be
     if api_key or bearer:
         return guard.api_principal(api_key, bearer)
     principal = guard.dashboard.principal(request.cookies.get(SESSION_COOKIE))
+    if principal is not None and principal.method == "dashboard:api-key":
+        current = guard.keys.named(principal.who.removeprefix("key:"))  # the key may be gone, or its role changed
+        principal = Principal(principal.who, principal.method, current.roles) if current is not None else None
     if principal is not None:
         return principal
     if guard.dashboard.open_access:

@@ -54,3 +54,12 @@ class ApiKeys:
                 roles = frozenset({Role.READ, Role.OPERATE}) if role is Role.OPERATE else frozenset({Role.READ})
                 found = Principal(f"key:{name}", "api-key", roles)
         return found
+
+    def named(self, name: str) -> Principal | None:
+        """The principal of the key configured under ``name`` now (its current role), or None when there is none:
+        a dashboard session made with a key ends when the key is removed, and follows a change of its role."""
+        for configured, role, _ in self._entries:
+            if configured == name:
+                roles = frozenset({Role.READ, Role.OPERATE}) if role is Role.OPERATE else frozenset({Role.READ})
+                return Principal(f"key:{name}", "api-key", roles)
+        return None
