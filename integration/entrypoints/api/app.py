@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from integration.bootstrap import Engine, bootstrap
 from integration.config import Settings, get_settings
 from integration.domain.types import DomainError
+from integration.entrypoints.api import web
 from integration.entrypoints.api.routes import (
     assessments,
     cds_hooks,
@@ -108,7 +109,7 @@ def create_app(
                    smart_launch):
         app.include_router(module.router)
     # The dashboard's scripts and styles (uPlot vendored): no patient data, so served without credentials.
-    app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="dashboard-static")
+    app.mount("/dashboard/static", StaticFiles(directory=web.STATIC_DIR), name="dashboard-static")
     app.add_exception_handler(DomainError, _domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(LoginRequired, _login_required)  # type: ignore[arg-type]
     middleware.install(app, resolved, audit_log)

@@ -7,20 +7,16 @@ sandbox on loopback). Forms post a CSRF token. Pages are never cached and allow 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Form, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
-from fastapi.templating import Jinja2Templates
-from markupsafe import Markup
 
 from inference import contract as C
 from integration.adapters.db import dashboard as views
@@ -28,13 +24,9 @@ from integration.adapters.db import queries
 from integration.domain import latency
 from integration.domain.drivers import drivers_in_note
 from integration.entrypoints.api.deps import EngineDep, ServicesDep, SessionsDep, SettingsDep
-from integration.entrypoints.api.security.dashboard import (
-    COOKIE_PATH,
-    CSRF_COOKIE,
-    SESSION_COOKIE,
-    DashboardAuth,
-)
+from integration.entrypoints.api.security.dashboard import COOKIE_PATH, SESSION_COOKIE
 from integration.entrypoints.api.security.guard import Guard, unauthorized
+from integration.entrypoints.api.web import Csrf, dashboard_auth, render_page
 from integration.services import picture
 from integration.services.assess import reassess_patient
 from integration.services.assess import republish as requeue_publish
@@ -42,12 +34,6 @@ from integration.services.studies import retry_study
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
-HERE = Path(__file__).resolve().parent.parent
-templates = Jinja2Templates(directory=str(HERE / "templates"))
-STATIC_DIR = HERE / "static"
-
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; "
-       "connect-src 'self'; form-action 'self'; frame-ancestors 'self'; base-uri 'none'")
 #: Failure stages an operator can replay from the failures page, and what the replay does.
 REPLAYS = {"ingest": "retry the study", "assess": "score the patient again", "publish": "write it to the EHR again"}
 #: Rendered pictures kept per API process (newest used last), keyed by the assessment they show.
@@ -80,52 +66,6 @@ class PictureCache:
             self._items.clear()
 
 
-def _auth(request: Request) -> DashboardAuth:
-    guard: Guard = request.app.state.guard
-    return guard.dashboard
-
-
-def _page(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
-    """A template with the CSRF token for its forms (the browser's ``sw_csrf`` cookie, made on first visit)."""
-    auth = _auth(request)
-    csrf_cookie = request.cookies.get(CSRF_COOKIE)
-    fresh = not csrf_cookie or len(csrf_cookie) > 128
-    if fresh:
-        csrf_cookie = auth.new_csrf_cookie()
-    principal = getattr(request.state, "principal", None)
-    response = templates.TemplateResponse(
-        request,
-        name,
-        {**context, "csrf_token": auth.csrf_token(str(csrf_cookie)), "principal": principal,
-         "signed_in": request.cookies.get(SESSION_COOKIE) is not None},
-        status_code=status_code,
-    )
-    if fresh:
-        response.set_cookie(CSRF_COOKIE, str(csrf_cookie), path=COOKIE_PATH, httponly=True, samesite="strict",
-                            secure=auth.secure_cookies)
-    _harden(response)
-    return response
-
-
-def _harden(response: Response) -> None:
-    response.headers["Content-Security-Policy"] = CSP
-    response.headers["Cache-Control"] = "no-store"  # pages carry patient data
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-
-
-async def check_csrf(request: Request, csrf_token: Annotated[str, Form(max_length=128)] = "") -> None:
-    """A form post must carry the token of the browser's CSRF cookie, and come from the API's own origin."""
-    origin = request.headers.get("origin")
-    if origin and origin != "null":
-        host = urlsplit(origin).netloc
-        if host != request.headers.get("host"):
-            raise HTTPException(403, "cross-origin form post refused")
-    if not _auth(request).csrf_ok(request.cookies.get(CSRF_COOKIE), csrf_token):
-        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
-
-
-Csrf = Depends(check_csrf)
 
 
 # -- overview -------------------------------------------------------------------------------------------------
@@ -134,7 +74,7 @@ def overview(request: Request, engine: EngineDep, sessions: SessionsDep, setting
     counts = engine.store.counts()
     snapshots = engine.store.stage_snapshots(settings.dashboard.latency_snapshots_kept)
     plots = _latency_plots(latency.series(snapshots), snapshots[0].taken_at if snapshots else None)
-    return _page(request, "overview.html", {
+    return render_page(request, "overview.html", {
         "title": "Overview",
         "counts": counts,
         "queues": views.queue_depths(sessions),
@@ -172,7 +112,7 @@ def patient(request: Request, fhir_id: str, sessions: SessionsDep, settings: Set
     if page is None:
         raise HTTPException(404, "the engine does not follow this patient")
     note = page.current_note
-    return _page(request, "patient.html", {
+    return render_page(request, "patient.html", {
         "title": f"Patient {fhir_id}",
         "horizon_days": C.HORIZON_DAYS,
         "p": page,
@@ -265,7 +205,7 @@ def failures(
 ) -> HTMLResponse:
     page = queries.list_failures(sessions, stage=stage or None, outcome=outcome or None, open_only=show == "open",
                                  offset=offset, limit=50)
-    return _page(request, "failures.html", {
+    return render_page(request, "failures.html", {
         "title": "Failures", "page": page, "stage": stage or "", "outcome": outcome or "", "show": show,
         "replays": REPLAYS, "done": done,
         "next_offset": offset + 50 if offset + 50 < page.total else None,
@@ -306,7 +246,7 @@ def _safe_next(value: str | None) -> str:
 
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: Annotated[str | None, Query(max_length=500)] = None) -> HTMLResponse:  # noqa: A002
-    return _page(request, "login.html", {"title": "Sign in", "next": _safe_next(next), "error": None})
+    return render_page(request, "login.html", {"title": "Sign in", "next": _safe_next(next), "error": None})
 
 
 @router.post("/login", dependencies=[Csrf])
@@ -326,12 +266,12 @@ async def login(
         if err.status_code != 401:
             raise
         log.info("dashboard sign-in refused: %s", err.detail)
-        return _page(request, "login.html", {"title": "Sign in", "next": _safe_next(next),
+        return render_page(request, "login.html", {"title": "Sign in", "next": _safe_next(next),
                                              "error": "not signed in: that credential was not accepted"}, 401)
     if not principal.roles:
-        return _page(request, "login.html", {"title": "Sign in", "next": _safe_next(next),
+        return render_page(request, "login.html", {"title": "Sign in", "next": _safe_next(next),
                                              "error": "not signed in: that credential has no StrokeWatch role"}, 403)
-    auth = _auth(request)
+    auth = dashboard_auth(request)
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(SESSION_COOKIE, auth.issue(principal), max_age=int(auth.session_s), path=COOKIE_PATH,
                         httponly=True, samesite="strict", secure=auth.secure_cookies)
@@ -341,17 +281,8 @@ async def login(
 
 @router.post("/logout", dependencies=[Csrf])
 def logout(request: Request) -> Response:
-    if request.cookies.get(SESSION_COOKIE) is None and not _auth(request).open_access:
+    if request.cookies.get(SESSION_COOKIE) is None and not dashboard_auth(request).open_access:
         raise unauthorized("not signed in")
     response = RedirectResponse("/dashboard/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH)
     return response
-
-
-def json_script(value: Any) -> Markup:
-    """JSON safe to put inside <script type="application/json"> (no closing tag can be formed)."""
-    text = json.dumps(value, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e")
-    return Markup(text.replace("&", "\\u0026"))  # noqa: S704 - escaped above for this context
-
-
-templates.env.filters["json_script"] = json_script

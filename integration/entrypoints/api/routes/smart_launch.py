@@ -21,10 +21,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from integration.adapters.smart_launch import Endpoints, LaunchRefused, pkce_pair
 from integration.config import Settings
 from integration.entrypoints.api.deps import EngineDep, SettingsDep
-from integration.entrypoints.api.routes.dashboard import _harden, templates
 from integration.entrypoints.api.security.dashboard import COOKIE_PATH, SESSION_COOKIE
 from integration.entrypoints.api.security.guard import Guard
 from integration.entrypoints.api.security.policy import Principal, Role
+from integration.entrypoints.api.web import harden, templates
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/dashboard/launch", include_in_schema=False)
@@ -99,6 +99,6 @@ async def callback(
     response.set_cookie(SESSION_COOKIE, guard.dashboard.issue(principal), max_age=int(guard.dashboard.session_s),
                         path=COOKIE_PATH, httponly=True, samesite="strict", secure=guard.dashboard.secure_cookies)
     response.delete_cookie(STATE_COOKIE, path=f"{COOKIE_PATH}/launch")
-    _harden(response)
+    harden(response)
     log.info("SMART launch: %s signed in", principal.who)
     return response
