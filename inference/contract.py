@@ -116,10 +116,21 @@ LOGIT_TERMS: tuple[str, ...] = ("reference", "image", *(f.key for f in VITAL_FEA
 #: declares them, so a model without them is still served. ``logit_terms``: models whose head is additive in its
 #: input groups (the logistic fusion head since 0.6.0); the engine names the drivers of a score from them without
 #: another forward pass, and by occlusion (one more batched call) for a model that does not serve them.
+#: ``lesion_map``: the image branch's lesion-probability maps, from which its image concepts are read; the engine
+#: draws the heat-map of the results in the PACS from them (by occlusion for a model that does not serve them).
+#: The kinds of finding the image branch maps (channels of ``lesion_map``), as ``modelling.config.LESION_KINDS``.
+LESION_KINDS: tuple[str, ...] = ("lacune", "wmd", "infarct", "hyperdense_vessel")
+#: The lesion maps' grid: half the volume grid, each cell covering 2 x 2 x 2 contract voxels.
+LESION_MAP_SHAPE: tuple[int, int, int] = (VOLUME_SHAPE[0] // 2, VOLUME_SHAPE[1] // 2, VOLUME_SHAPE[2] // 2)
 OPTIONAL_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("logit_terms", (len(LOGIT_TERMS),), "float32", "the logit as reference + each input's contribution"),
+    TensorSpec("lesion_map", (len(LESION_KINDS), *LESION_MAP_SHAPE), "float32",
+               "per kind of finding, the probability of it at each half-resolution voxel (what the image path reads)"),
 )
 OPTIONAL_OUTPUT_NAMES: tuple[str, ...] = tuple(t.name for t in OPTIONAL_OUTPUTS)
+#: Optional outputs a runtime asks for only when a caller wants them (``lesion_maps``), never while scoring: the
+#: lesion maps are 64k floats per patient, needed only for the heat-map of the results written to the PACS.
+ON_REQUEST_OUTPUTS: tuple[str, ...] = ("lesion_map",)
 
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 _KSERVE_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64"}

@@ -34,8 +34,9 @@ CONCEPT_INPUTS: dict[str, str] = {
     "af": "hr",
     "glucose_z": "glucose",
 }
-#: Kinds of lesion the lesion map separates (its channels), as labelled in the training data.
-LESION_KINDS: tuple[str, ...] = ("lacune", "wmd", "infarct", "hyperdense_vessel")
+#: Kinds of lesion the lesion map separates (its channels), as labelled in the training data; the contract's, since
+#: the exported model serves the map (``C.LESION_KINDS``, optional output ``lesion_map``).
+LESION_KINDS: tuple[str, ...] = C.LESION_KINDS
 #: Small, countable findings that the full-resolution spot detector maps (its channels); a subset of LESION_KINDS.
 SPOT_KINDS: tuple[str, ...] = ("lacune", "hyperdense_vessel")
 #: Where the spot detector looks: (z, y, x) voxel ranges [start, stop) of the contract grid, a box around the

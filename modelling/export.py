@@ -2,8 +2,9 @@
 
 The exported graph takes the contract's inputs with a symbolic batch axis and returns
 ``probability`` and ``logit``, both with the calibration (temperature, bias) baked in, and for a logistic head
-also ``logit_terms`` (the contract's optional output: the logit as the reference patient's plus each input's exact
-contribution, from the same forward pass; ``LogisticHead.terms``). Provenance
+also the contract's optional outputs: ``logit_terms`` (the logit as the reference patient's plus each input's exact
+contribution, from the same forward pass; ``LogisticHead.terms``) and ``lesion_map`` (the image branch's lesion
+probabilities, which the engine's heat-map shows). Provenance
 (model version, trained flag, calibration, seed, metrics) goes into ONNX ``metadata_props``,
 which ``inference.runtime.OnnxRuntimeModel`` reads.
 
@@ -94,12 +95,14 @@ def _name_batch_axis(proto: onnx.ModelProto) -> None:
 
 
 def check_graph_signature(proto: onnx.ModelProto) -> None:
-    """Fail unless graph inputs/outputs are exactly the contract's (its outputs, then none or all of its optional
-    outputs), with a symbolic batch axis."""
+    """Fail unless graph inputs/outputs are exactly the contract's (its outputs, then any of its optional outputs in
+    contract order: a model exported before ``lesion_map`` existed has ``logit_terms`` alone), with a symbolic batch
+    axis."""
     values = {v.name: v for v in (*proto.graph.input, *proto.graph.output)}
     got = [v.name for v in proto.graph.input] + [v.name for v in proto.graph.output]
     expected = [*C.INPUT_NAMES, *C.OUTPUT_NAMES]
-    if got == [*expected, *C.OPTIONAL_OUTPUT_NAMES]:
+    optional = [name for name in C.OPTIONAL_OUTPUT_NAMES if name in values]
+    if got == [*expected, *optional]:
         expected = got
     if got != expected:
         raise ValueError(f"ONNX tensors {got}, contract {expected} (+ optionally {list(C.OPTIONAL_OUTPUT_NAMES)})")

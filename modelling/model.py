@@ -289,6 +289,20 @@ class FusionModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logit (B, 1), the same logit as exact terms (B, len(C.LOGIT_TERMS)): ``LogisticHead.terms``), from one
         pass through the branches. Only a logistic head is a sum of per-input terms; an MLP head has none."""
+        logit, terms, _ = self.forward_explained(image, image_present, vitals, vitals_mask, vitals_delta, demographics)
+        return logit, terms
+
+    def forward_explained(
+        self,
+        image: torch.Tensor,
+        image_present: torch.Tensor,
+        vitals: torch.Tensor,
+        vitals_mask: torch.Tensor,
+        vitals_delta: torch.Tensor,
+        demographics: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward_with_terms`` and the lesion maps the image concepts were read from, as probabilities
+        (B, len(LESION_KINDS), D/2, H/2, W/2), all from one pass."""
         if self.logistic is None:
             raise ValueError("only the logistic head's logit is a sum of per-input terms")
         logit, aux = self.forward_with_aux(image, image_present, vitals, vitals_mask, vitals_delta, demographics)
@@ -296,7 +310,7 @@ class FusionModel(nn.Module):
         image_values = concept_values(aux["image_concepts"], IMAGE_CONCEPTS)  # (B, K_img)
         vital_values = concept_values(aux["vital_concepts"], VITAL_CONCEPTS)  # (B, K_vit)
         terms = self.logistic.terms(demographics, image_values, image_present, vital_values, observed)  # (B, 1 + G)
-        return logit, terms
+        return logit, terms, torch.sigmoid(aux["seg"])  # (B, 1), (B, 1 + G), (B, K, D/2, H/2, W/2)
 
     def forward_dict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.forward(*(inputs[name] for name in C.INPUT_NAMES))
@@ -329,9 +343,9 @@ class CalibratedModel(nn.Module):
 
 
 class ExplainedModel(CalibratedModel):
-    """What is exported for a logistic head: (probability, logit, logit_terms), all calibrated; the terms
-    (``C.LOGIT_TERMS``) sum to the logit: the reference's carries the calibration bias, every term is divided by
-    the temperature."""
+    """What is exported for a logistic head: (probability, logit, logit_terms, lesion_map), all calibrated; the
+    terms (``C.LOGIT_TERMS``) sum to the logit: the reference's carries the calibration bias, every term is divided
+    by the temperature. ``lesion_map`` (``C.LESION_KINDS``): the image branch's lesion probabilities."""
 
     def forward(  # type: ignore[override]
         self,
@@ -341,14 +355,14 @@ class ExplainedModel(CalibratedModel):
         vitals_mask: torch.Tensor,
         vitals_delta: torch.Tensor,
         demographics: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raw, raw_terms = self.model.forward_with_terms(
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        raw, raw_terms, lesion = self.model.forward_explained(
             image, image_present, vitals, vitals_mask, vitals_delta, demographics
-        )  # (B, 1), (B, 1 + G)
+        )  # (B, 1), (B, 1 + G), (B, K, D/2, H/2, W/2)
         logit = raw / self.temperature + self.bias  # (B, 1)
         terms = raw_terms / self.temperature  # (B, 1 + G)
         terms = torch.cat([terms[:, :1] + self.bias, terms[:, 1:]], dim=1)  # (B, 1 + G)
-        return torch.sigmoid(logit), logit, terms  # (B, 1), (B, 1), (B, 1 + G)
+        return torch.sigmoid(logit), logit, terms, lesion  # (B, 1), (B, 1), (B, 1 + G), (B, K, D/2, H/2, W/2)
 
 
 def calibrated_logit(cfg: FusionConfig, raw: np.ndarray) -> np.ndarray:

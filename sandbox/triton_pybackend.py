@@ -70,13 +70,18 @@ class TritonPythonModel:
                 feeds[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
             sizes.append(feeds[self.input_names[0]][-1].shape[0])
         batch = {name: np.concatenate(arrays) for name, arrays in feeds.items()}
-        results = self.session.run(self.output_names, batch)
+        # only what the requests asked for (a scoring does not ask for the lesion maps; a heat-map asks for them alone)
+        asked = set()
+        for request in requests:
+            asked.update(request.requested_output_names() or self.output_names)
+        names = [name for name in self.output_names if name in asked]
+        results = self.session.run(names, batch)
         responses = []
         start = 0
         for size in sizes:
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(result[start : start + size]))
-                for name, result in zip(self.output_names, results)
+                for name, result in zip(names, results)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size

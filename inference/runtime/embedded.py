@@ -49,8 +49,11 @@ class OnnxRuntimeModel:
         self._trained: bool = str(meta.get(META_TRAINED, "false")).lower() == "true"
         self.info: dict[str, object] = json.loads(meta.get(META_INFO, "{}"))
         self.path = path
-        #: what each call asks for: the contract's outputs and the optional ones this model has
-        self.output_names = (*C.OUTPUT_NAMES, *check_onnx_signature(self._session))
+        optional = check_onnx_signature(self._session)
+        #: what each scoring asks for: the contract's outputs and the optional ones this model has, less those asked
+        #: for only on request (``C.ON_REQUEST_OUTPUTS``: ``lesion_maps``)
+        self.output_names = (*C.OUTPUT_NAMES, *(n for n in optional if n not in C.ON_REQUEST_OUTPUTS))
+        self.on_request = tuple(n for n in optional if n in C.ON_REQUEST_OUTPUTS)
 
     @property
     def model_version(self) -> str:
@@ -68,6 +71,18 @@ class OnnxRuntimeModel:
             results.append(self._session.run(list(self.output_names), chunk))
         out = {name: np.concatenate([r[i] for r in results]) for i, name in enumerate(self.output_names)}
         return predictions(out["probability"], out["logit"], self._version, self.runtime_name, out.get("logit_terms"))
+
+
+    def lesion_maps(self, batch: Sequence[ModelInputs]) -> list[np.ndarray] | None:
+        """Per patient the lesion maps (``C.LESION_KINDS``, *``C.LESION_MAP_SHAPE``); None when the model has none."""
+        if "lesion_map" not in self.on_request:
+            return None
+        feeds = stack_inputs(batch)
+        maps = [
+            self._session.run(["lesion_map"], {k: v[start : start + C.MAX_BATCH] for k, v in feeds.items()})[0]
+            for start in range(0, len(batch), C.MAX_BATCH)
+        ]
+        return list(np.concatenate(maps))
 
 
 def check_onnx_signature(session: object) -> tuple[str, ...]:

@@ -142,8 +142,10 @@ class TritonModel:
         self._semantic_version = C.MODEL_VERSION
         self._trained = False
         self._ready_versions: list[str] = []
-        #: what each inference asks for: the contract's outputs and the optional ones the served model declares
+        #: what each scoring asks for: the contract's outputs and the optional ones the served model declares, less
+        #: those asked for only on request (``on_request``, ``C.ON_REQUEST_OUTPUTS``: ``lesion_maps``)
         self.output_names: tuple[str, ...] = C.OUTPUT_NAMES
+        self.on_request: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ RiskModel port
     @property
@@ -180,6 +182,33 @@ class TritonModel:
         out = {name: np.concatenate(arrays) for name, arrays in results.items()}
         terms = out.get("logit_terms")
         return predictions(out["probability"], out["logit"], self._semantic_version, self.runtime_name, terms)
+
+    def lesion_maps(self, batch: Sequence[ModelInputs]) -> list[np.ndarray] | None:
+        """Per patient the lesion maps (``C.LESION_KINDS``, *``C.LESION_MAP_SHAPE``), asked for alone; None when the
+        served model declares none. Errors as ``predict``."""
+        feeds = stack_inputs(batch)
+        self.breaker.before_call()
+        try:
+            if not self._checked:
+                self._check_once()
+            if "lesion_map" not in self.on_request:
+                self.breaker.record_success()
+                return None
+            maps = []
+            for start in range(0, len(batch), C.MAX_BATCH):
+                chunk = {name: array[start : start + C.MAX_BATCH] for name, array in feeds.items()}
+                outputs = self._infer_outputs(chunk, ("lesion_map",))
+                maps.append(self._output(outputs, "lesion_map", len(chunk[C.INPUT_NAMES[0]])))
+        except ModelUnavailableError:
+            self._checked = False
+            self.breaker.record_failure()
+            raise
+        except ModelContractError:
+            self.breaker.record_success()
+            self._checked = False
+            raise
+        self.breaker.record_success()
+        return list(np.concatenate(maps))
 
     # ------------------------------------------------------------------ start-up checks
     def check(self) -> None:
@@ -224,7 +253,9 @@ class TritonModel:
                 "load it (explicit model control) or fix STROKEWATCH_TRITON_MODEL_VERSION"
             )
         metadata = self._call("model metadata", lambda t: t.model_metadata(name, version))
-        self.output_names = (*C.OUTPUT_NAMES, *check_served_metadata(metadata, name))
+        optional = check_served_metadata(metadata, name)
+        self.output_names = (*C.OUTPUT_NAMES, *(n for n in optional if n not in C.ON_REQUEST_OUTPUTS))
+        self.on_request = tuple(n for n in optional if n in C.ON_REQUEST_OUTPUTS)
         config = self._call("model config", lambda t: t.model_config(name, version))
         params = {k: (v or {}).get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         self._semantic_version = params.get("model_version") or C.MODEL_VERSION
@@ -275,8 +306,11 @@ class TritonModel:
                 attempt += 1
 
     def _infer(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._infer_outputs(chunk, self.output_names)
+
+    def _infer_outputs(self, chunk: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         result: dict[str, np.ndarray] = self._call(
-            "infer", lambda t: t.infer(self.model_name, self.pinned_version, chunk, self.output_names)
+            "infer", lambda t: t.infer(self.model_name, self.pinned_version, chunk, outputs)
         )
         return result
 
@@ -388,6 +422,21 @@ class FallbackModel:
     @property
     def trained(self) -> bool:
         return self.primary.trained
+
+    def lesion_maps(self, batch: Sequence[ModelInputs]) -> list[np.ndarray] | None:
+        """The primary's lesion maps; the fallback's while the primary is unavailable (None from a runtime that
+        cannot serve them)."""
+        for model in (self.primary, self.fallback):
+            serve = getattr(model, "lesion_maps", None)
+            if serve is None:
+                continue
+            try:
+                maps: list[np.ndarray] | None = serve(batch)
+                return maps
+            except ModelUnavailableError:
+                if model is self.fallback:
+                    raise
+        return None
 
     def predict(self, batch: Sequence[ModelInputs]) -> list[Prediction]:
         try:

@@ -108,23 +108,26 @@ def test_calibrated_terms_sum_to_the_served_logit(shipped: FusionModel) -> None:
     feeds = patients(6, seed=3)  # with a patient without image and one without vitals
     inputs = [torch.from_numpy(feeds[n]) for n in C.INPUT_NAMES]
     with torch.no_grad():
-        prob, logit, terms = ExplainedModel(shipped)(*inputs)
+        prob, logit, terms, lesion = ExplainedModel(shipped)(*inputs)
         plain_prob, plain_logit = CalibratedModel(shipped)(*inputs)
     assert torch.equal(logit, plain_logit) and torch.equal(prob, plain_prob)  # explaining does not change the score
     assert terms.shape == (6, len(C.LOGIT_TERMS))
     torch.testing.assert_close(terms.sum(dim=1, keepdim=True), logit, atol=1e-5, rtol=0)
     assert float(terms[0, 1]) == 0.0  # no image: the image contributes nothing
     assert terms[1, 2 : 2 + C.N_FEATURES].abs().max() == 0.0  # no vitals: nor does any vital sign
+    assert lesion.shape == (6, len(C.LESION_KINDS), *C.LESION_MAP_SHAPE)
+    assert float(lesion.min()) >= 0.0 and float(lesion.max()) <= 1.0  # probabilities
 
 
 def test_the_shipped_onnx_serves_the_torch_terms(shipped: FusionModel) -> None:
     session = ort.InferenceSession(str(DEFAULT_MODEL_PATH), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == [*C.OUTPUT_NAMES, *C.OPTIONAL_OUTPUT_NAMES]
     feeds = patients(5, seed=4)
-    _, logit, terms = session.run(None, feeds)
+    _, logit, terms, lesion = session.run(None, feeds)
     with torch.no_grad():
-        _, _, expected = ExplainedModel(shipped)(*(torch.from_numpy(feeds[n]) for n in C.INPUT_NAMES))
+        _, _, expected, expected_lesion = ExplainedModel(shipped)(*(torch.from_numpy(feeds[n]) for n in C.INPUT_NAMES))
     np.testing.assert_allclose(terms, expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(lesion, expected_lesion.numpy(), atol=1e-4)  # the lesion maps the heat-map shows
     runtime = OnnxRuntimeModel(DEFAULT_MODEL_PATH)
     batch = [ModelInputs(**{n: feeds[n][i] for n in C.INPUT_NAMES}) for i in range(5)]
     for pred, row in zip(runtime.predict(batch), terms, strict=True):
