@@ -24,9 +24,10 @@ from integration.domain.identity import use_pseudonym_key
 from integration.domain.limits import ImageLimits
 from integration.domain.policy import RiskPolicy
 from integration.domain.redact import redact_text
+from integration.domain.results import ResultsPolicy
 from integration.domain.retention import RetentionPolicy
 from integration.domain.series import SeriesRules
-from integration.ports import Probe, RiskModel
+from integration.ports import Probe, ResultsArchive, RiskModel
 from integration.services.context import Services, SystemClock
 
 if TYPE_CHECKING:
@@ -329,6 +330,9 @@ def bootstrap(
         spool=build_spool(settings),
         latency_snapshot_s=settings.dashboard.latency_snapshot_s,
         latency_snapshots_kept=settings.dashboard.latency_snapshots_kept,
+        archive=build_results_archive(settings, pacs),
+        results=results_policy(settings),
+        alert_flags=settings.alerts.flag,
     )
     # The ingest builds the model's volume: planes are decoded as block means (a 512^2 plane never in float32).
     for reader in (pacs, services.spool, getattr(pacs, "spool", None)):
@@ -492,6 +496,31 @@ class BoundProbe:
 
     def probe(self, *, quick: bool) -> list[CheckResult]:
         return self.check(quick=quick)
+
+
+def results_policy(settings: Settings) -> ResultsPolicy:
+    cfg = settings.pacs_results
+    return ResultsPolicy(
+        enabled=cfg.enabled,
+        bands=frozenset(cfg.bands),
+        heatmap=cfg.heatmap,
+        sr_series_description=cfg.sr_series_description,
+        heatmap_series_description=cfg.heatmap_series_description,
+        disclaimer=cfg.disclaimer,
+    )
+
+
+def build_results_archive(settings: Settings, pacs: DicomWebPacs | DimsePacs) -> ResultsArchive | None:
+    """Where the SR and the heat-map series go: the PACS the studies come from, by STOW-RS (C-STORE for a
+    DIMSE-only PACS). None when ``pacs_results.enabled`` is false."""
+    if not settings.pacs_results.enabled:
+        return None
+    from integration.adapters.dicom_results import DicomWebResults, DimseResults
+    from integration.adapters.dimse import DimsePacs
+
+    if isinstance(pacs, DimsePacs):
+        return DimseResults(pacs)
+    return DicomWebResults(pacs)
 
 
 def build_pacs(settings: Settings, auth: httpx.Auth | None, tls: ssl.SSLContext | None = None) -> DicomWebPacs:

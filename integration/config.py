@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from integration.domain.results import DEFAULT_DISCLAIMER
 from integration.localzone import machine_zone, machine_zone_name
 
 _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "placeholder", "xxx", "todo", "sandbox"}
@@ -287,6 +288,33 @@ class PolicySettings(BaseModel):
         if not 0.0 < self.low_below <= self.high_at_or_above < 1.0:
             raise ValueError("policy needs 0 < low_below <= high_at_or_above < 1")
         return self
+
+
+Band = Literal["low", "moderate", "high"]
+
+
+class PacsResultsSettings(BaseModel):
+    """Results written back to the source PACS (``STROKEWATCH_PACS_RESULTS__*``): a DICOM SR (TID 1500) and a
+    heat-map series of Secondary Capture images, in the assessed study, for the bands listed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    bands: list[Band] = Field(default_factory=lambda: list[Band](["moderate", "high"]))
+    heatmap: bool = True  # False: the SR alone
+    sr_series_description: str = Field(default="StrokeWatch stroke risk (SR)", min_length=1, max_length=64)
+    heatmap_series_description: str = Field(default="StrokeWatch stroke risk heat-map", min_length=1, max_length=64)
+    #: The statement the SR carries (MODEL_CARD.md: not for clinical use without local validation).
+    disclaimer: str = Field(default=DEFAULT_DISCLAIMER, min_length=1, max_length=1024)
+
+
+class AlertSettings(BaseModel):
+    """The EHR alert (``STROKEWATCH_ALERTS__*``): a FHIR Flag on the patient while the latest score is at or above
+    ``policy.alert_at_or_above``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flag: bool = True
 
 
 class PrivacySettings(BaseModel):
@@ -689,6 +717,8 @@ class Settings(BaseSettings):
     pacs: PacsSettings = PacsSettings()
     ehr: EhrSettings = EhrSettings()
     policy: PolicySettings = PolicySettings()
+    pacs_results: PacsResultsSettings = PacsResultsSettings()  # the SR + heat-map series written to the PACS
+    alerts: AlertSettings = AlertSettings()  # the FHIR Flag while the risk is at or above the alert threshold
     privacy: PrivacySettings = PrivacySettings()
     limits: LimitsSettings = LimitsSettings()  # sizes of images, series, multipart answers and FHIR searches
     db: DbSettings = DbSettings()  # connect, statement and SQLite lock timeouts

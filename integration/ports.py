@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from inference.preprocess import Slice
 from inference.runtime.base import ModelInputs, Prediction
@@ -37,6 +37,9 @@ from integration.domain.types import (
     VitalValue,
 )
 
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
 
 class Pacs(Protocol):
     """A DICOMweb PACS (QIDO-RS / WADO-RS)."""
@@ -54,6 +57,23 @@ class Pacs(Protocol):
         """(modality, decoded slices: HU for CT; planes finer than the model's grid as block means with
         ``Slice.plane_centre`` set, see ``inference.preprocess.block_means``). Raises DomainError for corrupt or
         undecodable data."""
+        ...
+
+
+class ResultsArchive(Protocol):
+    """Where the engine's DICOM results go: the source PACS (STOW-RS, or C-STORE for a DIMSE-only PACS), read back
+    by the same standard services. Errors: PACS_UNAVAILABLE (retried), PACS_REJECTED (the PACS refused an object)."""
+
+    def source_instances(self, study_uid: str, series_uid: str) -> list[Dataset]:
+        """Every instance of the series, with its pixel data, in any order (bounded by the image limits)."""
+        ...
+
+    def store(self, datasets: Sequence[Dataset]) -> None:
+        """Store the instances in the PACS (all of them, or raise)."""
+        ...
+
+    def find_instance(self, study_uid: str, sop_instance_uid: str) -> dict[str, str] | None:
+        """The instance's series and SOP class (``SeriesInstanceUID``, ``SOPClassUID``), or None if not stored."""
         ...
 
 

@@ -2,6 +2,7 @@
 # Installs everything StrokeWatch needs on a fresh Debian 12 machine (idempotent; re-runs are quick):
 #   Debian: Orthanc + DICOMweb plugin, dcmtk (the sandbox PACS, DIMSE tools), docker-compose (validates the compose file),
 #           chromium (the dashboard's browser tests drive it with Playwright)
+#           dicom3tools (dciodvfy: the tests check the DICOM SR the engine writes)
 #   Python: .venv with the engine, the model stack (torch pinned CPU build) and test tools
 #   Node:   the FHIR sandbox's packages (deploy/fhir-sandbox)
 #   --triton: also the Triton server's own venv (.venv-triton, numpy<2), used by tests and `sandbox up --triton`
@@ -12,7 +13,7 @@ for arg in "$@"; do [ "$arg" = "--triton" ] && WITH_TRITON=1; done
 PY=${PYTHON:-python3}
 
 need_apt=()
-for pkg in orthanc orthanc-dicomweb dcmtk docker-compose chromium; do
+for pkg in orthanc orthanc-dicomweb dcmtk docker-compose chromium dicom3tools; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -31,6 +31,7 @@ class Outcome(StrEnum):
     PACS_UNAVAILABLE = "pacs_unavailable"
     EHR_UNAVAILABLE = "ehr_unavailable"
     EHR_REJECTED = "ehr_rejected"  # 4xx other than 408/429: not retried
+    PACS_REJECTED = "pacs_rejected"  # the PACS refused the results written back (STOW-RS 4xx, C-STORE failure)
     MODEL_UNAVAILABLE = "model_unavailable"
     MODEL_MISMATCH = "model_mismatch"
     INTERNAL_ERROR = "internal_error"

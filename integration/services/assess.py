@@ -21,14 +21,16 @@ from integration.domain.assessment import (
     device_identifier,
 )
 from integration.domain.identity import assessment_identifier, pseudonym
-from integration.domain.records import AssessmentStatus, NewAssessment, StudyRecord
-from integration.domain.redact import redact_text
+from integration.domain.records import AssessmentRecord, AssessmentStatus, NewAssessment, StudyRecord
+from integration.domain.redact import describe_exception, redact_text
 from integration.domain.retry import backoff_at
 from integration.domain.types import DomainError, Outcome, VitalValue
 from integration.domain.window import study_anchor, window_end, window_start
 from integration.ports import RiskModel
 from integration.services import explain
+from integration.services.alerts import update_alert
 from integration.services.context import Services
+from integration.services.results import write_results
 from integration.services.timing import StageTimes, end_to_end, record
 
 log = logging.getLogger(__name__)
@@ -299,6 +301,7 @@ def publish(svc: Services, identifier: str) -> str:
         return "unknown"
     try:
         fhir_id, created = svc.ehr.conditional_create(row.resource, svc.assessment_identifier_system, identifier)
+        delivered = _deliver(svc, row, fhir_id)
     except DomainError as err:
         # A retryable answer (EHR down, 408/429/5xx, timeout) is retried until the EHR takes it, at a backoff
         # capped at an hour, by the sweep: a long EHR outage must not turn scored assessments into lost ones.
@@ -320,8 +323,25 @@ def publish(svc: Services, identifier: str) -> str:
     elapsed = svc.timer() - started
     e2e = end_to_end(svc.store, row.study_uid, written) if row.study_uid else []
     record(svc.store, [(stages.PUBLISH, elapsed), *e2e])
-    log.info("published RiskAssessment/%s (%s)", fhir_id, "created" if created else "already there")
+    log.info("published RiskAssessment/%s (%s); %s", fhir_id, "created" if created else "already there", delivered)
     return "published"
+
+
+def _deliver(svc: Services, row: AssessmentRecord, fhir_id: str) -> str:
+    """What else an assessment in the EHR brings: the patient's alert Flag (``services.alerts``) and the results in
+    the PACS (``services.results``). Each is idempotent, so a failure here fails (or retries) the publish as a whole
+    and the next attempt writes only what is missing. Raises DomainError naming the part that failed."""
+    try:
+        alert = update_alert(svc, row, fhir_id)
+    except DomainError as err:
+        raise DomainError(err.outcome, f"alert Flag: {err.message}", retry_after=err.retry_after) from err
+    try:
+        results = write_results(svc, row)
+    except DomainError as err:
+        raise DomainError(err.outcome, f"results in the PACS: {err.message}", retry_after=err.retry_after) from err
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as err:  # a source series highdicom refuses
+        raise DomainError(Outcome.INTERNAL_ERROR, f"results in the PACS: {describe_exception(err)}") from err
+    return f"alert {alert}, PACS results {results}"
 
 
 def republish(svc: Services, identifier: str) -> bool:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from integration.domain.limits import ImageLimits
 from integration.domain.policy import RiskPolicy
+from integration.domain.results import ResultsPolicy
 from integration.domain.series import SeriesRules
-from integration.ports import ChangeFeed, Clock, Ehr, Pacs, RiskModel, Store
+from integration.ports import ChangeFeed, Clock, Ehr, Pacs, ResultsArchive, RiskModel, Store
 
 
 class SystemClock:
@@ -70,3 +71,9 @@ class Services:
     #: them: the dashboard's latency percentiles over time (``domain.latency``).
     latency_snapshot_s: float = 60.0
     latency_snapshots_kept: int = 1440
+    #: Results written back to the source PACS (DICOM SR + heat-map series): where, and when (``services.results``).
+    archive: ResultsArchive | None = None
+    results: ResultsPolicy = field(default_factory=ResultsPolicy)
+    #: A FHIR Flag on the patient while the latest score is at or above ``policy.alert_at_or_above``
+    #: (``services.alerts``).
+    alert_flags: bool = True

@@ -1,0 +1,235 @@
+"""Results in the PACS, against a real Orthanc and the FHIR sandbox: a synthetic head study goes through ingest,
+vitals, scoring (the shipped ONNX model) and publish; the SR and the heat-map series land in the source study, are
+read back with pydicom/highdicom, and the SR passes dciodvfy. A second assessment of the same study writes a new SR
+that names the first as its predecessor; a re-published assessment writes nothing new."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import httpx
+import numpy as np
+import pydicom
+import pytest
+
+from integration.bootstrap import Engine, bootstrap
+from integration.config import Settings
+from integration.domain.records import AssessmentStatus
+from integration.domain.results import DEFAULT_DISCLAIMER, result_uids
+from integration.services.assess import assess_patients, publish
+from integration.services.results import assessment_heatmap
+from integration.services.studies import ingest_study
+from integration.services.vitals import sync_vitals
+from sandbox import FhirPeer, OrthancPeer
+from sandbox.cohort import load_cohort
+
+pytestmark = pytest.mark.peers
+
+MRN_SYSTEM = "urn:oid:1.2.36.146.595.217.0.1"
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@dataclass
+class Flow:
+    engine: Engine
+    orthanc: OrthancPeer
+    fhir: FhirPeer
+    study_uid: str
+    patient_id: str
+    identifier: str
+
+
+def settings(data_dir: Path, orthanc: OrthancPeer, fhir: FhirPeer, **results: Any) -> Settings:
+    return Settings(
+        sandbox=True, data_dir=data_dir,
+        pacs={"dicomweb_url": orthanc.dicomweb_url, "kind": "generic", "lookback_hours": 48},
+        ehr={"base_url": fhir.base_url, "patient_identifier_system": MRN_SYSTEM},
+        # every band is written here: the synthetic patient's score is whatever the model says
+        pacs_results={"bands": ["low", "moderate", "high"], **results},
+    )
+
+
+def score_and_publish(eng: Engine, patient_id: str) -> str:
+    svc = eng.services
+    sync_vitals(svc, patient_id)
+    scored = [r for r in assess_patients(svc, [patient_id]) if r.identifier]
+    assert scored, "nothing scored"
+    identifier = scored[0].identifier
+    assert identifier is not None
+    assert publish(svc, identifier) == "published", svc.store.get_assessment(identifier)
+    return identifier
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory: pytest.TempPathFactory, orthanc_peer: OrthancPeer, fhir_peer: FhirPeer) -> Iterator[Flow]:
+    orthanc_peer.reset()
+    fhir_peer.reset()
+    now = datetime.now(UTC).replace(microsecond=0)
+    loaded = load_cohort(1, 7, dicomweb_url=orthanc_peer.dicomweb_url, fhir_base_url=fhir_peer.base_url,
+                         identifier_system=MRN_SYSTEM, window_end=now - timedelta(hours=2))
+    eng = bootstrap(settings(tmp_path_factory.mktemp("results"), orthanc_peer, fhir_peer))
+    svc = eng.services
+    from integration.domain.types import StudyRef
+
+    svc.store.add_study(StudyRef(loaded[0].study_uid, loaded[0].mrn, None), "qido", svc.clock.now())
+    ingested = ingest_study(svc, loaded[0].study_uid)
+    assert ingested.status == "ready", ingested
+    assert ingested.patient_fhir_id
+    identifier = score_and_publish(eng, ingested.patient_fhir_id)
+    yield Flow(eng, orthanc_peer, fhir_peer, loaded[0].study_uid, ingested.patient_fhir_id, identifier)
+    eng.close()
+
+
+def orthanc_series(orthanc: OrthancPeer, study_uid: str) -> list[dict[str, Any]]:
+    """Orthanc's own view: /studies/{id}/series of the study with this Study Instance UID."""
+    found = httpx.post(f"{orthanc.url}/tools/lookup", content=study_uid, timeout=10).json()
+    study_id = next(item["ID"] for item in found if item["Type"] == "Study")
+    series: list[dict[str, Any]] = httpx.get(f"{orthanc.url}/studies/{study_id}/series", timeout=10).json()
+    return series
+
+
+def instance_files(orthanc: OrthancPeer, series: dict[str, Any]) -> list[bytes]:
+    return [httpx.get(f"{orthanc.url}/instances/{i}/file", timeout=30).content for i in series["Instances"]]
+
+
+def text_items(item: Any) -> Iterator[tuple[str, str]]:
+    """(concept name, value) of every TEXT/UIDREF item in an SR content tree."""
+    for child in item.get("ContentSequence", []):
+        if child.ValueType in ("TEXT", "UIDREF"):
+            value = child.TextValue if child.ValueType == "TEXT" else child.UID
+            yield child.ConceptNameCodeSequence[0].CodeMeaning, str(value)
+        yield from text_items(child)
+
+
+def by_description(series: list[dict[str, Any]], description: str) -> list[dict[str, Any]]:
+    return [s for s in series if s["MainDicomTags"].get("SeriesDescription") == description]
+
+
+def test_the_sr_and_the_heatmap_series_are_in_the_source_study(flow: Flow, tmp_path: Path) -> None:
+    series = orthanc_series(flow.orthanc, flow.study_uid)
+    srs = by_description(series, "StrokeWatch stroke risk (SR)")
+    heatmaps = by_description(series, "StrokeWatch stroke risk heat-map")
+    assert len(srs) == 1 and len(heatmaps) == 1, [s["MainDicomTags"] for s in series]
+    uids = result_uids(flow.identifier)
+    assert srs[0]["MainDicomTags"]["SeriesInstanceUID"] == uids.sr_series
+
+    raw = instance_files(flow.orthanc, srs[0])[0]
+    sr = hd.sr.srread(io.BytesIO(raw))
+    assert sr.SOPClassUID == SR_STORAGE and sr.StudyInstanceUID == flow.study_uid
+    assert sr.SOPInstanceUID == uids.sr_instance
+    row = flow.engine.services.store.get_assessment(flow.identifier)
+    assert row is not None and row.status is AssessmentStatus.PUBLISHED
+    # the evidence: every source instance of the assessed series, by UID
+    study = flow.engine.services.store.get_study(flow.study_uid)
+    assert study is not None and study.chosen_series_uid
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert [s.SeriesInstanceUID for s in evidence] == [study.chosen_series_uid]
+    source = next(s for s in series if s["MainDicomTags"]["SeriesInstanceUID"] == study.chosen_series_uid)
+    assert len(evidence[0].ReferencedSOPSequence) == len(source["Instances"])
+
+    # TID 1500 content: probability, band, model, drivers, the statement
+    report = hd.sr.MeasurementReport.from_sequence([sr])
+    group = report.get_image_measurement_groups()[0]
+    probability = group.get_measurements()[0]
+    assert probability.value == pytest.approx(row.probability, abs=1e-6)
+    evaluations = {(e.name.meaning, e.value.meaning) for e in group.get_qualitative_evaluations()}
+    assert ("Risk band", f"{row.band} risk") in evaluations
+    texts = dict(text_items(sr))
+    assert texts["Algorithm Name"] == "stroke_fusion" and texts["Algorithm Version"] == row.model_version
+    assert texts["Device Observer Model Name"] == f"stroke_fusion {row.model_version}"
+    assert texts["Comment"].startswith(DEFAULT_DISCLAIMER)
+    drivers = [m for _, m in evaluations if _ == "Risk driver"]
+    assert all(d in row.resource["note"][0]["text"] for d in drivers)
+
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(raw)
+    dciodvfy = shutil.which("dciodvfy")
+    assert dciodvfy, "dicom3tools is not installed (deploy/local/setup.sh installs it)"
+    checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+    assert errors == [], errors
+
+    images = [pydicom.dcmread(io.BytesIO(b)) for b in instance_files(flow.orthanc, heatmaps[0])]
+    assert len(images) == len(source["Instances"])
+    first = images[0]
+    assert first.SOPClassUID == SC_STORAGE and first.StudyInstanceUID == flow.study_uid
+    assert first.PhotometricInterpretation == "RGB" and first.BurnedInAnnotation == "YES"
+    listed = httpx.get(f"{flow.orthanc.url}/series/{source['ID']}/instances", timeout=10).json()
+    source_uids = {i["MainDicomTags"]["SOPInstanceUID"] for i in listed}
+    assert {im.SourceImageSequence[0].ReferencedSOPInstanceUID for im in images} == source_uids
+    coloured = max(int((np.abs(im.pixel_array[..., 0].astype(int) - im.pixel_array[..., 2]) > 60).sum())
+                   for im in images)
+    assert coloured > 0  # the map is drawn somewhere (red/yellow over grey), and the legend's bar at least
+
+
+def test_the_dashboards_heatmap_is_the_one_in_the_pacs(flow: Flow) -> None:
+    shown = assessment_heatmap(flow.engine.services, flow.identifier)
+    assert shown.heat.method == "lesion_map"  # the shipped model serves its lesion maps
+    assert shown.on_slices.shape == (len(shown.source.datasets), *shown.source.pixels[0].shape)
+    k = shown.hottest_slice()
+    rgb = shown.render(k)
+    assert rgb.dtype == np.uint8 and rgb.shape[2] == 3 and rgb.shape[0] > shown.source.pixels[k].shape[0]
+    heatmaps = by_description(orthanc_series(flow.orthanc, flow.study_uid), "StrokeWatch stroke risk heat-map")
+    stored = [pydicom.dcmread(io.BytesIO(b)) for b in instance_files(flow.orthanc, heatmaps[0])]
+    same = next(im for im in stored
+                if im.SourceImageSequence[0].ReferencedSOPInstanceUID == shown.source.datasets[k].SOPInstanceUID)
+    np.testing.assert_array_equal(same.pixel_array, shown.render(k, "Not for diagnostic use"))
+
+
+def test_a_republish_writes_nothing_new_and_a_new_assessment_replaces_the_sr(flow: Flow) -> None:
+    svc = flow.engine.services
+    before = {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"])
+              for s in orthanc_series(flow.orthanc, flow.study_uid)}
+    assert svc.store.requeue_assessment(flow.identifier)
+    assert publish(svc, flow.identifier) == "published"
+    again = {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"])
+             for s in orthanc_series(flow.orthanc, flow.study_uid)}
+    assert again == before
+
+    # new data for the patient: a fresh vital sign -> a new assessment of the same study
+    observation = {
+        "resourceType": "Observation", "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": f"Patient/{flow.patient_id}"},
+        # taken now: the newest input of the patient (the window ends at the latest of study and vital signs)
+        "effectiveDateTime": (datetime.now(UTC) - timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "valueQuantity": {"value": 131, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"},
+    }
+    httpx.post(f"{flow.fhir.base_url}/Observation", json=observation, timeout=10).raise_for_status()
+    svc.store.mark_needs_assessment(flow.patient_id)
+    svc.store.require_vitals_sync(flow.patient_id)
+    second = score_and_publish(flow.engine, flow.patient_id)
+    assert second != flow.identifier
+    series = orthanc_series(flow.orthanc, flow.study_uid)
+    srs = by_description(series, "StrokeWatch stroke risk (SR)")
+    assert len(srs) == 2  # the first stays (DICOMweb has no delete; it may have been read)
+    newest = next(s for s in srs if s["MainDicomTags"]["SeriesInstanceUID"] == result_uids(second).sr_series)
+    sr = pydicom.dcmread(io.BytesIO(instance_files(flow.orthanc, newest)[0]))
+    previous = sr.PredecessorDocumentsSequence[0]
+    assert previous.StudyInstanceUID == flow.study_uid
+    ref = previous.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == result_uids(flow.identifier).sr_series
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == result_uids(flow.identifier).sr_instance
+
+
+def test_bands_not_configured_write_nothing(tmp_path: Path, flow: Flow) -> None:
+    eng = bootstrap(settings(tmp_path / "off", flow.orthanc, flow.fhir, bands=[]))
+    try:
+        row = flow.engine.services.store.get_assessment(flow.identifier)
+        assert row is not None
+        from integration.services.results import write_results
+
+        assert write_results(eng.services, row).startswith("skipped")
+    finally:
+        eng.close()
