@@ -188,9 +188,10 @@ LEGEND_ROWS = 40
 
 
 def colormap(t: np.ndarray) -> np.ndarray:
-    """0..1 -> RGB 0..1 (black-red-yellow-white, readable in grey-scale viewers too): (..., 3)."""
+    """0..1 -> RGB 0..1, dark red - red - yellow: (..., 3). Never white or grey, so it cannot be mistaken for bone
+    or contrast on a CT."""
     t = np.clip(t, 0.0, 1.0)
-    return np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], axis=-1)
+    return np.stack([np.clip(0.4 + 1.2 * t, 0, 1), np.clip(2 * t - 0.8, 0, 1), np.zeros_like(t)], axis=-1)
 
 
 def grey(pixels: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
