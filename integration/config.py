@@ -26,8 +26,11 @@ from integration.localzone import machine_zone, machine_zone_name
 
 _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "placeholder", "xxx", "todo", "sandbox"}
 #: The system scopes a smart-backend client asks for unless ``auth.scope`` says otherwise (SMART v2 syntax): what the
-#: engine reads (patients, vital signs) and writes (its RiskAssessments, the model's Device).
-SMART_DEFAULT_SCOPE = "system/Patient.rs system/Observation.rs system/RiskAssessment.c system/Device.cu"
+#: engine reads (patients, vital signs) and writes (its RiskAssessments, the model's Device, the alert Flags it opens,
+#: finds again and closes).
+SMART_DEFAULT_SCOPE = (
+    "system/Patient.rs system/Observation.rs system/RiskAssessment.c system/Device.cu system/Flag.crus"
+)
 
 
 class AuthSettings(BaseModel):

@@ -42,7 +42,9 @@ def run_demo(
         info = sandbox.start_detached(sandbox_dir)
     console.print(f"[bold]PACS[/bold] {info.dicomweb_url}   [bold]EHR[/bold] {info.fhir_base_url}")
 
-    env = {**sandbox.engine_env(info), "STROKEWATCH_DATA_DIR": str(data_dir.resolve())}
+    env = {**sandbox.engine_env(info), "STROKEWATCH_DATA_DIR": str(data_dir.resolve()),
+           # every band gets its SR and heat-map in the demo's PACS (the default writes moderate and high only)
+           "STROKEWATCH_PACS_RESULTS__BANDS": '["low", "moderate", "high"]'}
     os.environ.update(env)  # the children inherit it; this process reads the same settings
     settings = Settings()
     upgrade(settings.db_url)
@@ -87,6 +89,9 @@ def run_demo(
         console.print(f"[yellow]open failures: {failures}[/yellow] (see {procs.api_url}/failures)")
     published = sum(1 for r in rows if r[4].startswith("http"))
     console.print(f"{published}/{len(loaded)} patients have a RiskAssessment in the EHR.")
+    sr_url = _one_sr_url(api, api.studies(study_uids), info.dicomweb_url)
+    console.print(f"[bold]DICOM SR in the PACS[/bold] {sr_url}" if sr_url else "No DICOM SR in the PACS.",
+                  soft_wrap=True)  # one line: the URL can be copied
     if keep_running:
         console.print(
             f"The API is at {procs.api_url} (OpenAPI docs: {procs.api_url}/docs); it wants the sandbox's API key in "
@@ -182,3 +187,19 @@ def _print_model_line(console: Console, api: EngineApi, studies: list[dict[str, 
             "[red]UNTRAINED placeholder: scores are meaningless[/red]")
         console.print(f"Model stroke_fusion {a['model_version']} via {a['runtime']}: {state}.")
         return
+
+
+def _one_sr_url(api: EngineApi, studies: list[dict[str, Any]], dicomweb_url: str) -> str | None:
+    """The WADO-RS URL of the SR the engine wrote for one published assessment (its UIDs follow from the
+    assessment's identifier), checked in the PACS."""
+    from integration.domain.results import result_uids
+
+    for study in studies:
+        a = api.latest_assessment(study["patient_fhir_id"], study["study_uid"]) if study["patient_fhir_id"] else None
+        if a is None or a["status"] != "published":
+            continue
+        uids = result_uids(a["identifier"])
+        url = f"{dicomweb_url}/studies/{study['study_uid']}/series/{uids.sr_series}/instances/{uids.sr_instance}"
+        if httpx.get(f"{url}/metadata", timeout=10).status_code == 200:
+            return url
+    return None

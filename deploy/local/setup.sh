@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything StrokeWatch needs on a fresh Debian 12 machine (idempotent; re-runs are quick):
 #   Debian: Orthanc + DICOMweb plugin, dcmtk (the sandbox PACS, DIMSE tools), docker-compose (validates the compose file),
-#           chromium (the dashboard's browser tests drive it with Playwright)
+#           chromium (the dashboard's browser tests drive it with Playwright),
 #           dicom3tools (dciodvfy: the tests check the DICOM SR the engine writes)
 #   Python: .venv with the engine, the model stack (torch pinned CPU build) and test tools
 #   Node:   the FHIR sandbox's packages (deploy/fhir-sandbox)

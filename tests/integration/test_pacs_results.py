@@ -233,3 +233,71 @@ def test_bands_not_configured_write_nothing(tmp_path: Path, flow: Flow) -> None:
         assert write_results(eng.services, row).startswith("skipped")
     finally:
         eng.close()
+
+
+def test_a_pacs_outage_loses_nothing_the_publish_is_retried(flow: Flow) -> None:
+    from integration.adapters.db.queries import list_failures
+    from integration.adapters.dicom_results import DicomWebResults
+    from integration.adapters.dicomweb import DicomWebPacs
+    from sandbox._process import free_port
+
+    svc = flow.engine.services
+    working = svc.archive
+    down = DicomWebPacs(f"http://127.0.0.1:{free_port()}/dicom-web", timeout=2)
+    svc.archive = DicomWebResults(down)
+    try:
+        assert svc.store.requeue_assessment(flow.identifier)
+        assert publish(svc, flow.identifier) == "retry"
+    finally:
+        svc.archive = working
+        down.close()
+    row = svc.store.get_assessment(flow.identifier)
+    assert row is not None and row.status is AssessmentStatus.RETRY and row.outcome == "pacs_unavailable"
+    assert row.next_attempt_at is not None  # the sweep sends it again after the backoff
+    failures = list_failures(svc.store.sessions, stage="publish", subject=flow.identifier, open_only=True).items
+    assert [f.outcome for f in failures] == ["pacs_unavailable"]
+    assert failures[0].message.startswith("results in the PACS:")
+
+    assert svc.store.requeue_assessment(flow.identifier)  # (the sweep would, once the backoff is over)
+    assert publish(svc, flow.identifier) == "published"
+    assert list_failures(svc.store.sessions, stage="publish", subject=flow.identifier, open_only=True).items == []
+
+
+def test_a_dimse_only_pacs_gets_the_results_by_c_store(flow: Flow) -> None:
+    """pacs.kind=dimse: the source series by C-GET, the results by C-STORE, the predecessor looked up by C-FIND."""
+    from dataclasses import replace
+
+    from integration.adapters.dicom_results import DimseResults
+    from integration.adapters.dimse import DimsePacs
+    from integration.services.results import write_results
+
+    svc = flow.engine.services
+    row = svc.store.get_assessment(flow.identifier)
+    assert row is not None
+    working = svc.archive
+    dimse = DimseResults(DimsePacs("127.0.0.1", flow.orthanc.dicom_port, flow.orthanc.aet, connect_timeout_s=5,
+                                   acse_timeout_s=10, dimse_timeout_s=30, network_timeout_s=30))
+    study = svc.store.get_study(flow.study_uid)
+    assert study is not None and study.chosen_series_uid
+    source = dimse.source_instances(flow.study_uid, study.chosen_series_uid)
+    listed = by_uid_series(orthanc_series(flow.orthanc, flow.study_uid), study.chosen_series_uid)
+    assert len(source) == len(listed["Instances"]) and all("PixelData" in ds for ds in source)
+
+    copy = replace(row, identifier=f"{row.identifier}-dimse")  # other UIDs: instances Orthanc does not have yet
+    svc.archive = dimse
+    try:
+        assert write_results(svc, copy) == "written"
+    finally:
+        svc.archive = working
+    uids = result_uids(copy.identifier)
+    stored = by_uid_series(orthanc_series(flow.orthanc, flow.study_uid), uids.sr_series)
+    assert len(stored["Instances"]) == 1
+    assert len(by_uid_series(orthanc_series(flow.orthanc, flow.study_uid), uids.heatmap_series)["Instances"]) == len(
+        source)
+    assert dimse.find_instance(flow.study_uid, uids.sr_instance) == {
+        "SeriesInstanceUID": uids.sr_series, "SOPClassUID": SR_STORAGE}
+    assert dimse.find_instance(flow.study_uid, result_uids("never-written").sr_instance) is None
+
+
+def by_uid_series(series: list[dict[str, Any]], series_uid: str) -> dict[str, Any]:
+    return next(s for s in series if s["MainDicomTags"]["SeriesInstanceUID"] == series_uid)

@@ -91,6 +91,16 @@ def test_same_numbers_as_embedded_runtime(served: TritonModel, embedded: OnnxRun
     assert served.trained == embedded.trained
 
 
+def test_lesion_maps_are_served_on_request_only(served: TritonModel, embedded: OnnxRuntimeModel) -> None:
+    batch = make_inputs(C.MAX_BATCH + 2, seed=11)
+    served.predict(batch[:1])
+    assert "lesion_map" not in served.output_names and served.on_request == ("lesion_map",)  # scoring never asks
+    got, expected = served.lesion_maps(batch), embedded.lesion_maps(batch)
+    assert got is not None and expected is not None and len(got) == len(batch)
+    assert got[0].shape == (len(C.LESION_KINDS), *C.LESION_MAP_SHAPE)
+    np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-4)
+
+
 def test_masked_modalities_change_the_score(served: TritonModel, embedded: OnnxRuntimeModel) -> None:
     # The zero-image / all-masked rows are really sent, not dropped or reordered: they score like the embedded ones.
     full = make_inputs(1, seed=7)[0]
@@ -283,6 +293,7 @@ def test_a_model_that_declares_no_logit_terms_is_still_served(
     got = model.predict(batch)
     assert model.output_names == C.OUTPUT_NAMES and all(p.logit_terms is None for p in got)  # drivers: occlusion
     np.testing.assert_allclose([p.logit for p in got], [p.logit for p in embedded.predict(batch)], atol=1e-4)
+    assert model.lesion_maps(batch) is None  # no lesion maps either: the heat-map is made by occlusion
 
 
 # ------------------------------------------------------------------------------------- fallback
@@ -293,6 +304,8 @@ def test_fallback_scores_embedded_and_says_so(embedded: OnnxRuntimeModel) -> Non
     got = model.predict(batch)
     assert {p.runtime for p in got} == {"onnxruntime (fallback: triton unavailable)"}
     assert all(p.logit_terms is not None for p in got)  # the fallback's terms are kept for the drivers
+    maps = model.lesion_maps(batch)  # and the heat-map's lesion maps come from the fallback too
+    assert maps is not None and len(maps) == 3
     np.testing.assert_allclose([p.logit for p in got], [p.logit for p in embedded.predict(batch)], atol=1e-6)
 
 
