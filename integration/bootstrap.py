@@ -330,7 +330,7 @@ def bootstrap(
         spool=build_spool(settings),
         latency_snapshot_s=settings.dashboard.latency_snapshot_s,
         latency_snapshots_kept=settings.dashboard.latency_snapshots_kept,
-        archive=build_results_archive(settings, pacs),
+        archive=build_results_archive(pacs),
         results=results_policy(settings),
         alert_flags=settings.alerts.flag,
     )
@@ -510,11 +510,10 @@ def results_policy(settings: Settings) -> ResultsPolicy:
     )
 
 
-def build_results_archive(settings: Settings, pacs: DicomWebPacs | DimsePacs) -> ResultsArchive | None:
+def build_results_archive(pacs: DicomWebPacs | DimsePacs) -> ResultsArchive:
     """Where the SR and the heat-map series go: the PACS the studies come from, by STOW-RS (C-STORE for a
-    DIMSE-only PACS). None when ``pacs_results.enabled`` is false."""
-    if not settings.pacs_results.enabled:
-        return None
+    DIMSE-only PACS). Built also with ``pacs_results.enabled`` false: the dashboard's heat-map reads the source
+    series through it (``ResultsPolicy.enabled`` decides what is written)."""
     from integration.adapters.dicom_results import DicomWebResults, DimseResults
     from integration.adapters.dimse import DimsePacs
 

@@ -155,23 +155,30 @@ def to_source(heat: np.ndarray, geometry: Sequence[SliceGeometry]) -> np.ndarray
     """The contract-grid map sampled at every pixel of every source slice: (n_slices, rows, columns), in the order
     of ``geometry``. Pixels outside the grid get 0."""
     centre = grid_centre(geometry)
-    d, h, w = C.VOLUME_SHAPE
-    sz, sy, sx = C.VOLUME_SPACING_MM
     out = np.zeros((len(geometry), geometry[0].rows, geometry[0].columns), dtype=np.float32)
     for k, g in enumerate(geometry):
-        row_dir, col_dir, _ = _axes(g)
-        dr, dc = g.pixel_spacing
-        i, j = np.meshgrid(np.arange(g.rows), np.arange(g.columns), indexing="ij")
-        points = np.asarray(g.position) + i[..., None] * dr * col_dir + j[..., None] * dc * row_dir  # (R, C, 3)
-        rel = points - centre
-        coords = np.stack([
-            rel[..., 2] / sz + (d - 1) / 2,  # z (superior)
-            rel[..., 1] / sy + (h - 1) / 2,  # y (posterior)
-            rel[..., 0] / sx + (w - 1) / 2,  # x (left)
-        ])  # (3, R, C) contract-grid indices
         if (g.rows, g.columns) != out.shape[1:]:
             raise ValueError("source slices differ in size")
-        out[k] = map_coordinates(heat.astype(np.float32), coords, order=1, mode="constant", cval=0.0)
+        out[k] = sample_slice(heat, centre, g)
+    return out
+
+
+def sample_slice(heat: np.ndarray, centre: np.ndarray, g: SliceGeometry) -> np.ndarray:
+    """The contract-grid map (centred on ``centre``, ``grid_centre``) at every pixel of one source slice:
+    (rows, columns), 0 outside the grid."""
+    d, h, w = C.VOLUME_SHAPE
+    sz, sy, sx = C.VOLUME_SPACING_MM
+    row_dir, col_dir, _ = _axes(g)
+    dr, dc = g.pixel_spacing
+    i, j = np.meshgrid(np.arange(g.rows), np.arange(g.columns), indexing="ij")
+    points = np.asarray(g.position) + i[..., None] * dr * col_dir + j[..., None] * dc * row_dir  # (R, C, 3)
+    rel = points - centre
+    coords = np.stack([
+        rel[..., 2] / sz + (d - 1) / 2,  # z (superior)
+        rel[..., 1] / sy + (h - 1) / 2,  # y (posterior)
+        rel[..., 0] / sx + (w - 1) / 2,  # x (left)
+    ])  # (3, R, C) contract-grid indices
+    out: np.ndarray = map_coordinates(heat.astype(np.float32), coords, order=1, mode="constant", cval=0.0)
     return out
 
 
@@ -230,9 +237,10 @@ def _legend(width: int, vmax: float, label: str, note: str) -> np.ndarray:
     from PIL import Image, ImageDraw, ImageFont
 
     strip = np.zeros((LEGEND_ROWS, width, 3), dtype=np.float32)
-    bar_w = max(16, width // 3)
-    ramp = np.linspace(SHOW_ABOVE, 1.0, bar_w, dtype=np.float32)
-    strip[4:14, 4 : 4 + bar_w] = colormap(ramp)[None]
+    bar_w = min(max(16, width // 3), width - 8)  # a third of the width; none on a tiny image
+    if bar_w > 0:
+        strip[4:14, 4 : 4 + bar_w] = colormap(np.linspace(SHOW_ABOVE, 1.0, bar_w, dtype=np.float32))[None]
+    bar_w = max(bar_w, 0)
     picture = Image.fromarray((strip * 255).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()
@@ -240,3 +248,14 @@ def _legend(width: int, vmax: float, label: str, note: str) -> np.ndarray:
     if note:
         draw.text((4, 22), note, fill=(255, 255, 255), font=font)
     return np.asarray(picture, dtype=np.float32) / 255.0
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An RGB uint8 image (``render_overlay``) as PNG bytes, for a web page."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 from pydicom import Dataset
@@ -36,6 +37,9 @@ from integration.services.results_dicom import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Heat-map images made and stored per batch (one STOW-RS request, or one association's C-STOREs).
+STORE_BATCH = 32
 
 
 def image_only_inputs(image: np.ndarray) -> ModelInputs:
@@ -91,10 +95,13 @@ def write_results(svc: Services, row: AssessmentRecord) -> str:
         return "skipped: off, no study, or band not configured"
     source = _source(svc, row)
     uids = result_uids(row.identifier)
-    objects: list[Dataset] = []
+    written = 0
     if policy.heatmap:
-        objects += heatmap_images(source, _heat(svc, source), uids, description=policy.heatmap_series_description,
-                                  note="Not for diagnostic use", manufacturer=policy.manufacturer)
+        images = heatmap_images(source, _heat(svc, source), uids, description=policy.heatmap_series_description,
+                                note="Not for diagnostic use", manufacturer=policy.manufacturer)
+        while batch := list(islice(images, STORE_BATCH)):  # stored as they are made: never the whole series at once
+            svc.archive.store(batch)
+            written += len(batch)
     facts = ReportFacts(
         assessment_identifier=row.identifier,
         probability=row.probability,
@@ -107,8 +114,8 @@ def write_results(svc: Services, row: AssessmentRecord) -> str:
     )
     sr = measurement_report(facts, source, uids, description=policy.sr_series_description,
                             manufacturer=policy.manufacturer, previous=_previous_sr(svc, row), now=row.created_at)
-    svc.archive.store([*objects, sr])
-    log.info("results in the PACS: SR %s and %d heat-map image(s)", uids.sr_instance, len(objects))
+    svc.archive.store([sr])  # last: an SR in the PACS means its heat-map series is complete
+    log.info("results in the PACS: SR %s and %d heat-map image(s)", uids.sr_instance, written)
     return "written"
 
 

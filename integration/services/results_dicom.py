@@ -13,7 +13,7 @@ instances.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -28,7 +28,7 @@ from inference import contract as C
 from inference.preprocess import PreprocessError, Slice, series_tensor
 from integration.domain.results import CODING_SCHEME, ReportFacts, ResultUids, derived_uid
 from integration.domain.types import DomainError, Outcome
-from integration.services.heatmap import HeatMap, SliceGeometry, render_overlay, to_source
+from integration.services.heatmap import HeatMap, SliceGeometry, grid_centre, render_overlay, sample_slice
 
 SR_SERIES_NUMBER = 9901
 HEATMAP_SERIES_NUMBER = 9902
@@ -85,19 +85,21 @@ def source_series(datasets: Sequence[Dataset]) -> SourceSeries:
         ds = images[int(i)]
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
         pixels.append(ds.pixel_array.astype(np.float32) * slope + intercept)
+        del ds.PixelData  # decoded: the stored bytes are not needed again (the SR and SC take attributes, not pixels)
     modality = str(images[0].get("Modality", "CT"))
     return SourceSeries([images[int(i)] for i in order], pixels, [geometry[int(i)] for i in order], modality)
 
 
 def heatmap_images(
     source: SourceSeries, heat: HeatMap, uids: ResultUids, *, description: str, note: str, manufacturer: str
-) -> list[Dataset]:
-    """One RGB Secondary Capture per source slice: the slice, the map blended over it, the legend below."""
-    on_slices = to_source(heat.values, source.geometry)  # (n, rows, cols)
+) -> Iterator[Dataset]:
+    """One RGB Secondary Capture per source slice: the slice, the map blended over it, the legend below. Made one
+    at a time, so a caller that stores them in batches never holds the whole series."""
+    centre = grid_centre(source.geometry)
     window = CT_BRAIN_WINDOW if source.modality == "CT" else None
-    out: list[Dataset] = []
     for k, (ds, pixels) in enumerate(zip(source.datasets, source.pixels, strict=True)):
-        rgb = render_overlay(pixels, on_slices[k], vmax=heat.vmax, label=heat.label, window=window, note=note)
+        on_slice = sample_slice(heat.values, centre, source.geometry[k])
+        rgb = render_overlay(pixels, on_slice, vmax=heat.vmax, label=heat.label, window=window, note=note)
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ds,
             pixel_array=rgb,
@@ -109,7 +111,7 @@ def heatmap_images(
             sop_instance_uid=uids.heatmap_instance(k),
             instance_number=k + 1,
             manufacturer=manufacturer,
-            patient_orientation=("L", "P"),
+            patient_orientation=patient_orientation(source.geometry[k]),
             transfer_syntax_uid="1.2.840.10008.1.2.1",
         )
         image.SeriesDescription = description
@@ -120,8 +122,18 @@ def heatmap_images(
         ref.ReferencedSOPClassUID = ds.SOPClassUID
         ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
         image.SourceImageSequence = [ref]
-        out.append(image)
-    return out
+        yield image
+
+
+def patient_orientation(g: SliceGeometry) -> tuple[str, str]:
+    """PS3.3 C.7.6.1.1.1: the patient direction of the rows and of the columns, by the dominant axis of each."""
+    letters = (("R", "L"), ("A", "P"), ("F", "H"))  # LPS: -x right, +x left; -y anterior, +y posterior; +z head
+
+    def letter(direction: Sequence[float]) -> str:
+        axis = int(np.argmax(np.abs(direction)))
+        return letters[axis][1 if direction[axis] > 0 else 0]
+
+    return letter(g.orientation[:3]), letter(g.orientation[3:])
 
 
 def measurement_report(

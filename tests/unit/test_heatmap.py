@@ -136,3 +136,21 @@ def test_the_overlay_keeps_the_anatomy_and_adds_a_legend() -> None:
     assert (rgb[:32, :, 0] == rgb[:32, :, 2]).sum() > 32 * 32 - 16 - 4  # grey except where the map is
     assert int(rgb[12, 12, 0]) > int(rgb[12, 12, 2]) + 50  # coloured where the map is
     assert rgb[32:].any()  # the legend strip is drawn
+
+
+def test_patient_orientation_follows_the_source_plane() -> None:
+    from integration.services.results_dicom import patient_orientation
+
+    axial = SliceGeometry((0, 0, 0), (1, 0, 0, 0, 1, 0), (1, 1), 4, 4)
+    coronal = SliceGeometry((0, 0, 0), (1, 0, 0, 0, 0, -1), (1, 1), 4, 4)
+    sagittal = SliceGeometry((0, 0, 0), (0, 1, 0, 0, 0, -1), (1, 1), 4, 4)
+    assert patient_orientation(axial) == ("L", "P")
+    assert patient_orientation(coronal) == ("L", "F")
+    assert patient_orientation(sagittal) == ("P", "F")
+
+
+def test_png_of_an_overlay() -> None:
+    from integration.services.heatmap import png_bytes
+
+    data = png_bytes(render_overlay(np.zeros((8, 8)), np.zeros((8, 8)), vmax=1.0, label="x"))
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
