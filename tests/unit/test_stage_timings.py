@@ -205,7 +205,8 @@ def test_each_stage_of_a_feed_study_is_observed_once_with_its_exact_duration(svc
 
     svc.clock.t = NOW + timedelta(seconds=2)
     assert scored.identifier and publish(svc, scored.identifier) == "published"
-    assert observed(svc) == [[("publish", 0.125), ("end_to_end", 5.0)]]  # from the event: 3 s + 2 s
+    # publish: the RiskAssessment's and the alert Flag's conditional creates (the fake model scores above 0.30)
+    assert observed(svc) == [[("publish", 0.25), ("end_to_end", 5.0)]]  # from the event: 3 s + 2 s
 
     hist = {h.stage: h for h in svc.store.stage_histograms()}
     assert {stage: h.count for stage, h in hist.items()} == dict.fromkeys(stages.STAGES, 1)
@@ -220,17 +221,17 @@ def test_end_to_end_counts_a_study_once_not_at_a_republish_or_a_rescoring(svc: S
     (first,) = score_and_publish(svc)
     calls = observed(svc)
     assert not any(stage == "detect" for call in calls for stage, _ in call)  # unknown completion: not guessed
-    assert calls[-1] == [("publish", 0.125), ("end_to_end", 2.0)]  # from its detection
+    assert calls[-1] == [("publish", 0.25), ("end_to_end", 2.0)]  # from its detection (RiskAssessment + Flag)
 
     assert republish(svc, first) and publish(svc, first) == "published"  # an operator's replay
-    assert observed(svc) == [[("publish", 0.125)]]
+    assert observed(svc) == [[("publish", 0.25)]]
 
     ehr = svc.ehr
     assert isinstance(ehr, FakeEhr)
     ehr.observations.append(obs("o4", "8867-4", 120, "/min", NOW - timedelta(minutes=30)))  # new data, same study
     (second,) = score_and_publish(svc)
     assert second != first
-    assert observed(svc)[-1] == [("publish", 0.125)]
+    assert observed(svc)[-1] == [("publish", 0.25)]
     assert {h.stage: h.count for h in svc.store.stage_histograms()}["end_to_end"] == 1
 
 
