@@ -34,6 +34,10 @@ SR_SERIES_NUMBER = 9901
 HEATMAP_SERIES_NUMBER = 9902
 #: CT brain window for the heat-map's grey background (HU: centre 40, width 80).
 CT_BRAIN_WINDOW = (0.0, 80.0)
+#: Patient and General Study attributes of type 2 (required, may be empty) that highdicom copies from the source
+#: into the SR and the SC: a source that left one out (it happens) still gets its results.
+TYPE2_STUDY_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                          "ReferringPhysicianName", "StudyID", "AccessionNumber")
 _PROCEDURES = {
     "CT": hd.sr.CodedConcept("24725-4", "LN", "CT Head"),
     "MR": hd.sr.CodedConcept("24590-2", "LN", "MR Brain"),
@@ -86,6 +90,10 @@ def source_series(datasets: Sequence[Dataset]) -> SourceSeries:
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
         pixels.append(ds.pixel_array.astype(np.float32) * slope + intercept)
         del ds.PixelData  # decoded: the stored bytes are not needed again (the SR and SC take attributes, not pixels)
+    for ds in images:
+        for keyword in TYPE2_STUDY_ATTRIBUTES:  # type 2 in the modules the SR and the SC copy: present, maybe empty
+            if keyword not in ds:
+                setattr(ds, keyword, "")
     modality = str(images[0].get("Modality", "CT"))
     return SourceSeries([images[int(i)] for i in order], pixels, [geometry[int(i)] for i in order], modality)
 
@@ -116,6 +124,8 @@ def heatmap_images(
         )
         image.SeriesDescription = description
         image.BurnedInAnnotation = "YES"  # the legend and the statement are part of the pixels
+        # an unpaired part: no Laterality needed (General Series, type 2C); the source's own term when it has one
+        image.BodyPartExamined = str(ds.get("BodyPartExamined") or "") or "HEAD"
         image.ImageType = ["DERIVED", "SECONDARY"]
         image.DerivationDescription = f"StrokeWatch attribution map ({heat.method}) blended over the source image"
         ref = Dataset()

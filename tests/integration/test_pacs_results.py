@@ -110,6 +110,15 @@ def text_items(item: Any) -> Iterator[tuple[str, str]]:
         yield from text_items(child)
 
 
+def dciodvfy_errors(path: Path, data: bytes) -> list[str]:
+    """dicom3tools' IOD check of a DICOM file: its Error lines (warnings allowed)."""
+    path.write_bytes(data)
+    dciodvfy = shutil.which("dciodvfy")
+    assert dciodvfy, "dicom3tools is not installed (deploy/local/setup.sh installs it)"
+    checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+
+
 def by_description(series: list[dict[str, Any]], description: str) -> list[dict[str, Any]]:
     return [s for s in series if s["MainDicomTags"].get("SeriesDescription") == description]
 
@@ -150,15 +159,11 @@ def test_the_sr_and_the_heatmap_series_are_in_the_source_study(flow: Flow, tmp_p
     drivers = [m for _, m in evaluations if _ == "Risk driver"]
     assert all(d in row.resource["note"][0]["text"] for d in drivers)
 
-    path = tmp_path / "sr.dcm"
-    path.write_bytes(raw)
-    dciodvfy = shutil.which("dciodvfy")
-    assert dciodvfy, "dicom3tools is not installed (deploy/local/setup.sh installs it)"
-    checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
-    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
-    assert errors == [], errors
+    assert dciodvfy_errors(tmp_path / "sr.dcm", raw) == []
 
-    images = [pydicom.dcmread(io.BytesIO(b)) for b in instance_files(flow.orthanc, heatmaps[0])]
+    files = instance_files(flow.orthanc, heatmaps[0])
+    assert dciodvfy_errors(tmp_path / "sc.dcm", files[0]) == []
+    images = [pydicom.dcmread(io.BytesIO(b)) for b in files]
     assert len(images) == len(source["Instances"])
     first = images[0]
     assert first.SOPClassUID == SC_STORAGE and first.StudyInstanceUID == flow.study_uid
