@@ -45,6 +45,8 @@ def _run_until_published(start_worker: Any, store: Any, fhir_peer: Any, orthanc_
     worker = start_worker(**worker_env)
     wait_for(lambda: len(risk_assessments(fhir_peer.base_url)) >= N_PATIENTS, 240,
              "one RiskAssessment per patient", worker)
+    # a publish goes on after its RiskAssessment (the alert Flag, the SR and heat-map series in the PACS)
+    wait_for(lambda: store.counts()["assessments"] == {"published": N_PATIENTS}, 120, "every publish done", worker)
     return loaded, worker
 
 

@@ -46,4 +46,5 @@ def test_triton_outage_defers_then_scores_each_patient_once(
     assert len({ra["subject"]["reference"] for ra in ras}) == N_PATIENTS
     for ra in ras:
         assert f"via triton-{protocol}" in ra["note"][0]["text"]
-    assert store.counts()["assessments"] == {"published": N_PATIENTS}
+    # a publish goes on after its RiskAssessment (the alert Flag, the SR and heat-map series in the PACS)
+    wait_for(lambda: store.counts()["assessments"] == {"published": N_PATIENTS}, 60, "every publish done", worker)
