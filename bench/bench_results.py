@@ -43,7 +43,7 @@ def main() -> None:
 
     import synth
     from inference.runtime import OnnxRuntimeModel
-    from integration.domain.results import Driver, ReportFacts, result_uids
+    from integration.domain.results import Driver, ReportFacts, heatmap_uids, report_uids
     from integration.services.heatmap import lesion_heatmap, occlusion_heatmap
     from integration.services.results import image_only_inputs
     from integration.services.results_dicom import heatmap_images, measurement_report, source_series
@@ -75,13 +75,14 @@ def main() -> None:
     rows.append(("heat-map from the served lesion maps", t))
     t, _ = median_s(lambda: occlusion_heatmap(model, inputs), max(1, args.runs // 2))
     rows.append(("heat-map by occlusion (a model without lesion maps)", t))
-    uids = result_uids("bench")
-    t, images = median_s(lambda: list(heatmap_images(source, heat, uids, description="bench", note="bench",
+    t, images = median_s(lambda: list(heatmap_images(source, heat, heatmap_uids("1.2", "1.2.3", "bench"),
+                                                      description="bench", note="bench",
                                                       manufacturer="bench")), args.runs)
     rows.append((f"render + build {len(images)} Secondary Capture images", t))
     facts = ReportFacts("bench", 0.42, "high", "stroke_fusion", model.model_version, True,
                         [Driver("image", "brain imaging findings (+12 points)")])
-    t, _ = median_s(lambda: measurement_report(facts, source, uids, description="bench", manufacturer="bench"),
+    t, _ = median_s(lambda: measurement_report(facts, source, report_uids("bench"), description="bench",
+                                               manufacturer="bench"),
                     args.runs)
     rows.append(("build the SR (TID 1500)", t))
 

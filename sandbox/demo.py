@@ -192,13 +192,13 @@ def _print_model_line(console: Console, api: EngineApi, studies: list[dict[str, 
 def _one_sr_url(api: EngineApi, studies: list[dict[str, Any]], dicomweb_url: str) -> str | None:
     """The WADO-RS URL of the SR the engine wrote for one published assessment (its UIDs follow from the
     assessment's identifier), checked in the PACS."""
-    from integration.domain.results import result_uids
+    from integration.domain.results import report_uids
 
     for study in studies:
         a = api.latest_assessment(study["patient_fhir_id"], study["study_uid"]) if study["patient_fhir_id"] else None
         if a is None or a["status"] != "published":
             continue
-        uids = result_uids(a["identifier"])
+        uids = report_uids(a["identifier"])
         url = f"{dicomweb_url}/studies/{study['study_uid']}/series/{uids.sr_series}/instances/{uids.sr_instance}"
         if httpx.get(f"{url}/metadata", timeout=10).status_code == 200:
             return url

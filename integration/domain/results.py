@@ -49,23 +49,34 @@ def derived_uid(*parts: str) -> str:
 
 
 @dataclass(frozen=True)
-class ResultUids:
-    """The UIDs of one assessment's objects in the PACS."""
+class ReportUids:
+    """The UIDs of one assessment's SR: each assessment has its own."""
 
     sr_series: str
     sr_instance: str
-    heatmap_series: str
-
-    def heatmap_instance(self, index: int) -> str:
-        return derived_uid(self.heatmap_series, str(index))
 
 
-def result_uids(assessment_identifier: str) -> ResultUids:
-    return ResultUids(
+def report_uids(assessment_identifier: str) -> ReportUids:
+    return ReportUids(
         sr_series=derived_uid("strokewatch", "sr-series", assessment_identifier),
         sr_instance=derived_uid("strokewatch", "sr", assessment_identifier),
-        heatmap_series=derived_uid("strokewatch", "heatmap-series", assessment_identifier),
     )
+
+
+@dataclass(frozen=True)
+class HeatmapUids:
+    """The UIDs of a heat-map series. The map depends on the source series and the model alone (never on the vital
+    signs), so every assessment of the same study by the same model version shares one series: a re-scoring on new
+    vital signs adds a new SR, not another copy of the images."""
+
+    series: str
+
+    def instance(self, index: int) -> str:
+        return derived_uid(self.series, str(index))
+
+
+def heatmap_uids(study_uid: str, source_series_uid: str, model_version: str) -> HeatmapUids:
+    return HeatmapUids(derived_uid("strokewatch", "heatmap-series", study_uid, source_series_uid, model_version))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ heat-map of an assessment for whoever shows it (the dashboard).
 volume), computes the heat-map through the served model (``services.heatmap``), builds the objects
 (``services.results_dicom``) and stores them by STOW-RS (or C-STORE). Its UIDs come from the assessment, so a
 retried publish stores the same instances again. A newer assessment of the same study writes a new SR in a new
-series that names the previous SR in its Predecessor Documents Sequence (the standard way for one SR to replace
+series that names the previous SR in its Predecessor Documents Sequence, and reuses the heat-map series (the map
+depends on the image and the model alone) (the standard way for one SR to replace
 another, PS3.3 C.17.2); the older series stay in the PACS (DICOMweb has no delete, and a radiologist may have read
 them).
 """
@@ -23,8 +24,9 @@ from pydicom import Dataset
 from inference import contract as C
 from inference.runtime.base import ModelContractError, ModelInputs, ModelUnavailableError
 from integration.domain.records import AssessmentRecord
-from integration.domain.results import ReportFacts, drivers_of, result_uids
+from integration.domain.results import ReportFacts, drivers_of, heatmap_uids, report_uids
 from integration.domain.types import DomainError, Outcome
+from integration.ports import RiskModel
 from integration.services.context import Services
 from integration.services.heatmap import HeatMap, image_heatmap, render_overlay, to_source
 from integration.services.results_dicom import (
@@ -81,7 +83,7 @@ def assessment_heatmap(svc: Services, identifier: str) -> AssessmentHeatMap:
     if row is None:
         raise DomainError(Outcome.INTERNAL_ERROR, f"no assessment {identifier}")
     source = _source(svc, row)
-    heat = _heat(svc, source)
+    heat = _heat(_model(svc), source)
     return AssessmentHeatMap(source, heat, to_source(heat.values, source.geometry))
 
 
@@ -94,14 +96,8 @@ def write_results(svc: Services, row: AssessmentRecord) -> str:
     if not policy.wanted(row.band, row.study_uid):
         return "skipped: off, no study, or band not configured"
     source = _source(svc, row)
-    uids = result_uids(row.identifier)
-    written = 0
-    if policy.heatmap:
-        images = heatmap_images(source, _heat(svc, source), uids, description=policy.heatmap_series_description,
-                                note="Not for diagnostic use", manufacturer=policy.manufacturer)
-        while batch := list(islice(images, STORE_BATCH)):  # stored as they are made: never the whole series at once
-            svc.archive.store(batch)
-            written += len(batch)
+    uids = report_uids(row.identifier)
+    written = _write_heatmap(svc, source) if policy.heatmap else 0
     facts = ReportFacts(
         assessment_identifier=row.identifier,
         probability=row.probability,
@@ -119,6 +115,25 @@ def write_results(svc: Services, row: AssessmentRecord) -> str:
     return "written"
 
 
+def _write_heatmap(svc: Services, source: SourceSeries) -> int:
+    """Store the heat-map series of the source series by the served model, unless the PACS has it complete (an
+    earlier assessment of the same study by the same model wrote it: the map does not depend on the vital signs).
+    Returns how many images were stored."""
+    assert svc.archive is not None
+    model = _model(svc)
+    study_uid, series_uid = str(source.datasets[0].StudyInstanceUID), str(source.datasets[0].SeriesInstanceUID)
+    uids = heatmap_uids(study_uid, series_uid, model.model_version)
+    if svc.archive.find_instance(study_uid, uids.instance(len(source.datasets) - 1)) is not None:
+        return 0  # stored in order, so the last image there means the whole series is
+    images = heatmap_images(source, _heat(model, source), uids, description=svc.results.heatmap_series_description,
+                            note="Not for diagnostic use", manufacturer=svc.results.manufacturer)
+    written = 0
+    while batch := list(islice(images, STORE_BATCH)):  # stored as they are made: never the whole series at once
+        svc.archive.store(batch)
+        written += len(batch)
+    return written
+
+
 def _source(svc: Services, row: AssessmentRecord) -> SourceSeries:
     if svc.archive is None:
         raise DomainError(Outcome.INTERNAL_ERROR, "no results archive configured (pacs_results)")
@@ -128,13 +143,16 @@ def _source(svc: Services, row: AssessmentRecord) -> SourceSeries:
     return source_series(svc.archive.source_instances(study.study_uid, study.chosen_series_uid))
 
 
-def _heat(svc: Services, source: SourceSeries) -> HeatMap:
+def _model(svc: Services) -> RiskModel:
     try:
-        model = svc.model()
+        return svc.model()
     except ModelUnavailableError as err:
         raise DomainError(Outcome.MODEL_UNAVAILABLE, f"heat-map: {err}") from err
     except ModelContractError as err:
         raise DomainError(Outcome.MODEL_MISMATCH, f"heat-map: {err}") from err
+
+
+def _heat(model: RiskModel, source: SourceSeries) -> HeatMap:
     return image_heatmap(model, image_only_inputs(source.image_tensor()))
 
 
@@ -149,7 +167,7 @@ def _previous_sr(svc: Services, row: AssessmentRecord) -> Dataset | None:
         if prior is None:
             return None
         if prior.study_uid == row.study_uid:
-            sop = result_uids(prior.identifier).sr_instance
+            sop = report_uids(prior.identifier).sr_instance
             found = svc.archive.find_instance(row.study_uid, sop)
             if found is not None:
                 return predecessor(row.study_uid, found["SeriesInstanceUID"], sop, found["SOPClassUID"])

@@ -7,8 +7,8 @@
 - a heat-map series of Secondary Capture images, one per source slice: the slice with the model's attribution map
   blended over it and a legend strip below (burned-in), each referencing its source image.
 
-UIDs come from the assessment's identifier (``domain.results.result_uids``): writing them again writes the same
-instances.
+UIDs are derived (``domain.results``): the SR's from the assessment's identifier, the heat-map's from the source series
+and the model version; writing them again writes the same instances.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pydicom.valuerep import DA, TM
 
 from inference import contract as C
 from inference.preprocess import PreprocessError, Slice, series_tensor
-from integration.domain.results import CODING_SCHEME, ReportFacts, ResultUids, derived_uid
+from integration.domain.results import CODING_SCHEME, HeatmapUids, ReportFacts, ReportUids, derived_uid
 from integration.domain.types import DomainError, Outcome
 from integration.services.heatmap import HeatMap, SliceGeometry, grid_centre, render_overlay, sample_slice
 
@@ -99,7 +99,7 @@ def source_series(datasets: Sequence[Dataset]) -> SourceSeries:
 
 
 def heatmap_images(
-    source: SourceSeries, heat: HeatMap, uids: ResultUids, *, description: str, note: str, manufacturer: str
+    source: SourceSeries, heat: HeatMap, uids: HeatmapUids, *, description: str, note: str, manufacturer: str
 ) -> Iterator[Dataset]:
     """One RGB Secondary Capture per source slice: the slice, the map blended over it, the legend below. Made one
     at a time, so a caller that stores them in batches never holds the whole series."""
@@ -114,9 +114,9 @@ def heatmap_images(
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=uids.heatmap_series,
+            series_instance_uid=uids.series,
             series_number=HEATMAP_SERIES_NUMBER,
-            sop_instance_uid=uids.heatmap_instance(k),
+            sop_instance_uid=uids.instance(k),
             instance_number=k + 1,
             manufacturer=manufacturer,
             patient_orientation=patient_orientation(source.geometry[k]),
@@ -149,7 +149,7 @@ def patient_orientation(g: SliceGeometry) -> tuple[str, str]:
 def measurement_report(
     facts: ReportFacts,
     source: SourceSeries,
-    uids: ResultUids,
+    uids: ReportUids,
     *,
     description: str,
     manufacturer: str,

@@ -23,7 +23,7 @@ import pytest
 from integration.bootstrap import Engine, bootstrap
 from integration.config import Settings
 from integration.domain.records import AssessmentStatus
-from integration.domain.results import DEFAULT_DISCLAIMER, result_uids
+from integration.domain.results import DEFAULT_DISCLAIMER, heatmap_uids, report_uids
 from integration.services.assess import assess_patients, publish
 from integration.services.results import assessment_heatmap
 from integration.services.studies import ingest_study
@@ -128,8 +128,12 @@ def test_the_sr_and_the_heatmap_series_are_in_the_source_study(flow: Flow, tmp_p
     srs = by_description(series, "StrokeWatch stroke risk (SR)")
     heatmaps = by_description(series, "StrokeWatch stroke risk heat-map")
     assert len(srs) == 1 and len(heatmaps) == 1, [s["MainDicomTags"] for s in series]
-    uids = result_uids(flow.identifier)
+    uids = report_uids(flow.identifier)
     assert srs[0]["MainDicomTags"]["SeriesInstanceUID"] == uids.sr_series
+    row0 = flow.engine.services.store.get_assessment(flow.identifier)
+    assert row0 is not None
+    heat_series = heatmap_uids(flow.study_uid, study_series(flow), row0.model_version).series
+    assert heatmaps[0]["MainDicomTags"]["SeriesInstanceUID"] == heat_series
 
     raw = instance_files(flow.orthanc, srs[0])[0]
     sr = hd.sr.srread(io.BytesIO(raw))
@@ -219,13 +223,16 @@ def test_a_republish_writes_nothing_new_and_a_new_assessment_replaces_the_sr(flo
     series = orthanc_series(flow.orthanc, flow.study_uid)
     srs = by_description(series, "StrokeWatch stroke risk (SR)")
     assert len(srs) == 2  # the first stays (DICOMweb has no delete; it may have been read)
-    newest = next(s for s in srs if s["MainDicomTags"]["SeriesInstanceUID"] == result_uids(second).sr_series)
+    # the same image and model give the same map: the heat-map series is shared, not written again
+    assert [len(s["Instances"]) for s in by_description(series, "StrokeWatch stroke risk heat-map")] == [
+        len(by_uid_series(series, study_series(flow))["Instances"])]
+    newest = next(s for s in srs if s["MainDicomTags"]["SeriesInstanceUID"] == report_uids(second).sr_series)
     sr = pydicom.dcmread(io.BytesIO(instance_files(flow.orthanc, newest)[0]))
     previous = sr.PredecessorDocumentsSequence[0]
     assert previous.StudyInstanceUID == flow.study_uid
     ref = previous.ReferencedSeriesSequence[0]
-    assert ref.SeriesInstanceUID == result_uids(flow.identifier).sr_series
-    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == result_uids(flow.identifier).sr_instance
+    assert ref.SeriesInstanceUID == report_uids(flow.identifier).sr_series
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == report_uids(flow.identifier).sr_instance
 
 
 def test_bands_not_configured_write_nothing(tmp_path: Path, flow: Flow) -> None:
@@ -288,20 +295,40 @@ def test_a_dimse_only_pacs_gets_the_results_by_c_store(flow: Flow) -> None:
     listed = by_uid_series(orthanc_series(flow.orthanc, flow.study_uid), study.chosen_series_uid)
     assert len(source) == len(listed["Instances"]) and all("PixelData" in ds for ds in source)
 
-    copy = replace(row, identifier=f"{row.identifier}-dimse")  # other UIDs: instances Orthanc does not have yet
+    # other UIDs (another assessment, another model version): instances Orthanc does not have yet
+    copy = replace(row, identifier=f"{row.identifier}-dimse")
+    real_model = svc.model
+    svc.model = lambda: VersionedModel(real_model(), "0.6.0-dimse")  # type: ignore[assignment]
     svc.archive = dimse
     try:
         assert write_results(svc, copy) == "written"
     finally:
         svc.archive = working
-    uids = result_uids(copy.identifier)
+        svc.model = real_model
+    uids = report_uids(copy.identifier)
     stored = by_uid_series(orthanc_series(flow.orthanc, flow.study_uid), uids.sr_series)
     assert len(stored["Instances"]) == 1
-    assert len(by_uid_series(orthanc_series(flow.orthanc, flow.study_uid), uids.heatmap_series)["Instances"]) == len(
-        source)
+    heat = heatmap_uids(flow.study_uid, study.chosen_series_uid, "0.6.0-dimse")
+    assert len(by_uid_series(orthanc_series(flow.orthanc, flow.study_uid), heat.series)["Instances"]) == len(source)
     assert dimse.find_instance(flow.study_uid, uids.sr_instance) == {
         "SeriesInstanceUID": uids.sr_series, "SOPClassUID": SR_STORAGE}
-    assert dimse.find_instance(flow.study_uid, result_uids("never-written").sr_instance) is None
+    assert dimse.find_instance(flow.study_uid, report_uids("never-written").sr_instance) is None
+
+
+class VersionedModel:
+    """The served model under another version string (a model upgrade, as far as the results' UIDs go)."""
+
+    def __init__(self, model: Any, version: str) -> None:
+        self._model, self.model_version = model, version
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def study_series(flow: Flow) -> str:
+    study = flow.engine.services.store.get_study(flow.study_uid)
+    assert study is not None and study.chosen_series_uid
+    return study.chosen_series_uid
 
 
 def by_uid_series(series: list[dict[str, Any]], series_uid: str) -> dict[str, Any]:

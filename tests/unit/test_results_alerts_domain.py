@@ -8,15 +8,18 @@ from integration.domain import alerts
 from integration.domain.assessment import AssessmentFacts, build_risk_assessment
 from integration.domain.ids import is_dicom_uid
 from integration.domain.policy import RiskPolicy
-from integration.domain.results import ResultsPolicy, derived_uid, drivers_of, result_uids
+from integration.domain.results import ResultsPolicy, derived_uid, drivers_of, heatmap_uids, report_uids
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def test_result_uids_are_dicom_uids_fixed_by_the_assessment() -> None:
-    a, b = result_uids("assessment-1"), result_uids("assessment-2")
-    assert a == result_uids("assessment-1")  # a retry writes the same instances
-    uids = [a.sr_series, a.sr_instance, a.heatmap_series, a.heatmap_instance(0), a.heatmap_instance(499)]
+def test_result_uids_are_dicom_uids_fixed_by_what_they_depend_on() -> None:
+    a, b = report_uids("assessment-1"), report_uids("assessment-2")
+    assert a == report_uids("assessment-1")  # a retry writes the same SR
+    heat = heatmap_uids("1.2.3", "1.2.3.4", "0.6.0")
+    assert heat == heatmap_uids("1.2.3", "1.2.3.4", "0.6.0")  # any assessment of the study by this model: one series
+    assert heat != heatmap_uids("1.2.3", "1.2.3.4", "0.7.0") != heatmap_uids("1.2.3", "1.2.3.5", "0.6.0")
+    uids = [a.sr_series, a.sr_instance, heat.series, heat.instance(0), heat.instance(499)]
     assert all(is_dicom_uid(u) and len(u) <= 64 and u.startswith("2.25.") for u in uids)
     assert len(set(uids)) == len(uids) and a.sr_instance != b.sr_instance
     assert derived_uid("x", "y") != derived_uid("xy")  # the parts are separated
