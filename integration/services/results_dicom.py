@@ -24,7 +24,6 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 from pydicom.valuerep import DA, TM
 
-from inference import contract as C
 from inference.preprocess import PreprocessError, Slice, series_tensor
 from integration.domain.results import CODING_SCHEME, HeatmapUids, ReportFacts, ReportUids, derived_uid
 from integration.domain.types import DomainError, Outcome
@@ -238,7 +237,3 @@ def predecessor(study_uid: str, series_uid: str, sop_instance_uid: str, sop_clas
 
 def _code(value: str, meaning: str | None = None) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value[:16], CODING_SCHEME, (meaning or value)[:64])
-
-
-#: The contract's name of the model, for the SR (the version comes from the assessment).
-MODEL_NAME = C.MODEL_NAME
