@@ -5,11 +5,8 @@ The volume is the one the model scored (``volumes/``, written by the ingest). Wh
 study's chosen series is read back from the PACS through the engine's own reader and built again in memory (not
 written back, and the study is not re-queued: looking at a page changes nothing).
 
-``overlay_for`` is the heat-map layer: one value in 0..1 per voxel. Until a spatial attribution module is wired
-in, it measures attribution by occlusion through the served model: each block of the volume in turn is set to
-the contract's "no data" value and the patient scored again (batched, ``MAX_BATCH`` at a time); a block's value is
-how much the probability fell without it, scaled by the largest fall. Blocks that raise the risk show; blocks that
-lower it do not.
+``overlay_for`` is the heat-map layer: one value in 0..1 per voxel, from ``services.heatmap`` (the served model's
+lesion maps; occlusion for a model without them), the map the heat-map series in the PACS shows too.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from __future__ import annotations
 import logging
 import struct
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +24,12 @@ from inference.preprocess import PreprocessError, series_tensor
 from inference.runtime.base import ModelContractError, ModelUnavailableError
 from integration.domain.records import StudyRecord
 from integration.domain.types import DomainError
-from integration.services.assess import prepare
 from integration.services.context import Services
+from integration.services.heatmap import image_heatmap
+from integration.services.results import image_only_inputs
 
 log = logging.getLogger(__name__)
 
-#: Occlusion blocks per axis (z, y, x): 4 x 4 x 4 = 64 re-scorings per picture.
-BLOCKS: tuple[int, int, int] = (4, 4, 4)
 #: Display pixels per voxel side.
 SCALE = 4
 #: Heat-map values below this are not drawn (noise).
@@ -76,36 +72,18 @@ def _as_volume(array: np.ndarray) -> np.ndarray:
 
 
 def overlay_for(svc: Services, patient_fhir_id: str, volume: np.ndarray) -> np.ndarray | None:
-    """The heat-map over ``volume`` (same shape, values 0..1) for the patient's current inputs; None when it
-    cannot be had (no model, no inputs). THE seam for a spatial attribution module: replace the body."""
+    """The heat-map over ``volume`` (same shape, values 0..1), from ``services.heatmap``: the served model's lesion
+    maps (the probability of a finding per voxel, one model call), or occlusion for a model without them, scaled by
+    the map's own top. It is the map of the image alone, the same the heat-map series in the PACS shows; None when
+    the model cannot be reached."""
+    del patient_fhir_id  # the map depends on the image and the model alone
     try:
-        model = svc.model()
-        prepared = prepare(svc, patient_fhir_id, model.model_version)
+        heat = image_heatmap(svc.model(), image_only_inputs(volume.reshape(C.input_spec("image").dims)))
     except (DomainError, ModelUnavailableError, ModelContractError) as err:
         log.info("no heat-map: %s", type(err).__name__)
         return None
-    base = replace(prepared.inputs, image=volume.reshape(prepared.inputs.image.shape).astype(np.float32))
-    d, h, w = C.VOLUME_SHAPE
-    bz, by, bx = d // BLOCKS[0], h // BLOCKS[1], w // BLOCKS[2]
-    variants = []
-    for z in range(BLOCKS[0]):
-        for y in range(BLOCKS[1]):
-            for x in range(BLOCKS[2]):
-                image = volume.copy()
-                image[z * bz:(z + 1) * bz, y * by:(y + 1) * by, x * bx:(x + 1) * bx] = C.VOLUME_PAD_VALUE
-                variants.append(replace(base, image=image.reshape(base.image.shape)))
-    try:
-        scores = [p.probability for p in model.predict([base])]
-        for k in range(0, len(variants), C.MAX_BATCH):
-            scores += [p.probability for p in model.predict(variants[k:k + C.MAX_BATCH])]
-    except (ModelUnavailableError, ModelContractError) as err:
-        log.info("no heat-map: %s", type(err).__name__)
-        return None
-    falls = np.clip(scores[0] - np.asarray(scores[1:], dtype=np.float32), 0.0, None).reshape(BLOCKS)
-    if falls.max() <= 0.0:
-        return np.zeros(C.VOLUME_SHAPE, dtype=np.float32)
-    blocks = falls / falls.max()
-    return np.kron(blocks, np.ones((bz, by, bx), dtype=np.float32))  # each block's value on its voxels
+    scaled: np.ndarray = np.clip(heat.values / heat.vmax, 0.0, 1.0).astype(np.float32)
+    return scaled
 
 
 def key_slice(volume: np.ndarray, overlay: np.ndarray | None) -> int:
@@ -160,5 +138,5 @@ def patient_picture(svc: Services, patient_fhir_id: str) -> Picture | None:
         note = ("no heat-map: the volume was read back from the PACS (the scored one is no longer on disk)"
                 if source == "pacs" else "no heat-map: the model could not score the occluded variants")
     else:
-        note = "heat-map: occlusion through the served model (how much the risk falls without each region)"
+        note = "heat-map: where the served model's image path sees findings (services.heatmap)"
     return Picture(render(volume, overlay, index), index, source, overlay is not None, note)
