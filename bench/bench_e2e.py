@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_e2e.py [--arrival scp|orthanc] [--broker redis|embedded] [--image 32x256|160x512]
                                         [--latency-studies 50] [--backlog 300] [--stable-age 1] [--concurrency 2]
+                                        [--pacs-results]
 
 Peers are real and local: Orthanc (the PACS), the FHIR sandbox (the EHR), and for ``--broker redis`` the machine's
 PostgreSQL (a fresh database) and Redis (database 14, flushed) -- the distributed setup; ``embedded`` is the default
@@ -18,6 +19,10 @@ starts it; ONNX Runtime in-process.
    or in Orthanc) before the worker starts; studies per minute until every RiskAssessment is readable. Fresh peers.
 3. After each, the per-stage table from the engine's own ``strokewatch_stage_seconds`` histogram (count, median and
    p95 interpolated within buckets as Prometheus does, exact mean), and the worker processes' peak RSS (VmHWM).
+
+Results in the PACS (``pacs_results``: an SR and a heat-map series for each moderate/high study, written in the
+publish after the RiskAssessment) are off unless ``--pacs-results``: the figures are the scoring path's; with it
+they show what the results cost the worker.
 
 It prints figures; it asserts nothing.
 """
@@ -398,6 +403,9 @@ def engine_env(
                 "STROKEWATCH_PACS__POLL_SECONDS": "60"}  # the webhook is the path; the feed only the safety net
     if args.inline is not None:
         env["STROKEWATCH_PIPELINE__INLINE"] = args.inline
+    # Results in the PACS (issue #19: SR + heat-map series per moderate/high study) are written in the publish,
+    # after the RiskAssessment is readable; off unless asked, so the figures are those of the scoring path.
+    env["STROKEWATCH_PACS_RESULTS__ENABLED"] = "true" if args.pacs_results else "false"
     return env
 
 
@@ -495,6 +503,8 @@ def main() -> None:
     ap.add_argument("--stable-age", type=int, default=1, help="Orthanc's StableAge, seconds")
     ap.add_argument("--poll-seconds", type=float, default=0.5, help="the Orthanc feed's poll (pacs.poll_seconds)")
     ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--pacs-results", action="store_true",
+                    help="also write the SR and heat-map series to the PACS (pacs_results.enabled; off by default)")
     ap.add_argument("--inline", default=None, help='STROKEWATCH_PIPELINE__INLINE, e.g. \'[]\' for a hop per stage')
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sw-bench-"))  # kept: worker logs stay readable after a failure
