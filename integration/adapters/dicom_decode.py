@@ -484,19 +484,24 @@ def decode_part10(
                               f"a retrieved object names {shown(syntax_text)} as its transfer syntax")
         if UID(syntax_text).is_deflated:
             _check_inflated_size(view, meta_end, limits.multipart_max_part_bytes)
-        if syntax_text in _NATIVE_LITTLE_ENDIAN:  # the fast path: the header read by hand (``dicom_header``)
-            found = read_native_header(view, meta_end, explicit=syntax_text == ExplicitVRLittleEndian)
-            if found is not None:
-                return _decode_native(found[0], UID(syntax_text), view, found[1], limits, series_bytes_left, reduce)
+    found = None
+    if syntax_text is not None and syntax_text in _NATIVE_LITTLE_ENDIAN:  # the fast path: the header read by hand
+        found = read_native_header(view, meta_end, explicit=syntax_text == ExplicitVRLittleEndian)
+        syntax = UID(syntax_text)
     reader = BufferReader(view)
-    try:
-        header = pydicom.dcmread(reader, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError, OSError, zlib.error) as err:
-        raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"a retrieved object is not readable DICOM ({err})") from err
-    offset = reader.tell()
-    if "TransferSyntaxUID" not in header.file_meta:
-        raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(header)} has no transfer syntax in its meta")
-    syntax = header.file_meta.TransferSyntaxUID
+    header: Header
+    if found is not None:
+        header, offset = found
+    else:
+        try:
+            header = pydicom.dcmread(reader, stop_before_pixels=True, force=True)
+        except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError, OSError, zlib.error) as err:
+            raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"a retrieved object is not readable DICOM ({err})") from err
+        offset = reader.tell()
+        if "TransferSyntaxUID" not in header.file_meta:
+            raise DomainError(Outcome.CORRUPT_PIXEL_DATA,
+                              f"instance {_uid(header)} has no transfer syntax in its meta")
+        syntax = header.file_meta.TransferSyntaxUID
     _check_grayscale(header)
     if not _decodable(syntax):
         raise _unsupported(header, syntax)
@@ -517,21 +522,6 @@ def decode_part10(
     except Exception as err:  # truncated elements etc.
         raise _corrupt(header, err) from err
     return decode_dataset(full, limits, series_bytes_left, reduce=reduce)
-
-
-def _decode_native(header: NativeHeader, syntax: UID, view: memoryview, offset: int, limits: ImageLimits,
-                   series_bytes_left: int | None, reduce: bool) -> DecodedInstance:
-    """``decode_part10`` for a header ``dicom_header`` read: the same checks in the same order as after pydicom's."""
-    _check_grayscale(header)
-    rows, columns, frames, bits = _declared(header, limits, series_bytes_left)
-    element = _pixel_element(syntax, view, offset)
-    if element is None:  # cannot be: the reader stopped at PixelData
-        raise DomainError(Outcome.CORRUPT_PIXEL_DATA, f"instance {_uid(header)} has no PixelData")
-    start, length = element
-    _syntax_lies(header, syntax, length == _UNDEFINED_LENGTH)
-    _native_length(header, min(length, len(view) - start), rows, columns, frames, bits)
-    return DecodedInstance(_uid(header), str(header.get("Modality", "")),
-                           _to_slices(header, _native_view(header, view, start, rows, columns, frames), reduce))
 
 
 def _native_view(ds: Header, view: memoryview, start: int, rows: int, columns: int, frames: int) -> np.ndarray:
