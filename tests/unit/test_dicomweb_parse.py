@@ -120,3 +120,14 @@ def test_dicom_dates_and_times() -> None:
     )
     assert dicom_datetime("", "101500") is None and dicom_datetime("2024", "") is None
     assert dicom_datetime("20240231", "") is None  # no such day
+
+
+def test_series_answers_are_read_from_the_socket_in_large_pieces() -> None:
+    """httpcore's per-read size is what DicomWebPacs raises (see ``read_http_bodies_in_large_pieces``): this fails if
+    an httpcore upgrade renames the attribute, instead of the retrieval silently going back to 64 KiB reads."""
+    import httpcore
+
+    from integration.adapters.dicomweb import HTTP_READ_BYTES, DicomWebPacs
+
+    with DicomWebPacs("http://127.0.0.1:9/dicom-web"):
+        assert httpcore.HTTP11Connection.READ_NUM_BYTES == HTTP_READ_BYTES >= 1 << 20

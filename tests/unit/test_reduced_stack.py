@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from inference import contract as C
-from inference.preprocess import PreprocessError, Slice, reduced_stack, series_tensor, stack_slices, volume_tensor
+from inference.preprocess import (
+    PreprocessError,
+    Slice,
+    _trilinear,
+    block_means,
+    reduced_stack,
+    series_tensor,
+    stack_slices,
+    volume_tensor,
+)
 
 
 def series(n: int, size: int, pixel_mm: float, dz: float, *, oblique: bool = False, seed: int = 0) -> list[Slice]:
@@ -73,3 +82,35 @@ def test_the_same_geometry_checks_refuse_bad_series() -> None:
     with pytest.raises(PreprocessError) as err:
         reduced_stack(slices[:1])
     assert err.value.code == "too_few_slices"
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float32])
+@pytest.mark.parametrize(("fr", "fc"), [(1, 1), (1, 3), (3, 1), (7, 7), (2, 5)])
+def test_block_means_are_the_means_of_the_whole_blocks(dtype: type, fr: int, fc: int) -> None:
+    low = -1000 if dtype is np.int16 else 0
+    plane = np.random.default_rng(fr * 10 + fc).integers(low, 4000, (37, 50)).astype(dtype)
+    rows, cols = 37 // fr * fr, 50 // fc * fc
+    expected = plane[:rows, :cols].astype(np.float64).reshape(rows // fr, fr, cols // fc, fc).mean(axis=(1, 3))
+    got = block_means(plane, fr, fc)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(9, 11, 13), (1, 11, 13), (9, 1, 13), (2, 1, 1)])
+def test_trilinear_sampling_matches_the_corner_formula(shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(3)
+    voxels = rng.normal(size=shape).astype(np.float32)
+    idx = rng.uniform(-1.0, 1.0, (5, 6, 7, 3)) * np.array(shape) + np.array(shape) / 2  # some outside the volume
+    got, inside = _trilinear(voxels, idx)
+    # the definition, one point at a time: clamped lower corner, weights (1 - f, f) per axis, edges repeated
+    size = np.array(shape)
+    for point in np.ndindex(idx.shape[:-1]):
+        x = np.clip(idx[point], 0, size - 1)
+        lo = np.minimum(np.floor(x).astype(int), np.maximum(size - 2, 0))
+        f = x - lo
+        value = 0.0
+        for corner in np.ndindex(2, 2, 2):
+            at = tuple(min(lo[a] + corner[a], size[a] - 1) for a in range(3))
+            value += voxels[at] * np.prod([f[a] if corner[a] else 1 - f[a] for a in range(3)])
+        assert got[point] == pytest.approx(value, abs=1e-5)
+        assert inside[point] == bool(np.all((idx[point] >= -0.5) & (idx[point] <= size - 0.5)))
