@@ -10,6 +10,7 @@ decoder to the same pixels; the same patient links across DICOM and FHIR.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import string
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from integration.adapters.db.session import make_engine, upgrade
 from integration.adapters.db.store import SqlStore
 from integration.adapters.dicom_decode import decode_file
 from integration.domain.assessment import AssessmentFacts, build_risk_assessment
+from integration.domain.deid import DeidKey
 from integration.domain.policy import RiskPolicy
 from integration.domain.records import NewAssessment
 from integration.domain.types import StudyRef
@@ -117,7 +119,7 @@ def world(tmp_path: Path, fresh_orthanc_peer: Any, fresh_fhir_peer: Any,
     loaded = _load(tmp_path, fresh_fhir_peer.base_url, fresh_orthanc_peer.dicomweb_url, store,
                    datetime.now(UTC).replace(microsecond=0))
     store.engine.dispose()
-    for name in [k for k in __import__("os").environ if k.startswith("STROKEWATCH_")]:
+    for name in [k for k in os.environ if k.startswith("STROKEWATCH_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("STROKEWATCH_DATA_DIR", str(data))
     monkeypatch.setenv("STROKEWATCH_PACS__DICOMWEB_URL", fresh_orthanc_peer.dicomweb_url)
@@ -134,8 +136,6 @@ def _run(tmp: Path, key: str | None, *args: str) -> Any:
     secrets_dir.mkdir()
     if key is not None:
         (secrets_dir / "privacy__deid_key").write_text(key + "\n")
-    import os
-
     os.environ["STROKEWATCH_SECRETS_DIR"] = str(secrets_dir)
     try:
         return CliRunner().invoke(app, ["deid", "export", *args])
@@ -239,7 +239,7 @@ def test_export_names_no_one_links_dicom_and_fhir_and_is_stable(
     for original in loaded:
         for path in original.files[:5]:
             sop = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-            a, b = decode_file(path), decode_file(by_sop[_uid_a(out, sop)])
+            a, b = decode_file(path), decode_file(by_sop[_uid_a(sop)])
             assert len(a.slices) == len(b.slices) == 1
             assert np.array_equal(a.slices[0].pixels, b.slices[0].pixels)
             assert a.slices[0].position == b.slices[0].position
@@ -258,23 +258,19 @@ def test_export_names_no_one_links_dicom_and_fhir_and_is_stable(
 
     # -- --all-assessed: the patients the engine scored (0 and 1), with the same pseudonyms as before
     assessed = _export(tmp_path, KEY_A, "export-assessed", "--all-assessed")
-    assert {p["id"] for p in _ndjson(assessed, "Patient")} == {_pid(out, loaded[0]), _pid(out, loaded[1])}
+    assert {p["id"] for p in _ndjson(assessed, "Patient")} == {_pid(loaded[0]), _pid(loaded[1])}
 
 
-def _uid_a(out: Path, original_sop: str) -> str:
-    from integration.domain.deid import DeidKey
-
-    return DeidKey(KEY_A.encode()).uid(original_sop)
+def _uid_a(original_uid: str) -> str:
+    return DeidKey(KEY_A.encode()).uid(original_uid)
 
 
-def _pid(out: Path, original: Loaded) -> str:
-    from integration.domain.deid import DeidKey
-
+def _pid(original: Loaded) -> str:
     return DeidKey(KEY_A.encode()).patient(original.fhir_id)
 
 
 def _study_of(out: Path, pid: str, original: pydicom.Dataset) -> pydicom.Dataset | None:
-    uid = _uid_a(out, str(original.SOPInstanceUID))
+    uid = _uid_a(str(original.SOPInstanceUID))
     found = list(out.glob(f"dicom/{pid}/*/*/{uid}.dcm"))
     return pydicom.dcmread(found[0], stop_before_pixels=True) if found else None
 

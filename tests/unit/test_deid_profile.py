@@ -4,6 +4,7 @@ the export directory that shows nothing until complete."""
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import date
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from integration.adapters.deid_export import ExportDirectory, ExportDirectoryError
 from integration.adapters.dicom_deid import deidentify, encode
@@ -42,7 +43,7 @@ def crafted() -> Dataset:
     """A CT instance carrying everything a de-identifier must deal with."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, SOP
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, UID(SOP)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.SourceApplicationEntityTitle = "HOSPITAL_PACS"
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -120,7 +121,7 @@ def test_the_profile_actions_on_a_crafted_dataset() -> None:
     days = ctx.shift_days
     assert MIN_SHIFT_DAYS <= days <= MAX_SHIFT_DAYS
     assert ds.StudyDate == shift_dicom_date("20240301", days) and ds.StudyTime == "101500"
-    assert ds.AcquisitionDateTime == shift_dicom_date("20240301", days) + "101700.123+0100"
+    assert ds.AcquisitionDateTime == f"{shift_dicom_date('20240301', days)}101700.123+0100"
     assert (date(2024, 3, 2) - date(2024, 3, 1)).days == _days_between(ds.SeriesDate, ds.StudyDate)
     nested = ds.SourceImageSequence[0]
     assert nested.ContentDate == shift_dicom_date("20240228", days) and "ReviewerName" not in nested
@@ -144,7 +145,7 @@ def test_the_profile_actions_on_a_crafted_dataset() -> None:
     for needle in (NAME, "Quillfeather", "Zephyrine", MRN, "OLD-MRN-1", BIRTH, "1948-02-29", STUDY, SERIES, SOP,
                    OTHER_SOP, FRAME, "St Elsewhere", "Doctor", "Nested", "HOSPITAL_PACS", "20240301", "ACC99812"):
         assert needle.encode() not in raw, needle
-    back = dcmread(__import__("io").BytesIO(raw))
+    back = dcmread(io.BytesIO(raw))
     assert back.PixelData == original_pixels and back.PatientID == ctx.pseudonym
 
 
