@@ -10,7 +10,8 @@ How Table E.1-1 is applied (its actions: D dummy, Z empty, X remove, K keep, C c
   every reference to them change together, deterministically.
 - Dates (the Modified Dates option, C on every DA and DT): moved back by the patient's keyed shift in whole days,
   so intervals and times of day are kept; a date that cannot be read is removed. TM values stay (a whole-day shift
-  leaves them true). LongitudinalTemporalInformationModified is MODIFIED.
+  leaves them true). LongitudinalTemporalInformationModified is MODIFIED. TimezoneOffsetFromUTC is kept: the FHIR
+  times keep their offsets, and study and vital-sign times must stay comparable (it names a region, not a person).
 - Private attributes: removed (no Retain Safe Private option), as are curves (50xx) and overlays (60xx), which can
   carry burned-in text of their own.
 - Beyond the table, as a safety net for attributes it does not name: person names (PN) are removed, free text

@@ -8,6 +8,7 @@ import io
 import json
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,9 @@ from integration.domain.deid import (
     shift_dicom_date,
     shift_fhir_date,
 )
-from integration.domain.types import DomainError
+from integration.domain.types import DomainError, Outcome, PatientInfo, SeriesRef, StudyRef
+from integration.services.deid import ExportSources, export, parse_selection
+from tests.unit.fakes import FakeClock
 
 KEY = DeidKey(b"0f1e2d3c4b5a69788796a5b4c3d2e1f0-unit-test-key")
 OTHER = DeidKey(b"a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4-another-site")
@@ -237,3 +240,71 @@ def test_the_export_directory_shows_nothing_until_complete(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
     with pytest.raises(ExportDirectoryError, match="exists"):
         ExportDirectory(out, KEY)
+
+
+# -- the export use case, on small fakes of its ports ---------------------------------------------------------
+
+
+class _Ehr:
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.fail_on = fail_on
+
+    def find_patient(self, system: str | None, value: str) -> PatientInfo | None:
+        return PatientInfo("pat-1", identifiers=(("urn:mrn", MRN),)) if value == MRN else None
+
+    def search(self, resource_type: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        if resource_type == self.fail_on:
+            raise DomainError(Outcome.EHR_UNAVAILABLE, "EHR answered 503")
+        if resource_type == "Patient":
+            return [{"resourceType": "Patient", "id": "pat-1", "identifier": [{"system": "urn:mrn", "value": MRN}],
+                     "name": [{"family": "Quillfeather"}], "birthDate": "1948-02-29"}]
+        return []
+
+    def search_observations(self, patient_id: str, codes: Any, since: Any, updated_since: Any) -> list[dict[str, Any]]:
+        return []
+
+
+class _Pacs:
+    def get_study(self, study_uid: str) -> StudyRef | None:
+        return StudyRef(study_uid, MRN, None)
+
+    def list_series(self, study_uid: str) -> list[SeriesRef]:
+        return [SeriesRef(study_uid, SERIES, "CT", 2), SeriesRef(study_uid, "1.2.3.4", "SR", 1)]
+
+
+class _Archive:
+    def source_instances(self, study_uid: str, series_uid: str) -> list[Dataset]:
+        stray = crafted()
+        stray.PatientID, stray.SOPInstanceUID = "SOMEONE-ELSE", OTHER_SOP
+        return [crafted(), stray]
+
+
+class _Catalogue:
+    def assessed_patients(self) -> list[str]:
+        return ["pat-1"]
+
+    def patient_studies(self, fhir_id: str) -> list[str]:
+        return [STUDY]
+
+
+def _sources(ehr: _Ehr) -> ExportSources:
+    return ExportSources(ehr=ehr, pacs=_Pacs(), archive=_Archive(), catalogue=_Catalogue(),  # type: ignore[arg-type]
+                         key=KEY, clock=FakeClock())
+
+
+def test_the_export_skips_what_it_must_and_a_peer_failure_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    report = export(_sources(_Ehr()), ExportDirectory(out, KEY),
+                    parse_selection([f"urn:mrn|{MRN}", "# a comment", "urn:mrn|UNKNOWN", "Patient/pat-1"]))
+    assert (report.patients, report.studies, report.series, report.instances) == (1, 1, 1, 1)
+    reasons = [s["reason"] for s in report.skipped]
+    assert reasons[0] == "no Patient with that identifier" and report.skipped[0]["what"] == "selection line 3"
+    assert any("modality SR" in r for r in reasons) and any("none of the Patient's identifiers" in r for r in reasons)
+    assert len(list(out.glob("dicom/**/*.dcm"))) == 1
+    assert MRN.encode() not in b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert export(_sources(_Ehr()), ExportDirectory(tmp_path / "all", KEY), None).patients == 1
+
+    failing = tmp_path / "failing"
+    with pytest.raises(DomainError, match="503"):
+        export(_sources(_Ehr(fail_on="RiskAssessment")), ExportDirectory(failing, KEY), None)
+    assert not failing.exists() and not list(tmp_path.glob(".failing.partial-*"))
