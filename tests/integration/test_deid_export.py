@@ -280,7 +280,7 @@ def _study_dt(ds: pydicom.Dataset) -> datetime:
 
 
 def test_a_missing_or_placeholder_key_stops_before_anything_is_written(
-    tmp_path: Path, world: tuple[list[Loaded], Path],
+    tmp_path: Path, world: tuple[list[Loaded], Path], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, selection = world
     missing = _run(tmp_path, None, "--out", str(tmp_path / "x"), "--patients-from", str(selection))
@@ -291,3 +291,7 @@ def test_a_missing_or_placeholder_key_stops_before_anything_is_written(
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.partial-*"))
     both = _run(tmp_path, KEY_A, "--out", str(tmp_path / "x"), "--all-assessed", "--patients-from", str(selection))
     assert both.exit_code == 2 and not (tmp_path / "x").exists()
+    monkeypatch.setenv("STROKEWATCH_DATA_DIR", str(tmp_path / "no-engine-here"))  # no database: said, not a traceback
+    no_db = _run(tmp_path, KEY_A, "--out", str(tmp_path / "x"), "--all-assessed")
+    assert no_db.exit_code == 1 and "cannot read the engine's database" in no_db.output, no_db.output
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.partial-*"))
