@@ -22,11 +22,15 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
+from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.riskassessment import RiskAssessment
 from typer.testing import CliRunner
 
 from integration.adapters.db.session import make_engine, upgrade
 from integration.adapters.db.store import SqlStore
 from integration.adapters.dicom_decode import decode_file
+from integration.adapters.dicomweb import DicomWebPacs
 from integration.domain.assessment import AssessmentFacts, build_risk_assessment
 from integration.domain.deid import DeidKey
 from integration.domain.policy import RiskPolicy
@@ -164,7 +168,7 @@ def _original_uids(loaded: list[Loaded]) -> set[str]:
 
 
 def test_export_names_no_one_links_dicom_and_fhir_and_is_stable(
-    tmp_path: Path, world: tuple[list[Loaded], Path], caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, world: tuple[list[Loaded], Path], caplog: pytest.LogCaptureFixture, fresh_orthanc_peer: Any,
 ) -> None:
     loaded, selection = world
     caplog.set_level("DEBUG")
@@ -243,6 +247,20 @@ def test_export_names_no_one_links_dicom_and_fhir_and_is_stable(
             assert len(a.slices) == len(b.slices) == 1
             assert np.array_equal(a.slices[0].pixels, b.slices[0].pixels)
             assert a.slices[0].position == b.slices[0].position
+
+    # -- it loads at another centre: valid FHIR R4 resources; DICOM a PACS accepts and the engine's adapter reads back
+    for kind, model in (("Patient", Patient), ("Observation", Observation), ("RiskAssessment", RiskAssessment)):
+        for resource in _ndjson(out, kind):
+            model.model_validate(resource)
+    pid = sorted(dicom_by_patient)[0]
+    (new_study,) = dicom_by_patient[pid]
+    files = sorted(out.glob(f"dicom/{pid}/{new_study}/*/*.dcm"))
+    assert stow(fresh_orthanc_peer.dicomweb_url, files) == len(files)
+    with DicomWebPacs(fresh_orthanc_peer.dicomweb_url) as pacs:
+        biggest = max(pacs.list_series(new_study), key=lambda ref: ref.n_instances)
+        modality, slices = pacs.retrieve_series(new_study, biggest.series_uid)
+    assert modality == "CT" and len(slices) == biggest.n_instances == len(list(out.glob(f"dicom/{pid}/{new_study}/"
+                                                                                        f"{biggest.series_uid}/*.dcm")))
 
     # -- stable for the same key, unrelated for another
     again = _export(tmp_path, KEY_A, "export-a2", "--patients-from", str(selection))
