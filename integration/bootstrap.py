@@ -34,12 +34,15 @@ if TYPE_CHECKING:
     from inference.runtime.transport import TritonTls
     from integration.adapters.db.lock import FileLock, PostgresLock
     from integration.adapters.db.store import SqlStore
+    from integration.adapters.deid_export import ExportDirectory
     from integration.adapters.dicomweb import DicomWebPacs
     from integration.adapters.dimse import DimsePacs
     from integration.adapters.fhir import FhirEhr
     from integration.adapters.orthanc import OrthancChangeFeed
     from integration.adapters.smart_launch import SmartLauncher
     from integration.adapters.spool import FileSpool
+    from integration.domain.deid import DeidKey
+    from integration.services.deid import ExportSources
     from integration.services.push import PushServices
     from integration.services.retention import Housekeeping
 
@@ -805,3 +808,57 @@ def redact_log_records() -> None:
     factory = logging.getLogRecordFactory()
     if not isinstance(factory, _RedactingRecordFactory):
         logging.setLogRecordFactory(_RedactingRecordFactory(factory))
+
+
+# -- the de-identified research export (`strokewatch deid export`) -------------------------------------------
+
+
+def deid_key(settings: Settings) -> DeidKey:
+    """The export's site key (``privacy.deid_key``). Missing or a placeholder: a DeidKeyError naming the setting,
+    never the value. Unlike the log pseudonym key it is never generated: pseudonyms must stay stable across runs
+    and hosts, so the site keeps it (and only it can re-link an export to its patients)."""
+    from integration.domain.deid import DeidKey, DeidKeyError
+
+    setting = env_name("privacy", "deid_key")
+    if settings.privacy.deid_key is None:
+        raise DeidKeyError(f"no de-identification key: set {setting} (or {setting}_FILE, or the file privacy__deid_key "
+                           "in STROKEWATCH_SECRETS_DIR) to a random value of at least 32 characters, e.g. "
+                           "`openssl rand -hex 32`, and keep it: the same key gives the same pseudonyms")
+    try:
+        return DeidKey(settings.privacy.deid_key.get_secret_value().encode())
+    except DeidKeyError as err:
+        raise DeidKeyError(f"{setting}: {err}") from None
+
+
+@contextmanager
+def open_deid_export(settings: Settings, out: Path) -> Iterator[tuple[ExportSources, ExportDirectory]]:
+    """What ``services.deid.export`` needs, from the engine's own settings: the PACS (and its archive reader for
+    whole instances), the EHR, the database's catalogue, the site key, and the output directory; closed on exit."""
+    from integration.adapters.db.catalogue import SqlExportCatalogue
+    from integration.adapters.deid_export import ExportDirectory
+    from integration.services.deid import ExportSources
+
+    key = deid_key(settings)  # before any peer is asked: a missing key stops the export at once
+    redact_log_records()
+    quiet_dicom_validation()
+    if not settings.ehr.base_url:
+        raise ValueError("STROKEWATCH_EHR__BASE_URL is not set (the FHIR R4 base URL)")
+    with ExitStack() as opened:
+        store = build_store(settings)
+        opened.callback(store.engine.dispose)
+        pacs: DicomWebPacs | DimsePacs
+        if settings.pacs.kind == "dimse":
+            pacs = build_dimse_pacs(settings)
+        else:
+            if not settings.pacs.dicomweb_url:
+                raise ValueError("STROKEWATCH_PACS__DICOMWEB_URL is not set (the PACS's DICOMweb base URL)")
+            tls = build_tls(settings.pacs.tls, "pacs", "tls")
+            auth = build_pacs_auth(settings, tls)
+            opened.callback(_close, auth)
+            pacs = build_pacs(settings, auth, tls)
+        opened.callback(_close, pacs)
+        ehr = build_ehr(settings)
+        opened.callback(ehr.close)
+        sources = ExportSources(ehr=ehr, pacs=pacs, archive=build_results_archive(pacs),
+                                catalogue=SqlExportCatalogue(store.sessions), key=key, clock=SystemClock())
+        yield sources, ExportDirectory(out, key)

@@ -328,6 +328,11 @@ class PrivacySettings(BaseModel):
     #: HMAC-SHA256 key for pseudonyms (at least 16 characters; a secret: may come from a file). Unset: a random
     #: key created on first start in data_dir/pseudonym.key (0600) and reused, so pseudonyms stay stable.
     pseudonym_key: SecretStr | None = None
+    #: HMAC-SHA256 site key of the de-identified research export (`strokewatch deid export`): pseudonyms, UIDs and
+    #: date shifts derive from it (at least 32 characters, random; a secret: may come from a file, e.g.
+    #: ``privacy__deid_key`` in STROKEWATCH_SECRETS_DIR). Never generated: the export refuses to run without it.
+    #: Checked when the export starts (``bootstrap.deid_key``), so that no error message can quote it.
+    deid_key: SecretStr | None = None
 
     @field_validator("pseudonym_key")
     @classmethod

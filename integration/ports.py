@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from inference.preprocess import Slice
 from inference.runtime.base import ModelInputs, Prediction
 from integration.domain.checks import CheckResult
+from integration.domain.deid import PatientContext
 from integration.domain.latency import StageSnapshot
 from integration.domain.push import InstanceHeader, ReceivedInstance, SpooledStudy
 from integration.domain.records import (
@@ -448,3 +449,36 @@ class Probe(Protocol):
         ...
 
     def probe(self, *, quick: bool) -> list[CheckResult]: ...
+
+
+class ExportCatalogue(Protocol):
+    """What the engine's record says about whom it scored, for the de-identified export (``services.deid``)."""
+
+    def assessed_patients(self) -> list[str]:
+        """FHIR ids of the patients the engine has scored (any assessment recorded), sorted."""
+        ...
+
+    def patient_studies(self, fhir_id: str) -> list[str]:
+        """Study UIDs the engine matched to the patient (studies ready for scoring), oldest first."""
+        ...
+
+
+class ExportTarget(Protocol):
+    """Where a de-identified export is written: nothing is visible under the output path until ``commit``."""
+
+    def add_instance(self, dataset: Dataset, patient: PatientContext) -> tuple[str, str, str]:
+        """De-identify the instance (PS3.15 Annex E) and write it. Returns its new (study, series, SOP instance)
+        UIDs. DomainError (not retryable) when the instance is not exportable (SOP class, burned-in annotation)."""
+        ...
+
+    def add_resource(self, resource: dict[str, Any]) -> None:
+        """Append an already de-identified FHIR resource to its type's NDJSON file."""
+        ...
+
+    def commit(self, manifest: dict[str, Any]) -> str:
+        """Write the manifest (with every file's SHA-256) and put the export in place at once; returns its path."""
+        ...
+
+    def abort(self) -> None:
+        """Remove what was written (an export that failed leaves nothing behind)."""
+        ...

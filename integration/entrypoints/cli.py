@@ -22,6 +22,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 keys_app = typer.Typer(help="Keys and credentials.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+deid_app = typer.Typer(help="De-identified export of images and records for research.", no_args_is_help=True)
+app.add_typer(deid_app, name="deid")
 console = Console()
 
 SANDBOX_DIR = Path(os.environ.get("STROKEWATCH_SANDBOX_DIR", "var/sandbox"))
@@ -284,6 +286,49 @@ def republish(
             raise typer.Exit(1)
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# deid: the de-identified research export
+# ---------------------------------------------------------------------------------------------
+@deid_app.command("export")
+def deid_export(
+    out: Annotated[Path, typer.Option("--out", help="New directory for the export (never overwritten); written "
+                                                    "aside and renamed into place when complete.")],
+    patients_from: Annotated[Path | None, typer.Option(
+        "--patients-from", help="File of patients, one a line: Patient/<FHIR id>, system|value (an identifier such "
+                                "as an MRN), or a bare identifier value; # starts a comment.")] = None,
+    all_assessed: Annotated[bool, typer.Option(
+        "--all-assessed", help="Every patient the engine has scored (any assessment in its database).")] = False,
+) -> None:
+    """Export patients' CT/MR series (DICOM PS3.15 Annex E Basic Profile, Retain Longitudinal Temporal Information
+    with Modified Dates and Retain Patient Characteristics options) and their Patient, vital-sign Observations and
+    RiskAssessments (FHIR NDJSON), pseudonymised with the site key STROKEWATCH_PRIVACY__DEID_KEY, plus a manifest.
+    The same patient has one pseudonym in DICOM (PatientID) and FHIR (Patient.id); the same key gives the same
+    pseudonyms, UIDs and date shifts in every run."""
+    import json
+
+    from integration.bootstrap import open_deid_export
+    from integration.domain.types import DomainError
+    from integration.services.deid import export, parse_selection
+
+    if (patients_from is None) == (not all_assessed):
+        console.print("[red]choose the patients: --patients-from FILE or --all-assessed (one of them)[/red]")
+        raise typer.Exit(2)
+    _logging()
+    settings = _settings()
+    try:
+        selection = None
+        if patients_from is not None:
+            selection = parse_selection(patients_from.read_text(encoding="utf-8").splitlines())
+        with open_deid_export(settings, out) as (sources, target):
+            report = export(sources, target, selection)
+    except (ValueError, OSError, DomainError) as err:  # the key, the output, a peer: said plainly, no traceback
+        console.print(f"[red]export failed, nothing written:[/red] {getattr(err, 'message', None) or err}")
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"out": report.path, "key_id": report.key_id, "patients": report.patients,
+                           "studies": report.studies, "series": report.series, "instances": report.instances,
+                           "resources": report.resources, "skipped": len(report.skipped)}, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------
