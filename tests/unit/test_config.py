@@ -355,3 +355,21 @@ def test_retention_and_lost_claims_have_defaults_and_refuse_nonsense(monkeypatch
         with pytest.raises(ValidationError):
             Settings()
         monkeypatch.delenv(f"STROKEWATCH_{name}")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("STROKEWATCH_API__KEYS", '["tinysecretQQ-not-a-mapping"]'),  # the wrong type: pydantic would quote it
+        ("STROKEWATCH_PRIVACY__PSEUDONYM_KEY", "tinysecretQQ"),  # too short
+        ("STROKEWATCH_WEBHOOKS__ORTHANC__SECRET", "tinysecretQQ"),
+        ("STROKEWATCH_EHR__AUTH", '{"mode": "basic", "password": "tinysecretQQ", "bogus": 1}'),
+    ],
+)
+def test_a_settings_error_never_echoes_what_was_given(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as err:
+        Settings()
+    assert "tinysecretQQ" not in str(err.value)  # what the CLI, the worker and the API print
