@@ -33,10 +33,15 @@ SMART_DEFAULT_SCOPE = (
 )
 
 
+#: Every settings group: a typo in a setting is an error, not a silent default; and an error never echoes the value
+#: given (it may be a secret: an API key list of the wrong type, a password in the wrong field).
+STRICT = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+
 class AuthSettings(BaseModel):
     """How to authenticate to a peer. ``mode`` picks which of the other fields must be set."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     mode: Literal["none", "basic", "bearer", "oauth2", "smart-backend"] = "none"
     username: str | None = None
@@ -95,7 +100,7 @@ class TlsSettings(BaseModel):
     TLS 1.2 or newer always; the server verified against ``ca_bundle`` (default: this machine's trust store);
     ``client_cert`` (+ ``client_key`` when the key is in another file) presented for mutual TLS. PEM files."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     verify: bool = True  # False turns certificate verification off: for a test bench only, never a hospital
     ca_bundle: Path | None = None
@@ -129,7 +134,7 @@ class PacsDimseSettings(BaseModel):
     C-FIND to find studies and series, C-GET (default) or C-MOVE to our C-STORE SCP to retrieve a series. The PACS
     must know ``calling_aet`` as a DICOM node (allowed to query and retrieve)."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     host: str | None = None  # the PACS's DICOM address
     port: int = Field(default=104, ge=1, le=65535)  # its DICOM port (104; often 11112, 4242 for Orthanc, 2762 TLS)
@@ -171,7 +176,7 @@ class PacsDimseSettings(BaseModel):
 
 
 class PacsSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     dicomweb_url: str | None = None  # e.g. http://pacs:8042/dicom-web
     #: orthanc: also use its /changes feed; generic: QIDO-RS polling; dimse: C-FIND polling and C-GET/C-MOVE (``dimse``)
@@ -243,7 +248,7 @@ class PacsSettings(BaseModel):
 
 
 class EhrSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     base_url: str | None = None  # e.g. http://ehr:8080/fhir
     auth: AuthSettings = AuthSettings()
@@ -276,7 +281,7 @@ class EhrSettings(BaseModel):
 class PolicySettings(BaseModel):
     """Risk bands (terminology.hl7.org risk-probability codes) and what happens without vitals."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     low_below: float = 0.10
     high_at_or_above: float = 0.30
@@ -300,7 +305,7 @@ class PacsResultsSettings(BaseModel):
     """Results written back to the source PACS (``STROKEWATCH_PACS_RESULTS__*``): a DICOM SR (TID 1500) and a
     heat-map series of Secondary Capture images, in the assessed study, for the bands listed."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    model_config = STRICT
 
     enabled: bool = True
     bands: list[Band] = Field(default_factory=lambda: list[Band](["moderate", "high"]))
@@ -315,7 +320,7 @@ class AlertSettings(BaseModel):
     """The EHR alert (``STROKEWATCH_ALERTS__*``): a FHIR Flag on the patient while the latest score is at or above
     ``policy.alert_at_or_above``."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    model_config = STRICT
 
     flag: bool = True
 
@@ -323,7 +328,7 @@ class AlertSettings(BaseModel):
 class PrivacySettings(BaseModel):
     """Keeping PHI in: the key of the pseudonyms that stand in for patient identifiers in logs and messages."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     #: HMAC-SHA256 key for pseudonyms (at least 16 characters; a secret: may come from a file). Unset: a random
     #: key created on first start in data_dir/pseudonym.key (0600) and reused, so pseudonyms stay stable.
@@ -346,7 +351,7 @@ class LimitsSettings(BaseModel):
     """Caps on what the PACS and the EHR may send, checked before anything is allocated (``STROKEWATCH_LIMITS__*``).
     Beyond one, the object gets the outcome ``too_large`` (not retried; replay it after raising the limit)."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     max_rows: int = Field(default=4096, ge=64, le=65535)  # pixels per column of one image
     max_columns: int = Field(default=4096, ge=64, le=65535)
@@ -378,7 +383,7 @@ class ApiTlsSettings(BaseModel):
     """HTTPS on the API itself (uvicorn), optionally mutual TLS: ``STROKEWATCH_API_TLS__CERT``, ``__KEY``,
     ``__CLIENT_CA``, ``__REQUIRE_CLIENT_CERT``. PEM files; unset ``cert``: plain HTTP (keep it on loopback)."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     cert: Path | None = None  # the certificate chain the API presents
     key: Path | None = None  # its unencrypted private key; None: the key is in cert's file
@@ -415,7 +420,7 @@ class ApiJwtSettings(BaseModel):
     Roles come from ``roles_claim``: ``scope`` (space-separated) or a claim holding a list (``roles``,
     ``realm_access.roles``)."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     issuer: str | None = None
     audience: str | None = None
@@ -447,7 +452,7 @@ class ApiSettings(BaseModel):
     ``jwt``. API keys are stored only as hashes: ``STROKEWATCH_API__KEYS__<NAME>=<read|operate>:<sha256 hex>``,
     as ``strokewatch keys api-key NAME --role ROLE`` prints it; clients send the key in ``X-API-Key``."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     keys: dict[str, str] = Field(default_factory=dict)
     jwt: ApiJwtSettings = ApiJwtSettings()
@@ -478,7 +483,7 @@ class DashboardSettings(BaseModel):
     """The clinicians' and operators' web pages at ``/dashboard`` (``STROKEWATCH_DASHBOARD__*``): who may open them
     without signing in, how long a sign-in lasts, and the bounded history of stage latencies they plot."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     #: In the sandbox, on a loopback API, the pages open without signing in (as operator). Elsewhere: never.
     open_in_sandbox: bool = True
@@ -500,7 +505,7 @@ class DashboardSettings(BaseModel):
 class CdsIssuerSettings(BaseModel):
     """One EHR trusted to call the CDS Hooks service: its JWT ``iss`` and the JWKS its keys are published at."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     iss: str
     jwks_url: str
@@ -519,7 +524,7 @@ class CdsHooksSettings(BaseModel):
     "..."}]'``. A hook call needs a JWT from a listed issuer whose ``aud`` is this service's URL
     (``public_url`` + ``/cds-services/<id>``); discovery stays open."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     issuers: list[CdsIssuerSettings] = Field(default_factory=list)
     public_url: str | None = None  # the service root as the EHR calls it; unset: public_base_url or the API's URL
@@ -533,7 +538,7 @@ class CdsHooksSettings(BaseModel):
 class WebhookSourceSettings(BaseModel):
     """How one webhook source proves itself: an HMAC-SHA256 ``secret`` (preferred) or a static bearer ``token``."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     secret: SecretStr | None = None
     token: SecretStr | None = None
@@ -551,7 +556,7 @@ class WebhookSettings(BaseModel):
     ``X-StrokeWatch-Timestamp`` (unix seconds) and ``X-StrokeWatch-Signature: sha256=<hex HMAC of
     timestamp + "." + body>``, accepted within ``replay_window_s`` and once; or ``Authorization: Bearer <token>``."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     orthanc: WebhookSourceSettings = WebhookSourceSettings()
     fhir: WebhookSourceSettings = WebhookSourceSettings()
@@ -573,7 +578,7 @@ class ScpTlsSettings(BaseModel):
     ``STROKEWATCH_SCP__TLS__CERT`` (+ ``__KEY``), ``__CLIENT_CA``, ``__REQUIRE_CLIENT_CERT``. PEM files; unset
     ``cert``: plain DIMSE (the calling AE title allow-list is then the only check; keep it on a trusted network)."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     cert: Path | None = None  # the certificate chain the SCP presents
     key: Path | None = None  # its unencrypted private key; None: the key is in cert's file
@@ -595,7 +600,7 @@ class ScpSettings(BaseModel):
     starts it when ``enabled``, ``strokewatch scp`` runs it alone). Outside the sandbox it needs
     ``allowed_calling_aets``: an AE title not listed is refused at association time."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     enabled: bool = False
     ae_title: str = "STROKEWATCH"  # the called AE title senders must use (associations to another are refused)
@@ -657,7 +662,7 @@ class PipelineSettings(BaseModel):
     lowest latency); the others go through their queue (``vitals``, ``assess``, ``publish``), for deployments that
     run each stage on its own worker group. The API, the SCP and the sweep always queue."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     inline: list[InlineStage] = Field(default_factory=lambda: list(get_args(InlineStage)))
     #: Stage runs one task may go on to (a batch fanning out to many publishes); the rest is queued.
@@ -671,7 +676,7 @@ class RetentionSettings(BaseModel):
     """What the engine deletes once nothing needs it (``strokewatch db prune``, and a scheduled job every
     ``interval_hours``): ``STROKEWATCH_RETENTION__VITALS_DAYS``, ... Deletes run ``batch_size`` rows per transaction."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     interval_hours: float = Field(default=24.0, ge=0.1, le=24.0 * 31)  # how often the scheduled prune runs
     #: Vital signs taken longer ago than this, outside every patient's current window.
@@ -699,7 +704,7 @@ class DbSettings(BaseModel):
     """Timeouts of the database connections (``STROKEWATCH_DB__CONNECT_TIMEOUT_S``, ...). PostgreSQL gets
     ``connect_timeout`` and a server-side ``statement_timeout``; SQLite waits ``sqlite_busy_timeout_s`` for a lock."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a typo in a setting is an error, not a silent default
+    model_config = STRICT
 
     #: Connecting to PostgreSQL (libpq counts whole seconds; at least 2 are used).
     connect_timeout_s: float = Field(default=10.0, gt=0.0, le=300.0)
