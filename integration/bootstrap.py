@@ -307,6 +307,7 @@ def bootstrap(
     rules = SeriesRules(min_slices=settings.pacs.min_slices)
     if settings.pacs.head_pattern:
         rules = SeriesRules(min_slices=settings.pacs.min_slices, head_pattern=settings.pacs.head_pattern)
+    spool = build_spool(settings)
     services = Services(
         store=store,
         pacs=pacs,
@@ -330,7 +331,8 @@ def bootstrap(
         max_lost_claims=settings.max_lost_claims,
         redeliver_after_s=settings.redeliver_after_s,
         limits=image_limits(settings),
-        spool=build_spool(settings),
+        spool=spool,
+        spooled_sources=spool,
         latency_snapshot_s=settings.dashboard.latency_snapshot_s,
         latency_snapshots_kept=settings.dashboard.latency_snapshots_kept,
         archive=build_results_archive(pacs),

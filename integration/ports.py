@@ -61,6 +61,16 @@ class Pacs(Protocol):
         ...
 
 
+class SourceImages(Protocol):
+    """Where the instances of a scored series can be read whole (pixel data included): the source PACS, or the
+    C-STORE spool for a pushed study."""
+
+    def source_instances(self, study_uid: str, series_uid: str) -> list[Dataset]:
+        """Every instance of the series, with its pixel data, in any order (bounded by the image limits).
+        DomainError NO_ELIGIBLE_SERIES when there is none."""
+        ...
+
+
 class ResultsArchive(Protocol):
     """Where the engine's DICOM results go: the source PACS (STOW-RS, or C-STORE for a DIMSE-only PACS), read back
     by the same standard services. Errors: PACS_UNAVAILABLE (retried), PACS_REJECTED (the PACS refused an object)."""

@@ -459,6 +459,38 @@ class FileSpool:
         stages.report(stages.DECODE, series.decoding_s + time.perf_counter() - started)
         return series.modality, ordered
 
+    def source_instances(self, study_uid: str, series_uid: str) -> list[Dataset]:
+        """Every spooled instance of the series, pixel data included (``ports.SourceImages``): what the results written
+        to the PACS are drawn from for a pushed study. Bounded like ``retrieve_series`` (instances, bytes, one
+        file's size); NO_ELIGIBLE_SERIES when the spool holds none of it (removed by retention)."""
+        for uid in (study_uid, series_uid):
+            if not is_dicom_uid(uid):
+                raise DomainError(Outcome.INVALID_UID, f"refused {shown(uid)}: not a DICOM UID (PS3.5 9.1)")
+        limits = self.limits
+        files = sorted(self._files_of_series(self._series_dir(study_uid, series_uid)))
+        if len(files) > limits.max_slices_per_series:
+            raise too_large(f"series {series_uid} holds {len(files)} instances in the spool",
+                            str(limits.max_slices_per_series), "MAX_SLICES_PER_SERIES")
+        datasets: list[Dataset] = []
+        read = 0
+        for path in files:
+            data = self._read(path, series_uid)
+            if data is None:
+                continue  # removed meanwhile (retention)
+            read += len(data)
+            if read > limits.max_series_bytes:
+                raise too_large(f"series {series_uid}: the spool holds more than {limits.max_series_bytes} bytes",
+                                str(limits.max_series_bytes), "MAX_SERIES_BYTES")
+            try:
+                datasets.append(pydicom.dcmread(DicomBytesIO(data)))
+            except Exception as err:  # a file that is not DICOM any more (disk trouble)
+                why = f"series {series_uid}: a spooled file cannot be read ({type(err).__name__})"
+                raise DomainError(Outcome.CORRUPT_PIXEL_DATA, why) from None
+        if not datasets:
+            raise DomainError(Outcome.NO_ELIGIBLE_SERIES,
+                              f"series {series_uid} is not in the spool any more (removed by retention?)")
+        return datasets
+
     # -- helpers ----------------------------------------------------------------------------------------------------
 
     def _read(self, path: Path, series_uid: str) -> bytes | None:

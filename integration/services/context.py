@@ -12,7 +12,7 @@ from integration.domain.limits import ImageLimits
 from integration.domain.policy import RiskPolicy
 from integration.domain.results import ResultsPolicy
 from integration.domain.series import SeriesRules
-from integration.ports import ChangeFeed, Clock, Ehr, Pacs, ResultsArchive, RiskModel, Store
+from integration.ports import ChangeFeed, Clock, Ehr, Pacs, ResultsArchive, RiskModel, SourceImages, Store
 
 
 class SystemClock:
@@ -64,6 +64,8 @@ class Services:
     limits: ImageLimits = field(default_factory=ImageLimits)
     #: The C-STORE spool read as a PACS: studies registered by the SCP (source "scp") are ingested from it.
     spool: Pacs | None = None
+    #: The same spool, read whole: the source instances of a pushed study for the results written to the PACS.
+    spooled_sources: SourceImages | None = None
     #: Exceptions that interrupt a task from outside (the worker's soft time limit): the work is retried later
     #: (``timed_out``, retryable), not failed as a crash. The worker fills it in; empty elsewhere.
     interruptions: tuple[type[BaseException], ...] = ()

@@ -23,6 +23,7 @@ from pydicom import Dataset
 
 from inference import contract as C
 from inference.runtime.base import ModelContractError, ModelInputs, ModelUnavailableError
+from integration.domain.push import SCP_SOURCE
 from integration.domain.records import AssessmentRecord
 from integration.domain.results import ReportFacts, drivers_of, heatmap_uids, report_uids
 from integration.domain.types import DomainError, Outcome
@@ -140,6 +141,14 @@ def _source(svc: Services, row: AssessmentRecord) -> SourceSeries:
     study = svc.store.get_study(row.study_uid) if row.study_uid else None
     if study is None or not study.chosen_series_uid:
         raise DomainError(Outcome.NO_ELIGIBLE_SERIES, "the assessment used no image series")
+    if study.source == SCP_SOURCE and svc.spooled_sources is not None:
+        # Pushed: the instances scored are in the spool (no retrieval; the sender may not have stored them in the
+        # PACS yet, or ever). Once retention has removed them, the PACS's copy.
+        try:
+            return source_series(svc.spooled_sources.source_instances(study.study_uid, study.chosen_series_uid))
+        except DomainError as err:
+            if err.outcome is not Outcome.NO_ELIGIBLE_SERIES:
+                raise
     return source_series(svc.archive.source_instances(study.study_uid, study.chosen_series_uid))
 
 

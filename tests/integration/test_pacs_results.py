@@ -333,3 +333,49 @@ def study_series(flow: Flow) -> str:
 
 def by_uid_series(series: list[dict[str, Any]], series_uid: str) -> dict[str, Any]:
     return next(s for s in series if s["MainDicomTags"]["SeriesInstanceUID"] == series_uid)
+
+
+def test_a_pushed_study_gets_its_results_from_the_spool(flow: Flow, tmp_path: Path) -> None:
+    """A study pushed by C-STORE and not (yet) in the PACS: ingested from the spool, and its SR and heat-map are drawn
+    from the spooled instances too, then stored in the PACS under the study's UID (nothing retrieved)."""
+    import synth
+    from integration.domain.push import SCP_SOURCE, ReceivedInstance
+    from integration.domain.types import StudyRef
+
+    svc = flow.engine.services
+    spool = svc.spooled_sources
+    assert spool is not None
+    now = datetime.now(UTC).replace(microsecond=0)
+    window_end = now - timedelta(hours=2)
+    loaded = load_cohort(1, 11, dicomweb_url=flow.orthanc.dicomweb_url, fhir_base_url=flow.fhir.base_url,
+                         identifier_system=MRN_SYSTEM, window_end=window_end, studies=False)  # the EHR only
+    patient = next(synth.iter_cohort(1, 11))
+    files = synth.write_dicom(patient, tmp_path / "pushed", window_end=window_end)
+    for path in files:  # what the SCP does with each C-STORE: the data set as sent (no file meta), spooled
+        data = path.read_bytes()
+        meta_end = 144 + int.from_bytes(data[140:144], "little")  # after (0002,0000)'s group length
+        meta = pydicom.dcmread(path, stop_before_pixels=True)
+        received = ReceivedInstance("MODALITY", 1, str(meta.SOPClassUID), str(meta.SOPInstanceUID),
+                                    str(meta.file_meta.TransferSyntaxUID), data[meta_end:])
+        assert spool.put(spool.parse(received), received)  # type: ignore[attr-defined]
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    before = httpx.get(f"{flow.orthanc.dicomweb_url}/studies/{study_uid}/series", timeout=10)
+    assert before.status_code in (204, 404) or before.json() == []  # not in the PACS
+
+    svc.store.add_study(StudyRef(study_uid, loaded[0].mrn, None), SCP_SOURCE, svc.clock.now())
+    ingested = ingest_study(svc, study_uid)
+    assert ingested.status == "ready", ingested
+    assert ingested.patient_fhir_id
+    score_and_publish(flow.engine, ingested.patient_fhir_id)
+
+    series = orthanc_series(flow.orthanc, study_uid)  # the study exists in the PACS now: the results alone
+    descriptions = sorted(s["MainDicomTags"].get("SeriesDescription") for s in series)
+    assert descriptions == ["StrokeWatch stroke risk (SR)", "StrokeWatch stroke risk heat-map"]
+    (heat,) = by_description(series, "StrokeWatch stroke risk heat-map")
+    assert len(heat["Instances"]) == len(files)  # one image per spooled source slice
+    (sr_series,) = by_description(series, "StrokeWatch stroke risk (SR)")
+    sr = pydicom.dcmread(io.BytesIO(instance_files(flow.orthanc, sr_series)[0]))
+    evidence = {str(ref.ReferencedSOPInstanceUID)
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series_item in study.ReferencedSeriesSequence for ref in series_item.ReferencedSOPSequence}
+    assert evidence == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
