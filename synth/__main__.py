@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         if args.site:  # the default cohort's table keeps its columns
-            rows[-1] |= {"site": patient.site, "follow_up_months": f"{patient.follow_up_months:g}"}
+            rows[-1] |= {"site": patient.site, "follow_up_days": f"{patient.follow_up_days:g}"}
         log.info("patient %d/%d: %d slices", i + 1, args.n, n_files)  # no PHI in logs
     (args.out / "fhir").mkdir(parents=True, exist_ok=True)
     (args.out / "fhir" / "bundle.json").write_text(json.dumps(transaction_bundle(resources), indent=1))

@@ -65,7 +65,7 @@ class SynthPatient:
     has_scout: bool = True  # CT: the study also holds a localizer series
     window_end: datetime = DEFAULT_WINDOW_END
     site: str | None = None  # the synthetic centre (``synth.sites``), None for the default cohort
-    follow_up_months: float = 12.0  # the outcome's horizon at this patient's centre
+    follow_up_days: float = C.HORIZON_DAYS  # how long this patient's centre followed them for the outcome
 
     @property
     def stream_suffix(self) -> tuple[int, ...]:
@@ -193,7 +193,7 @@ def generate_patient(seed: int, index: int, site: str | Site | None = None) -> S
         instance_order=str(id_rng.choice(["ascending", "descending", "shuffled"], p=[0.6, 0.25, 0.15])),
         has_scout=bool(id_rng.random() < 0.7),
         site=None if st is None else st.name,
-        follow_up_months=12.0 if st is None else st.follow_up_months,
+        follow_up_days=float(C.HORIZON_DAYS) if st is None else st.follow_up_days,
     )
 
 

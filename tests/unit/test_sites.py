@@ -25,7 +25,7 @@ DEFAULT_COHORT_DIGEST = {
     "arrays": "c7af62b7e9cf6c50e2b178f5df805bd965c8334c05cb99077c851d7139367422",
     "vitals": "916116258ba5b0f2952a9ac30e466c2d484b3b07599a52ff120e40b9382de390",
 }
-_NEW_FIELDS = ("site", "follow_up_months", "age_years")  # fields added with sites: not in the old digest
+_NEW_FIELDS = ("site", "follow_up_days", "age_years")  # fields added with sites: not in the old digest
 
 
 def _feed(h: hashlib._Hash, x: object) -> None:
@@ -70,7 +70,7 @@ def _digest() -> dict[str, str]:
 def test_default_cohort_is_byte_identical_to_before_sites() -> None:
     assert _digest() == DEFAULT_COHORT_DIGEST
     p = generate_patient(7, 3)
-    assert p.site is None and p.mrn == "SW7-000003" and p.follow_up_months == 12.0
+    assert p.site is None and p.mrn == "SW7-000003" and p.follow_up_days == 90.0
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_sites_differ_in_population_and_base_rate(cohorts) -> None:  # type: ign
         assert abs(y.mean() - p_true[name]) < 0.05, name
     p = cohorts["highland"][0]
     shift = SITES["highland"].logit_shift
-    assert shift == pytest.approx(-0.5 + np.log(2.0))
+    assert shift == pytest.approx(-0.5 + np.log(180 / 90))
     expect = 1 / (
         1
         + np.exp(
@@ -153,7 +153,7 @@ def test_sites_differ_in_population_and_base_rate(cohorts) -> None:  # type: ign
         )
     )
     assert p.true_probability == pytest.approx(float(expect))
-    assert {ps[0].follow_up_months for ps in cohorts.values()} == {12.0, 6.0, 24.0}
+    assert {ps[0].follow_up_days for ps in cohorts.values()} == {90.0, 60.0, 180.0}
 
 
 def test_sites_differ_in_units_and_charting(cohorts) -> None:  # type: ignore[no-untyped-def]
