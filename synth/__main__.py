@@ -1,4 +1,4 @@
-"""``python -m synth --n 8 --seed 7 --out DIR``: DICOM series, one FHIR bundle and the truth table.
+"""``python -m synth --n 8 --seed 7 [--site NAME] --out DIR``: DICOM series, one FHIR bundle and the truth table.
 
 Writes DIR/dicom/<MRN>/<SOPInstanceUID>.dcm, DIR/fhir/bundle.json (one transaction with every patient)
 and DIR/truth.csv (patient, modality, probabilities, outcome, findings).
@@ -16,6 +16,7 @@ from pathlib import Path
 from synth.dicom import study_uid, write_dicom
 from synth.fhir import fhir_resources, transaction_bundle
 from synth.patient import DEFAULT_WINDOW_END, iter_cohort
+from synth.sites import SITE_NAMES
 
 log = logging.getLogger("synth")
 
@@ -37,13 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--identifier-system", default="urn:strokewatch:synth:mrn", help="Patient.identifier.system")
     parser.add_argument("--window-end", default=None, help="ISO datetime or 'now' (default: a fixed date)")
     parser.add_argument("--no-dicom", action="store_true", help="skip the DICOM series")
+    parser.add_argument("--site", choices=SITE_NAMES, default=None, help="a named synthetic centre (synth/SYNTH.md)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     window_end = _window_end(args.window_end)
     resources = []
     rows = []
-    for i, patient in enumerate(iter_cohort(args.n, args.seed)):
+    for i, patient in enumerate(iter_cohort(args.n, args.seed, args.site)):
         resources += fhir_resources(patient, identifier_system=args.identifier_system, window_end=window_end)
         n_files = 0
         if not args.no_dicom:
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                 "findings": patient.findings_summary(),
             }
         )
+        if args.site:  # the default cohort's table keeps its columns
+            rows[-1] |= {"site": patient.site, "follow_up_days": f"{patient.follow_up_days:g}"}
         log.info("patient %d/%d: %d slices", i + 1, args.n, n_files)  # no PHI in logs
     (args.out / "fhir").mkdir(parents=True, exist_ok=True)
     (args.out / "fhir" / "bundle.json").write_text(json.dumps(transaction_bundle(resources), indent=1))

@@ -20,6 +20,7 @@ from inference import contract as C
 from inference import preprocess
 from synth import patient as P
 from synth.outcome import IMAGE_FACTORS, VITAL_FACTORS, image_factors, vital_factors
+from synth.sites import get_site
 from synth.vitals import canonical_samples
 
 T_ = TypeVar("T_")
@@ -47,9 +48,23 @@ class CohortArrays:
     vitals_signal_mask: np.ndarray  # (N, T, F) bool, features/steps carrying planted vitals risk
     modality: np.ndarray  # (N,) str "CT" | "MR"
     patient_ids: np.ndarray  # (N,) str (the MRN)
+    # Added after cohorts were first cached: a cache without them gets them from the fields above.
+    age_years: np.ndarray | None = None  # (N,) float64, age at the window end (for subgroups)
+    site: np.ndarray | None = None  # (N,) str, the synthetic centre ("" for the default cohort)
+
+    def __post_init__(self) -> None:
+        if self.age_years is None:
+            self.age_years = self.demographics[:, 0].astype(np.float64) * C.AGE_STD + C.AGE_MEAN
+        if self.site is None:
+            self.site = np.full(len(self), "", dtype="<U16")
 
     def __len__(self) -> int:
         return int(self.outcome.shape[0])
+
+    @property
+    def male(self) -> np.ndarray:
+        """(N,) bool, the patient is male (the demographics tensor's sex column)."""
+        return np.asarray(self.demographics[:, 1] > 0.5)
 
     @property
     def finding_mask(self) -> np.ndarray:
@@ -83,9 +98,9 @@ def patient_vitals_tensors(patient: P.SynthPatient) -> tuple[np.ndarray, np.ndar
     return preprocess.vitals_tensors(canonical_samples(patient.vitals))
 
 
-def _build_one(args: tuple[int, int]) -> _One:
-    seed, index = args
-    p = P.generate_patient(seed, index)
+def _build_one(args: tuple[int, int, str | None]) -> _One:
+    seed, index, site = args
+    p = P.generate_patient(seed, index, site)
     image, finding = patient_image_tensor(p)
     return _One(image, patient_vitals_tensors(p), preprocess.demographics_tensor(p.age_years, p.sex), finding, p)
 
@@ -99,9 +114,15 @@ def _init_worker() -> None:
         pass
 
 
-def _map_patients(build: Callable[[tuple[int, int]], T_], seed: int, indices: range, workers: int | None) -> list[T_]:
-    """``build((seed, i))`` for every index, in order; in ``workers`` processes when that pays."""
-    tasks = [(seed, i) for i in indices]
+def _map_patients(
+    build: Callable[[tuple[int, int, str | None]], T_],
+    seed: int,
+    indices: range,
+    workers: int | None,
+    site: str | None = None,
+) -> list[T_]:
+    """``build((seed, i, site))`` for every index, in order; in ``workers`` processes when that pays."""
+    tasks = [(seed, i, site) for i in indices]
     workers = max(1, int(workers or 1))
     if workers > 1 and len(tasks) >= 2 * workers:
         import multiprocessing as mp
@@ -120,6 +141,7 @@ def make_arrays(
     image_dropout: float = 0.0,
     vitals_dropout: float = 0.0,
     workers: int | None = None,
+    site: str | None = None,
 ) -> CohortArrays:
     """Patients ``start..start+n-1`` of cohort ``seed`` as arrays; from 0, the same patients as
     ``iter_cohort(n, seed)``.
@@ -127,9 +149,11 @@ def make_arrays(
     ``image_dropout``/``vitals_dropout``: probability that a patient's image (zeros, image_present 0) or
     whole vitals record (no samples) is withheld, drawn per patient from its own stream, so a patient is
     dropped consistently for a given rate. Ground truth is unaffected. ``workers``: processes (default 1;
-    the work is CPU-bound numpy, so more than the free cores only slows everyone).
+    the work is CPU-bound numpy, so more than the free cores only slows everyone). ``site``: a synthetic
+    centre's name (``synth.sites``), None for the default cohort.
     """
-    ones = _map_patients(_build_one, seed, range(start, start + n), workers)
+    st = get_site(site)
+    ones = _map_patients(_build_one, seed, range(start, start + n), workers, None if st is None else st.name)
 
     T, F = C.N_STEPS, C.N_FEATURES
     image = np.zeros((n, 1, *C.VOLUME_SHAPE), dtype=np.float32)
@@ -137,7 +161,7 @@ def make_arrays(
     vit = np.zeros((3, n, T, F), dtype=np.float32)
     empty_vitals = preprocess.vitals_tensors([])
     for i, one in enumerate(ones):
-        drop = np.random.default_rng([seed, start + i, P.STREAM_DROPOUT]).random(2)
+        drop = P.stream_rng(seed, start + i, P.STREAM_DROPOUT, st).random(2)
         if drop[0] < image_dropout:
             image[i] = preprocess.empty_image()
             present[i] = 0.0
@@ -164,6 +188,8 @@ def make_arrays(
         vitals_signal_mask=np.stack([p.vitals.signal_mask for p in pts]) if ones else np.zeros((0, T, F), bool),
         modality=np.asarray([p.modality for p in pts]),
         patient_ids=np.asarray([p.mrn for p in pts]),
+        age_years=np.asarray([p.age_years for p in pts], dtype=np.float64),
+        site=np.asarray([p.site or "" for p in pts], dtype="<U16"),
     )
 
 
@@ -185,19 +211,22 @@ class VitalsArrays:
 
 
 def _build_vitals(
-    args: tuple[int, int],
+    args: tuple[int, int, str | None],
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray, P.SynthPatient]:
-    seed, index = args
-    p = P.generate_patient(seed, index)
+    seed, index, site = args
+    p = P.generate_patient(seed, index, site)
     return patient_vitals_tensors(p), preprocess.demographics_tensor(p.age_years, p.sex), p
 
 
-def make_vitals_arrays(n: int, seed: int, *, start: int = 0, workers: int | None = None) -> VitalsArrays:
-    """Patients ``start..start+n-1`` of cohort ``seed``: their vitals tensors, demographics, outcome and traits.
+def make_vitals_arrays(
+    n: int, seed: int, *, start: int = 0, workers: int | None = None, site: str | None = None
+) -> VitalsArrays:
+    """Patients ``start..start+n-1`` of cohort ``seed`` (at ``site``): vitals tensors, demographics, outcome, traits.
 
     The same patients (same records, same outcomes) as ``make_arrays`` would give at those indices.
     """
-    ones = _map_patients(_build_vitals, seed, range(start, start + n), workers)
+    st = get_site(site)
+    ones = _map_patients(_build_vitals, seed, range(start, start + n), workers, None if st is None else st.name)
     T, F = C.N_STEPS, C.N_FEATURES
     vit = np.stack([np.stack(o[0]) for o in ones], axis=1) if ones else np.zeros((3, 0, T, F), np.float32)
     pts = [o[2] for o in ones]

@@ -27,7 +27,8 @@ STUDY_LEAD = timedelta(minutes=20)
 
 
 def _uid(patient: SynthPatient, *what: str) -> str:
-    return generate_uid(entropy_srcs=["strokewatch-synth", str(patient.seed), str(patient.index), *what])
+    site = [] if patient.site is None else [f"site:{patient.site}"]  # a site's patients get their own UIDs
+    return generate_uid(entropy_srcs=["strokewatch-synth", str(patient.seed), str(patient.index), *site, *what])
 
 
 def study_uid(patient: SynthPatient) -> str:
@@ -39,7 +40,7 @@ def _instance_numbers(patient: SynthPatient, n: int) -> list[int]:
     if patient.instance_order == "descending":
         order = order[::-1]
     elif patient.instance_order == "shuffled":
-        order = np.random.default_rng([patient.seed, patient.index, 0xD1C0]).permutation(order)
+        order = np.random.default_rng([patient.seed, patient.index, 0xD1C0, *patient.stream_suffix]).permutation(order)
     return [int(x) for x in order]
 
 
@@ -55,7 +56,8 @@ def _base_dataset(patient: SynthPatient, window_end: datetime) -> Dataset:
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = when.strftime("%Y%m%d")
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = when.strftime("%H%M%S")
     ds.TimezoneOffsetFromUTC = f"{'+' if offset >= 0 else '-'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
-    ds.AccessionNumber = f"A{patient.seed % 1000:03d}{patient.index:07d}"
+    code = patient.mrn[2:4] if patient.site else ""  # the site's code, as in its MRNs
+    ds.AccessionNumber = f"A{code}{patient.seed % 1000:03d}{patient.index:07d}"
     ds.Modality = patient.modality
     ds.Manufacturer = "StrokeWatch synthetic"
     ds.InstitutionName = "Synthetic General Hospital"

@@ -76,6 +76,29 @@ COEF = {
 
 
 @dataclass(frozen=True)
+class Population:
+    """How a centre's referral population departs from the default cohort (all zero/default: the default cohort).
+
+    ``logit_shift`` moves the outcome model's intercept (a site's base rate: its hazard and its follow-up
+    length); the other fields move the priors of the demographics and of region-specific risk factors. The
+    outcome model's coefficients are the same everywhere: what differs between sites is who is referred and
+    how often they have the outcome, not what the risk factors do.
+    """
+
+    age_mean: float = 66.0
+    age_sd: float = 14.0
+    male_fraction: float = 0.5
+    wmd_shift: float = 0.0  # added to the WMD latent (grades are thresholds on it; 1.0 = ~17 years of age)
+    sbp_shift: float = 0.0  # mmHg added to every baseline SBP (regional hypertension)
+    af_logit_shift: float = 0.0  # added to the AF prevalence logit
+    diabetes_fraction: float = DIABETES_P
+    logit_shift: float = 0.0  # added to the outcome logit
+
+
+DEFAULT_POPULATION = Population()
+
+
+@dataclass(frozen=True)
 class ImageFindings:
     """Risk-relevant image findings; arrays of equal shape (one element per patient or draw)."""
 
@@ -108,10 +131,12 @@ class VitalTraits:
         return VitalTraits(*(np.asarray(getattr(self, f.name))[i] for f in fields(self)))
 
 
-def draw_demographics(rng: np.random.Generator, n: int | tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """(age in years, male 0/1): a cohort referred for head imaging, age N(66, 14) clipped to 25..95."""
-    age = np.clip(rng.normal(66.0, 14.0, n), 25.0, 95.0)
-    male = (rng.random(n) < 0.5).astype(float)
+def draw_demographics(
+    rng: np.random.Generator, n: int | tuple[int, ...] = (), pop: Population = DEFAULT_POPULATION
+) -> tuple[np.ndarray, np.ndarray]:
+    """(age in years, male 0/1): a cohort referred for head imaging, age N(66, 14) clipped to 25..95 by default."""
+    age = np.clip(rng.normal(pop.age_mean, pop.age_sd, n), 25.0, 95.0)
+    male = (rng.random(n) < pop.male_fraction).astype(float)
     return age, male
 
 
@@ -119,11 +144,15 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def draw_image_findings(rng: np.random.Generator, age: np.ndarray) -> ImageFindings:
+def draw_image_findings(
+    rng: np.random.Generator, age: np.ndarray, pop: Population = DEFAULT_POPULATION
+) -> ImageFindings:
     age = np.asarray(age, dtype=float)
     lam = LACUNE_RATE * np.exp(LACUNE_AGE_SLOPE * (age - 65))
     lacunes = np.minimum(rng.poisson(lam), LACUNE_MAX)
     wmd_latent = WMD_AGE_SLOPE * (age - 65) + rng.standard_normal(age.shape)
+    if pop.wmd_shift:
+        wmd_latent = wmd_latent + pop.wmd_shift
     wmd = sum((wmd_latent > t).astype(int) for t in WMD_THRESHOLDS)
     territorial = (rng.random(age.shape) < _sigmoid(TERR_INTERCEPT + TERR_AGE_SLOPE * (age - 65))).astype(int)
     hdv = (rng.random(age.shape) < HDV_PREVALENCE).astype(int)
@@ -134,22 +163,26 @@ def _sbp_age_mean(age: np.ndarray, male: np.ndarray) -> np.ndarray:
     return 83.7 + 1.0 * np.minimum(age, 70) + 0.3 * np.maximum(age - 70, 0) - 1.6 * male
 
 
-def draw_vital_traits(rng: np.random.Generator, age: np.ndarray, male: np.ndarray) -> VitalTraits:
+def draw_vital_traits(
+    rng: np.random.Generator, age: np.ndarray, male: np.ndarray, pop: Population = DEFAULT_POPULATION
+) -> VitalTraits:
     age = np.asarray(age, dtype=float)
     male = np.asarray(male, dtype=float)
     shape = age.shape
     chol = np.linalg.cholesky(VITALS_RESID_CORR)
     z = rng.standard_normal((*shape, 4)) @ chol.T  # correlated residuals (sbp, dbp, bmi, hr)
     sbp = _sbp_age_mean(age, male) + SBP_RESID_SD * z[..., 0]
+    if pop.sbp_shift:
+        sbp = sbp + pop.sbp_shift
     dbp = 68.2 + 0.285 * np.minimum(age, 75) + 1.4 * male + DBP_RESID_SD * z[..., 1]
     bmi = 22.3 + 0.066 * np.minimum(age, 70) + 0.65 * male + BMI_RESID_SD * z[..., 2]
     hr = 77.7 - 2.8 * male + HR_RESID_SD * z[..., 3]
     lability = LABILITY_MEDIAN * np.exp(LABILITY_AGE_SLOPE * (age - 65) + LABILITY_LOG_SD * rng.standard_normal(shape))
     rising = rng.random(shape) < TREND_RISING_P
     trend = np.where(rising, rng.uniform(*TREND_RISING, shape), TREND_STABLE_SD * rng.standard_normal(shape))
-    has_af = rng.random(shape) < _sigmoid(AF_INTERCEPT + AF_AGE_SLOPE * (age - 65))
+    has_af = rng.random(shape) < _sigmoid(AF_INTERCEPT + pop.af_logit_shift + AF_AGE_SLOPE * (age - 65))
     af = np.where(has_af, 1 + (rng.random(shape) < 0.5), 0)
-    diabetic = rng.random(shape) < DIABETES_P
+    diabetic = rng.random(shape) < pop.diabetes_fraction
     g_med = np.where(diabetic, GLUCOSE_DIABETIC[0], GLUCOSE_NORMAL[0])
     g_sd = np.where(diabetic, GLUCOSE_DIABETIC[1], GLUCOSE_NORMAL[1])
     glucose = g_med * np.exp(g_sd * rng.standard_normal(shape))
@@ -163,11 +196,13 @@ def lability_z(lability: np.ndarray) -> np.ndarray:
     return (np.log(lability) - np.log(LABILITY_MEDIAN)) / LABILITY_LOG_SD
 
 
-def risk_logit(age: np.ndarray, male: np.ndarray, img: ImageFindings, vit: VitalTraits) -> np.ndarray:
-    """The generating model's logit (broadcasts over any shape)."""
+def risk_logit(
+    age: np.ndarray, male: np.ndarray, img: ImageFindings, vit: VitalTraits, shift: float = 0.0
+) -> np.ndarray:
+    """The generating model's logit (broadcasts over any shape); ``shift``: a site's intercept shift."""
     lab_z = lability_z(vit.lability)
     terr = img.territorial
-    return (
+    logit = (
         INTERCEPT
         + COEF["age_z"] * (np.asarray(age) - 65.0) / 15.0
         + COEF["male"] * np.asarray(male)
@@ -182,6 +217,7 @@ def risk_logit(age: np.ndarray, male: np.ndarray, img: ImageFindings, vit: Vital
         + COEF["hyperdense_vessel"] * img.hyperdense_vessel
         + COEF["territorial_x_lability"] * terr * np.maximum(lab_z, 0.0)
     )
+    return logit + shift if shift else logit
 
 
 #: Per-patient risk factors a model may be taught to recognise (auxiliary targets in training), in the
@@ -212,8 +248,10 @@ def vital_factors(vit: VitalTraits) -> np.ndarray:
     ).astype(np.float32)
 
 
-def true_probability(age: float | np.ndarray, male: float | np.ndarray, img: ImageFindings, vit: VitalTraits) -> float:
-    return float(_sigmoid(risk_logit(np.asarray(age), np.asarray(male), img, vit)))
+def true_probability(
+    age: float | np.ndarray, male: float | np.ndarray, img: ImageFindings, vit: VitalTraits, shift: float = 0.0
+) -> float:
+    return float(_sigmoid(risk_logit(np.asarray(age), np.asarray(male), img, vit, shift)))
 
 
 def single_modality_oracles(
@@ -223,20 +261,22 @@ def single_modality_oracles(
     vit: VitalTraits,
     rng: np.random.Generator,
     draws: int = ORACLE_DRAWS,
+    pop: Population = DEFAULT_POPULATION,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(image-only, vitals-only) oracle probabilities for N patients by Monte Carlo.
 
     Image-only: E[sigmoid(logit) | findings, age, sex] with vital traits drawn from their prior given (age, sex);
     vitals-only likewise with the findings drawn. With 256 draws the Monte Carlo SD is below ~0.02.
+    ``pop``: the site's population (its priors and intercept shift), so a site's oracle is its own expectation.
     """
     age = np.atleast_1d(np.asarray(age, dtype=float))
     male = np.atleast_1d(np.asarray(male, dtype=float))
     a2 = np.broadcast_to(age[:, None], (age.size, draws))
     m2 = np.broadcast_to(male[:, None], (age.size, draws))
-    v_draw = draw_vital_traits(rng, a2, m2)
-    i_draw = draw_image_findings(rng, a2)
+    v_draw = draw_vital_traits(rng, a2, m2, pop)
+    i_draw = draw_image_findings(rng, a2, pop)
     img_b = ImageFindings(*(np.atleast_1d(getattr(img, f.name))[:, None] for f in fields(img)))
     vit_b = VitalTraits(*(np.atleast_1d(getattr(vit, f.name))[:, None] for f in fields(vit)))
-    p_image = _sigmoid(risk_logit(a2, m2, img_b, v_draw)).mean(axis=1)
-    p_vitals = _sigmoid(risk_logit(a2, m2, i_draw, vit_b)).mean(axis=1)
+    p_image = _sigmoid(risk_logit(a2, m2, img_b, v_draw, pop.logit_shift)).mean(axis=1)
+    p_vitals = _sigmoid(risk_logit(a2, m2, i_draw, vit_b, pop.logit_shift)).mean(axis=1)
     return p_image, p_vitals

@@ -8,7 +8,7 @@ Rendering is lazy: ``render_image`` samples the patient's head on any acquisitio
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
@@ -18,6 +18,7 @@ from inference.preprocess import Volume
 from synth import outcome, render, vitals
 from synth.findings import FindingGeometry, finding_fractions, finding_labels, place_findings
 from synth.outcome import ImageFindings, VitalTraits
+from synth.sites import Site, get_site
 from synth.tissue import Appearance, draw_appearance
 
 STREAM_DEMOGRAPHICS, STREAM_IMAGE, STREAM_VITALS, STREAM_OUTCOME = 1, 2, 3, 4
@@ -63,6 +64,14 @@ class SynthPatient:
     instance_order: str  # "ascending" | "descending" | "shuffled": InstanceNumber vs position
     has_scout: bool = True  # CT: the study also holds a localizer series
     window_end: datetime = DEFAULT_WINDOW_END
+    site: str | None = None  # the synthetic centre (``synth.sites``), None for the default cohort
+    follow_up_days: float = C.HORIZON_DAYS  # how long this patient's centre followed them for the outcome
+
+    @property
+    def stream_suffix(self) -> tuple[int, ...]:
+        """Appended to every random stream's seed: () for the default cohort, (site.key,) at a site."""
+        site = get_site(self.site)
+        return () if site is None else (site.key,)
 
     @property
     def patient_id(self) -> str:
@@ -78,7 +87,7 @@ class SynthPatient:
 
     def render_image(self, acquisition: render.Acquisition) -> Volume:
         """The image volume (HU for CT, FLAIR-like signal for MR) sampled on ``acquisition``."""
-        noise = np.random.default_rng([self.seed, self.index, STREAM_NOISE, acquisition.size])
+        noise = np.random.default_rng([self.seed, self.index, STREAM_NOISE, acquisition.size, *self.stream_suffix])
         return render.render(acquisition, self.pose, self.geometry, self.look, self.skull_mm, self.scalp_mm, noise)
 
     def finding_mask(self, threshold: float = 0.3) -> np.ndarray:
@@ -120,20 +129,32 @@ class SynthPatient:
         return ";".join(parts) or "none"
 
 
-def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, index, stream])
+def stream_rng(seed: int, index: int, stream: int, site: Site | None = None) -> np.random.Generator:
+    """The random stream ``stream`` of patient ``index`` of cohort ``seed`` (at ``site``: its own streams)."""
+    return np.random.default_rng([seed, index, stream] if site is None else [seed, index, stream, site.key])
 
 
-def generate_patient(seed: int, index: int) -> SynthPatient:
-    """The patient ``index`` of the cohort ``seed``: deterministic, independent of cohort size."""
-    age, male = outcome.draw_demographics(_rng(seed, index, STREAM_DEMOGRAPHICS))
+def generate_patient(seed: int, index: int, site: str | Site | None = None) -> SynthPatient:
+    """The patient ``index`` of the cohort ``seed``: deterministic, independent of cohort size.
+
+    ``site``: a synthetic centre's name (``synth.sites.SITES``); None is the default cohort, unchanged by sites.
+    """
+    st = get_site(site)
+    pop = outcome.DEFAULT_POPULATION if st is None else st.population
+
+    def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
+        return stream_rng(seed, index, stream, st)
+
+    age, male = outcome.draw_demographics(_rng(seed, index, STREAM_DEMOGRAPHICS), (), pop)
     age_a, male_a = np.asarray(age), np.asarray(male)
     img_rng = _rng(seed, index, STREAM_IMAGE)
-    findings = outcome.draw_image_findings(img_rng, age_a)
-    modality = "MR" if img_rng.random() < MR_FRACTION else "CT"
-    traits = outcome.draw_vital_traits(_rng(seed, index, STREAM_VITALS), age_a, male_a)
-    p_true = outcome.true_probability(age_a, male_a, findings, traits)
-    p_img, p_vit = outcome.single_modality_oracles(age_a, male_a, findings, traits, _rng(seed, index, STREAM_ORACLE))
+    findings = outcome.draw_image_findings(img_rng, age_a, pop)
+    modality = "MR" if img_rng.random() < (MR_FRACTION if st is None else st.mr_fraction) else "CT"
+    traits = outcome.draw_vital_traits(_rng(seed, index, STREAM_VITALS), age_a, male_a, pop)
+    p_true = outcome.true_probability(age_a, male_a, findings, traits, pop.logit_shift)
+    p_img, p_vit = outcome.single_modality_oracles(
+        age_a, male_a, findings, traits, _rng(seed, index, STREAM_ORACLE), pop=pop
+    )
     y = int(_rng(seed, index, STREAM_OUTCOME).random() < p_true)
 
     geo_rng = _rng(seed, index, STREAM_GEOMETRY)
@@ -142,11 +163,14 @@ def generate_patient(seed: int, index: int) -> SynthPatient:
     scan_centre = pose.centre + np.array([geo_rng.normal(0, 3), geo_rng.normal(0, 3), geo_rng.normal(0, 6)])
     look_rng = _rng(seed, index, STREAM_APPEARANCE)
     look = draw_appearance(look_rng, modality)
+    if st is not None:  # the site's scanners: a factor on the drawn noise (drawn first, so look_rng is unchanged)
+        look = replace(look, noise=look.noise * (st.mr_noise_factor if modality == "MR" else st.ct_noise_factor))
     id_rng = _rng(seed, index, STREAM_IDENTITY)
+    charting = vitals.DEFAULT_CHARTING if st is None else st.charting
     return SynthPatient(
         seed=seed,
         index=index,
-        mrn=f"SW{seed}-{index:06d}",
+        mrn=f"SW{seed}-{index:06d}" if st is None else f"SW{st.code}{seed}-{index:06d}",
         given_name=str(id_rng.choice(_GIVEN)),
         family_name=str(id_rng.choice(_FAMILY)),
         sex="male" if male else "female",
@@ -155,7 +179,7 @@ def generate_patient(seed: int, index: int) -> SynthPatient:
         findings=findings,
         geometry=geometry,
         traits=traits,
-        vitals=vitals.generate_vitals(_rng(seed, index, STREAM_RECORD), traits),
+        vitals=vitals.generate_vitals(_rng(seed, index, STREAM_RECORD), traits, charting),
         true_probability=p_true,
         image_only_probability=float(p_img[0]),
         vitals_only_probability=float(p_vit[0]),
@@ -168,9 +192,12 @@ def generate_patient(seed: int, index: int) -> SynthPatient:
         n_slices=int(id_rng.integers(32, 37)),
         instance_order=str(id_rng.choice(["ascending", "descending", "shuffled"], p=[0.6, 0.25, 0.15])),
         has_scout=bool(id_rng.random() < 0.7),
+        site=None if st is None else st.name,
+        follow_up_days=float(C.HORIZON_DAYS) if st is None else st.follow_up_days,
     )
 
 
-def iter_cohort(n: int, seed: int) -> Iterator[SynthPatient]:
+def iter_cohort(n: int, seed: int, site: str | Site | None = None) -> Iterator[SynthPatient]:
+    st = get_site(site)
     for i in range(n):
-        yield generate_patient(seed, i)
+        yield generate_patient(seed, i, st)

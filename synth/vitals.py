@@ -52,6 +52,25 @@ class RawVital:
 
 
 @dataclass(frozen=True)
+class Charting:
+    """A centre's charting habits (the defaults are the default cohort's mix of centres).
+
+    ``schedule_p``: probabilities of the inpatient / mixed / sparse schedules; ``temp_degf``, ``glucose_mmol``:
+    probability that a patient's temperatures are charted in [degF] / glucose in mmol/L; ``extra_gaps``: more
+    charting gaps (0 = the default 1-3); ``utc_offset_minutes``: the centre's offset (None: drawn per patient).
+    """
+
+    schedule_p: tuple[float, float, float] = (0.5, 0.35, 0.15)
+    temp_degf: float = 0.3
+    glucose_mmol: float = 0.3
+    extra_gaps: int = 0
+    utc_offset_minutes: int | None = None
+
+
+DEFAULT_CHARTING = Charting()
+
+
+@dataclass(frozen=True)
 class VitalsRecord:
     observations: tuple[RawVital, ...]
     utc_offset_minutes: int  # the recording site's offset, used in the FHIR timestamps
@@ -67,10 +86,10 @@ def _times(rng: np.random.Generator, start: float, end: float, every: tuple[floa
     return np.asarray(out)
 
 
-def _schedule(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+def _schedule(rng: np.random.Generator, charting: Charting = DEFAULT_CHARTING) -> tuple[np.ndarray, np.ndarray, float]:
     """(core times with full vitals, home times with BP/HR only, admission start) in hours before end."""
     w = float(C.WINDOW_HOURS)
-    kind = rng.choice(["inpatient", "mixed", "sparse"], p=[0.5, 0.35, 0.15])
+    kind = rng.choice(["inpatient", "mixed", "sparse"], p=list(charting.schedule_p))
     if kind == "inpatient":
         admit = w
         home = np.empty(0)
@@ -81,7 +100,7 @@ def _schedule(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
         admit = rng.uniform(0.5, 2) * 24
         home = _times(rng, w, admit, (30, 90))
     core = _times(rng, admit, 0.2, (4, 8))
-    for _ in range(rng.integers(1, 4)):  # gaps: device off, transfers, missing charting
+    for _ in range(rng.integers(1, 4) + charting.extra_gaps):  # gaps: device off, transfers, missing charting
         g0 = rng.uniform(0, w)
         g1 = g0 + rng.uniform(12, 72)
         core, home = core[(core < g0) | (core > g1)], home[(home < g0) | (home > g1)]
@@ -117,10 +136,15 @@ def _night(t: np.ndarray, offset_h: float) -> np.ndarray:
     return (local_hour >= 22) | (local_hour < 6)
 
 
-def generate_vitals(rng: np.random.Generator, tr: VitalTraits) -> VitalsRecord:
-    """Draw the raw Observations of one patient (scalar traits) with all their real-world quirks."""
+def generate_vitals(rng: np.random.Generator, tr: VitalTraits, charting: Charting = DEFAULT_CHARTING) -> VitalsRecord:
+    """Draw the raw Observations of one patient (scalar traits) with all their real-world quirks.
+
+    ``charting``: the recording centre's habits (schedules, units, gaps, its UTC offset).
+    """
     offset = int(rng.choice([60, 120, -300, 0, 330]))
-    core, home, admit = _schedule(rng)
+    if charting.utc_offset_minutes is not None:
+        offset = charting.utc_offset_minutes
+    core, home, admit = _schedule(rng, charting)
     w = float(C.WINDOW_HOURS)
     bp_t = np.sort(np.concatenate([core, home]))[::-1]
     weeks = (w - bp_t) / (24 * 7)
@@ -159,7 +183,7 @@ def generate_vitals(rng: np.random.Generator, tr: VitalTraits) -> VitalsRecord:
         obs.append(RawVital("8867-4", t, (Component("8867-4", max(hv, 0.0), "/min"),)))
 
     spo2_code = "2708-6" if rng.random() < 0.3 else "59408-5"
-    temp_f = rng.random() < 0.3
+    temp_f = rng.random() < charting.temp_degf
     for t in core:
         rr = float(np.rint(tr.rr + 1.5 * rng.standard_normal()))
         spo2 = min(100.0, float(np.rint(tr.spo2 + rng.standard_normal())))
@@ -179,7 +203,7 @@ def generate_vitals(rng: np.random.Generator, tr: VitalTraits) -> VitalsRecord:
     glu_t = np.concatenate(
         [_times(rng, admit, 0.5, (5, 8) if diabetic_like else (20, 30)), _times(rng, w, admit, (48, 160))]
     )
-    glu_mmol = rng.random() < 0.3
+    glu_mmol = rng.random() < charting.glucose_mmol
     for t in glu_t:
         g = tr.glucose * np.exp(glu_log_sd * rng.standard_normal())
         if glu_mmol:

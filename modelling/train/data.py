@@ -39,7 +39,8 @@ def _cached(name: str, build: Any, cls: Any, cache: bool) -> Any:
     if cache and path.is_file():
         log.info("loading cached cohort %s", path)
         with np.load(path, allow_pickle=False) as data:
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
+            # fields added to the class after the file was cached (with a default) are filled in by the class
+            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data.files})
     started = time.monotonic()
     arrays = build()
     log.info("generated in %.0fs", time.monotonic() - started)
@@ -51,33 +52,52 @@ def _cached(name: str, build: Any, cls: Any, cache: bool) -> Any:
     return arrays
 
 
-def make_cohort(n: int, seed: int, *, start: int = 0, workers: int = 2, cache: bool = True) -> Any:
-    """``synth.make_arrays(n, seed, start=start)``, kept on disk so training and evaluation do not redo it.
+def make_cohort(
+    n: int, seed: int, *, start: int = 0, site: str | None = None, workers: int = 2, cache: bool = True
+) -> Any:
+    """``synth.make_arrays(n, seed, start=start, site=site)``, kept on disk so training and evaluation do not redo it.
 
-    Generation is deterministic in (n, seed), so a cached copy is the same cohort; rendering the volumes
-    makes regenerating it the slowest step of a training run.
+    Generation is deterministic in (n, seed, site), so a cached copy is the same cohort; rendering the volumes
+    makes regenerating it the slowest step of a training run. ``site``: a synthetic centre (``synth.sites``;
+    an unknown name raises), None for the default cohort. The arrays carry ``age_years``, ``male`` and ``site``
+    per patient for subgroups.
     """
     from synth import SYNTH_VERSION, CohortArrays, make_arrays
+    from synth.sites import get_site
 
+    get_site(site)  # refuse an unknown site before any work
     # The generator's version is part of the key: a cohort cached by an older generator is another cohort.
-    log.info("synthetic cohort n=%d seed=%d%s", n, seed, f" from patient {start}" if start else "")
+    log.info(
+        "synthetic cohort n=%d seed=%d%s%s",
+        n,
+        seed,
+        f" site {site}" if site else "",
+        f" from patient {start}" if start else "",
+    )
     return _cached(
-        f"cohort-v{SYNTH_VERSION}-n{n}-seed{seed}" + (f"-start{start}" if start else "") + ".npz",
-        lambda: make_arrays(n, seed, start=start, workers=workers),
+        f"cohort-v{SYNTH_VERSION}-n{n}-seed{seed}"
+        + (f"-site-{site}" if site else "")
+        + (f"-start{start}" if start else "")
+        + ".npz",
+        lambda: make_arrays(n, seed, start=start, workers=workers, site=site),
         CohortArrays,
         cache,
     )
 
 
-def make_vitals_cohort(n: int, seed: int, start: int, *, workers: int = 2, cache: bool = True) -> Any:
-    """``synth.arrays.make_vitals_arrays``: patients ``start..start+n-1`` of cohort ``seed``, vitals only."""
+def make_vitals_cohort(
+    n: int, seed: int, start: int, *, site: str | None = None, workers: int = 2, cache: bool = True
+) -> Any:
+    """``synth.arrays.make_vitals_arrays``: patients ``start..start+n-1`` of cohort ``seed`` (at ``site``), vitals."""
     from synth import SYNTH_VERSION
     from synth.arrays import VitalsArrays, make_vitals_arrays
+    from synth.sites import get_site
 
-    log.info("vitals-only records n=%d seed=%d from patient %d", n, seed, start)
+    get_site(site)
+    log.info("vitals-only records n=%d seed=%d%s from patient %d", n, seed, f" site {site}" if site else "", start)
     return _cached(
-        f"vitals-v{SYNTH_VERSION}-n{n}-seed{seed}-start{start}.npz",
-        lambda: make_vitals_arrays(n, seed, start=start, workers=workers),
+        f"vitals-v{SYNTH_VERSION}-n{n}-seed{seed}" + (f"-site-{site}" if site else "") + f"-start{start}.npz",
+        lambda: make_vitals_arrays(n, seed, start=start, workers=workers, site=site),
         VitalsArrays,
         cache,
     )
