@@ -307,7 +307,10 @@ class PacsResultsSettings(BaseModel):
 
     model_config = STRICT
 
-    enabled: bool = True
+    #: Off until the site turns it on: a new node writing series into the hospital's archive is the PACS team's
+    #: decision (destination, AE title, what radiologists will see), and it costs the workers about a second per
+    #: moderate/high study (README "Results in the PACS and alerts in the EHR").
+    enabled: bool = False
     bands: list[Band] = Field(default_factory=lambda: list[Band](["moderate", "high"]))
     heatmap: bool = True  # False: the SR alone
     sr_series_description: str = Field(default="StrokeWatch stroke risk (SR)", min_length=1, max_length=64)

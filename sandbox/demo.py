@@ -43,7 +43,8 @@ def run_demo(
     console.print(f"[bold]PACS[/bold] {info.dicomweb_url}   [bold]EHR[/bold] {info.fhir_base_url}")
 
     env = {**sandbox.engine_env(info), "STROKEWATCH_DATA_DIR": str(data_dir.resolve()),
-           # every band gets its SR and heat-map in the demo's PACS (the default writes moderate and high only)
+           # results in the PACS are off by default; in the demo's PACS every band gets its SR and heat-map
+           "STROKEWATCH_PACS_RESULTS__ENABLED": "true",
            "STROKEWATCH_PACS_RESULTS__BANDS": '["low", "moderate", "high"]'}
     os.environ.update(env)  # the children inherit it; this process reads the same settings
     settings = Settings()

@@ -54,7 +54,7 @@ def settings(data_dir: Path, orthanc: OrthancPeer, fhir: FhirPeer, **results: An
         pacs={"dicomweb_url": orthanc.dicomweb_url, "kind": "generic", "lookback_hours": 48},
         ehr={"base_url": fhir.base_url, "patient_identifier_system": MRN_SYSTEM},
         # every band is written here: the synthetic patient's score is whatever the model says
-        pacs_results={"bands": ["low", "moderate", "high"], **results},
+        pacs_results={"enabled": True, "bands": ["low", "moderate", "high"], **results},
     )
 
 
