@@ -239,3 +239,11 @@ def test_the_engine_scores_and_says_so_with_the_site_calibration(tmp_path: Path)
         ra["note"][0]["text"])
     [ra_global] = plain.ehr.assessments()  # type: ignore[attr-defined]
     assert "recalibrated" not in ra_global["note"][0]["text"]
+
+
+def test_the_engine_waits_when_the_calibration_belongs_to_another_model(tmp_path: Path) -> None:
+    stale = SiteCalibration("coastal", 1.4, -0.6, "0.0.1")
+    svc = _engine(tmp_path, SiteCalibratedModel(_LogitModel(), stale))
+    [result] = assess_patients(svc, ["pat-1"])
+    assert result.status == "retry" and result.reason and result.reason.startswith("model_mismatch")
+    assert "recalibrate --site coastal" in result.reason
