@@ -176,7 +176,12 @@ def c_store(port: int, files: list[Path]) -> float:
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        bad = [int(s.Status) for s in (assoc.send_c_store(ds) for ds in datasets) if int(s.Status) != 0]
+        answers = [assoc.send_c_store(ds) for ds in datasets]
+        if any("Status" not in a for a in answers):  # an empty answer: none came within the DIMSE timeout
+            raise SystemExit(f"{sum('Status' not in a for a in answers)} C-STORE request(s) unanswered within "
+                             f"{ae.dimse_timeout} s (the SCU's DIMSE timeout), association "
+                             f"{'aborted' if assoc.is_aborted else 'still up'}: the SCP stalled")
+        bad = [int(a.Status) for a in answers if int(a.Status) != 0]
         if bad:
             raise SystemExit(f"C-STORE statuses {bad}")
     finally:
