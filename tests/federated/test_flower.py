@@ -1,0 +1,124 @@
+"""A real Flower server and two site clients as processes over gRPC on 127.0.0.1, two rounds, tiny sites."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelling.federated import net
+from modelling.federated.flower import KEY_ENV, SiteClient, sign, verify
+from modelling.federated.simulate import free_port
+from modelling.federated.sites import digest, load_site
+from modelling.model import load
+from tests.federated.conftest import N_TRAIN, SEED
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "modelling.federated", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_two_sites_two_rounds_over_grpc(tmp_path: Path, base: object, site_caches: dict[str, Path]) -> None:
+    sites = list(site_caches)
+    before = {s: sorted(p.name for p in site_caches[s].rglob("*.npz")) for s in sites}
+    port = free_port(18650, 18700)
+    env = {**os.environ, KEY_ENV: secrets.token_hex(32), "PYTHONUNBUFFERED": "1"}
+    common = ["--seed", str(SEED), "--rounds", "2", "--threads", "1", "--insecure"]
+    out = tmp_path / "server-out"
+    procs = [
+        _start(
+            ["server", "--address", f"127.0.0.1:{port}", "--clients", "2", "--out", str(out), *common],
+            env,
+            tmp_path / "server.log",
+        )
+    ]
+    for site in sites:  # each client sees only its own site's cache directory
+        procs.append(
+            _start(
+                ["client", "--site", site, "--server", f"127.0.0.1:{port}", "--n", str(N_TRAIN), *common],
+                {**env, "STROKEWATCH_CACHE": str(site_caches[site])},
+                tmp_path / f"client-{site}.log",
+            )
+        )
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = {f.name: f.read_text()[-1500:] for f in tmp_path.glob("*.log")}
+    assert codes == [0, 0, 0], logs
+
+    rounds = json.loads((out / "rounds.json").read_text())
+    assert [r["round"] for r in rounds["rounds"]] == [1, 2] and rounds["rejected"] == []
+    for r in rounds["rounds"]:
+        # each update came from one site, trained on exactly that site's arrays
+        by_site = {c["site"]: c for c in r["clients"]}
+        assert set(by_site) == set(sites)
+        for site in sites:
+            os.environ["STROKEWATCH_CACHE"] = str(site_caches[site])
+            try:
+                own = load_site(site, N_TRAIN, SEED, base)  # type: ignore[arg-type]
+            finally:
+                del os.environ["STROKEWATCH_CACHE"]
+            assert by_site[site]["data_digest"] == digest(own)
+            assert by_site[site]["n"] == N_TRAIN
+    # no client built or read another site's cohort: its cache holds what it held before
+    assert {s: sorted(p.name for p in site_caches[s].rglob("*.npz")) for s in sites} == before
+
+    with np.load(out / "global.npz") as data:
+        final = [data[f"w{i}"] for i in range(len(data.files))]
+    initial = net.weights(net.fresh_model(base, SEED))  # type: ignore[arg-type]
+    assert len(final) == len(initial)
+    assert all(f.shape == i.shape for f, i in zip(final, initial, strict=True))
+    assert max(float(np.abs(f - i).max()) for f, i in zip(final, initial, strict=True)) > 1e-4
+    # the global model is the shipped one with the federated vitals branch and head: it loads (and exports) alike
+    model = load(out / "fusion")
+    assert model.cfg.info["federated"]["sites"] and model.image_branch is not None
+    trained = net.fresh_model(base, SEED)  # type: ignore[arg-type]
+    net.set_weights(trained, final)
+    shipped_cnn = base.image_branch.state_dict()  # type: ignore[attr-defined]
+    assert all(np.array_equal(v.numpy(), shipped_cnn[k].numpy()) for k, v in model.image_branch.state_dict().items())
+    got = model.vitals_branch.lstm.weight_ih_l0.detach().numpy()  # type: ignore[union-attr]
+    assert np.allclose(got, trained.vitals_branch.lstm.weight_ih_l0.detach().numpy())  # type: ignore[union-attr]
+
+
+def test_updates_are_signed_both_ways(base: object, site_caches: dict[str, Path]) -> None:
+    key, other = secrets.token_bytes(32), secrets.token_bytes(32)
+    weights = net.weights(net.fresh_model(base, SEED))  # type: ignore[arg-type]
+    assert verify(key, sign(key, weights, 1, "a"), weights, 1, "a")
+    assert not verify(other, sign(key, weights, 1, "a"), weights, 1, "a")
+    assert not verify(key, sign(key, weights, 1, "a"), weights, 2, "a")  # a replayed round
+    assert not verify(key, sign(key, weights, 1, "a"), weights, 1, "b")  # another site's name
+    tampered = [w.copy() for w in weights]
+    tampered[0].flat[0] += 1e-3
+    assert not verify(key, sign(key, weights, 1, "a"), tampered, 1, "a")
+
+    site = next(iter(site_caches))
+    os.environ["STROKEWATCH_CACHE"] = str(site_caches[site])
+    try:
+        train = load_site(site, N_TRAIN, SEED, base)  # type: ignore[arg-type]
+    finally:
+        del os.environ["STROKEWATCH_CACHE"]
+    client = SiteClient(site, train, base, key, net.Recipe(rounds=1), SEED)
+    config = {"server_round": 1, "rounds": 1, "local_epochs": 1, "proximal_mu": 0.01}
+    with pytest.raises(PermissionError):  # global weights not signed with the federation key
+        client.fit(weights, {**config, "signature": sign(other, weights, 1)})
+    out, n, metrics = client.fit(weights, {**config, "signature": sign(key, weights, 1)})
+    assert n == N_TRAIN and metrics["site"] == site
+    assert verify(key, metrics["signature"], out, 1, site)
