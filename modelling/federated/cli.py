@@ -77,7 +77,7 @@ def server(args: argparse.Namespace) -> None:
     if len(log.rounds) < args.rounds or any(not r["clients"] for r in log.rounds):
         sys.exit(f"error: the federation did not complete its {args.rounds} rounds ({len(log.rounds)} ran)")
     args.out.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out / "global.npz", **{f"w{i}": w for i, w in enumerate(final)})
+    np.savez(args.out / "global.npz", **{f"w{i}": w for i, w in enumerate(final)})  # type: ignore[arg-type]
     (args.out / "rounds.json").write_text(json.dumps({"rounds": log.rounds, "rejected": log.rejected}, indent=1))
     trained = net.fresh_model(base, args.seed)
     net.set_weights(trained, final)

@@ -54,7 +54,8 @@ def evaluate(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, 
     """AUROC with its bootstrap CI, calibration and ECE (``modelling.validation.metrics``)."""
     from modelling.validation import metrics
 
-    return _rounded(metrics(y, p, n_boot=n_boot, seed=seed))
+    out: dict[str, Any] = _rounded(metrics(y, p, n_boot=n_boot, seed=seed))
+    return out
 
 
 def _rounded(value: Any) -> Any:
@@ -101,7 +102,8 @@ class Comparison:
             return auroc(y_, pa[i]) - auroc(y_, pb[i])
 
         ci = bootstrap_ci(y, np.arange(len(y)), paired, n_boot=self.n_boot, seed=self.seed)
-        return _rounded({"auroc": auroc(y, pa) - auroc(y, pb), "ci": list(ci)})
+        out: dict[str, Any] = _rounded({"auroc": auroc(y, pa) - auroc(y, pb), "ci": list(ci)})
+        return out
 
 
 def _concepts_from_factors(factors: np.ndarray) -> np.ndarray:
@@ -188,11 +190,11 @@ def run_federation(
                 )
             )
         deadline = time.monotonic() + timeout
-        for proc in procs:
+        for role, proc in zip(["server", *sites], procs, strict=True):
             rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             if rc != 0:
                 tail = (out_dir / "server.log").read_text()[-2000:]
-                raise RuntimeError(f"federated process {proc.args[3]} exited {rc}; server log:\n{tail}")
+                raise RuntimeError(f"federated process ({role}) exited {rc}; server log:\n{tail}")
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -90,7 +90,7 @@ def load_site(
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
         tmp.replace(path)
     return arrays
 
@@ -110,4 +110,4 @@ def pool(parts: list[SiteArrays]) -> SiteArrays:
 
 
 def save_arrays(arrays: SiteArrays, path: Path) -> None:
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]

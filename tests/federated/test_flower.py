@@ -16,7 +16,7 @@ from modelling.federated import net
 from modelling.federated.flower import KEY_ENV, SiteClient, sign, verify
 from modelling.federated.simulate import free_port
 from modelling.federated.sites import digest, load_site
-from modelling.model import load
+from modelling.model import FusionModel, load
 from tests.federated.conftest import N_TRAIN, SEED
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
-def test_two_sites_two_rounds_over_grpc(tmp_path: Path, base: object, site_caches: dict[str, Path]) -> None:
+def test_two_sites_two_rounds_over_grpc(tmp_path: Path, base: FusionModel, site_caches: dict[str, Path]) -> None:
     sites = list(site_caches)
     before = {s: sorted(p.name for p in site_caches[s].rglob("*.npz")) for s in sites}
     port = free_port(18650, 18700)
@@ -73,7 +73,7 @@ def test_two_sites_two_rounds_over_grpc(tmp_path: Path, base: object, site_cache
         for site in sites:
             os.environ["STROKEWATCH_CACHE"] = str(site_caches[site])
             try:
-                own = load_site(site, N_TRAIN, SEED, base)  # type: ignore[arg-type]
+                own = load_site(site, N_TRAIN, SEED, base)
             finally:
                 del os.environ["STROKEWATCH_CACHE"]
             assert by_site[site]["data_digest"] == digest(own)
@@ -83,24 +83,28 @@ def test_two_sites_two_rounds_over_grpc(tmp_path: Path, base: object, site_cache
 
     with np.load(out / "global.npz") as data:
         final = [data[f"w{i}"] for i in range(len(data.files))]
-    initial = net.weights(net.fresh_model(base, SEED))  # type: ignore[arg-type]
+    initial = net.weights(net.fresh_model(base, SEED))
     assert len(final) == len(initial)
     assert all(f.shape == i.shape for f, i in zip(final, initial, strict=True))
     assert max(float(np.abs(f - i).max()) for f, i in zip(final, initial, strict=True)) > 1e-4
     # the global model is the shipped one with the federated vitals branch and head: it loads (and exports) alike
     model = load(out / "fusion")
-    assert model.cfg.info["federated"]["sites"] and model.image_branch is not None
-    trained = net.fresh_model(base, SEED)  # type: ignore[arg-type]
+    federated = model.cfg.info["federated"]
+    assert isinstance(federated, dict) and sorted(federated["sites"]) == sorted(sites)
+    assert model.image_branch is not None
+    trained = net.fresh_model(base, SEED)
     net.set_weights(trained, final)
-    shipped_cnn = base.image_branch.state_dict()  # type: ignore[attr-defined]
+    assert base.image_branch is not None
+    shipped_cnn = base.image_branch.state_dict()
     assert all(np.array_equal(v.numpy(), shipped_cnn[k].numpy()) for k, v in model.image_branch.state_dict().items())
-    got = model.vitals_branch.lstm.weight_ih_l0.detach().numpy()  # type: ignore[union-attr]
-    assert np.allclose(got, trained.vitals_branch.lstm.weight_ih_l0.detach().numpy())  # type: ignore[union-attr]
+    got, want = model.state_dict(), trained.state_dict()
+    for name in net.trainable_names(trained):
+        assert np.allclose(got[name].numpy(), want[name].numpy()), name
 
 
-def test_updates_are_signed_both_ways(base: object, site_caches: dict[str, Path]) -> None:
+def test_updates_are_signed_both_ways(base: FusionModel, site_caches: dict[str, Path]) -> None:
     key, other = secrets.token_bytes(32), secrets.token_bytes(32)
-    weights = net.weights(net.fresh_model(base, SEED))  # type: ignore[arg-type]
+    weights = net.weights(net.fresh_model(base, SEED))
     assert verify(key, sign(key, weights, 1, "a"), weights, 1, "a")
     assert not verify(other, sign(key, weights, 1, "a"), weights, 1, "a")
     assert not verify(key, sign(key, weights, 1, "a"), weights, 2, "a")  # a replayed round
@@ -112,7 +116,7 @@ def test_updates_are_signed_both_ways(base: object, site_caches: dict[str, Path]
     site = next(iter(site_caches))
     os.environ["STROKEWATCH_CACHE"] = str(site_caches[site])
     try:
-        train = load_site(site, N_TRAIN, SEED, base)  # type: ignore[arg-type]
+        train = load_site(site, N_TRAIN, SEED, base)
     finally:
         del os.environ["STROKEWATCH_CACHE"]
     client = SiteClient(site, train, base, key, net.Recipe(rounds=1), SEED)
