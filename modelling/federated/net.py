@@ -105,8 +105,12 @@ def set_weights(model: FusionModel, values: list[np.ndarray]) -> None:
 
 
 def to_fusion_model(trained: FusionModel, base: FusionModel) -> FusionModel:
-    """The shipped model with ``trained``'s vitals branch and fusion head: what ``modelling.export`` exports."""
+    """The shipped model with ``trained``'s vitals branch and fusion head: what ``modelling.export`` exports.
+
+    Its calibration is the identity (temperature 1, bias 0): the head was trained on the outcome, and the shipped
+    model's calibration was fitted to the shipped head's logits; a site recalibrates it on its own patients."""
     out = copy.deepcopy(base)
+    out.cfg.temperature, out.cfg.calibration_bias = 1.0, 0.0
     assert out.vitals_branch is not None and out.logistic is not None
     assert trained.vitals_branch is not None and trained.logistic is not None
     out.vitals_branch.load_state_dict(trained.vitals_branch.state_dict())

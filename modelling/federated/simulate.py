@@ -87,12 +87,12 @@ class Comparison:
     def add_model(self, name: str, model: FusionModel) -> dict[str, Any]:
         return self.add(name, {s: scores(model, t) for s, t in self.tests.items()})
 
-    def difference(self, a: str, b: str) -> dict[str, Any]:
-        """AUROC(a) - AUROC(b) on the pooled test patients, with a paired bootstrap CI (both models scored on the
-        same resamples: ``validation.bootstrap_ci`` over patient indices)."""
+    def difference(self, a: str, b: str, sites: list[str] | None = None) -> dict[str, Any]:
+        """AUROC(a) - AUROC(b) on the test patients of ``sites`` (all, pooled, by default), with a paired bootstrap
+        CI (both models scored on the same resamples: ``validation.bootstrap_ci`` over patient indices)."""
         from modelling.validation import auroc, bootstrap_ci
 
-        sites = list(self.tests)
+        sites = list(self.tests) if sites is None else sites
         y = np.concatenate([self.tests[s]["outcome"] for s in sites])
         pa = np.concatenate([self.probs[a][s] for s in sites])
         pb = np.concatenate([self.probs[b][s] for s in sites])
@@ -348,9 +348,11 @@ def simulate(
         }
         for s in sites
     }
-    for row in fed_vs_alone.values():
+    for s, row in fed_vs_alone.items():
         row["federated_minus_alone"] = round(row["federated"] - row["site_alone"], 4)
         row["personalised_minus_alone"] = round(row["federated_personalised"] - row["site_alone"], 4)
+        row["federated_minus_alone_ci"] = cmp.difference("federated", "site_alone", [s])["ci"]
+    fed_vs_alone["overall"] = cmp.difference("federated", "site_alone")
     nonprivate = models["central"]["overall"]["auroc"]
     curve = [
         {
@@ -389,9 +391,9 @@ def simulate(
         "federated_rounds": round_log["rounds"][-1],
         "targets": {
             "federated_within_0.01_of_central": abs(fed_minus_central["auroc"]) <= 0.01,
-            "federated_beats_site_alone_everywhere": all(r["federated_minus_alone"] > 0 for r in fed_vs_alone.values()),
+            "federated_beats_site_alone_everywhere": all(fed_vs_alone[s]["federated_minus_alone"] > 0 for s in sites),
             "personalised_beats_site_alone_everywhere": all(
-                r["personalised_minus_alone"] > 0 for r in fed_vs_alone.values()
+                fed_vs_alone[s]["personalised_minus_alone"] > 0 for s in sites
             ),
             "dp_eps_le_8_within_0.03": any(c["epsilon"] <= 8.0 and c["auroc_minus_nonprivate"] >= -0.03 for c in curve),
         },

@@ -102,7 +102,7 @@ def test_simulate_prints_one_json_document(tmp_path: Path, site_caches: dict[str
         assert held not in row["trained_on"]
         assert {"auroc", "auroc_ci", "calibration_slope", "calibration_intercept"} <= set(row)
     assert {"ci", "auroc"} <= set(result["federated_minus_central"])
-    assert set(result["federated_vs_site_alone"]) == set(sites)
+    assert set(result["federated_vs_site_alone"]) == {*sites, "overall"}
     assert {"all", "female", "male", *(f"site {s}" for s in sites)} <= set(result["subgroups_federated"])
     assert {c["site"] for c in result["federated_rounds"]["clients"]} == set(sites)
     assert set(result["targets"]) >= {"federated_within_0.01_of_central", "dp_eps_le_8_within_0.03"}

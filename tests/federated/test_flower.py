@@ -102,6 +102,53 @@ def test_two_sites_two_rounds_over_grpc(tmp_path: Path, base: FusionModel, site_
         assert np.allclose(got[name].numpy(), want[name].numpy()), name
 
 
+def test_tls_federation_and_refused_configurations(
+    tmp_path: Path, base: FusionModel, site_caches: dict[str, Path]
+) -> None:
+    """Server certificate and key by path, the client checks the server's against the CA; without TLS flags or
+    --insecure neither side starts, nor with a key under 32 bytes."""
+    from tests.integration.test_tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    site, other = list(site_caches)
+    port = free_port(18650, 18700)
+    key = secrets.token_hex(32)
+    env = {**os.environ, KEY_ENV: key, "PYTHONUNBUFFERED": "1"}
+    common = ["--seed", str(SEED), "--rounds", "1", "--threads", "1"]
+    out = tmp_path / "server-out"
+    tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)]
+    server = _start(
+        ["server", "--address", f"127.0.0.1:{port}", "--clients", "1", "--out", str(out), *tls, *common],
+        env,
+        tmp_path / "server.log",
+    )
+    client = ["client", "--server", f"127.0.0.1:{port}", "--n", str(N_TRAIN), "--tls-ca", str(pki.ca), *common]
+    good = _start([*client, "--site", site], {**env, "STROKEWATCH_CACHE": str(site_caches[site])}, tmp_path / "a.log")
+    procs = [server, good]
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = {f.name: f.read_text()[-1500:] for f in tmp_path.glob("*.log")}
+    assert codes == [0, 0], logs
+    rounds = json.loads((out / "rounds.json").read_text())
+    assert [c["site"] for c in rounds["rounds"][0]["clients"]] == [site]
+
+    # without TLS flags (and without --insecure) neither side starts
+    done = subprocess.run(
+        [sys.executable, "-m", "modelling.federated", "client", "--site", other, "--server", f"127.0.0.1:{port}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and "--insecure" in done.stderr
+    short = subprocess.run(
+        [sys.executable, "-m", "modelling.federated", "server", "--clients", "1", "--out", str(out), "--insecure"],
+        cwd=ROOT, env={**env, KEY_ENV: "short"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert short.returncode != 0 and "at least 32 bytes" in short.stderr
+
+
 def test_updates_are_signed_both_ways(base: FusionModel, site_caches: dict[str, Path]) -> None:
     key, other = secrets.token_bytes(32), secrets.token_bytes(32)
     weights = net.weights(net.fresh_model(base, SEED))
