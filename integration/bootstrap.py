@@ -31,6 +31,7 @@ from integration.ports import Probe, ResultsArchive, RiskModel
 from integration.services.context import Services, SystemClock
 
 if TYPE_CHECKING:
+    from inference.runtime.site import SiteCalibration
     from inference.runtime.transport import TritonTls
     from integration.adapters.db.lock import FileLock, PostgresLock
     from integration.adapters.db.store import SqlStore
@@ -132,7 +133,29 @@ def build_smart_auth(auth: AuthSettings, tls: ssl.SSLContext | None, peer: str, 
 
 
 def build_model(settings: Settings) -> RiskModel:
-    """Triton when STROKEWATCH_TRITON_URL is set, else ONNX Runtime in-process."""
+    """Triton when STROKEWATCH_TRITON_URL is set, else ONNX Runtime in-process; recalibrated for STROKEWATCH_SITE
+    when it is set (either runtime, the fallback included)."""
+    calibration = site_calibration(settings)
+    model = _build_runtime(settings)
+    if calibration is None:
+        return model
+    from inference.runtime import SiteCalibratedModel
+
+    return SiteCalibratedModel(model, calibration)
+
+
+def site_calibration(settings: Settings) -> SiteCalibration | None:
+    """STROKEWATCH_SITE's entry in the package's site_calibration.json (beside the model file); None when unset.
+    Raises ValueError naming the known sites for an unknown one (start-up stops there)."""
+    if not settings.site:
+        return None
+    from inference.runtime import DEFAULT_MODEL_PATH, load_site_calibration, site_calibration_path
+
+    path = site_calibration_path(settings.model_path or DEFAULT_MODEL_PATH)
+    return load_site_calibration(path, settings.site)
+
+
+def _build_runtime(settings: Settings) -> RiskModel:
     from inference.runtime import DEFAULT_MODEL_PATH, OnnxRuntimeModel
 
     model_path = settings.model_path or DEFAULT_MODEL_PATH
@@ -299,6 +322,7 @@ def bootstrap(
                 raise ValueError("pacs.kind=orthanc needs STROKEWATCH_PACS__ORTHANC_URL")
             feed = build_feed(settings, root, pacs_auth, pacs_tls)
     ehr = build_ehr(settings)
+    site_calibration(settings)  # an unknown STROKEWATCH_SITE stops start-up here, not at the first score
     model = LazyModel(lambda: build_model(settings))
     policy = RiskPolicy(**settings.policy.model_dump())
     rules = SeriesRules(min_slices=settings.pacs.min_slices)

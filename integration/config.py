@@ -727,6 +727,10 @@ class Settings(BaseSettings):
     db: DbSettings = DbSettings()  # connect, statement and SQLite lock timeouts
 
     model_path: Path | None = None  # default: triton_models/stroke_fusion/1/model.onnx
+    #: This centre's recalibration (a temperature and intercept in the package's site_calibration.json beside
+    #: model.onnx, written by `strokewatch model recalibrate --site NAME`); unset: the model's own calibration.
+    #: An unknown name stops start-up with the known ones listed.
+    site: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     triton_url: str | None = None  # unset: the embedded ONNX Runtime
     triton_protocol: Literal["http", "grpc"] = "http"
     triton_model_name: str = "stroke_fusion"

@@ -98,3 +98,12 @@ def binary_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         "brier": float(np.mean((p - y) ** 2)),
         "ece": expected_calibration_error(p, y),
     }
+
+
+def fit_site_calibration(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(T, b) for one site: ``fit_temperature_and_bias`` on the shipped model's calibrated logits of that site's
+    patients, so that ``sigmoid(logit / T + b)`` is calibrated there (the form ``inference.runtime.site`` applies).
+
+    T > 0 keeps the ranking (AUROC) as it was; b moves the predicted base rate to the site's event rate, T
+    undoes over- or under-confidence there. Both outcomes must be present."""
+    return fit_temperature_and_bias(logits, labels)

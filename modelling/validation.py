@@ -6,6 +6,10 @@ Used per site, per subgroup (age band, sex, site) and for leave-one-site-out res
     report = group_report(y, p, groups)
     print(render_table(report))
 
+The shipped model on each synthetic site's unseen patients, per site and subgroup (the MODEL_CARD table)::
+
+    python -m modelling.validation --sites nordhaven,coastal,highland --n 600 --seed 2 --start 1000 [--json]
+
 Definitions (stated once here, repeated where they are computed):
 
 * AUROC: the Mann-Whitney statistic (ties count one half), equal to ``sklearn.metrics.roc_auc_score``.
@@ -209,3 +213,62 @@ def render_table(report: Mapping[str, Mapping[str, Any]]) -> str:
             f"{r['calibration_slope']:.2f} | {r['calibration_intercept']:+.2f} | {r['ece']:.3f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The shipped model (ONNX Runtime, as the engine scores) on each site's patients: the table with the model's
+    own calibration and with each site's recalibration from the package (where the package has one)."""
+    import argparse
+    import json
+
+    from inference.runtime import (
+        DEFAULT_MODEL_PATH,
+        OnnxRuntimeModel,
+        SiteCalibrationError,
+        load_site_calibration,
+        site_calibration_path,
+    )
+    from modelling.calibrate import sigmoid
+    from modelling.recalibrate import shipped_logits
+    from modelling.train.data import make_cohort
+
+    parser = argparse.ArgumentParser(prog="python -m modelling.validation", description=main.__doc__)
+    parser.add_argument("--sites", default="nordhaven,coastal,highland", help="comma-separated synthetic sites")
+    parser.add_argument("--n", type=int, default=600, help="patients per site")
+    parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--start", type=int, default=1000, help="first patient (recalibrate fits on 0..999)")
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    model = OnnxRuntimeModel(args.model, intra_op_threads=1)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("y", "z", "z_site", "age", "male", "site")}
+    for name in [s for s in args.sites.split(",") if s]:
+        cohort = make_cohort(args.n, args.seed, start=args.start, site=name)
+        z = shipped_logits(model, cohort)
+        try:
+            z_site = load_site_calibration(site_calibration_path(args.model), name).logit(z)
+        except SiteCalibrationError:
+            z_site = z  # no entry for this site: its patients keep the model's own calibration
+        for key, value in zip(
+            parts, (cohort.outcome, z, z_site, cohort.age_years, cohort.male, cohort.site), strict=True
+        ):
+            parts[key].append(np.asarray(value))
+    y, z, z_site, age, male, site = (np.concatenate(parts[k]) for k in parts)
+    groups = subgroups(age, male, site)
+    reports = {
+        "global": group_report(y, sigmoid(z), groups, n_boot=args.n_boot, seed=args.seed),
+        "site": group_report(y, sigmoid(z_site), groups, n_boot=args.n_boot, seed=args.seed),
+    }
+    if args.json:
+        print(json.dumps({"model_version": model.model_version, **vars(args), **reports}, indent=1))
+    else:
+        print(f"model {model.model_version}; sites {args.sites}; {args.n} patients each from patient {args.start} "
+              f"of seed {args.seed}\n")
+        print("The model's own calibration:\n\n" + render_table(reports["global"]))
+        print("With each site's recalibration (STROKEWATCH_SITE):\n\n" + render_table(reports["site"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

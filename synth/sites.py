@@ -39,6 +39,9 @@ class Site:
     charting: Charting
     follow_up_days: float
     hazard_shift: float  # the site's own intercept shift (case mix not in the model, care pathway)
+    #: Patients a year relative to the largest site: real centres differ in size too (quantity skew); a simulation
+    #: that gives each site ``round(n * relative_size)`` patients has small sites that gain most from pooling.
+    relative_size: float = 1.0
 
     @property
     def logit_shift(self) -> float:
@@ -85,6 +88,7 @@ SITES: dict[str, Site] = {
             ),
             follow_up_days=60.0,
             hazard_shift=-0.1,
+            relative_size=0.6,
         ),
         Site(
             "highland",
@@ -101,6 +105,7 @@ SITES: dict[str, Site] = {
             ),
             follow_up_days=180.0,
             hazard_shift=-0.5,
+            relative_size=0.35,
         ),
     )
 }

@@ -56,6 +56,8 @@ class Prediction:
     #: The logit as exact terms (``C.LOGIT_TERMS``: the reference patient's logit, then each input's contribution),
     #: from the same forward pass; None when the model serves none (its head is not additive) or they did not add up.
     logit_terms: tuple[float, ...] | None = None
+    #: None: the model's own (global) calibration; else the site recalibration applied (``runtime.site``), described.
+    calibration: str | None = None
 
     def contributions(self) -> dict[str, float] | None:
         """Each input's exact contribution to the logit (``C.LOGIT_TERMS`` less the reference), if served."""

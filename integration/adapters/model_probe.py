@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from inference import contract as C
-from inference.runtime import FallbackModel, ModelContractError, ModelUnavailableError, TritonModel
+from inference.runtime import (
+    FallbackModel,
+    ModelContractError,
+    ModelUnavailableError,
+    SiteCalibratedModel,
+    SiteCalibration,
+    SiteCalibrationError,
+    TritonModel,
+)
 from integration.domain.checks import CheckResult, chain_text, env_name, tls_problem
 from integration.domain.redact import redact_text, redact_url
 from integration.ports import RiskModel
@@ -41,6 +49,8 @@ class ModelProbe:
         except ModelContractError as err:
             hint = f"re-export the model for contract {C.MODEL_VERSION} (`strokewatch model export`)"
             return [CheckResult(self.name, False, f"{self.model_path}: {err}", hint)]
+        except SiteCalibrationError as err:  # STROKEWATCH_SITE names no calibration in the package
+            return [CheckResult(self.name, False, str(err), f"fix {env_name('site')} or fit the site's calibration")]
         except ValueError as err:  # Triton settings that contradict each other (URL scheme, protocol, TLS files)
             return [CheckResult(self.name, False, f"cannot build the Triton client: {err}", "fix the setting named")]
         except (ModelUnavailableError, OSError, RuntimeError) as err:
@@ -49,6 +59,9 @@ class ModelProbe:
                 return [CheckResult(self.name, False, f"model file not found: {self.model_path}", hint)]
             hint = "set STROKEWATCH_MODEL_PATH to a model.onnx"
             return [CheckResult(self.name, False, f"{self.model_path}: cannot load: {err}", hint)]
+        calibration = loaded.calibration if isinstance(loaded, SiteCalibratedModel) else None
+        if isinstance(loaded, SiteCalibratedModel):
+            loaded = loaded.inner
         triton = loaded.primary if isinstance(loaded, FallbackModel) else loaded
         if isinstance(triton, TritonModel):
             results = _served(triton)
@@ -56,6 +69,8 @@ class ModelProbe:
             version = str(loaded.model_version)
             detail = f"{loaded.runtime_name}: model {version} loaded, matches contract {C.MODEL_VERSION}"
             results = [CheckResult(self.name, True, detail), _trained(version, bool(loaded.trained))]
+        if calibration is not None and results[0].ok:
+            results.append(_site(calibration, str(loaded.model_version)))
         return results[:1] if quick else results
 
 
@@ -79,6 +94,18 @@ def _served(triton: TritonModel) -> list[CheckResult]:
         f"model {info.get('model_version')}, matches the contract"
     )
     return [CheckResult("model", True, detail), _trained(str(info.get("model_version")), bool(info.get("trained")))]
+
+
+def _site(calibration: SiteCalibration, version: str) -> CheckResult:
+    """Doctor: which site recalibration the scores use, and whether it was fitted on the model that scores."""
+    if calibration.model_version != version:
+        return CheckResult(
+            "model site calibration",
+            False,
+            f"{calibration.describe()} was fitted on model {calibration.model_version}, the model is {version}",
+            f"refit it: strokewatch model recalibrate --site {calibration.site}",
+        )
+    return CheckResult("model site calibration", True, f"scores recalibrated for {calibration.describe()}")
 
 
 def _trained(version: str, trained: bool) -> CheckResult:

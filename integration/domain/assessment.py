@@ -41,6 +41,8 @@ class AssessmentFacts:
     image_used: bool = True
     supersedes_identifier: str | None = None  # the assessment this one replaces (new data arrived)
     supersedes_fhir_id: str | None = None  # its id in the EHR, when it has been written there
+    #: The site recalibration the probability went through (``Prediction.calibration``); None: the model's own.
+    calibration: str | None = None
 
 
 def device_identifier(model_version: str) -> str:
@@ -70,6 +72,8 @@ def note_text(facts: AssessmentFacts) -> str:
         parts.append("WARNING: the model is UNTRAINED (placeholder weights); this score has no clinical meaning.")
     if "fallback" in facts.runtime:
         parts.append("Scored by the embedded fallback runtime because the configured Triton server was unavailable.")
+    if facts.calibration:
+        parts.append(f"Probability recalibrated for {facts.calibration}.")
     if not facts.image_used:
         parts.append("No eligible brain image: scored on vital signs and demographics only.")
     if not facts.observation_ids:

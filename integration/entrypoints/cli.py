@@ -434,6 +434,12 @@ def model_export(ctx: typer.Context) -> None:
     _delegate("export", ctx)
 
 
+@model_app.command("recalibrate", context_settings=_PASS_THROUGH)
+def model_recalibrate(ctx: typer.Context) -> None:
+    """Fit a site's temperature and intercept on its synthetic patients into site_calibration.json: --site NAME."""
+    _delegate("recalibrate", ctx)
+
+
 @model_app.command("explain", context_settings=_PASS_THROUGH)
 def model_explain(ctx: typer.Context) -> None:
     """Explain one synthetic patient's score: top drivers and an image heat-map overlay."""

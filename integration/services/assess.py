@@ -12,6 +12,7 @@ import numpy as np
 from inference import contract as C
 from inference.preprocess import VitalSample, demographics_tensor, empty_image, vitals_tensors
 from inference.runtime.base import ModelContractError, ModelInputs, ModelUnavailableError, Prediction
+from inference.runtime.site import calibration_of
 from integration.domain import stages
 from integration.domain.assessment import (
     DEVICE_IDENTIFIER_SYSTEM,
@@ -160,11 +161,14 @@ def _assess(svc: Services, patient_ids: list[str], times: StageTimes) -> list[As
         version = model.model_version
     except (ModelUnavailableError, ModelContractError) as err:
         return [_deferred(svc, pid, err) for pid in claimed]
+    # A site recalibration scores differently from the same model: it is part of the assessment's identity.
+    calibration = calibration_of(model)
+    scoring = version if calibration is None else f"{version}+{calibration.tag}"
 
     ready: list[Prepared] = []
     for pid in claimed:
         try:
-            prep = prepare(svc, pid, version)
+            prep = prepare(svc, pid, scoring)
         except DomainError as err:
             svc.store.record_failure("assess", pid, err.outcome, err.message, err.retryable)
             svc.store.release_patient(pid, outcome=err.outcome.value, reason=err.message)
@@ -212,6 +216,7 @@ def _assess(svc: Services, patient_ids: list[str], times: StageTimes) -> list[As
             image_used=prep.image_used,
             supersedes_identifier=supersedes.identifier if supersedes else None,
             supersedes_fhir_id=supersedes.fhir_id if supersedes else None,
+            calibration=pred.calibration,
         )
         band = svc.policy.band(pred.probability)
         svc.store.add_assessment(

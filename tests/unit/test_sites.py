@@ -91,6 +91,7 @@ def test_at_least_three_sites_and_unknown_names_are_refused() -> None:
     with pytest.raises(ValueError, match="known sites: nordhaven, coastal, highland"):
         generate_patient(1, 0, "atlantis")
     assert get_site(None) is None and get_site("coastal") is SITES["coastal"]
+    assert [SITES[n].relative_size for n in ("nordhaven", "coastal", "highland")] == [1.0, 0.6, 0.35]
 
 
 def test_sites_are_recorded_and_their_patients_are_distinct(cohorts) -> None:  # type: ignore[no-untyped-def]
