@@ -117,6 +117,7 @@ def simulate(args: argparse.Namespace) -> None:
         n_sites=args.sites,
         n=args.n,
         n_test=args.n_test,
+        relative_sizes=args.relative_sizes,
         rounds=args.rounds,
         epsilons=tuple(args.epsilons),
         seed=args.seed,
@@ -171,6 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--n", type=int, default=600, help="training patients per site")
     p.add_argument("--n-test", type=int, default=400, help="unseen test patients per site")
+    p.add_argument(
+        "--relative-sizes",
+        action="store_true",
+        help="each site's training patients: --n x its relative size (synth.sites: 1.0, 0.6, 0.35); default all --n",
+    )
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="DP-SGD targets (delta 1e-5)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--port", type=int, default=18650, help="first port tried for the Flower server (50 tried)")

@@ -30,6 +30,7 @@ from modelling.federated import net
 from modelling.federated.flower import KEY_ENV
 from modelling.federated.sites import TEST_START, SiteArrays, load_site, pool, site_names
 from modelling.model import FusionModel
+from synth.sites import get_site
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,12 @@ def _concepts_from_factors(factors: np.ndarray) -> np.ndarray:
     return out
 
 
+def _training_size(site: str, n: int, relative: bool) -> int:
+    centre = get_site(site)
+    assert centre is not None
+    return max(20, round(n * centre.relative_size)) if relative else n
+
+
 def train_central(base: FusionModel, data: SiteArrays, recipe: net.Recipe, seed: int) -> FusionModel:
     model = net.fresh_model(base, seed)
     net.train_local(model, data, recipe.epochs, recipe, seed)
@@ -122,8 +129,7 @@ def train_central(base: FusionModel, data: SiteArrays, recipe: net.Recipe, seed:
 
 
 def run_federation(
-    sites: list[str],
-    n: int,
+    sites: dict[str, int],
     seed: int,
     recipe: net.Recipe,
     out_dir: Path,
@@ -132,8 +138,8 @@ def run_federation(
     dp_epsilon: float | None = None,
     timeout: float = 1800.0,
 ) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """One Flower server and a client per site as separate processes on 127.0.0.1; returns the final global
-    weights and the server's round log."""
+    """One Flower server and a client per site (``sites``: name -> training patients) as separate processes on
+    127.0.0.1; returns the final global weights and the server's round log."""
     import json
 
     port = free_port(*port_range)
@@ -167,7 +173,7 @@ def run_federation(
                 stderr=subprocess.STDOUT,
             )
         )
-        for site in sites:
+        for site, n in sites.items():
             client_log = open(out_dir / f"client-{site}.log", "w")  # noqa: SIM115
             logs.append(client_log)
             procs.append(
@@ -211,6 +217,7 @@ def simulate(
     n_sites: int = 3,
     n: int = 600,
     n_test: int = 400,
+    relative_sizes: bool = False,
     rounds: int = 20,
     epsilons: tuple[float, ...] = (1.0, 3.0, 8.0),
     seed: int = 20,
@@ -236,7 +243,9 @@ def simulate(
     recipe = net.Recipe(rounds=rounds)
     base = net.shipped_model()
     t = time.monotonic()
-    trains = {s: load_site(s, n, seed, base, workers=workers) for s in sites}
+    # quantity skew: each site's training patients in proportion to its size (``synth.sites.Site.relative_size``)
+    sizes = {s: _training_size(s, n, relative_sizes) for s in sites}
+    trains = {s: load_site(s, sizes[s], seed, base, workers=workers) for s in sites}
     tests = {s: load_site(s, n_test, seed, base, start=TEST_START, workers=workers) for s in sites}
     t = lap("data", t)
     pooled = pool(list(trains.values()))
@@ -252,7 +261,7 @@ def simulate(
     t = lap("site_alone", t)
 
     with tempfile.TemporaryDirectory(prefix="strokewatch-federated-") as tmp:
-        final, round_log = run_federation(sites, n, seed, recipe, Path(tmp) / "fedprox", port_range, threads)
+        final, round_log = run_federation(sizes, seed, recipe, Path(tmp) / "fedprox", port_range, threads)
         federated = net.fresh_model(base, seed)
         net.set_weights(federated, final)
         models["federated"] = cmp.add_model("federated", federated)
@@ -290,7 +299,7 @@ def simulate(
 
         dp_fed_eps = max([e for e in epsilons if e <= 8.0] or [8.0])
         dp_final, dp_log = run_federation(
-            sites, n, seed, recipe, Path(tmp) / "dp", port_range, threads, dp_epsilon=dp_fed_eps
+            sizes, seed, recipe, Path(tmp) / "dp", port_range, threads, dp_epsilon=dp_fed_eps
         )
         dp_fed = net.fresh_model(base, seed)
         net.set_weights(dp_fed, dp_final)
@@ -368,7 +377,7 @@ def simulate(
     return {
         "settings": {
             "sites": sites,
-            "n_train_per_site": n,
+            "n_train_per_site": sizes,
             "n_test_per_site": n_test,
             "rounds": rounds,
             "local_epochs": recipe.local_epochs,

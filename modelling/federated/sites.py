@@ -57,6 +57,19 @@ def cnn_digest(base: FusionModel) -> str:
     return h.hexdigest()[:12]
 
 
+def site_digest(site: str) -> str:
+    """A short digest of what generates a site's patients (``synth.sites.Site`` less its name, description and
+    size): cached arrays of a site whose parameters changed are another site's."""
+    import dataclasses
+
+    from synth.sites import get_site
+
+    centre = get_site(site)
+    assert centre is not None
+    fields = {k: v for k, v in dataclasses.asdict(centre).items() if k not in ("name", "description", "relative_size")}
+    return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:8]
+
+
 def _from_cohort(cohort: Any, base: FusionModel) -> SiteArrays:
     inputs = cohort_inputs(cohort)
     concepts = image_embeddings(base, inputs)  # (N, K_img) raw, from the frozen shipped branch
@@ -79,12 +92,20 @@ def load_site(
     keyed by the cohort and the frozen CNN's digest)."""
     from synth import SYNTH_VERSION
 
-    path = cohort_cache_dir() / (
-        f"federated-v{SYNTH_VERSION}-{site}-n{n}-seed{seed}-start{start}-cnn{cnn_digest(base)}.npz"
-    )
-    if cache and path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in KEYS}
+    prefix = f"federated-v{SYNTH_VERSION}-{site}-{site_digest(site)}-n"
+    suffix = f"-seed{seed}-start{start}-cnn{cnn_digest(base)}.npz"
+    path = cohort_cache_dir() / f"{prefix}{n}{suffix}"
+    if cache:
+        # patients are generated one by one from (seed, index): the first n of a longer cached run are these n
+        cached = sorted(
+            (int(f.name[len(prefix) : -len(suffix)]), f)
+            for f in cohort_cache_dir().glob(f"{prefix}*{suffix}")
+            if f.name[len(prefix) : -len(suffix)].isdigit()
+        )
+        longer = [f for size, f in cached if size >= n]
+        if longer:
+            with np.load(longer[0], allow_pickle=False) as data:
+                return {k: data[k][:n] for k in KEYS}
     log.info("site %s: %d patients from %d (seed %d): cohort and image concepts", site, n, start, seed)
     arrays = _from_cohort(make_cohort(n, seed, start=start, site=site, workers=workers, cache=False), base)
     if cache:
