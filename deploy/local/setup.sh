@@ -6,10 +6,18 @@
 #   Python: .venv with the engine, the model stack (torch pinned CPU build) and test tools
 #   Node:   the FHIR sandbox's packages (deploy/fhir-sandbox)
 #   --triton: also the Triton server's own venv (.venv-triton, numpy<2), used by tests and `sandbox up --triton`
+#   --federated: also the venv for learning across sites (.venv-federated: Flower and Opacus, whose pins are below
+#           the engine's), used by tests/federated and `.venv-federated/bin/strokewatch federated ...`
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WITH_TRITON=0
-for arg in "$@"; do [ "$arg" = "--triton" ] && WITH_TRITON=1; done
+WITH_FEDERATED=0
+for arg in "$@"; do
+  case "$arg" in
+    --triton) WITH_TRITON=1 ;;
+    --federated) WITH_FEDERATED=1 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 
 need_apt=()
@@ -43,5 +51,8 @@ fi
 
 if [ "$WITH_TRITON" = 1 ]; then
   bash deploy/triton/setup_venv.sh
+fi
+if [ "$WITH_FEDERATED" = 1 ]; then
+  PYTHON="$PY" bash deploy/federated/setup_venv.sh
 fi
 echo "==> setup complete"

@@ -491,5 +491,22 @@ def model_explain(ctx: typer.Context) -> None:
     _delegate("explain", ctx)
 
 
+# federated: Flower and Opacus pin versions below the engine's, so they live in their own venv (.venv-federated)
+@app.command("federated", context_settings=_PASS_THROUGH)
+def federated(ctx: typer.Context) -> None:
+    """Learning across sites (Flower, Opacus): server | client | simulate; runs in .venv-federated."""
+    import importlib.util
+
+    missing = [m for m in ("flwr", "opacus", "torch") if importlib.util.find_spec(m) is None]
+    if missing:
+        console.print(
+            f"[red]`strokewatch federated` needs {', '.join(missing)}, which are not in this venv[/red]: Flower pins "
+            "versions below the engine's, so it has its own. Run [bold].venv-federated/bin/strokewatch federated "
+            f"{' '.join(ctx.args) or '...'}[/bold] (create it with deploy/local/setup.sh --federated)."
+        )
+        raise typer.Exit(2)
+    _tool("modelling.federated.cli", "strokewatch federated").main(list(ctx.args))
+
+
 if __name__ == "__main__":
     app()
