@@ -24,6 +24,9 @@ keys_app = typer.Typer(help="Keys and credentials.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 deid_app = typer.Typer(help="De-identified export of images and records for research.", no_args_is_help=True)
 app.add_typer(deid_app, name="deid")
+training_app = typer.Typer(help="A site's training set (model inputs + outcomes) for learning across sites.",
+                           no_args_is_help=True)
+app.add_typer(training_app, name="training-set")
 console = Console()
 
 SANDBOX_DIR = Path(os.environ.get("STROKEWATCH_SANDBOX_DIR", "var/sandbox"))
@@ -329,6 +332,56 @@ def deid_export(
     typer.echo(json.dumps({"out": report.path, "key_id": report.key_id, "patients": report.patients,
                            "studies": report.studies, "series": report.series, "instances": report.instances,
                            "resources": report.resources, "skipped": len(report.skipped)}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# training-set: what a federated client of this site trains on
+# ---------------------------------------------------------------------------------------------
+@training_app.command("export")
+def training_set_export(
+    outcomes: Annotated[Path, typer.Option(
+        "--outcomes", help="The site's outcomes, one patient a line: <patient>,<0|1>; <patient> is Patient/<FHIR id>, "
+                           "system|value (an identifier such as an MRN) or a bare identifier value; # comments.")],
+    out: Annotated[Path, typer.Option("--out", help="The .npz file to write (never overwritten).")],
+) -> None:
+    """Write the model inputs the engine builds for these patients (the latest ready study's volume tensor, the
+    window's vital signs, age and sex: what it scores) with their outcomes, as the file
+    `.venv-federated/bin/strokewatch federated client --data FILE` trains on. No identifier, date or UID in it."""
+    import json
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from integration.bootstrap import bootstrap
+    from integration.domain.types import DomainError
+    from integration.services.training_set import parse_outcomes, training_set
+
+    if out.exists():
+        console.print(f"[red]{out} exists: choose a new file[/red]")
+        raise typer.Exit(2)
+    try:
+        rows = parse_outcomes(outcomes.read_text(encoding="utf-8").splitlines())
+    except (ValueError, OSError) as err:
+        console.print(f"[red]{outcomes}: {err}[/red]")
+        raise typer.Exit(2) from None
+    _logging()
+    engine = bootstrap(_settings(), migrate=False)
+    try:
+        arrays, report = training_set(engine.services, rows)
+    except DomainError as err:
+        console.print(f"[red]nothing written:[/red] {err.message}")
+        raise typer.Exit(1) from None
+    finally:
+        engine.close()
+    fd, tmp = tempfile.mkstemp(prefix=".training-set-", suffix=".npz", dir=out.parent.resolve())
+    with os.fdopen(fd, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    typer.echo(json.dumps({"out": str(out), "patients": report.patients, "events": report.events,
+                           "skipped": report.skipped}, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,12 +100,13 @@ def server(args: argparse.Namespace) -> None:
 def client(args: argparse.Namespace) -> None:
     from modelling.federated import net
     from modelling.federated.flower import SiteClient, run_client
-    from modelling.federated.sites import load_site
+    from modelling.federated.sites import load_export, load_site
 
     key = _key(args)
     certs = _tls_files(args, ("tls_ca",))
     base = net.shipped_model()
-    train = load_site(args.site, args.n, args.seed, base)
+    # the site's own patients from its engine (`strokewatch training-set export`), else the synthetic centre
+    train = load_export(args.data, base) if args.data is not None else load_site(args.site, args.n, args.seed, base)
     participant = SiteClient(args.site, train, base, key, net.Recipe(rounds=args.rounds), args.seed)
     run_client(args.server, participant, root_certificates=None if certs is None else certs[0])
 
@@ -157,7 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(run=server)
 
     p = sub.add_parser("client", help="take part for one site")
-    p.add_argument("--site", required=True, help="this site's name (a synthetic centre: synth.sites)")
+    p.add_argument("--site", required=True,
+                   help="this site's name (signed into its updates); without --data, a synthetic centre of synth.sites")
+    p.add_argument("--data", type=Path, default=None,
+                   help="train on this site's own patients: the file `strokewatch training-set export` wrote from "
+                        "the engine's store (else the synthetic centre --site)")
     p.add_argument("--server", required=True, help="the server's HOST:PORT")
     p.add_argument("--n", type=int, default=600, help="the site's training patients")
     p.add_argument(

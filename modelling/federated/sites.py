@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from inference import contract as C
+from modelling.config import IMAGE_CONCEPTS
 from modelling.federated.net import FUSE_INPUTS
 from modelling.model import FusionModel
 from modelling.train.data import cohort_cache_dir, cohort_inputs, make_cohort
@@ -82,6 +83,34 @@ def _from_cohort(cohort: Any, base: FusionModel) -> SiteArrays:
     out["age_years"] = np.asarray(age if age is not None else demo[:, 0] * C.AGE_STD + C.AGE_MEAN, np.float32)
     out["male"] = np.asarray(male if male is not None else demo[:, 1] > 0.5, dtype=bool)
     out["image_factors"] = np.asarray(cohort.image_factors, dtype=np.float32)
+    return out
+
+
+def load_export(path: Path, base: FusionModel) -> SiteArrays:
+    """A site's own patients from the engine's store: the file ``strokewatch training-set export`` writes (the
+    contract's input tensors as the engine built them for scoring, the outcomes the site supplied, age and sex), with
+    the frozen CNN's concepts computed here. ValueError naming what is wrong with the file."""
+    expected = {spec.name: spec.dims for spec in C.INPUTS}
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in (*C.INPUT_NAMES, "outcome", "age_years", "male") if k not in data.files]
+        if missing:
+            raise ValueError(f"{path}: not a training-set file of `strokewatch training-set export` "
+                             f"(missing {', '.join(missing)})")
+        inputs = {name: np.asarray(data[name], dtype=np.float32) for name in C.INPUT_NAMES}
+        n = len(data["outcome"])
+        for name, shape in expected.items():
+            if inputs[name].shape != (n, *shape):
+                raise ValueError(f"{path}: {name} has shape {inputs[name].shape}, the contract's is (N, {shape})")
+        outcome = np.asarray(data["outcome"], dtype=np.float32)
+        if not np.isin(outcome, (0.0, 1.0)).all():
+            raise ValueError(f"{path}: outcomes must be 0 or 1")
+        out: SiteArrays = {"image_concepts": image_embeddings(base, inputs).astype(np.float32)}
+        out.update({k: inputs[k] for k in FUSE_INPUTS})
+        out["outcome"] = outcome
+        out["age_years"] = np.asarray(data["age_years"], dtype=np.float32)
+        out["male"] = np.asarray(data["male"], dtype=bool)
+    # the findings' truth is unknown at a real site (only the simulation's ceiling reads it)
+    out["image_factors"] = np.full((n, len(IMAGE_CONCEPTS)), np.nan, dtype=np.float32)
     return out
 
 

@@ -173,3 +173,58 @@ def test_updates_are_signed_both_ways(base: FusionModel, site_caches: dict[str, 
     out, n, metrics = client.fit(weights, {**config, "signature": sign(key, weights, 1)})
     assert n == N_TRAIN and metrics["site"] == site
     assert verify(key, metrics["signature"], out, 1, site)
+
+
+def test_a_client_trains_on_its_engines_training_set(tmp_path: Path, base: FusionModel,
+                                                     site_caches: dict[str, Path]) -> None:
+    """`client --data FILE`: the site's own patients as `strokewatch training-set export` writes them (the contract's
+    input tensors, outcome, age, sex; no identifier) instead of a synthetic centre; the round uses exactly them."""
+    from inference import contract as C
+    from modelling.federated.sites import load_export
+    from modelling.train.data import cohort_inputs, make_cohort
+
+    site, other = list(site_caches)
+    cohort = make_cohort(N_TRAIN, SEED, site=site, cache=False, workers=1)
+    inputs = cohort_inputs(cohort)
+    exported = tmp_path / "training-set.npz"
+    np.savez(exported, **{name: inputs[name] for name in C.INPUT_NAMES},
+             outcome=np.asarray(cohort.outcome, np.float32), age_years=np.asarray(cohort.age_years, np.float32),
+             male=np.asarray(cohort.male, bool))
+    arrays = load_export(exported, base)
+    os.environ["STROKEWATCH_CACHE"] = str(site_caches[site])
+    try:
+        synthetic = load_site(site, N_TRAIN, SEED, base)
+    finally:
+        del os.environ["STROKEWATCH_CACHE"]
+    for key in ("image_concepts", *net.FUSE_INPUTS, "outcome"):  # the same patients read either way
+        np.testing.assert_allclose(arrays[key], synthetic[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+    port = free_port(18650, 18700)
+    env = {**os.environ, KEY_ENV: secrets.token_hex(32), "PYTHONUNBUFFERED": "1"}
+    common = ["--seed", str(SEED), "--rounds", "1", "--threads", "1", "--insecure"]
+    out = tmp_path / "server-out"
+    procs = [
+        _start(["server", "--address", f"127.0.0.1:{port}", "--clients", "2", "--out", str(out), *common], env,
+               tmp_path / "server.log"),
+        _start(["client", "--site", "here", "--data", str(exported), "--server", f"127.0.0.1:{port}", *common],
+               {**env, "STROKEWATCH_CACHE": str(tmp_path / "no-cache")}, tmp_path / "client-here.log"),
+        _start(["client", "--site", other, "--server", f"127.0.0.1:{port}", "--n", str(N_TRAIN), *common],
+               {**env, "STROKEWATCH_CACHE": str(site_caches[other])}, tmp_path / "client-other.log"),
+    ]
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0, 0], {f.name: f.read_text()[-1500:] for f in tmp_path.glob("*.log")}
+    (only,) = json.loads((out / "rounds.json").read_text())["rounds"]
+    here = next(c for c in only["clients"] if c["site"] == "here")
+    assert here["n"] == N_TRAIN and here["data_digest"] == digest(arrays)
+    assert not (tmp_path / "no-cache").exists() or not any((tmp_path / "no-cache").rglob("*.npz"))
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **{name: inputs[name][:, :1] for name in C.INPUT_NAMES}, outcome=np.zeros(N_TRAIN, np.float32),
+             age_years=np.zeros(N_TRAIN, np.float32), male=np.zeros(N_TRAIN, bool))
+    with pytest.raises(ValueError, match="the contract's is"):
+        load_export(bad, base)
