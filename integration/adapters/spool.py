@@ -432,28 +432,11 @@ class FileSpool:
     def retrieve_series(self, study_uid: str, series_uid: str) -> tuple[str, list[Slice]]:
         """(modality, slices ordered along the slice normal) from the spooled files, each decoded by ``dicom_decode``
         with the same limits as a WADO-RS answer: bytes read and decoded, image planes, one file's size."""
-        for uid in (study_uid, series_uid):
-            if not is_dicom_uid(uid):
-                raise DomainError(Outcome.INVALID_UID, f"refused {shown(uid)}: not a DICOM UID (PS3.5 9.1)")
-        limits = self.limits
-        files = sorted(self._files_of_series(self._series_dir(study_uid, series_uid)))
-        if len(files) > limits.max_slices_per_series:
-            raise too_large(f"series {series_uid} holds {len(files)} instances in the spool",
-                            str(limits.max_slices_per_series), "MAX_SLICES_PER_SERIES")
-        series = SeriesSlices(series_uid, limits, reduce=self.reduce_planes, source="holds")
-        received = 0
-        for path in files:
-            data = self._read(path, series_uid)
-            if data is None:
-                continue  # removed meanwhile (retention)
-            received += len(data)
-            if received > limits.max_series_bytes:
-                raise too_large(f"series {series_uid}: the spool holds more than {limits.max_series_bytes} bytes",
-                                str(limits.max_series_bytes), "MAX_SERIES_BYTES")
+        series = SeriesSlices(series_uid, self.limits, reduce=self.reduce_planes, source="holds")
+        for data in self._series_files(study_uid, series_uid):
             series.add(data)
         if not series.slices:
-            raise DomainError(Outcome.NO_ELIGIBLE_SERIES,
-                              f"series {series_uid} is not in the spool any more (removed by retention?)")
+            raise _gone(series_uid)
         started = time.perf_counter()
         ordered = sorted_along_normal(series.slices)
         stages.report(stages.DECODE, series.decoding_s + time.perf_counter() - started)
@@ -463,6 +446,23 @@ class FileSpool:
         """Every spooled instance of the series, pixel data included (``ports.SourceImages``): what the results written
         to the PACS are drawn from for a pushed study. Bounded like ``retrieve_series`` (instances, bytes, one
         file's size); NO_ELIGIBLE_SERIES when the spool holds none of it (removed by retention)."""
+        datasets: list[Dataset] = []
+        for data in self._series_files(study_uid, series_uid):
+            try:
+                datasets.append(pydicom.dcmread(DicomBytesIO(data)))
+            except Exception as err:  # a file that is not DICOM any more (disk trouble)
+                why = f"series {series_uid}: a spooled file cannot be read ({type(err).__name__})"
+                raise DomainError(Outcome.CORRUPT_PIXEL_DATA, why) from None
+        if not datasets:
+            raise _gone(series_uid)
+        return datasets
+
+    # -- helpers ----------------------------------------------------------------------------------------------------
+
+    def _series_files(self, study_uid: str, series_uid: str) -> Iterator[bytes]:
+        """The bytes of each spooled file of the series, within the series limits: the UIDs checked, the number of
+        files before any is read, the bytes read as they add up (TOO_LARGE beyond either); files removed meanwhile
+        (retention) are skipped."""
         for uid in (study_uid, series_uid):
             if not is_dicom_uid(uid):
                 raise DomainError(Outcome.INVALID_UID, f"refused {shown(uid)}: not a DICOM UID (PS3.5 9.1)")
@@ -471,27 +471,16 @@ class FileSpool:
         if len(files) > limits.max_slices_per_series:
             raise too_large(f"series {series_uid} holds {len(files)} instances in the spool",
                             str(limits.max_slices_per_series), "MAX_SLICES_PER_SERIES")
-        datasets: list[Dataset] = []
         read = 0
         for path in files:
             data = self._read(path, series_uid)
             if data is None:
-                continue  # removed meanwhile (retention)
+                continue
             read += len(data)
             if read > limits.max_series_bytes:
                 raise too_large(f"series {series_uid}: the spool holds more than {limits.max_series_bytes} bytes",
                                 str(limits.max_series_bytes), "MAX_SERIES_BYTES")
-            try:
-                datasets.append(pydicom.dcmread(DicomBytesIO(data)))
-            except Exception as err:  # a file that is not DICOM any more (disk trouble)
-                why = f"series {series_uid}: a spooled file cannot be read ({type(err).__name__})"
-                raise DomainError(Outcome.CORRUPT_PIXEL_DATA, why) from None
-        if not datasets:
-            raise DomainError(Outcome.NO_ELIGIBLE_SERIES,
-                              f"series {series_uid} is not in the spool any more (removed by retention?)")
-        return datasets
-
-    # -- helpers ----------------------------------------------------------------------------------------------------
+            yield data
 
     def _read(self, path: Path, series_uid: str) -> bytes | None:
         """One spooled file, its size checked before it is read."""
@@ -572,3 +561,8 @@ class FileSpool:
             if is_dicom_uid(uid) and opaque_name(uid) == directory.name:
                 return uid
         return None
+
+
+def _gone(series_uid: str) -> DomainError:
+    return DomainError(Outcome.NO_ELIGIBLE_SERIES,
+                       f"series {series_uid} is not in the spool any more (removed by retention?)")
