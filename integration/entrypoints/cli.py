@@ -375,11 +375,17 @@ def training_set_export(
     finally:
         engine.close()
     fd, tmp = tempfile.mkstemp(prefix=".training-set-", suffix=".npz", dir=out.parent.resolve())
-    with os.fdopen(fd, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, out)  # complete or absent, and never over a file that appeared meanwhile (FileExistsError)
+    except OSError as err:
+        console.print(f"[red]nothing written:[/red] {out}: {err.strerror or err}")
+        raise typer.Exit(1) from None
+    finally:
+        os.unlink(tmp)
     typer.echo(json.dumps({"out": str(out), "patients": report.patients, "events": report.events,
                            "skipped": report.skipped}, indent=2))
 
