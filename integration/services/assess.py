@@ -59,7 +59,7 @@ class AssessResult:
     reason: str | None = None
 
 
-def _age_at(birth_date: str | None, when: datetime) -> float | None:
+def age_at(birth_date: str | None, when: datetime) -> float | None:
     if not birth_date:
         return None
     parts = [int(p) for p in birth_date.split("-")]
@@ -101,7 +101,7 @@ def prepare(svc: Services, patient_fhir_id: str, model_version: str) -> Prepared
         vitals=values,
         vitals_mask=mask,
         vitals_delta=delta,
-        demographics=demographics_tensor(_age_at(patient.birth_date, end), patient.gender),
+        demographics=demographics_tensor(age_at(patient.birth_date, end), patient.gender),
     )
     study_uid = study.study_uid if study is not None else None
     digest = hashlib.sha256()

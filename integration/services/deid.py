@@ -130,17 +130,21 @@ def _export(src: ExportSources, target: ExportTarget, selection: Sequence[Select
     return report, manifest
 
 
+def patient_of(ehr: Ehr, sel: Selector) -> str | None:
+    """The FHIR id of the Patient a selection line names (None when the EHR has no Patient with that identifier)."""
+    if sel.fhir_id is not None:
+        return sel.fhir_id
+    assert sel.value is not None
+    info = ehr.find_patient(sel.system, sel.value)
+    return info.fhir_id if info else None
+
+
 def _resolve(src: ExportSources, selection: Sequence[Selector] | None, report: ExportReport) -> list[str]:
     if selection is None:
         return src.catalogue.assessed_patients()
     found: list[str] = []
     for sel in selection:
-        if sel.fhir_id is not None:
-            fhir_id: str | None = sel.fhir_id
-        else:
-            assert sel.value is not None
-            info = src.ehr.find_patient(sel.system, sel.value)
-            fhir_id = info.fhir_id if info else None
+        fhir_id = patient_of(src.ehr, sel)
         if fhir_id is None:
             report.skipped.append({"what": f"selection line {sel.line}", "reason": "no Patient with that identifier"})
         elif fhir_id not in found:

@@ -25,9 +25,9 @@ import numpy as np
 
 from inference import contract as C
 from integration.domain.types import DomainError, Outcome
-from integration.services.assess import _age_at, prepare
+from integration.services.assess import age_at, prepare
 from integration.services.context import Services
-from integration.services.deid import Selector, parse_selection
+from integration.services.deid import Selector, parse_selection, patient_of
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def training_set(svc: Services, rows: Sequence[Labelled]) -> tuple[dict[str, np.
     report = TrainingSetReport()
     columns: dict[str, list[Any]] = {name: [] for name in (*C.INPUT_NAMES, *LABEL_KEYS)}
     for row in rows:
-        fhir_id = _fhir_id(svc, row.selector)
+        fhir_id = patient_of(svc.ehr, row.selector)
         if fhir_id is None:
             report.skipped.append({"line": str(row.selector.line), "reason": "no Patient with that identifier"})
             continue
@@ -95,7 +95,7 @@ def training_set(svc: Services, rows: Sequence[Labelled]) -> tuple[dict[str, np.
         inputs = prepared.inputs
         for name in C.INPUT_NAMES:
             columns[name].append(getattr(inputs, name))
-        age = _age_at(patient.birth_date, prepared.window_end)  # as the demographics tensor was built
+        age = age_at(patient.birth_date, prepared.window_end)  # as the demographics tensor was built
         columns["outcome"].append(float(row.outcome))
         columns["age_years"].append(float("nan") if age is None else age)
         columns["male"].append((patient.gender or "").lower() == "male")
@@ -110,10 +110,3 @@ def training_set(svc: Services, rows: Sequence[Labelled]) -> tuple[dict[str, np.
              len(report.skipped))
     return arrays, report
 
-
-def _fhir_id(svc: Services, selector: Selector) -> str | None:
-    if selector.fhir_id is not None:
-        return selector.fhir_id
-    assert selector.value is not None
-    info = svc.ehr.find_patient(selector.system, selector.value)
-    return info.fhir_id if info else None
