@@ -33,6 +33,25 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
+def _finish(procs: list[subprocess.Popen[bytes]]) -> list[int]:
+    """Each process's exit code (4 minutes at most each); any still running after that is killed."""
+    try:
+        return [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _own_site(site: str, cache: Path, base: FusionModel) -> dict[str, np.ndarray]:
+    """The site's training arrays as its client reads them, from its own cache directory."""
+    os.environ["STROKEWATCH_CACHE"] = str(cache)
+    try:
+        return load_site(site, N_TRAIN, SEED, base)
+    finally:
+        del os.environ["STROKEWATCH_CACHE"]
+
+
 def test_two_sites_two_rounds_over_grpc(tmp_path: Path, base: FusionModel, site_caches: dict[str, Path]) -> None:
     sites = list(site_caches)
     before = {s: sorted(p.name for p in site_caches[s].rglob("*.npz")) for s in sites}
@@ -55,12 +74,7 @@ def test_two_sites_two_rounds_over_grpc(tmp_path: Path, base: FusionModel, site_
                 tmp_path / f"client-{site}.log",
             )
         )
-    try:
-        codes = [p.wait(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    codes = _finish(procs)
     logs = {f.name: f.read_text()[-1500:] for f in tmp_path.glob("*.log")}
     assert codes == [0, 0, 0], logs
 
@@ -71,11 +85,7 @@ def test_two_sites_two_rounds_over_grpc(tmp_path: Path, base: FusionModel, site_
         by_site = {c["site"]: c for c in r["clients"]}
         assert set(by_site) == set(sites)
         for site in sites:
-            os.environ["STROKEWATCH_CACHE"] = str(site_caches[site])
-            try:
-                own = load_site(site, N_TRAIN, SEED, base)
-            finally:
-                del os.environ["STROKEWATCH_CACHE"]
+            own = _own_site(site, site_caches[site], base)
             assert by_site[site]["data_digest"] == digest(own)
             assert by_site[site]["n"] == N_TRAIN
     # no client built or read another site's cohort: its cache holds what it held before
@@ -125,12 +135,7 @@ def test_tls_federation_and_refused_configurations(
     client = ["client", "--server", f"127.0.0.1:{port}", "--n", str(N_TRAIN), "--tls-ca", str(pki.ca), *common]
     good = _start([*client, "--site", site], {**env, "STROKEWATCH_CACHE": str(site_caches[site])}, tmp_path / "a.log")
     procs = [server, good]
-    try:
-        codes = [p.wait(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    codes = _finish(procs)
     logs = {f.name: f.read_text()[-1500:] for f in tmp_path.glob("*.log")}
     assert codes == [0, 0], logs
     rounds = json.loads((out / "rounds.json").read_text())
@@ -161,11 +166,7 @@ def test_updates_are_signed_both_ways(base: FusionModel, site_caches: dict[str, 
     assert not verify(key, sign(key, weights, 1, "a"), tampered, 1, "a")
 
     site = next(iter(site_caches))
-    os.environ["STROKEWATCH_CACHE"] = str(site_caches[site])
-    try:
-        train = load_site(site, N_TRAIN, SEED, base)
-    finally:
-        del os.environ["STROKEWATCH_CACHE"]
+    train = _own_site(site, site_caches[site], base)
     client = SiteClient(site, train, base, key, net.Recipe(rounds=1), SEED)
     config = {"server_round": 1, "rounds": 1, "local_epochs": 1, "proximal_mu": 0.01}
     with pytest.raises(PermissionError):  # global weights not signed with the federation key
@@ -191,11 +192,7 @@ def test_a_client_trains_on_its_engines_training_set(tmp_path: Path, base: Fusio
              outcome=np.asarray(cohort.outcome, np.float32), age_years=np.asarray(cohort.age_years, np.float32),
              male=np.asarray(cohort.male, bool))
     arrays = load_export(exported, base)
-    os.environ["STROKEWATCH_CACHE"] = str(site_caches[site])
-    try:
-        synthetic = load_site(site, N_TRAIN, SEED, base)
-    finally:
-        del os.environ["STROKEWATCH_CACHE"]
+    synthetic = _own_site(site, site_caches[site], base)
     for key in ("image_concepts", *net.FUSE_INPUTS, "outcome"):  # the same patients read either way
         np.testing.assert_allclose(arrays[key], synthetic[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
@@ -211,12 +208,7 @@ def test_a_client_trains_on_its_engines_training_set(tmp_path: Path, base: Fusio
         _start(["client", "--site", other, "--server", f"127.0.0.1:{port}", "--n", str(N_TRAIN), *common],
                {**env, "STROKEWATCH_CACHE": str(site_caches[other])}, tmp_path / "client-other.log"),
     ]
-    try:
-        codes = [p.wait(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    codes = _finish(procs)
     assert codes == [0, 0, 0], {f.name: f.read_text()[-1500:] for f in tmp_path.glob("*.log")}
     (only,) = json.loads((out / "rounds.json").read_text())["rounds"]
     here = next(c for c in only["clients"] if c["site"] == "here")
