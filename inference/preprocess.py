@@ -273,9 +273,58 @@ def _trilinear(voxels: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndar
     return out, inside
 
 
+def _axis_weights(index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One axis of ``_trilinear``: for continuous indices into an axis of ``n`` voxels, (lower voxel, upper voxel,
+    weight of the upper one (float32), inside mask), with the same clipping and edge rules."""
+    inside = (index >= -0.5) & (index <= n - 0.5)
+    index = np.clip(index, 0, n - 1)
+    lo = np.minimum(np.floor(index).astype(np.intp), max(n - 2, 0))
+    return lo, np.minimum(lo + 1, n - 1), (index - lo).astype(np.float32), inside
+
+
+def _separable_trilinear(vol: Volume, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``_trilinear`` on the contract grid when each axis of ``vol`` lies along one axis of the grid (an axial,
+    coronal or sagittal acquisition, any flips): each voxel index then depends on one grid coordinate only, and the
+    interpolation is three one-dimensional ones, axis after axis (exact: the trilinear weights are products of
+    per-axis weights). None for an oblique volume (the general path samples every point)."""
+    d, h, w = C.VOLUME_SHAPE
+    grid_spacing = C.VOLUME_SPACING_MM
+    sizes = (d, h, w)
+    # grid axis 0 runs along world z, 1 along y, 2 along x (``contract_grid_points``)
+    directions, spacings = (vol.normal, vol.col_dir, vol.row_dir), vol.spacing
+    grid_axis_of: list[int] = []
+    for direction in directions:
+        world = int(np.argmax(np.abs(direction)))
+        if abs(float(direction[world])) < 1 - 1e-6:
+            return None
+        grid_axis_of.append(2 - world)
+    if sorted(grid_axis_of) != [0, 1, 2]:
+        return None
+    values = vol.voxels
+    inside = np.ones((), dtype=bool)
+    # interpolate the volume's axes in the grid's order; each step replaces the volume axis by the grid axis
+    order = [grid_axis_of.index(g) for g in range(3)]  # volume axis for grid axis g
+    values = np.transpose(values, order)
+    for g in range(3):
+        a = order[g]
+        coords = (np.arange(sizes[g]) - (sizes[g] - 1) / 2) * grid_spacing[g] + centre[2 - g]
+        world = 2 - g
+        index = (coords - vol.origin[world]) * directions[a][world] / spacings[a]
+        lo, hi, frac, ins = _axis_weights(index, values.shape[g])
+        shape = [1, 1, 1]
+        shape[g] = sizes[g]
+        frac = frac.reshape(shape)
+        values = np.take(values, lo, axis=g) * (1 - frac) + np.take(values, hi, axis=g) * frac
+        inside = inside & ins.reshape(shape)
+    return values.astype(np.float32, copy=False), np.broadcast_to(inside, C.VOLUME_SHAPE).copy()
+
+
 def resample_to_contract(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     """Resample a volume onto the contract grid. Returns (values (D,H,W) float32, inside-FOV mask)."""
     vol = _box_downsample(volume, min(C.VOLUME_SPACING_MM))
+    separable = _separable_trilinear(vol, volume.centre)
+    if separable is not None:
+        return separable
     points = contract_grid_points(volume.centre)  # (D, H, W, 3)
     rel = points - vol.origin
     dz, dr, dc = vol.spacing

@@ -11,9 +11,14 @@ from inference import contract as C
 from inference.preprocess import (
     PreprocessError,
     Slice,
+    Volume,
+    _box_downsample,
+    _separable_trilinear,
     _trilinear,
     block_means,
+    contract_grid_points,
     reduced_stack,
+    resample_to_contract,
     series_tensor,
     stack_slices,
     volume_tensor,
@@ -114,3 +119,59 @@ def test_trilinear_sampling_matches_the_corner_formula(shape: tuple[int, int, in
             value += voxels[at] * np.prod([f[a] if corner[a] else 1 - f[a] for a in range(3)])
         assert got[point] == pytest.approx(value, abs=1e-5)
         assert inside[point] == bool(np.all((idx[point] >= -0.5) & (idx[point] <= size - 0.5)))
+
+
+def _general_resample(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The contract grid sampled point by point (``_trilinear`` on every grid point's continuous index)."""
+    vol = _box_downsample(volume, min(C.VOLUME_SPACING_MM))
+    rel = contract_grid_points(volume.centre) - vol.origin
+    dz, dr, dc = vol.spacing
+    idx = np.stack([rel @ vol.normal / dz, rel @ vol.col_dir / dr, rel @ vol.row_dir / dc], axis=-1)
+    return _trilinear(vol.voxels, idx)
+
+
+AXES = {"x": np.array([1.0, 0, 0]), "y": np.array([0, 1.0, 0]), "z": np.array([0, 0, 1.0])}
+
+
+@pytest.mark.parametrize(
+    ("row", "col", "shift"),
+    [
+        ("x", "y", (0, 0, 0)),  # axial
+        ("x", "-z", (0, 0, 0)),  # coronal, rows left to right, columns head to feet
+        ("y", "-z", (3.3, -2.0, 4.1)),  # sagittal, off-centre
+        ("-x", "y", (0, 0, 0)),  # axial, flipped
+        ("x", "y", (0, 0, 90.0)),  # the grid reaches past the acquired slab: part of it outside
+    ],
+)
+def test_the_axis_aligned_resample_is_the_point_by_point_one(row: str, col: str, shift: tuple[float, ...]) -> None:
+    """Axis-aligned acquisitions take the separable path (three 1-D interpolations); it gives what sampling every
+    grid point gives, values and the inside mask, for any orientation, flip and a grid partly outside."""
+
+    def axis(name: str) -> np.ndarray:
+        return -AXES[name[1]] if name.startswith("-") else AXES[name]
+
+    rng = np.random.default_rng(7)
+    r, c, normal = axis(row), axis(col), np.cross(axis(row), axis(col))
+    voxels = rng.normal(size=(23, 70, 61)).astype(np.float32)
+    spacing = (4.3, 2.9, 3.1)
+    origin = np.asarray(shift) - 11 * spacing[0] * normal - 35 * spacing[1] * c - 30 * spacing[2] * r
+    volume = Volume(voxels, origin, r, c, normal, spacing)
+    centre = volume.centre if shift[2] < 50 else volume.centre - np.array([0, 0, shift[2]])
+    volume = Volume(voxels, origin, r, c, normal, spacing, centre)
+    assert _separable_trilinear(_box_downsample(volume, min(C.VOLUME_SPACING_MM)), volume.centre) is not None
+    values, inside = resample_to_contract(volume)
+    expected, expected_inside = _general_resample(volume)
+    assert values.shape == inside.shape == C.VOLUME_SHAPE and values.dtype == np.float32
+    np.testing.assert_array_equal(inside, expected_inside)
+    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-5)
+    if shift[2] >= 50:
+        assert 0 < inside.mean() < 1
+
+
+def test_an_oblique_volume_takes_the_point_by_point_path() -> None:
+    volume = stack_slices(series(12, 40, 1.2, 5.0, oblique=True))
+    assert _separable_trilinear(volume, volume.centre) is None
+    values, inside = resample_to_contract(volume)
+    expected, expected_inside = _general_resample(volume)
+    np.testing.assert_array_equal(values, expected)
+    np.testing.assert_array_equal(inside, expected_inside)
