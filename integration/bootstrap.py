@@ -158,12 +158,23 @@ def site_calibration(settings: Settings) -> SiteCalibration | None:
     return load_site_calibration(path, settings.site)
 
 
+def model_threads(settings: Settings, cpus: int | None = None) -> int:
+    """The embedded runtime's threads in one process: ``model_threads``, else the CPUs shared among the worker's
+    processes (a process running the model alone still gets its share, not every CPU: the others may score too)."""
+    if settings.model_threads:
+        return settings.model_threads
+    if cpus is None:  # the CPUs this process may run on (a container's cpuset), not the host's
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, settings.worker_concurrency))
+
+
 def _build_runtime(settings: Settings) -> RiskModel:
     from inference.runtime import DEFAULT_MODEL_PATH, OnnxRuntimeModel
 
     model_path = settings.model_path or DEFAULT_MODEL_PATH
+    threads = model_threads(settings)
     if not settings.triton_url:
-        return OnnxRuntimeModel(model_path)
+        return OnnxRuntimeModel(model_path, intra_op_threads=threads)
     from inference.runtime import FallbackModel, TritonModel
 
     triton = TritonModel(
@@ -175,7 +186,7 @@ def _build_runtime(settings: Settings) -> RiskModel:
         tls=build_triton_tls(settings),
     )
     if settings.triton_fallback_to_embedded:
-        return FallbackModel(triton, OnnxRuntimeModel(model_path))
+        return FallbackModel(triton, OnnxRuntimeModel(model_path, intra_op_threads=threads))
     return triton
 
 

@@ -743,6 +743,10 @@ class Settings(BaseSettings):
     db: DbSettings = DbSettings()  # connect, statement and SQLite lock timeouts
 
     model_path: Path | None = None  # default: triton_models/stroke_fusion/1/model.onnx
+    #: CPU threads of one process's embedded ONNX Runtime. Unset: the machine's CPUs shared among the worker's
+    #: processes (``cpu_count // worker_concurrency``, at least 1): each process's own pool of a thread per CPU
+    #: would have the worker's processes run twice as many busy threads as there are CPUs.
+    model_threads: int | None = Field(default=None, ge=1, le=256)
     #: This centre's recalibration (a temperature and intercept in the package's site_calibration.json beside
     #: model.onnx, written by `strokewatch model recalibrate --site NAME`); unset: the model's own calibration.
     #: An unknown name stops start-up with the known ones listed.

@@ -82,3 +82,18 @@ def test_bad_timeouts_are_refused(tmp_path: Path, setting: str, bad: dict[str, o
 def test_database_timeouts_have_sane_defaults(tmp_path: Path) -> None:
     db = settings(tmp_path).db
     assert (db.connect_timeout_s, db.statement_timeout_s, db.sqlite_busy_timeout_s) == (10.0, 60.0, 30.0)
+
+
+def test_the_embedded_model_shares_the_cpus_among_the_workers_processes(tmp_path: Path) -> None:
+    """ONNX Runtime's default (a thread per CPU in every process) would run concurrency x CPUs busy threads."""
+    from integration.bootstrap import build_model, model_threads
+
+    assert model_threads(settings(tmp_path, worker_concurrency=2), cpus=2) == 1
+    assert model_threads(settings(tmp_path, worker_concurrency=2), cpus=8) == 4
+    assert model_threads(settings(tmp_path, worker_concurrency=4), cpus=2) == 1
+    assert model_threads(settings(tmp_path, worker_concurrency=2, model_threads=3), cpus=2) == 3
+    with pytest.raises(ValueError, match="model_threads"):
+        settings(tmp_path, model_threads=0)
+    model = build_model(settings(tmp_path, model_threads=3))
+    session = model._session  # type: ignore[attr-defined]
+    assert session.get_session_options().intra_op_num_threads == 3
