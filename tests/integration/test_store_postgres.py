@@ -172,3 +172,38 @@ def test_concurrent_publishes_count_a_study_once(pg_url: str) -> None:
     stores[0].add_study(StudyRef("1.2.99", "MRN1", None, now), "scp", now, completed_at=now - timedelta(seconds=1))
     marks = _together(8, lambda k: stores[k].mark_study_published("1.2.99", now + timedelta(seconds=k)))
     assert [m for m in marks if m is not None] == [now - timedelta(seconds=1)]  # one of eight writers counts it
+
+
+def test_a_pooled_connection_that_sat_idle_is_pinged_and_replaced_when_the_server_dropped_it(pg_url: str) -> None:
+    """``make_engine`` pings a pooled connection only when it sat idle longer than ``PING_IDLE_S`` (not at every
+    checkout): one the server dropped meanwhile is replaced unseen; one dropped within the idle time fails its
+    statement once, and the pool then reconnects."""
+    from sqlalchemy import create_engine, exc, text
+
+    from integration.adapters.db.session import ping_when_idle
+
+    now = [0.0]
+    engine = create_engine(pg_url, pool_size=1, max_overflow=0)
+    ping_when_idle(engine, idle_s=5.0, clock=lambda: now[0])
+    assert make_engine(pg_url).pool._pre_ping is False  # type: ignore[attr-defined]
+
+    def backend_pid() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+    def drop(pid: int) -> None:
+        with psycopg.connect(ADMIN, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+
+    first = backend_pid()
+    assert backend_pid() == first  # the pooled connection is reused
+    drop(first)
+    now[0] = 6.0  # idle longer than 5 s: pinged, found dead, replaced
+    second = backend_pid()
+    assert second != first
+    drop(second)
+    now[0] = 7.0  # used a second ago: handed out as it is, and the statement meets the dropped connection
+    with pytest.raises(exc.OperationalError):
+        backend_pid()
+    assert backend_pid() not in (first, second)
+    engine.dispose()
