@@ -31,3 +31,17 @@ def test_engine_imports_no_model_training_code(module: str) -> None:
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     leaked = [name for name in loaded if any(name == f or name.startswith(f + ".") for f in FORBIDDEN)]
     assert not leaked, f"importing {module} loaded {leaked}"
+
+
+def test_what_the_worker_preloads_before_forking_imports_and_loads_no_training_code() -> None:
+    probe = (
+        "import importlib, json, sys\n"
+        "from integration.entrypoints.worker import PRELOAD\n"
+        "for m in PRELOAD: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not [name for name in loaded if any(name == f or name.startswith(f + ".") for f in FORBIDDEN)]
