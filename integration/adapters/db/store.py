@@ -476,8 +476,8 @@ class SqlStore:
                 }
                 for v in writes.values()
             ]
-            if rows:  # one statement compiled once, executed for every row (the driver batches it)
-                stmt = insert(VitalRow)
+            if rows:  # one Core statement (not the ORM's bulk path) for every row: the driver batches it
+                stmt = insert(VitalRow.__table__)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=[VitalRow.patient_fhir_id, VitalRow.observation_id, VitalRow.feature],
                     set_={"value": stmt.excluded.value, "effective": stmt.excluded.effective},
@@ -487,12 +487,12 @@ class SqlStore:
 
     def vitals_between(self, fhir_id: str, start: datetime, end: datetime) -> list[VitalValue]:
         with self.sessions() as s:
-            q = (
-                select(VitalRow)
+            q = (  # plain rows, not ORM objects: a window holds hundreds of values
+                select(VitalRow.feature, VitalRow.value, VitalRow.effective, VitalRow.observation_id)
                 .where(VitalRow.patient_fhir_id == fhir_id, VitalRow.effective > start, VitalRow.effective <= end)
                 .order_by(VitalRow.effective)
             )
-            return [VitalValue(r.feature, r.value, r.effective, r.observation_id) for r in s.scalars(q)]
+            return [VitalValue(*row) for row in s.execute(q)]
 
     def latest_vital_time(self, fhir_id: str, not_after: datetime) -> datetime | None:
         with self.sessions() as s:
