@@ -409,3 +409,45 @@ def test_without_a_state_file_a_restart_starts_empty(tmp_path: Path) -> None:
         ).json()
     with FhirPeer(tmp_path / "second") as again:
         assert httpx.get(f"{again.base_url}/Patient/{created['id']}", timeout=10).status_code == 404
+
+
+def test_searches_by_subject_follow_creates_updates_deletes_and_rollbacks(fhir: httpx.Client) -> None:
+    """A search by subject reads the sandbox's subject index: it must see every write as a scan would, in the
+    order a scan gives (unsorted), and not apply to a type whose ``patient`` is another element."""
+    a, b = (fhir.post("/Patient", json={"resourceType": "Patient"}).json()["id"] for _ in range(2))
+
+    def ids(subject: str, **params: str) -> list[str]:
+        bundle = fhir.get("/Observation", params={"subject": subject, **params}).json()
+        return [e["resource"]["id"] for e in bundle.get("entry", [])]
+
+    assert ids(f"Patient/{a}") == []  # builds the index
+    first = fhir.post("/Observation", json=observation(f"Patient/{a}", 1)).json()
+    second = fhir.post("/Observation", json=observation(f"Patient/{a}", 2)).json()
+    other = fhir.post("/Observation", json=observation(f"Patient/{b}", 3)).json()
+    assert ids(f"Patient/{a}") == [first["id"], second["id"]]
+    assert ids(f"Patient/{b}") == [other["id"]]
+    # an update with the same subject keeps its place; one that moves the subject moves it
+    assert fhir.put(f"/Observation/{first['id']}", json={**first, "status": "amended"}).status_code == 200
+    assert ids(f"Patient/{a}") == [first["id"], second["id"]]
+    moved = {**second, "subject": {"reference": f"Patient/{b}"}}
+    assert fhir.put(f"/Observation/{second['id']}", json=moved).status_code == 200
+    assert ids(f"Patient/{a}") == [first["id"]] and sorted(ids(f"Patient/{b}")) == sorted([other["id"], second["id"]])
+    assert ids(f"Patient/{a}", status="amended") == [first["id"]]  # the matcher still decides
+    assert fhir.delete(f"/Observation/{first['id']}").status_code in (200, 204)
+    assert ids(f"Patient/{a}") == []
+    # a failed transaction's writes are gone from searches too
+    bad = transaction(post_entry(observation(f"Patient/{a}", 4)), post_entry({"resourceType": "Observation"}))
+    assert_outcome(fhir.post("/", json=bad), 400)
+    assert ids(f"Patient/{a}") == []
+    assert len(ids(f"Patient/{b}")) == 2
+    fhir.post("/Observation", json=observation(f"Patient/{a}", 5))
+    assert len(ids(f"Patient/{a}")) == 1
+    # AllergyIntolerance's patient is AllergyIntolerance.patient, not a subject: found by a scan
+    allergy = {"resourceType": "AllergyIntolerance", "patient": {"reference": f"Patient/{a}"},
+               "code": {"text": "penicillin"}, "clinicalStatus": {"coding": [
+                   {"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}]}}
+    response = fhir.post("/AllergyIntolerance", json=allergy)
+    assert response.status_code == 201, response.text
+    created = response.json()
+    found = fhir.get("/AllergyIntolerance", params={"patient": f"Patient/{a}"}).json()
+    assert [e["resource"]["id"] for e in found.get("entry", [])] == [created["id"]]
