@@ -17,6 +17,8 @@ starts it; ONNX Runtime in-process.
      (from Orthanc's StableStudy event, stamped to the second).
 2. Throughput: a backlog of --backlog patients (their vitals in the EHR, their studies complete in the SCP's spool
    or in Orthanc) before the worker starts; studies per minute until every RiskAssessment is readable. Fresh peers.
+   Also the CPU time a study cost the worker (its whole pool, start-up included), the FHIR sandbox and PostgreSQL,
+   all three on the same machine.
 3. After each, the per-stage table from the engine's own ``strokewatch_stage_seconds`` histogram (count, median and
    p95 interpolated within buckets as Prometheus does, exact mean), and the worker processes' peak RSS (VmHWM).
 
@@ -286,6 +288,38 @@ def peak_rss_mib(proc: subprocess.Popen[bytes]) -> float:
     return peak / 1024
 
 
+def cpu_seconds(pid: int | None, *, children: bool = False) -> float:
+    """A process's CPU time (user + system), s; with ``children``, also its live children's and what its exited
+    children used (cutime, cstime): a worker's whole pool, start-up included."""
+    if pid is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    if children:
+        with suppress(OSError):
+            pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    total = 0.0
+    for i, p in enumerate(pids):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children and i == 0
+                                                         else 0)) / tick
+    return total
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time of every PostgreSQL process on the machine (the bench's database is its only busy user)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError):
+                if (entry / "comm").read_text().strip() == "postgres":
+                    total += cpu_seconds(int(entry.name))
+    return total
+
+
 @contextmanager
 def engine_processes(env: dict[str, str], work: Path, tag: str, concurrency: int, scp: bool,
                      worker: bool = True) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
@@ -479,6 +513,7 @@ def backlog(args: argparse.Namespace, work: Path) -> None:
                 time.sleep(args.stable_age + 2)  # complete (StableStudy) before the engine starts
             client = stack.enter_context(httpx.Client(timeout=30))
             t0 = time.monotonic()
+            ehr_cpu, pg_cpu = cpu_seconds(ehr.pid), postgres_cpu_seconds()
             worker = start_worker(env, work, "backlog", args.concurrency)
             try:
                 while count_assessed(client, ehr.base_url) < len(studies):
@@ -488,11 +523,17 @@ def backlog(args: argparse.Namespace, work: Path) -> None:
                 dt = time.monotonic() - t0
                 wait_for_stage(state, before, END_TO_END, len(studies))
                 rss = peak_rss_mib(worker)
+                worker_cpu = cpu_seconds(worker.pid, children=True)
+                ehr_cpu, pg_cpu = cpu_seconds(ehr.pid) - ehr_cpu, postgres_cpu_seconds() - pg_cpu
             finally:
                 stop(worker)
-        print(f"throughput, backlog of {len(studies)} {args.image} studies with their vitals, {args.broker}, "
+        n = len(studies)
+        print(f"throughput, backlog of {n} {args.image} studies with their vitals, {args.broker}, "
               f"{args.arrival}, worker concurrency {args.concurrency} (worker start included): {dt:.1f} s, "
-              f"{len(studies) / dt * 60:.1f} studies/min; worker peak RSS {rss:.0f} MiB")
+              f"{n / dt * 60:.1f} studies/min; worker peak RSS {rss:.0f} MiB")
+        print(f"  CPU a study: worker {worker_cpu / n:.3f} s (its start included), FHIR sandbox {ehr_cpu / n:.3f} s, "
+              f"PostgreSQL {pg_cpu / n:.3f} s; those three used {(worker_cpu + ehr_cpu + pg_cpu) / dt:.2f} of "
+              f"{os.cpu_count()} CPUs")
         print_stages("stages of the backlog run (s):", before, state.stage_histograms())
 
 

@@ -154,6 +154,11 @@ class FhirPeer(Peer):
         self._process: ManagedProcess | None = None
 
     @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs (benchmarks read its CPU time)."""
+        return self._process.pid if self._process else None
+
+    @property
     def base_url(self) -> str:
         """FHIR base, e.g. http://127.0.0.1:8080/fhir."""
         if self._base_url is None:
