@@ -287,9 +287,7 @@ def _separable_trilinear(vol: Volume, centre: np.ndarray) -> tuple[np.ndarray, n
     coronal or sagittal acquisition, any flips): each voxel index then depends on one grid coordinate only, and the
     interpolation is three one-dimensional ones, axis after axis (exact: the trilinear weights are products of
     per-axis weights). None for an oblique volume (the general path samples every point)."""
-    d, h, w = C.VOLUME_SHAPE
-    grid_spacing = C.VOLUME_SPACING_MM
-    sizes = (d, h, w)
+    sizes, grid_spacing = C.VOLUME_SHAPE, C.VOLUME_SPACING_MM
     # grid axis 0 runs along world z, 1 along y, 2 along x (``contract_grid_points``)
     directions, spacings = (vol.normal, vol.col_dir, vol.row_dir), vol.spacing
     grid_axis_of: list[int] = []
@@ -300,15 +298,13 @@ def _separable_trilinear(vol: Volume, centre: np.ndarray) -> tuple[np.ndarray, n
         grid_axis_of.append(2 - world)
     if sorted(grid_axis_of) != [0, 1, 2]:
         return None
-    values = vol.voxels
     inside = np.ones((), dtype=bool)
     # interpolate the volume's axes in the grid's order; each step replaces the volume axis by the grid axis
     order = [grid_axis_of.index(g) for g in range(3)]  # volume axis for grid axis g
-    values = np.transpose(values, order)
+    values = np.transpose(vol.voxels, order)
     for g in range(3):
-        a = order[g]
-        coords = (np.arange(sizes[g]) - (sizes[g] - 1) / 2) * grid_spacing[g] + centre[2 - g]
-        world = 2 - g
+        a, world = order[g], 2 - g
+        coords = (np.arange(sizes[g]) - (sizes[g] - 1) / 2) * grid_spacing[g] + centre[world]
         index = (coords - vol.origin[world]) * directions[a][world] / spacings[a]
         lo, hi, frac, ins = _axis_weights(index, values.shape[g])
         shape = [1, 1, 1]

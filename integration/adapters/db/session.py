@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def make_engine(
 PING_IDLE_S = 5.0
 
 
-def ping_when_idle(engine: Engine, idle_s: float = PING_IDLE_S, clock: Any = time.monotonic) -> None:
+def ping_when_idle(engine: Engine, idle_s: float = PING_IDLE_S, clock: Callable[[], float] = time.monotonic) -> None:
     """Pessimistic disconnect handling for connections that sat in the pool: one returned less than ``idle_s`` ago
     was working then and is handed out as it is; an older one is pinged first, and one that fails the ping
     (the server restarted, a firewall dropped the idle TCP connection) is discarded and replaced by the pool
